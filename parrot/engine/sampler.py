@@ -1,0 +1,118 @@
+"""Sampling settings and pure sampling functions over logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from parrot.errors import SamplingError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise SamplingError("stop strings must not be empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """logits: [V]; keeps the k largest, the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """logits: [V]; keeps the smallest set of tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # drop a token when the mass before it already reaches p (the first always stays)
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits: [V] float32 for one sequence -> the next token id."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scaled = logits / params.temperature
+    scaled = apply_top_p(apply_top_k(scaled, params.top_k), params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """logits: [B, V] -> one token per row; greedy rows share one argmax."""
+    greedy_ids = torch.argmax(logits, dim=-1).tolist()
+    return [
+        greedy_ids[row] if p.greedy else sample_token(logits[row], p, g)
+        for row, (p, g) in enumerate(zip(params, generators))
+    ]
+
+
+def stop_string_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of text could still begin a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest
+
+
+@dataclass
+class StopChecker:
+    """Finds stop strings in streamed text and decides what may be emitted so far."""
+
+    stops: tuple[str, ...]
+    text: str = ""
+    emitted: int = 0
+    stopped: bool = field(default=False)
+
+    def feed(self, delta: str) -> str:
+        """Adds delta; returns the text that is safe to emit now."""
+        self.text += delta
+        for stop in self.stops:
+            index = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if index != -1:
+                self.text = self.text[:index]
+                self.stopped = True
+                break
+        safe_end = len(self.text) if self.stopped else len(self.text) - stop_string_holdback(self.text, self.stops)
+        out = self.text[self.emitted : safe_end]
+        self.emitted = max(self.emitted, safe_end)
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out

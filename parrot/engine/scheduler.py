@@ -1,0 +1,153 @@
+"""Continuous batching: which jobs run in the next forward step, and how much of each.
+
+Each step takes jobs in priority order (lower value first, then arrival) and gives
+each a chunk of its pending tokens under a per-step token budget: a decode needs
+one token, a prefill is chunked so that one long prompt never stalls the others.
+When KV blocks run short, the lowest-priority, newest other job is preempted (its
+private KV dropped and recomputed later); a job that cannot fit even in an empty
+pool fails with a clear error instead of waiting for ever.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from parrot.engine.kv_cache import Context, ContextTable
+from parrot.engine.sampler import SamplingParams, StopChecker
+from parrot.engine.tokenizer import IncrementalDetokenizer
+
+PRIORITY_LATENCY = 0
+PRIORITY_NORMAL = 1
+PRIORITY_THROUGHPUT = 2
+
+
+class JobKind(Enum):
+    FILL = "fill"
+    GENERATE = "generate"
+
+
+@dataclass(eq=False)
+class Job:
+    kind: JobKind
+    ctx: Context
+    priority: int
+    arrival: int
+    sampling: SamplingParams | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_checker: StopChecker | None = None
+    generator: torch.Generator | None = None
+    num_generated: int = 0
+    preemptions: int = 0
+    error: BaseException | None = None
+
+    @property
+    def sort_key(self) -> tuple[int, bool, int]:
+        # decodes before prefills at equal priority: they cost one token each
+        return (self.priority, self.ctx.num_pending > 1, self.arrival)
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    job: Job
+    start: int  # first position computed in this step
+    length: int
+    slots: list[int]
+    wants_logits: bool  # the chunk reaches the end of the context and the job samples from it
+
+
+@dataclass
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    failed: list[Job] = field(default_factory=list)
+    preempted: list[Job] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_tokens_per_step: int = 512
+    max_seqs_per_step: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_step < 1 or self.max_seqs_per_step < 1:
+            raise ValueError("the step budget needs at least one token and one sequence")
+
+
+class BatchScheduler:
+    def __init__(self, contexts: ContextTable, config: SchedulerConfig):
+        self.contexts = contexts
+        self.config = config
+        self.jobs: list[Job] = []
+        self._arrivals = itertools.count()
+
+    def submit(self, kind: JobKind, ctx: Context, priority: int, **fields) -> Job:
+        job = Job(kind, ctx, priority, next(self._arrivals), **fields)
+        self.jobs.append(job)
+        return job
+
+    def remove(self, job: Job) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_tokens_per_step
+        pool = self.contexts.pool
+        chosen: set[int] = set()
+        blocked: list[Job] = []
+        for job in sorted(self.jobs, key=lambda j: j.sort_key):
+            if budget == 0 or len(plan.chunks) == self.config.max_seqs_per_step:
+                break
+            ctx = job.ctx
+            if ctx.num_pending == 0:
+                continue
+            length = min(ctx.num_pending, budget)
+            while self.contexts.blocks_needed(ctx, length) > pool.num_free:
+                victim = self._pick_victim(job, chosen)
+                if victim is not None:
+                    self.contexts.evict_private(victim.ctx)
+                    victim.preemptions += 1
+                    plan.preempted.append(victim)
+                    continue
+                # shrink the chunk to what the free blocks hold
+                length = self._fitting_length(ctx, length)
+                break
+            if length == 0:
+                blocked.append(job)
+                continue
+            slots = self.contexts.reserve_slots(ctx, length)
+            reaches_end = ctx.num_computed + length == len(ctx.token_ids)
+            plan.chunks.append(
+                ScheduledChunk(job, ctx.num_computed, length, slots, reaches_end and job.kind is JobKind.GENERATE)
+            )
+            chosen.add(id(job))
+            budget -= length
+        if not plan.chunks:
+            # nothing can run and nothing running will free a block: only freeing
+            # contexts would help, so the blocked jobs fail instead of waiting for ever
+            plan.failed = blocked
+        return plan
+
+    def _pick_victim(self, job: Job, chosen: set[int]) -> Job | None:
+        candidates = [
+            other
+            for other in self.jobs
+            if other is not job
+            and id(other) not in chosen
+            and other.sort_key[0::2] > job.sort_key[0::2]
+            and len(other.ctx.block_table) * self.contexts.pool.block_size > other.ctx.fork_point
+            and other.ctx.num_computed > other.ctx.fork_point
+        ]
+        return max(candidates, key=lambda j: (j.priority, j.arrival), default=None)
+
+    def _fitting_length(self, ctx: Context, length: int) -> int:
+        while length > 0 and self.contexts.blocks_needed(ctx, length) > self.contexts.pool.num_free:
+            length -= 1 if length <= self.contexts.pool.block_size else self.contexts.pool.block_size
+        return max(length, 0)

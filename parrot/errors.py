@@ -1,0 +1,29 @@
+"""Error types shared by every layer.
+
+UserError and its subclasses describe something the caller must fix; the message
+says what. Everything else is an internal error, logged with context where caught.
+"""
+
+
+class UserError(Exception):
+    """Bad input from a caller; the message says what to fix."""
+
+
+class ModelNotFoundError(UserError):
+    """A model name or path that does not resolve to a loadable model."""
+
+
+class ContextError(UserError):
+    """An unknown, duplicate or otherwise unusable engine context id."""
+
+
+class SamplingError(UserError):
+    """Sampling settings out of range."""
+
+
+class PromptTooLongError(UserError):
+    """A context would grow past the model's maximum length."""
+
+
+class KVCacheExhaustedError(Exception):
+    """A job needs more KV blocks than the whole pool holds; it cannot ever run."""
