@@ -38,6 +38,9 @@ class EngineConfig:
     max_seqs_per_step: int = 64
     dtype: str = "auto"  # auto: float32 on CPUs, where bf16 matmuls are slow without AMX
     threads: int | None = None
+    # float32 weights also keep a bf16 copy used for batches of at most SMALL_BATCH_ROWS
+    # rows (faster decode on CPUs); False keeps every matmul in float32 (exact, batch-invariant)
+    small_batch_bf16: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_memory_gb <= 0:
@@ -103,7 +106,9 @@ class LLMEngine:
         self.model_config = load_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         dtype = config.torch_dtype
-        self.model = LlamaModel(self.model_config, load_state_dict(model_dir, dtype), CpuPagedAttention(), dtype)
+        self.model = LlamaModel(
+            self.model_config, load_state_dict(model_dir, dtype), CpuPagedAttention(), dtype, config.small_batch_bf16
+        )
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
         num_blocks = max(1, int(config.kv_memory_gb * 2**30) // per_block)
         self.kv = KVCacheTensors(self.model_config, num_blocks, config.block_size, dtype)

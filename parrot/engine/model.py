@@ -41,8 +41,9 @@ class Linear:
     bias: torch.Tensor | None = None  # [out]
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear":
-        small = weight.to(torch.bfloat16) if weight.dtype == torch.float32 and weight.device.type == "cpu" else None
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, small_batch_bf16: bool = True) -> "Linear":
+        use_small = small_batch_bf16 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+        small = weight.to(torch.bfloat16) if use_small else None
         return cls(weight, small, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,19 +88,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], attention: AttentionBackend, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        small_batch_bf16: bool = True,  # False: exact float32 at every batch size (reference checks)
+    ):
         self.config = config
+        self.small_batch_bf16 = small_batch_bf16
         self.dtype = dtype
         self.attention = attention
         c = config
         self.embed = state["model.embed_tokens.weight"].to(dtype)  # [V, hidden]
-        self.lm_head = Linear.of(self.embed if c.tie_word_embeddings else state["lm_head.weight"].to(dtype))  # [V, hidden]
+        self.lm_head = self._linear(self.embed if c.tie_word_embeddings else state["lm_head.weight"].to(dtype))  # [V, hidden]
         self.final_norm = state["model.norm.weight"].to(dtype)
         self.layers = [self._layer(state, i) for i in range(c.num_layers)]
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
         self.rope_cos = angles.cos().to(dtype)
         self.rope_sin = angles.sin().to(dtype)
+
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return Linear.of(weight, bias, self.small_batch_bf16)
 
     def _layer(self, state: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."
@@ -110,13 +122,13 @@ class LlamaModel:
             bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"), w("self_attn.v_proj.bias")])
         return LayerWeights(
             input_norm=w("input_layernorm.weight"),
-            qkv=Linear.of(
+            qkv=self._linear(
                 torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), bias
             ),
-            o_proj=Linear.of(w("self_attn.o_proj.weight")),
+            o_proj=self._linear(w("self_attn.o_proj.weight")),
             post_norm=w("post_attention_layernorm.weight"),
-            gate_up=Linear.of(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
-            down=Linear.of(w("mlp.down_proj.weight")),
+            gate_up=self._linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
+            down=self._linear(w("mlp.down_proj.weight")),
         )
 
     @torch.inference_mode()
