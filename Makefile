@@ -22,7 +22,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m parrot.cli generate --chat "Write a haiku about parrots."
+	$(PY) examples/snake_game.py
 
 test: $(STAMP)
 	$(PY) -m pytest

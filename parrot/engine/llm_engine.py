@@ -185,6 +185,18 @@ class LLMEngine:
         c = self._counters
         return EngineStats(len(self.contexts), len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy)
 
+    async def close(self) -> None:
+        """Stops the step loop; jobs still queued fail."""
+        for job in list(self.scheduler.jobs):
+            self._finish(job, ContextError("the engine is shutting down"))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+
     def check_integrity(self) -> None:
         self.contexts.check_integrity()
 

@@ -1,0 +1,1 @@
+"""What the manager drives: the built-in engine, other servers, a simulated engine."""

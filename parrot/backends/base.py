@@ -1,0 +1,52 @@
+"""The interface between the manager and an engine."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from parrot.engine.llm_engine import GeneratedToken
+from parrot.engine.sampler import SamplingParams
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    name: str
+    model: str
+    running_jobs: int
+    contexts: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    tokens_processed: int
+
+
+class EngineBackend(ABC):
+    """An engine the manager can place calls on.
+
+    Contract: contexts are named by the caller and form a tree. `fill` appends
+    text to a context (creating it, forked from parent_context_id when given,
+    if it does not exist) and returns once the engine holds it. `generate`
+    streams tokens sampled after the context's current end and appends them to
+    it. `free_context` releases a context; its children stay valid. All methods
+    may raise parrot.errors.UserError for bad input; other exceptions mean the
+    engine failed. Priorities: lower values run first.
+    """
+
+    name: str
+    model: str
+
+    @abstractmethod
+    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int) -> None: ...
+
+    @abstractmethod
+    def generate(self, context_id: str, sampling: SamplingParams, priority: int) -> AsyncIterator[GeneratedToken]: ...
+
+    @abstractmethod
+    async def free_context(self, context_id: str) -> None: ...
+
+    @abstractmethod
+    def stats(self) -> BackendStats: ...
+
+    async def close(self) -> None:
+        """Releases what the backend holds; the default holds nothing."""

@@ -1,0 +1,29 @@
+"""The built-in engine, in the manager's own process."""
+
+from __future__ import annotations
+
+from parrot.backends.base import BackendStats, EngineBackend
+from parrot.engine.llm_engine import LLMEngine
+
+
+class BuiltinEngineBackend(EngineBackend):
+    def __init__(self, engine: LLMEngine, name: str = "engine-0"):
+        self.engine = engine
+        self.name = name
+        self.model = engine.config.model
+
+    async def fill(self, context_id, parent_context_id, text, priority):
+        await self.engine.fill(context_id, parent_context_id, self.engine.tokenizer.encode(text), priority)
+
+    def generate(self, context_id, sampling, priority):
+        return self.engine.generate(context_id, sampling, priority)
+
+    async def free_context(self, context_id):
+        self.engine.free_context(context_id)
+
+    def stats(self) -> BackendStats:
+        s = self.engine.stats()
+        return BackendStats(self.name, self.model, s.num_jobs, s.num_contexts, s.blocks_total, s.blocks_free, s.tokens_processed)
+
+    async def close(self):
+        await self.engine.close()

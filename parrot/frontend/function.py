@@ -1,0 +1,165 @@
+"""Semantic functions (prompt templates whose outputs are variables) and native functions."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
+
+from parrot.engine.sampler import SamplingParams
+from parrot.errors import UserError
+from parrot.frontend import runtime as runtime_module
+from parrot.frontend.template import Placeholder, PlaceholderKind, check_placeholders, parse_template
+from parrot.frontend.variable import LATENCY, SemanticVariable
+from parrot.manager.spec import CallSpec, InputBinding, OutputBinding, Perf
+
+log = logging.getLogger(__name__)
+
+
+class Input:
+    """Annotation of a parameter that takes text in."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Annotation of a parameter the model generates; carries its sampling settings."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def _kind_of(annotation) -> tuple[PlaceholderKind | None, Output | None]:
+    if annotation is Input:
+        return PlaceholderKind.INPUT, None
+    if annotation is Output:
+        return PlaceholderKind.OUTPUT, Output()
+    if isinstance(annotation, Output):
+        return PlaceholderKind.OUTPUT, annotation
+    return None, None  # P.SemanticVariable, unannotated: the template says
+
+
+def _as_variable(client, name: str, value) -> SemanticVariable:
+    if isinstance(value, SemanticVariable):
+        if value.client is not client:
+            raise UserError(f"variable {value.name!r} belongs to another runtime")
+        return value
+    var = SemanticVariable(client, name)
+    client.create_variable(var.var_id, name, str(value))
+    return var
+
+
+class SemanticFunction:
+    def __init__(self, fn, name: str | None = None):
+        self.name = name or fn.__name__
+        self.template = inspect.cleandoc(fn.__doc__ or "")
+        if not self.template:
+            raise UserError(f"semantic function {self.name} needs a docstring: it is the prompt template")
+        self.signature = inspect.signature(fn, eval_str=True)
+        declared = {p: _kind_of(param.annotation) for p, param in self.signature.parameters.items()}
+        segments = check_placeholders(
+            parse_template(self.template, self.name), self.template, self.name, {p: k for p, (k, _) in declared.items()}
+        )
+        self.kinds = {s.name: s.kind for s in segments if isinstance(s, Placeholder)}
+        self.output_settings = {p: out or Output() for p, (_, out) in declared.items() if self.kinds.get(p) is PlaceholderKind.OUTPUT}
+        self.output_order = [p for p in self.kinds if self.kinds[p] is PlaceholderKind.OUTPUT]
+
+    def __call__(self, *args, **kwargs):
+        client = runtime_module.current()
+        try:
+            bound = self.signature.bind_partial(*args, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"{self.name}: {exc}") from None
+        inputs, outputs = [], []
+        for param, kind in self.kinds.items():
+            given = bound.arguments.get(param)
+            if kind is PlaceholderKind.INPUT:
+                if param not in bound.arguments:
+                    raise UserError(f"{self.name}: missing input {param!r}")
+                inputs.append(InputBinding(param, _as_variable(client, param, given).var_id))
+        result: list[SemanticVariable] = []
+        for param in self.output_order:
+            given = bound.arguments.get(param)
+            if given is not None and not isinstance(given, SemanticVariable):
+                raise UserError(f"{self.name}: output {param!r} takes a variable to fill or nothing, not {type(given).__name__}")
+            var = given or SemanticVariable(client, param)
+            if given is None:
+                client.create_variable(var.var_id, param, None)
+            outputs.append(OutputBinding(param, var.var_id, self.output_settings[param].sampling()))
+            result.append(var)
+        spec = CallSpec(self.name, self.template, tuple(inputs), tuple(outputs))
+        client.submit_call(f"c-{uuid.uuid4().hex[:16]}", spec)
+        return result[0] if len(result) == 1 else tuple(result)
+
+
+def semantic_function(name: str | None = None):
+    """Decorator: the function's docstring is a prompt template with input and output placeholders."""
+    if callable(name):
+        return SemanticFunction(name)
+    return lambda fn: SemanticFunction(fn, name)
+
+
+class NativeFunction:
+    """A Python function over semantic variables, run in this process when its inputs are ready."""
+
+    def __init__(self, fn, perf: Perf):
+        self.fn = fn
+        self.name = fn.__name__
+        self.perf = perf
+        self.signature = inspect.signature(fn, eval_str=True)
+        self.outputs = [p for p, param in self.signature.parameters.items() if _kind_of(param.annotation)[0] is PlaceholderKind.OUTPUT]
+        if not self.outputs:
+            raise UserError(f"native function {self.name} needs at least one parameter annotated P.Output")
+
+    def __call__(self, *args, **kwargs):
+        client = runtime_module.current()
+        bound = self.signature.bind_partial(*args, **kwargs)
+        inputs = {p: _as_variable(client, p, v) for p, v in bound.arguments.items() if p not in self.outputs}
+        missing = [p for p in self.signature.parameters if p not in self.outputs and p not in inputs]
+        if missing:
+            raise UserError(f"{self.name}: missing input(s) {', '.join(missing)}")
+        outs = []
+        for param in self.outputs:
+            var = SemanticVariable(client, param)
+            client.create_variable(var.var_id, param, None)
+            outs.append(var)
+        done: Future = Future()
+        for var in outs:
+            var.native_result = done
+        threading.Thread(target=self._run, args=(client, inputs, outs, done), name=f"native-{self.name}", daemon=True).start()
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _run(self, client, inputs: dict[str, SemanticVariable], outs: list[SemanticVariable], done: Future) -> None:
+        try:
+            values = {p: v.get(perf=self.perf) for p, v in inputs.items()}
+            result = self.fn(**values)
+            results = result if isinstance(result, tuple) else (result,)
+            if len(results) != len(outs):
+                raise UserError(f"native function {self.name} returned {len(results)} value(s) for {len(outs)} output(s)")
+            for var, value in zip(outs, results):
+                client.set_variable(var.var_id, str(value))
+            done.set_result(None)
+        except BaseException as exc:
+            for var in outs:
+                try:
+                    client.fail_variable(var.var_id, f"native function {self.name} failed: {exc!r}")
+                except Exception:
+                    log.exception("could not mark %s as failed", var.name)
+            done.set_exception(exc)
+
+
+def native_function(fn=None, *, perf: Perf = LATENCY):
+    """Decorator: parameters annotated P.Output are returned (in order) as variables."""
+    if fn is None:
+        return lambda f: NativeFunction(f, perf)
+    return NativeFunction(fn, perf)

@@ -1,0 +1,143 @@
+"""Where a program's calls go: the embedded runtime (manager and engines in this
+process) or, with P.connect, a remote server. The program code is the same."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Coroutine
+from typing import Any
+
+from parrot.errors import UserError
+from parrot.manager.spec import CallSpec, Perf
+
+log = logging.getLogger(__name__)
+
+_current: "Client | None" = None
+
+
+def current() -> "Client":
+    if _current is None:
+        raise UserError("no runtime: create one first with P.Runtime() (embedded) or P.connect(url) (a server)")
+    return _current
+
+
+class Client(ABC):
+    """One session of a program with a manager.
+
+    Contract: every method is safe to call from any thread; errors the user can
+    fix are raised as parrot.errors.UserError subclasses.
+    """
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def make_current(self) -> None:
+        global _current
+        _current = self
+
+    @abstractmethod
+    def create_variable(self, var_id: str, name: str, value: str | None) -> None: ...
+
+    @abstractmethod
+    def set_variable(self, var_id: str, value: str) -> None: ...
+
+    @abstractmethod
+    def fail_variable(self, var_id: str, message: str) -> None: ...
+
+    @abstractmethod
+    def submit_call(self, call_id: str, spec: CallSpec) -> None: ...
+
+    @abstractmethod
+    def get_variable(self, var_id: str, perf: Perf | None, timeout: float | None = None) -> str: ...
+
+    @abstractmethod
+    async def aget_variable(self, var_id: str, perf: Perf | None) -> str: ...
+
+    @abstractmethod
+    def dag(self) -> Any: ...
+
+    def close(self) -> None:
+        global _current
+        if _current is self:
+            _current = None
+
+
+class Runtime(Client):
+    """The embedded default: a manager and built-in engines on a background event loop."""
+
+    def __init__(self, model: str = "smollm2-135m", engines: int = 1, kv_memory_gb: float = 1.0, backends: list | None = None):
+        from parrot.manager.manager import Manager
+
+        if engines < 1:
+            raise UserError("a runtime needs at least one engine")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
+        self._thread.start()
+        if backends is None:
+            backends = self._builtin_engines(model, engines, kv_memory_gb)
+        self.manager = Manager(backends)
+        self.session_id = self.manager.create_session()
+        self._closed = False
+        self.make_current()
+
+    @staticmethod
+    def _builtin_engines(model: str, count: int, kv_memory_gb: float) -> list:
+        from parrot.backends.builtin import BuiltinEngineBackend
+        from parrot.engine.llm_engine import EngineConfig, LLMEngine
+
+        return [BuiltinEngineBackend(LLMEngine(EngineConfig(model=model, kv_memory_gb=kv_memory_gb)), f"engine-{i}") for i in range(count)]
+
+    def _run(self, coro: Coroutine, timeout: float | None = None):
+        if self._closed:
+            coro.close()
+            raise UserError("this runtime is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _call(self, method: str, *args):
+        return getattr(self.manager, method)(self.session_id, *args)
+
+    def create_variable(self, var_id, name, value):
+        self._run(self._call("create_variable", var_id, name, value))
+
+    def set_variable(self, var_id, value):
+        self._run(self._call("set_variable", var_id, value))
+
+    def fail_variable(self, var_id, message):
+        self._run(self._call("fail_variable", var_id, message))
+
+    def submit_call(self, call_id, spec):
+        self._run(self._call("submit_call", call_id, spec))
+
+    def get_variable(self, var_id, perf, timeout=None):
+        return self._run(self.manager.get_variable(self.session_id, var_id, perf), timeout)
+
+    async def aget_variable(self, var_id, perf):
+        if self._closed:
+            raise UserError("this runtime is closed")
+        future = asyncio.run_coroutine_threadsafe(self.manager.get_variable(self.session_id, var_id, perf), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def dag(self):
+        return self._run(self._call("dag"))
+
+    @property
+    def client_calls(self) -> int:
+        return self.manager.sessions[self.session_id].client_calls
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._run(self.manager.shutdown(), timeout=30)
+        except Exception:
+            log.exception("the runtime did not shut down cleanly")
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        super().close()

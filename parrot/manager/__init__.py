@@ -1,0 +1,1 @@
+"""The serve core: sessions, the semantic-variable graph, objective deduction, execution."""

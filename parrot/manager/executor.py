@@ -1,0 +1,127 @@
+"""Runs calls on engines the moment their inputs are ready, inside the manager.
+
+A call is lowered to engine primitives on a fresh context: fill the text before
+an output (constant text and input values), generate the output, and so on for
+each output. When an output is set, its consumers are checked at once; no client
+round trip sits between a producer and its consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from parrot.backends.base import EngineBackend
+from parrot.errors import UserError
+from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
+from parrot.manager.graph import Call, CallState, Variable
+from parrot.manager.objectives import engine_priority
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(UserError):
+    """A call could not run because a call it depends on failed."""
+
+
+class Executor:
+    def __init__(self, engines: list[EngineBackend], on_dispatch: Callable[[Call], None] | None = None):
+        if not engines:
+            raise ValueError("the manager needs at least one engine")
+        self.engines = engines
+        self._load: dict[str, int] = {e.name: 0 for e in engines}
+        self._group_engine: dict[str, str] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._on_dispatch = on_dispatch
+
+    def activate(self, call: Call) -> None:
+        """The call's outputs are wanted: run it as soon as its inputs are ready."""
+        if call.state is CallState.SUBMITTED:
+            call.state = CallState.WAITING
+        self._try_start(call)
+
+    def on_variable_ready(self, var: Variable) -> None:
+        for consumer in var.consumers:
+            self._try_start(consumer)
+
+    def _try_start(self, call: Call) -> None:
+        if call.state is not CallState.WAITING:
+            return
+        failed = [v for v in call.input_vars if v.is_ready and v.error is not None]
+        if failed:
+            self._fail(call, UpstreamError(f"{call.function} cannot run: its input {failed[0].name!r} failed: {failed[0].error}"))
+            return
+        if not call.inputs_ready:
+            return
+        call.state = CallState.READY
+        engine = self._place(call)
+        call.engine = engine.name
+        call.state = CallState.RUNNING
+        self._load[engine.name] += 1
+        if self._on_dispatch is not None:
+            self._on_dispatch(call)
+        task = asyncio.get_running_loop().create_task(self._run(call, engine))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _place(self, call: Call) -> EngineBackend:
+        by_name = {e.name: e for e in self.engines}
+        if call.task_group is not None and call.task_group in self._group_engine:
+            return by_name[self._group_engine[call.task_group]]
+        engine = min(self.engines, key=lambda e: self._load[e.name])
+        if call.task_group is not None:
+            self._group_engine[call.task_group] = engine.name
+        return engine
+
+    async def _run(self, call: Call, engine: EngineBackend) -> None:
+        context_id = f"{call.call_id}"
+        priority = engine_priority(call)
+        created = False
+        try:
+            pending_text = ""
+            for segment in call.segments:
+                if isinstance(segment, TextSegment):
+                    pending_text += segment.text
+                    continue
+                assert isinstance(segment, Placeholder)
+                if segment.kind is PlaceholderKind.INPUT:
+                    pending_text += call.inputs[segment.name].value or ""
+                    continue
+                if pending_text:
+                    await engine.fill(context_id, None, pending_text, priority)
+                    created = True
+                    pending_text = ""
+                output = call.outputs[segment.name]
+                pieces: list[str] = []
+                async for token in engine.generate(context_id, call.sampling[segment.name], priority):
+                    pieces.append(token.text)
+                    output.text_so_far += token.text
+                output.value = "".join(pieces)
+                output.ready.set()
+                self.on_variable_ready(output)
+            call.state = CallState.DONE
+        except Exception as exc:
+            if not isinstance(exc, UserError):
+                log.exception("call %s (%s) failed on %s", call.call_id, call.function, engine.name)
+            self._fail(call, exc)
+        finally:
+            self._load[engine.name] -= 1
+            if created:
+                try:
+                    await engine.free_context(context_id)
+                except Exception:
+                    log.exception("freeing context %s on %s failed", context_id, engine.name)
+
+    def _fail(self, call: Call, error: BaseException) -> None:
+        call.state = CallState.FAILED
+        call.error = error
+        for output in call.outputs.values():
+            if not output.is_ready:
+                output.error = error
+                output.ready.set()
+                self.on_variable_ready(output)
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

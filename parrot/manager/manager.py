@@ -1,0 +1,171 @@
+"""The manager's API: sessions of semantic calls and variables over a set of engines.
+
+Every method runs on the manager's event loop. Each session belongs to a tenant;
+asking for another tenant's session looks exactly like asking for one that does
+not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+from parrot.backends.base import EngineBackend
+from parrot.errors import UserError
+from parrot.frontend.template import check_placeholders, parse_template
+from parrot.manager.executor import Executor
+from parrot.manager.graph import Call, SVGraph, Variable, placeholder_kinds
+from parrot.manager.objectives import deduce_objectives
+from parrot.manager.spec import CallSpec, Perf
+
+
+class NotFoundError(UserError):
+    """An id that does not name anything this caller may see."""
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    call_id: str
+    function: str
+    state: str
+    objective: str
+    task_group: str | None
+    depth: int
+    engine: str | None
+    inputs: dict[str, str]  # placeholder -> variable id
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VariableInfo:
+    var_id: str
+    name: str
+    ready: bool
+    producer: str | None
+    consumers: list[str]
+
+
+@dataclass(frozen=True)
+class DagInfo:
+    session_id: str
+    calls: list[CallInfo]
+    variables: list[VariableInfo]
+
+
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    tenant: str
+    graph: SVGraph
+    client_calls: int = 0  # API calls this session's client made (the tests count round trips)
+    dispatched: list[str] = field(default_factory=list)  # call ids in the order they started
+
+
+class Manager:
+    def __init__(self, engines: list[EngineBackend]):
+        self.engines = engines
+        self.sessions: dict[str, Session] = {}
+        self.executor = Executor(engines, on_dispatch=self._record_dispatch)
+
+    # ---- sessions ----------------------------------------------------------
+
+    def create_session(self, tenant: str = "local") -> str:
+        session_id = "s-" + secrets.token_hex(8)
+        self.sessions[session_id] = Session(session_id, tenant, SVGraph(session_id))
+        return session_id
+
+    def session(self, session_id: str, tenant: str = "local") -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.tenant != tenant:
+            raise NotFoundError(f"no session {session_id!r}")
+        session.client_calls += 1
+        return session
+
+    def close_session(self, session_id: str, tenant: str = "local") -> None:
+        self.session(session_id, tenant)
+        del self.sessions[session_id]
+
+    # ---- variables -----------------------------------------------------------
+
+    def create_variable(self, session_id: str, var_id: str, name: str, value: str | None = None, tenant: str = "local") -> None:
+        graph = self.session(session_id, tenant).graph
+        var = graph.add_variable(var_id, name)
+        if value is not None:
+            self._set(graph, var, value)
+
+    def set_variable(self, session_id: str, var_id: str, value: str, tenant: str = "local") -> None:
+        graph = self.session(session_id, tenant).graph
+        self._set(graph, graph.variable(var_id), value)
+
+    def fail_variable(self, session_id: str, var_id: str, message: str, tenant: str = "local") -> None:
+        """The client could not produce this variable (a native function raised); its consumers fail."""
+        graph = self.session(session_id, tenant).graph
+        var = graph.variable(var_id)
+        if var.is_ready:
+            raise UserError(f"variable {var.name!r} already has a value")
+        var.error = UserError(message)
+        var.ready.set()
+        self.executor.on_variable_ready(var)
+
+    def _set(self, graph: SVGraph, var: Variable, value: str) -> None:
+        graph.set_value(var, value)
+        self.executor.on_variable_ready(var)
+
+    async def get_variable(self, session_id: str, var_id: str, perf: Perf | None = Perf.LATENCY, tenant: str = "local") -> str:
+        """Activates what the variable depends on (objectives deduced from perf) and waits for its value."""
+        var = self.session(session_id, tenant).graph.variable(var_id)
+        self.request(session_id, var, perf)
+        await var.ready.wait()
+        if var.error is not None:
+            raise var.error
+        return var.value or ""
+
+    def request(self, session_id: str, var: Variable, perf: Perf | None) -> None:
+        graph = self.sessions[session_id].graph
+        if perf is not None:
+            var.requested = perf
+        calls = deduce_objectives(graph, var, perf or Perf.THROUGHPUT) if perf else graph.upstream_calls(var)
+        # producers first, so that App-FIFO order holds within the session too
+        for call in sorted(calls, key=lambda c: (c.depth, c.arrival)):
+            self.executor.activate(call)
+
+    # ---- calls ---------------------------------------------------------------
+
+    def submit_call(self, session_id: str, call_id: str, spec: CallSpec, tenant: str = "local") -> None:
+        graph = self.session(session_id, tenant).graph
+        call_id = f"{session_id}/{call_id}"
+        if call_id in graph.calls:
+            raise UserError(f"call {call_id!r} already exists in this session")
+        inputs = {b.name: b.var_id for b in spec.inputs}
+        outputs = {b.name: b.var_id for b in spec.outputs}
+        if len(inputs) + len(outputs) != len(spec.inputs) + len(spec.outputs) or set(inputs) & set(outputs):
+            raise UserError(f"{spec.function}: each parameter is bound once, as an input or as an output")
+        segments = check_placeholders(
+            parse_template(spec.template, spec.function), spec.template, spec.function, placeholder_kinds(inputs, outputs)
+        )
+        graph.add_call(call_id, spec.function, segments, inputs, outputs, {b.name: b.sampling for b in spec.outputs})
+
+    def dag(self, session_id: str, tenant: str = "local") -> DagInfo:
+        graph = self.session(session_id, tenant).graph
+        calls = [
+            CallInfo(
+                c.call_id, c.function, c.state.value, c.objective.value, c.task_group, c.depth, c.engine,
+                {n: v.var_id for n, v in c.inputs.items()}, {n: v.var_id for n, v in c.outputs.items()},
+            )
+            for c in graph.calls.values()
+        ]
+        variables = [
+            VariableInfo(v.var_id, v.name, v.is_ready, v.producer.call_id if v.producer else None, [c.call_id for c in v.consumers])
+            for v in graph.variables.values()
+        ]
+        return DagInfo(session_id, calls, variables)
+
+    def _record_dispatch(self, call: Call) -> None:
+        session = self.sessions.get(call.call_id.split("/", 1)[0])
+        if session is not None:
+            session.dispatched.append(call.call_id)
+
+    async def shutdown(self) -> None:
+        await self.executor.drain()
+        await asyncio.gather(*(e.close() for e in self.engines))
