@@ -10,6 +10,7 @@
 """
 
 from parrot.frontend.function import Input, Output, native_function, semantic_function
+from parrot.frontend.http_client import connect
 from parrot.frontend.runtime import Runtime
 from parrot.frontend.variable import LATENCY, THROUGHPUT, SemanticVariable
 from parrot.errors import UserError
@@ -28,6 +29,6 @@ def variable(name: str = "var", value=None) -> SemanticVariable:
 
 
 __all__ = [
-    "Input", "Output", "semantic_function", "native_function", "Runtime", "variable",
+    "Input", "Output", "semantic_function", "native_function", "Runtime", "connect", "variable",
     "SemanticVariable", "LATENCY", "THROUGHPUT", "UserError",
 ]

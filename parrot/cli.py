@@ -114,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat, max_tokens=256)
+
+    serve = sub.add_parser("serve", help="run a manager (session API + OpenAI API) with N built-in engine processes")
+    serve.add_argument("--engines", type=int, default=1, help="built-in engine processes to start on this machine (default 1; 0: only remote engines)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-keys", default=None, help='JSON file of [{"tenant": ..., "key_sha256": ...}]; also PARROT_API_KEYS="tenant=key,..."')
+    serve.add_argument("--openai-backend", action="append", default=[], help="base URL of an OpenAI-compatible server to use as an engine (repeatable)")
+    serve.add_argument("--backend-model", default=None, help="model name to send to --openai-backend servers (default: --model)")
+    serve.add_argument("--backend-api-key", default=None, help="API key for --openai-backend servers")
+    serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default 8)")
+    serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without heartbeats before an engine is dropped")
+    _engine_args(serve)
+    serve.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["serve"]).serve(a))
+
+    eng = sub.add_parser("engine", help="run one built-in engine that registers with a manager (any machine)")
+    eng.add_argument("--manager", required=True, help="manager URL, e.g. http://10.0.0.1:8000")
+    eng.add_argument("--name", default=None, help="engine name (default host-port)")
+    eng.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    eng.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    eng.add_argument("--public-url", default=None, help="URL the manager should use to reach this engine")
+    eng.add_argument("--engine-key", default=None, help="the manager's engine key (or PARROT_ENGINE_KEY)")
+    _engine_args(eng)
+    eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
     return parser
 
 

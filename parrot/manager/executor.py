@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from parrot.backends.base import EngineBackend
@@ -27,13 +28,33 @@ class UpstreamError(UserError):
 
 class Executor:
     def __init__(self, engines: list[EngineBackend], on_dispatch: Callable[[Call], None] | None = None):
-        if not engines:
-            raise ValueError("the manager needs at least one engine")
-        self.engines = engines
-        self._load: dict[str, int] = {e.name: 0 for e in engines}
+        self.engines: list[EngineBackend] = []
+        self._load: dict[str, int] = {}
+        self._unplaced: list[Call] = []  # ready calls waiting for an engine to register
         self._group_engine: dict[str, str] = {}
         self._tasks: set[asyncio.Task] = set()
         self._on_dispatch = on_dispatch
+        self.on_complete: list[Callable[[Call, float], None]] = []  # (call, seconds from start to end)
+
+        for engine in engines:
+            self.add_engine(engine)
+
+    def add_engine(self, engine: EngineBackend) -> None:
+        if any(e.name == engine.name for e in self.engines):
+            raise UserError(f"an engine named {engine.name!r} is already registered")
+        self.engines.append(engine)
+        self._load[engine.name] = 0
+        waiting, self._unplaced = self._unplaced, []
+        for call in waiting:
+            call.state = CallState.WAITING
+            self._try_start(call)
+
+    def remove_engine(self, name: str) -> EngineBackend | None:
+        engine = next((e for e in self.engines if e.name == name), None)
+        if engine is not None:
+            self.engines.remove(engine)
+            self._group_engine = {g: e for g, e in self._group_engine.items() if e != name}
+        return engine
 
     def activate(self, call: Call) -> None:
         """The call's outputs are wanted: run it as soon as its inputs are ready."""
@@ -55,6 +76,9 @@ class Executor:
         if not call.inputs_ready:
             return
         call.state = CallState.READY
+        if not self.engines:
+            self._unplaced.append(call)
+            return
         engine = self._place(call)
         call.engine = engine.name
         call.state = CallState.RUNNING
@@ -67,7 +91,7 @@ class Executor:
 
     def _place(self, call: Call) -> EngineBackend:
         by_name = {e.name: e for e in self.engines}
-        if call.task_group is not None and call.task_group in self._group_engine:
+        if call.task_group in self._group_engine and self._group_engine[call.task_group] in by_name:
             return by_name[self._group_engine[call.task_group]]
         engine = min(self.engines, key=lambda e: self._load[e.name])
         if call.task_group is not None:
@@ -77,6 +101,7 @@ class Executor:
     async def _run(self, call: Call, engine: EngineBackend) -> None:
         context_id = f"{call.call_id}"
         priority = engine_priority(call)
+        started = time.perf_counter()
         created = False
         try:
             pending_text = ""
@@ -96,17 +121,23 @@ class Executor:
                 pieces: list[str] = []
                 async for token in engine.generate(context_id, call.sampling[segment.name], priority):
                     pieces.append(token.text)
-                    output.text_so_far += token.text
+                    output.num_tokens += 1
+                    output.publish(token.text)
+                    if token.finish_reason is not None:
+                        output.finish_reason = token.finish_reason.value
                 output.value = "".join(pieces)
-                output.ready.set()
+                output.mark_ready()
                 self.on_variable_ready(output)
             call.state = CallState.DONE
+            for hook in self.on_complete:
+                hook(call, time.perf_counter() - started)
         except Exception as exc:
             if not isinstance(exc, UserError):
                 log.exception("call %s (%s) failed on %s", call.call_id, call.function, engine.name)
             self._fail(call, exc)
         finally:
-            self._load[engine.name] -= 1
+            if engine.name in self._load:
+                self._load[engine.name] -= 1
             if created:
                 try:
                     await engine.free_context(context_id)
@@ -119,7 +150,7 @@ class Executor:
         for output in call.outputs.values():
             if not output.is_ready:
                 output.error = error
-                output.ready.set()
+                output.mark_ready()
                 self.on_variable_ready(output)
 
     async def drain(self) -> None:

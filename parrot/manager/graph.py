@@ -45,6 +45,19 @@ class Variable:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     requested: Perf | None = None
     text_so_far: str = ""  # streamed while the producer generates
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    listeners: list[asyncio.Queue] = field(default_factory=list)  # streaming readers: text deltas, then None
+
+    def publish(self, delta: str) -> None:
+        self.text_so_far += delta
+        for queue in self.listeners:
+            queue.put_nowait(delta)
+
+    def mark_ready(self) -> None:
+        self.ready.set()
+        for queue in self.listeners:
+            queue.put_nowait(None)
 
     @property
     def is_ready(self) -> bool:
@@ -111,7 +124,7 @@ class SVGraph:
         if var.producer is not None:
             raise UserError(f"variable {var.name!r} is produced by {var.producer.function}; it cannot be set")
         var.value = value
-        var.ready.set()
+        var.mark_ready()
 
     def get_producer(self, var: Variable) -> Call | None:
         return var.producer
@@ -122,6 +135,8 @@ class SVGraph:
     def add_call(self, call_id: str, function: str, segments: list[Segment], inputs: dict[str, str], outputs: dict[str, str], sampling: dict[str, SamplingParams]) -> Call:
         in_vars = {name: self.variable(var_id) for name, var_id in inputs.items()}
         out_vars = {name: self.variable(var_id) for name, var_id in outputs.items()}
+        if len(set(outputs.values())) != len(outputs):
+            raise UserError(f"{function}: two outputs are bound to the same variable; a variable is produced once")
         for name, var in out_vars.items():
             if var.producer is not None:
                 raise UserError(f"variable {var.name!r} is already the output of {var.producer.function}; a variable has one producer")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
 from parrot.errors import UserError
-from parrot.frontend.template import check_placeholders, parse_template
+from parrot.engine.sampler import SamplingParams
+from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment, check_placeholders, parse_template
 from parrot.manager.executor import Executor
 from parrot.manager.graph import Call, SVGraph, Variable, placeholder_kinds
 from parrot.manager.objectives import deduce_objectives
@@ -64,9 +65,9 @@ class Session:
 
 class Manager:
     def __init__(self, engines: list[EngineBackend]):
-        self.engines = engines
         self.sessions: dict[str, Session] = {}
         self.executor = Executor(engines, on_dispatch=self._record_dispatch)
+        self.engines = self.executor.engines
 
     # ---- sessions ----------------------------------------------------------
 
@@ -105,7 +106,7 @@ class Manager:
         if var.is_ready:
             raise UserError(f"variable {var.name!r} already has a value")
         var.error = UserError(message)
-        var.ready.set()
+        var.mark_ready()
         self.executor.on_variable_ready(var)
 
     def _set(self, graph: SVGraph, var: Variable, value: str) -> None:
@@ -121,6 +122,44 @@ class Manager:
             raise var.error
         return var.value or ""
 
+    async def stream_variable(self, session_id: str, var_id: str, perf: Perf | None = Perf.LATENCY, tenant: str = "local"):
+        """Yields the variable's text as it is generated (what exists already first)."""
+        var = self.session(session_id, tenant).graph.variable(var_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        var.listeners.append(queue)
+        try:
+            self.request(session_id, var, perf)
+            if var.text_so_far:
+                yield var.text_so_far
+            if var.is_ready and var.producer is None:
+                if var.error is None and var.value:
+                    yield var.value
+            while not var.is_ready:
+                delta = await queue.get()
+                if delta is None:
+                    break
+                yield delta
+            if var.error is not None:
+                raise var.error
+        finally:
+            var.listeners.remove(queue)
+
+    def submit_prompt(self, session_id: str, prompt: str, sampling: SamplingParams, tenant: str = "local") -> str:
+        """A one-call app from raw prompt text (the OpenAI API): returns the output variable's id."""
+        graph = self.session(session_id, tenant).graph
+        index = len(graph.calls)
+        out = graph.add_variable(f"completion-{index}", "completion")
+        segments = [TextSegment(prompt), Placeholder("completion", PlaceholderKind.OUTPUT, len(prompt))]
+        graph.add_call(f"{session_id}:prompt-{index}", "completion", segments, {}, {"completion": out.var_id}, {"completion": sampling})
+        return out.var_id
+
+    def add_engine(self, engine: EngineBackend) -> None:
+        self.executor.add_engine(engine)
+        self.engines = self.executor.engines
+
+    def remove_engine(self, name: str) -> EngineBackend | None:
+        return self.executor.remove_engine(name)
+
     def request(self, session_id: str, var: Variable, perf: Perf | None) -> None:
         graph = self.sessions[session_id].graph
         if perf is not None:
@@ -134,7 +173,7 @@ class Manager:
 
     def submit_call(self, session_id: str, call_id: str, spec: CallSpec, tenant: str = "local") -> None:
         graph = self.session(session_id, tenant).graph
-        call_id = f"{session_id}/{call_id}"
+        call_id = f"{session_id}:{call_id}"
         if call_id in graph.calls:
             raise UserError(f"call {call_id!r} already exists in this session")
         inputs = {b.name: b.var_id for b in spec.inputs}
@@ -162,7 +201,7 @@ class Manager:
         return DagInfo(session_id, calls, variables)
 
     def _record_dispatch(self, call: Call) -> None:
-        session = self.sessions.get(call.call_id.split("/", 1)[0])
+        session = self.sessions.get(call.call_id.split(":", 1)[0])
         if session is not None:
             session.dispatched.append(call.call_id)
 

@@ -1,0 +1,74 @@
+"""A built-in engine in another process or on another machine, over its HTTP API."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from parrot.backends.base import BackendStats, EngineBackend
+from parrot.engine.llm_engine import FinishReason, GeneratedToken
+from parrot.errors import UserError
+from parrot.protocol.engine_api import EngineStatsBody, FillBody, FreeBody, GenerateBody, TokenEvent
+from parrot.protocol.manager_api import SamplingBody
+
+
+class EngineRequestError(UserError):
+    """The engine rejected a request as bad input (4xx)."""
+
+
+class HttpEngineBackend(EngineBackend):
+    def __init__(self, name: str, url: str, model: str, engine_key: str | None = None):
+        self.name = name
+        self.url = url.rstrip("/")
+        self.model = model
+        headers = {"authorization": f"Bearer {engine_key}"} if engine_key else {}
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self._stats = BackendStats(name, model, 0, 0, 0, 0, 0)
+
+    @staticmethod
+    def _check(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        if response.status_code < 500:
+            raise EngineRequestError(message)
+        raise RuntimeError(f"engine error {response.status_code}: {message}")
+
+    async def fill(self, context_id, parent_context_id, text, priority):
+        body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority)
+        self._check(await self._http.post("/fill", json=body.model_dump()))
+
+    async def generate(self, context_id, sampling, priority):
+        body = GenerateBody(context_id=context_id, sampling=SamplingBody.of(sampling), priority=priority)
+        async with self._http.stream("POST", "/generate", json=body.model_dump()) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                self._check(response)
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                payload = json.loads(line)
+                if "error" in payload:
+                    raise RuntimeError(f"engine {self.name} failed while generating: {payload['error']}")
+                event = TokenEvent.model_validate(payload)
+                reason = FinishReason(event.finish_reason) if event.finish_reason else None
+                yield GeneratedToken(event.token_id, event.text, reason)
+                if reason is not None:
+                    return
+        raise RuntimeError(f"engine {self.name} ended the stream of {context_id} before it finished")
+
+    async def free_context(self, context_id):
+        self._check(await self._http.post("/free", json=FreeBody(context_id=context_id).model_dump()))
+
+    def update_stats(self, stats: EngineStatsBody) -> None:
+        self._stats = BackendStats(self.name, self.model, stats.running_jobs, stats.contexts, stats.kv_blocks_total, stats.kv_blocks_free, stats.tokens_processed)
+
+    def stats(self) -> BackendStats:
+        return self._stats
+
+    async def close(self):
+        await self._http.aclose()

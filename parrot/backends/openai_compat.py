@@ -1,0 +1,89 @@
+"""Any OpenAI-compatible server (vLLM, SGLang, llama.cpp, a hosted API) as an engine.
+
+Such a server has no contexts, so contexts are kept here as text: fill appends
+text (a child starts from its parent's text), and generate sends the context's
+whole text as one completion request and streams the answer back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from parrot.backends.base import BackendStats, EngineBackend
+from parrot.engine.llm_engine import FinishReason, GeneratedToken
+from parrot.errors import ContextError, UserError
+
+
+class OpenAICompatibleBackend(EngineBackend):
+    def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None):
+        self.name = name
+        self.model = model
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self._contexts: dict[str, str] = {}
+        self._running = 0
+        self._tokens = 0
+
+    async def fill(self, context_id, parent_context_id, text, priority):
+        if context_id not in self._contexts:
+            if parent_context_id is not None and parent_context_id not in self._contexts:
+                raise ContextError(f"unknown context {parent_context_id!r}")
+            self._contexts[context_id] = self._contexts.get(parent_context_id, "") if parent_context_id else ""
+        self._contexts[context_id] += text
+
+    async def generate(self, context_id, sampling, priority):
+        if context_id not in self._contexts:
+            raise ContextError(f"unknown context {context_id!r}")
+        body = {
+            "model": self.model, "prompt": self._contexts[context_id], "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "stream": True,
+        }
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if sampling.ignore_eos:
+            body["ignore_eos"] = True  # vLLM's extension; other servers ignore it
+        self._running += 1
+        index = 0
+        try:
+            async with self._http.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise (UserError if response.status_code < 500 else RuntimeError)(
+                        f"{self.name}: completion failed with {response.status_code}: {response.text[:300]}"
+                    )
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise RuntimeError(f"{self.name}: {event['error']}")
+                    choice = event["choices"][0]
+                    text = choice.get("text") or ""
+                    reason = choice.get("finish_reason")
+                    self._contexts[context_id] += text
+                    self._tokens += 1
+                    finish = (FinishReason.LENGTH if reason == "length" else FinishReason.STOP) if reason else None
+                    yield GeneratedToken(index, text, finish)
+                    index += 1
+                    if finish is not None:
+                        return
+        finally:
+            self._running -= 1
+        yield GeneratedToken(index, "", FinishReason.STOP)
+
+    async def free_context(self, context_id):
+        if self._contexts.pop(context_id, None) is None:
+            raise ContextError(f"unknown context {context_id!r}")
+
+    def stats(self) -> BackendStats:
+        return BackendStats(self.name, self.model, self._running, len(self._contexts), 0, 0, self._tokens)
+
+    async def close(self):
+        await self._http.aclose()

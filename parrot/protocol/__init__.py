@@ -1,0 +1,1 @@
+"""Pydantic models of every HTTP payload: the only place JSON shapes live."""

@@ -1,0 +1,54 @@
+"""Payloads between the manager and engine servers."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from parrot.protocol.manager_api import MAX_VALUE_CHARS, Id, SamplingBody
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FillBody(Strict):
+    context_id: str = Id
+    parent_context_id: str | None = None
+    text: str = Field(max_length=MAX_VALUE_CHARS)
+    priority: int = 1
+
+
+class GenerateBody(Strict):
+    context_id: str = Id
+    sampling: SamplingBody
+    priority: int = 1
+
+
+class FreeBody(Strict):
+    context_id: str = Id
+
+
+class TokenEvent(Strict):
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+
+
+class EngineStatsBody(Strict):
+    name: str
+    model: str
+    running_jobs: int
+    contexts: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    tokens_processed: int
+
+
+class EngineRegister(Strict):
+    name: str = Id
+    url: str = Field(max_length=512)
+    model: str = Field(max_length=512)
+
+
+class Heartbeat(Strict):
+    stats: EngineStatsBody

@@ -1,0 +1,135 @@
+"""Payloads of the manager's session API (/api/v1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from parrot.engine.sampler import SamplingParams
+from parrot.frontend.template import MAX_TEMPLATE_CHARS
+from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
+
+MAX_VALUE_CHARS = 1_000_000
+Id = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingBody(Strict):
+    max_tokens: int = Field(128, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    ignore_eos: bool = False
+
+    def to_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+        )
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> "SamplingBody":
+        return cls(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            seed=params.seed, stop=list(params.stop), ignore_eos=params.ignore_eos,
+        )
+
+
+class SessionCreated(Strict):
+    session_id: str
+
+
+class VariableCreate(Strict):
+    var_id: str = Id
+    name: str = Field("var", max_length=256)
+    value: str | None = Field(None, max_length=MAX_VALUE_CHARS)
+
+
+class VariableSet(Strict):
+    value: str = Field(max_length=MAX_VALUE_CHARS)
+
+
+class VariableFail(Strict):
+    message: str = Field(max_length=10_000)
+
+
+class VariableValue(Strict):
+    var_id: str
+    ready: bool
+    value: str | None = None
+
+
+class InputBody(Strict):
+    name: str = Field(max_length=256)
+    var_id: str = Id
+
+
+class OutputBody(Strict):
+    name: str = Field(max_length=256)
+    var_id: str = Id
+    sampling: SamplingBody = Field(default_factory=SamplingBody)
+
+
+class CallSubmit(Strict):
+    call_id: str = Id
+    function: str = Field(max_length=256)
+    template: str = Field(max_length=MAX_TEMPLATE_CHARS)
+    inputs: list[InputBody] = Field(default_factory=list, max_length=1000)
+    outputs: list[OutputBody] = Field(min_length=1, max_length=1000)
+
+    def to_spec(self) -> CallSpec:
+        return CallSpec(
+            self.function,
+            self.template,
+            tuple(InputBinding(i.name, i.var_id) for i in self.inputs),
+            tuple(OutputBinding(o.name, o.var_id, o.sampling.to_params()) for o in self.outputs),
+        )
+
+    @classmethod
+    def of(cls, call_id: str, spec: CallSpec) -> "CallSubmit":
+        return cls(
+            call_id=call_id, function=spec.function, template=spec.template,
+            inputs=[InputBody(name=i.name, var_id=i.var_id) for i in spec.inputs],
+            outputs=[OutputBody(name=o.name, var_id=o.var_id, sampling=SamplingBody.of(o.sampling)) for o in spec.outputs],
+        )
+
+
+class CallInfoBody(Strict):
+    call_id: str
+    function: str
+    state: str
+    objective: str
+    task_group: str | None
+    depth: int
+    engine: str | None
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+class VariableInfoBody(Strict):
+    var_id: str
+    name: str
+    ready: bool
+    producer: str | None
+    consumers: list[str]
+
+
+class DagBody(Strict):
+    session_id: str
+    calls: list[CallInfoBody]
+    variables: list[VariableInfoBody]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "not_found_error", "authentication_error", "server_error"]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,1 @@
+"""HTTP servers (FastAPI + uvicorn) for the manager and the engine."""

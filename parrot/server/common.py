@@ -1,0 +1,81 @@
+"""What every server shares: error responses, body limits, authentication."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from parrot.errors import UserError
+from parrot.server.auth import KeyStore, Principal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
+def error_json(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+class BodyLimit(BaseHTTPMiddleware):
+    """Rejects bodies over the limit before they are read whole."""
+
+    def __init__(self, app, max_bytes: int):
+        super().__init__(app)
+        self.max_bytes = max_bytes
+
+    async def dispatch(self, request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return error_json(413, f"request body of {length} bytes is over the limit of {self.max_bytes}", "invalid_request_error")
+        return await call_next(request)
+
+
+def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    from parrot.manager.manager import NotFoundError
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, exc: NotFoundError):
+        return error_json(404, str(exc), "not_found_error")
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, exc: UserError):
+        return error_json(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
+        )
+        return error_json(422, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        return error_json(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_json(500, f"internal error: {type(exc).__name__}; the server logged the details", "server_error")
+
+
+def bearer_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else None
+
+
+def require(keys: KeyStore, request: Request, engine: bool = False) -> Principal:
+    principal = keys.authenticate(bearer_key(request))
+    if principal is None:
+        raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'")
+    if principal.is_engine != engine:
+        raise HTTPException(403, "this key is not allowed here" if engine else "engine keys cannot use the session API")
+    return principal

@@ -1,0 +1,112 @@
+"""The engine's HTTP API: fill, generate (streamed as JSON lines), free, stats; it
+registers with a manager and sends heartbeats with its stats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from parrot.backends.builtin import BuiltinEngineBackend
+from parrot.protocol.engine_api import EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
+from parrot.server.auth import KeyStore
+from parrot.server.common import install_error_handlers, require
+
+log = logging.getLogger(__name__)
+
+
+def _stats_body(backend: BuiltinEngineBackend) -> EngineStatsBody:
+    s = backend.stats()
+    return EngineStatsBody(
+        name=s.name, model=s.model, running_jobs=s.running_jobs, contexts=s.contexts,
+        kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free, tokens_processed=s.tokens_processed,
+    )
+
+
+def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url: str | None = None,
+                      public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = 2.0) -> FastAPI:
+    app = FastAPI(title="parrot-serve engine", description="Primitives of one built-in engine.")
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "name": backend.name, "model": backend.model}
+
+    @app.get("/stats", response_model=EngineStatsBody)
+    async def stats(request: Request):
+        require(keys, request, engine=True)
+        return _stats_body(backend)
+
+    @app.post("/fill")
+    async def fill(body: FillBody, request: Request):
+        require(keys, request, engine=True)
+        await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority)
+        return {"ok": True}
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody, request: Request):
+        require(keys, request, engine=True)
+        stream = backend.generate(body.context_id, body.sampling.to_params(), body.priority)
+        first = await anext(stream)  # errors before the first token become a proper HTTP error
+
+        async def lines():
+            token = first
+            try:
+                while True:
+                    reason = token.finish_reason.value if token.finish_reason else None
+                    yield TokenEvent(token_id=token.token_id, text=token.text, finish_reason=reason).model_dump_json() + "\n"
+                    if reason is not None:
+                        return
+                    token = await anext(stream)
+            except Exception as exc:
+                log.exception("generation of %s failed", body.context_id)
+                yield json.dumps({"error": str(exc)}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/free")
+    async def free(body: FreeBody, request: Request):
+        require(keys, request, engine=True)
+        await backend.free_context(body.context_id)
+        return {"ok": True}
+
+    if manager_url is not None:
+        @app.on_event("startup")
+        async def register_and_heartbeat():
+            app.state.heartbeat = asyncio.create_task(_keep_registered(backend, manager_url, public_url, engine_key, heartbeat_s))
+
+    @app.on_event("shutdown")
+    async def stop():
+        task = getattr(app.state, "heartbeat", None)
+        if task is not None:
+            task.cancel()
+        await backend.close()
+
+    return app
+
+
+async def _keep_registered(backend, manager_url: str, public_url: str, engine_key: str, period: float) -> None:
+    """Registers, then heartbeats; registers again whenever the manager forgot us."""
+    headers = {"authorization": f"Bearer {engine_key}"}
+    registration = EngineRegister(name=backend.name, url=public_url, model=backend.model)
+    registered = False
+    async with httpx.AsyncClient(base_url=manager_url.rstrip("/"), headers=headers, timeout=10.0) as http:
+        while True:
+            try:
+                if not registered:
+                    response = await http.post("/api/v1/engines/register", json=registration.model_dump())
+                    if response.status_code >= 400:
+                        log.error("the manager refused registration: %s", response.text)
+                    registered = response.status_code < 400
+                else:
+                    beat = Heartbeat(stats=_stats_body(backend))
+                    response = await http.post(f"/api/v1/engines/{backend.name}/heartbeat", json=beat.model_dump())
+                    registered = response.status_code < 400
+            except httpx.HTTPError as exc:
+                log.warning("manager %s unreachable: %s", manager_url, exc)
+                registered = False
+            await asyncio.sleep(period)

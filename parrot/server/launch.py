@@ -1,0 +1,89 @@
+"""Starting servers: `parrot serve` (a manager with N engine processes) and `parrot engine`."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def serve(args) -> None:
+    from parrot.backends.openai_compat import OpenAICompatibleBackend
+    from parrot.engine.loader import resolve_model_dir
+    from parrot.engine.tokenizer import Tokenizer
+    from parrot.manager.manager import Manager
+    from parrot.server.auth import KeyStore
+    from parrot.server.manager_app import create_manager_app
+
+    engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
+    keys = KeyStore.load(args.api_keys, engine_key=engine_key)
+    if keys.empty:
+        key = secrets.token_urlsafe(24)
+        keys.add("default", key)
+        print(f"No API keys configured (--api-keys FILE or PARROT_API_KEYS); for this run, tenant 'default' has key:\n  {key}", flush=True)
+    model_dir = resolve_model_dir(args.model)  # converts once here, before engines start in parallel
+    manager = Manager([])
+    for i, url in enumerate(args.openai_backend):
+        manager.add_engine(OpenAICompatibleBackend(f"openai-{i}", url, args.backend_model or args.model, args.backend_api_key))
+    app = create_manager_app(manager, keys, args.model, Tokenizer(model_dir), engine_key=engine_key,
+                             max_body_bytes=args.max_body_mb * 2**20, heartbeat_timeout_s=args.heartbeat_timeout)
+    port = args.port or free_port(args.host)
+    manager_url = f"http://127.0.0.1:{port}" if args.host in ("0.0.0.0", "127.0.0.1", "localhost") else f"http://{args.host}:{port}"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--model", args.model,
+             "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb)],
+            env={**os.environ, "PARROT_ENGINE_KEY": engine_key},
+        )
+        for i in range(args.engines)
+    ]
+
+    def stop_children() -> None:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    atexit.register(stop_children)
+    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} engine process(es) starting)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=port, log_level="warning")
+    finally:
+        stop_children()
+
+
+def engine(args) -> None:
+    from parrot.backends.builtin import BuiltinEngineBackend
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    from parrot.errors import UserError
+    from parrot.server.auth import KeyStore
+    from parrot.server.engine_app import create_engine_app
+
+    engine_key = args.engine_key or os.environ.get("PARROT_ENGINE_KEY")
+    if not engine_key:
+        raise UserError("an engine needs the manager's engine key: set PARROT_ENGINE_KEY or pass --engine-key")
+    port = args.port or free_port(args.host)
+    public_url = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{port}"
+    name = args.name or f"{socket.gethostname()}-{port}"
+    llm = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype))
+    backend = BuiltinEngineBackend(llm, name)
+    app = create_engine_app(backend, KeyStore.load(env={}, engine_key=engine_key), args.manager, public_url, engine_key)
+    print(f"parrot engine {name} on {public_url}, registering with {args.manager}", flush=True)
+    uvicorn.run(app, host=args.host, port=port, log_level="warning")

@@ -1,0 +1,170 @@
+"""The manager's HTTP API: sessions, calls, variables (long-poll and SSE), engines, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from fastapi import FastAPI, Query, Request, Response
+from sse_starlette.sse import EventSourceResponse
+
+from parrot.backends.http_engine import HttpEngineBackend
+from parrot.manager.manager import Manager
+from parrot.manager.spec import Perf
+from parrot.protocol.engine_api import EngineRegister, Heartbeat
+from parrot.protocol.manager_api import (
+    CallSubmit, DagBody, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
+)
+from parrot.server.auth import KeyStore
+from parrot.server.common import DEFAULT_MAX_BODY_BYTES, install_error_handlers, require
+from parrot.server.metrics import ManagerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLiveness:
+    """Heartbeats of registered engines; one that stays silent too long is dropped."""
+
+    timeout_s: float
+    last_seen: dict[str, float] = field(default_factory=dict)
+
+
+def _perf(value: str | None) -> Perf | None:
+    return None if value in (None, "", "none") else Perf(value)
+
+
+PerfQuery = Query("latency", pattern="^(latency|throughput|none)$", description="what matters for this variable")
+
+
+def create_manager_app(
+    manager: Manager, keys: KeyStore, model: str, tokenizer=None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, heartbeat_timeout_s: float = 10.0, engine_key: str | None = None,
+) -> FastAPI:
+    app = FastAPI(title="parrot-serve manager", description="Sessions of semantic calls over engines; OpenAI-compatible API under /v1.")
+    install_error_handlers(app, max_body_bytes)
+    metrics = ManagerMetrics(manager)
+    liveness = EngineLiveness(heartbeat_timeout_s)
+    app.state.manager = manager
+    app.state.liveness = liveness
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engines": [e.name for e in manager.engines], "model": model}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # ---- sessions, variables, calls ----------------------------------------
+
+    @app.post("/api/v1/sessions", response_model=SessionCreated)
+    async def create_session(request: Request):
+        return SessionCreated(session_id=manager.create_session(require(keys, request).tenant))
+
+    @app.delete("/api/v1/sessions/{session_id}")
+    async def close_session(session_id: str, request: Request):
+        manager.close_session(session_id, require(keys, request).tenant)
+        return {"closed": session_id}
+
+    @app.post("/api/v1/sessions/{session_id}/variables")
+    async def create_variable(session_id: str, body: VariableCreate, request: Request):
+        manager.create_variable(session_id, body.var_id, body.name, body.value, tenant=require(keys, request).tenant)
+        return {"var_id": body.var_id}
+
+    @app.put("/api/v1/sessions/{session_id}/variables/{var_id}")
+    async def set_variable(session_id: str, var_id: str, body: VariableSet, request: Request):
+        manager.set_variable(session_id, var_id, body.value, tenant=require(keys, request).tenant)
+        return {"var_id": var_id}
+
+    @app.post("/api/v1/sessions/{session_id}/variables/{var_id}/fail")
+    async def fail_variable(session_id: str, var_id: str, body: VariableFail, request: Request):
+        manager.fail_variable(session_id, var_id, body.message, tenant=require(keys, request).tenant)
+        return {"var_id": var_id}
+
+    @app.get("/api/v1/sessions/{session_id}/variables/{var_id}", response_model=VariableValue)
+    async def get_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery,
+                           timeout: float = Query(30.0, ge=0, le=300, description="long-poll seconds")):
+        tenant = require(keys, request).tenant
+        try:
+            value = await asyncio.wait_for(manager.get_variable(session_id, var_id, _perf(perf), tenant), timeout)
+        except TimeoutError:
+            return VariableValue(var_id=var_id, ready=False)
+        return VariableValue(var_id=var_id, ready=True, value=value)
+
+    @app.get("/api/v1/sessions/{session_id}/variables/{var_id}/stream")
+    async def stream_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery):
+        tenant = require(keys, request).tenant
+        manager.session(session_id, tenant).graph.variable(var_id)  # 404 now, not inside the stream
+
+        async def events():
+            try:
+                async for delta in manager.stream_variable(session_id, var_id, _perf(perf), tenant):
+                    yield {"event": "delta", "data": json.dumps({"text": delta})}
+                yield {"event": "done", "data": "{}"}
+            except Exception as exc:
+                yield {"event": "error", "data": json.dumps({"message": str(exc)})}
+
+        return EventSourceResponse(events())
+
+    @app.post("/api/v1/sessions/{session_id}/calls")
+    async def submit_call(session_id: str, body: CallSubmit, request: Request):
+        manager.submit_call(session_id, body.call_id, body.to_spec(), tenant=require(keys, request).tenant)
+        return {"call_id": body.call_id}
+
+    @app.get("/api/v1/sessions/{session_id}/dag", response_model=DagBody)
+    async def dag(session_id: str, request: Request):
+        return DagBody.model_validate(asdict(manager.dag(session_id, require(keys, request).tenant)))
+
+    # ---- engines -------------------------------------------------------------
+
+    @app.post("/api/v1/engines/register")
+    async def register_engine(body: EngineRegister, request: Request):
+        require(keys, request, engine=True)
+        if body.model != model:
+            from parrot.errors import UserError
+
+            raise UserError(f"this manager serves model {model!r}; engine {body.name!r} serves {body.model!r}")
+        old = manager.remove_engine(body.name)
+        if old is not None:
+            await old.close()
+        manager.add_engine(HttpEngineBackend(body.name, body.url, body.model, engine_key))
+        liveness.last_seen[body.name] = time.monotonic()
+        log.info("engine %s registered at %s", body.name, body.url)
+        return {"registered": body.name}
+
+    @app.post("/api/v1/engines/{name}/heartbeat")
+    async def heartbeat(name: str, body: Heartbeat, request: Request):
+        require(keys, request, engine=True)
+        engine = next((e for e in manager.engines if e.name == name), None)
+        if engine is None:
+            from parrot.manager.manager import NotFoundError
+
+            raise NotFoundError(f"engine {name!r} is not registered; register again")
+        engine.update_stats(body.stats)
+        liveness.last_seen[name] = time.monotonic()
+        return {"ok": True}
+
+    @app.on_event("startup")
+    async def watch_engines():
+        async def reap():
+            while True:
+                await asyncio.sleep(max(liveness.timeout_s / 4, 0.2))
+                now = time.monotonic()
+                for name, seen in list(liveness.last_seen.items()):
+                    if now - seen > liveness.timeout_s:
+                        log.warning("engine %s missed its heartbeats for %.0fs; dropping it", name, now - seen)
+                        del liveness.last_seen[name]
+                        engine = manager.remove_engine(name)
+                        if engine is not None:
+                            await engine.close()
+
+        app.state.reaper = asyncio.create_task(reap())
+
+    from parrot.server.openai_routes import add_openai_routes
+
+    add_openai_routes(app, manager, keys, model, tokenizer)
+    return app
