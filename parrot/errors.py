@@ -9,6 +9,10 @@ class UserError(Exception):
     """Bad input from a caller; the message says what to fix."""
 
 
+class NotFoundError(UserError):
+    """An id that does not name anything this caller may see."""
+
+
 class ModelNotFoundError(UserError):
     """A model name or path that does not resolve to a loadable model."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from parrot.engine.sampler import SamplingParams
-from parrot.errors import UserError
+from parrot.errors import NotFoundError, UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, Segment
 from parrot.manager.spec import Perf
 
@@ -107,7 +107,7 @@ class SVGraph:
         try:
             return self.variables[var_id]
         except KeyError:
-            raise UserError(f"unknown variable {var_id!r} in this session") from None
+            raise NotFoundError(f"unknown variable {var_id!r} in this session") from None
 
     def add_variable(self, var_id: str, name: str, value: str | None = None) -> Variable:
         if var_id in self.variables:

@@ -12,17 +12,13 @@ import secrets
 from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
-from parrot.errors import UserError
+from parrot.errors import NotFoundError, UserError
 from parrot.engine.sampler import SamplingParams
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment, check_placeholders, parse_template
 from parrot.manager.executor import Executor
 from parrot.manager.graph import Call, SVGraph, Variable, placeholder_kinds
 from parrot.manager.objectives import deduce_objectives
 from parrot.manager.spec import CallSpec, Perf
-
-
-class NotFoundError(UserError):
-    """An id that does not name anything this caller may see."""
 
 
 @dataclass(frozen=True)

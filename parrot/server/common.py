@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, HTTPException, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -36,7 +37,7 @@ class BodyLimit(BaseHTTPMiddleware):
 
 
 def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-    from parrot.manager.manager import NotFoundError
+    from parrot.errors import NotFoundError
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
@@ -55,10 +56,13 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_
         )
         return error_json(422, f"invalid request: {problems}", "invalid_request_error")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
         kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
-        return error_json(exc.status_code, str(exc.detail), kind)
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "invalid request body: it must be JSON encoded as UTF-8"
+        return error_json(exc.status_code, message, kind)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):

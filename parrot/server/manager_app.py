@@ -89,6 +89,7 @@ def create_manager_app(
     async def get_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery,
                            timeout: float = Query(30.0, ge=0, le=300, description="long-poll seconds")):
         tenant = require(keys, request).tenant
+        manager.session(session_id, tenant).graph.variable(var_id)  # 404 before any waiting
         try:
             value = await asyncio.wait_for(manager.get_variable(session_id, var_id, _perf(perf), tenant), timeout)
         except TimeoutError:
@@ -141,7 +142,7 @@ def create_manager_app(
         require(keys, request, engine=True)
         engine = next((e for e in manager.engines if e.name == name), None)
         if engine is None:
-            from parrot.manager.manager import NotFoundError
+            from parrot.errors import NotFoundError
 
             raise NotFoundError(f"engine {name!r} is not registered; register again")
         engine.update_stats(body.stats)

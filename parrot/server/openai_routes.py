@@ -16,7 +16,8 @@ from fastapi.responses import StreamingResponse
 
 from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import UserError
-from parrot.manager.manager import Manager, NotFoundError
+from parrot.errors import NotFoundError
+from parrot.manager.manager import Manager
 from parrot.manager.spec import Perf
 from parrot.protocol.openai_api import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,

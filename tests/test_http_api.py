@@ -1,0 +1,245 @@
+"""The manager and engine servers on loopback, driven by real clients.
+
+One `parrot serve` process (manager + one engine process) serves the module;
+clients are P.connect, the openai SDK, LangChain and plain httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import parrot as P
+from parrot.backends.openai_compat import OpenAICompatibleBackend
+from parrot.server.launch import free_port
+
+ENGINE_KEY = "test-engine-key"
+KEYS = {"alice": "key-alice", "bob": "key-bob"}
+MODEL = "smollm2-135m"
+
+
+def start_server(extra_args: list[str], env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PARROT_API_KEYS": ",".join(f"{t}={k}" for t, k in KEYS.items()), "PARROT_ENGINE_KEY": ENGINE_KEY, **(env_extra or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parrot.cli", "serve", "--port", str(port), "--kv-memory-gb", "0.25", *extra_args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_for_engines(url: str, count: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=2).json()
+            if len(health["engines"]) >= count:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no {count} engine(s) registered at {url} within {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server(["--engines", "1"])
+    try:
+        wait_for_engines(url, 1, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[tenant]}"}
+
+
+@P.semantic_function()
+def write_code(task: P.Input, code: P.Output(max_tokens=12)):
+    """You are an expert software engineer.
+    Write python code of {{input:task}}.
+    Code: {{output:code}}"""
+
+
+@P.semantic_function()
+def write_test(task: P.Input, code: P.Input, test: P.Output(max_tokens=12)):
+    """You are an experienced QA engineer.
+    You write test code for {{input:task}}.
+    Code: {{input:code}}.
+    Your test code: {{output:test}}"""
+
+
+def snake_program() -> tuple[str, str]:
+    task = P.variable("task", "a snake game")
+    code = write_code(task)
+    test = write_test(task, code)
+    return code.get(perf=P.LATENCY), test.get(perf=P.LATENCY)
+
+
+def test_remote_run_equals_embedded_run(server):
+    with P.connect(server, api_key=KEYS["alice"]) as remote:
+        remote_result = snake_program()
+        dag = remote.dag()
+    assert [c.state for c in dag.calls] == ["done", "done"]
+    assert {c.objective for c in dag.calls} == {"latency"}
+    with P.Runtime(model=MODEL, kv_memory_gb=0.25):
+        embedded_result = snake_program()
+    assert remote_result == embedded_result
+    assert all(text.strip() for text in remote_result)
+
+
+def test_openai_sdk_completion_chat_and_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    assert [m.id for m in client.models.list()] == [MODEL]
+    completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert "Paris" in completion.choices[0].text
+    assert completion.usage.completion_tokens == 8
+    streamed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_langchain_chat_openai_invoke(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"], model=MODEL, temperature=0, max_tokens=16)
+    reply = llm.invoke("What is the capital of France?")
+    assert "Paris" in reply.content
+
+
+def test_variable_streams_over_sse(server):
+    headers = auth("alice")
+    with httpx.Client(base_url=server, headers=headers, timeout=60) as http:
+        sid = http.post("/api/v1/sessions").json()["session_id"]
+        http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": "q", "name": "q", "value": "France"}).raise_for_status()
+        http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": "a", "name": "a"}).raise_for_status()
+        call = {"call_id": "c1", "function": "capital", "template": "The capital of {{input:q}} is{{output:a}}",
+                "inputs": [{"name": "q", "var_id": "q"}], "outputs": [{"name": "a", "var_id": "a", "sampling": {"max_tokens": 6}}]}
+        http.post(f"/api/v1/sessions/{sid}/calls", json=call).raise_for_status()
+        deltas = []
+        with http.stream("GET", f"/api/v1/sessions/{sid}/variables/a/stream") as response:
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event == "delta":
+                    import json
+
+                    deltas.append(json.loads(line[5:])["text"])
+        value = http.get(f"/api/v1/sessions/{sid}/variables/a").json()
+        assert value["ready"] and "".join(deltas) == value["value"] and "Paris" in value["value"]
+
+
+def test_tenants_cannot_see_each_other(server):
+    with httpx.Client(base_url=server, timeout=30) as http:
+        sid = http.post("/api/v1/sessions", headers=auth("alice")).json()["session_id"]
+        http.post(f"/api/v1/sessions/{sid}/variables", headers=auth("alice"), json={"var_id": "x", "value": "secret"}).raise_for_status()
+        probes = [
+            ("GET", f"/api/v1/sessions/{sid}/dag", None),
+            ("GET", f"/api/v1/sessions/{sid}/variables/x?timeout=0", None),
+            ("PUT", f"/api/v1/sessions/{sid}/variables/x", {"value": "overwrite"}),
+            ("DELETE", f"/api/v1/sessions/{sid}", None),
+        ]
+        for method, path, body in probes:
+            as_bob = http.request(method, path, headers=auth("bob"), json=body)
+            missing = http.request(method, path.replace(sid, "s-0000000000000000"), headers=auth("bob"), json=body)
+            assert as_bob.status_code == missing.status_code == 404
+            assert as_bob.json()["error"]["message"].replace(sid, "ID") == missing.json()["error"]["message"].replace("s-0000000000000000", "ID")
+        assert http.get(f"/api/v1/sessions/{sid}/variables/x", headers=auth("alice")).json()["value"] == "secret"
+        assert http.get(f"/api/v1/sessions/{sid}/dag").status_code == 401
+        assert http.get(f"/api/v1/sessions/{sid}/dag", headers={"authorization": "Bearer nope"}).status_code == 401
+        assert http.post("/api/v1/sessions", headers={"authorization": f"Bearer {ENGINE_KEY}"}).status_code == 403
+
+
+def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server):
+    headers = auth("alice")
+    with httpx.Client(base_url=server, headers=headers, timeout=30) as http:
+        sid = http.post("/api/v1/sessions").json()["session_id"]
+        http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": "t", "value": "x"}).raise_for_status()
+        http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": "o"}).raise_for_status()
+        def call(template, **extra):
+            body = {"call_id": f"c{time.monotonic_ns()}", "function": "f", "template": template,
+                    "inputs": [{"name": "t", "var_id": "t"}], "outputs": [{"name": "o", "var_id": "o"}], **extra}
+            return http.post(f"/api/v1/sessions/{sid}/calls", json=body)
+        cases = {
+            "malformed json": (http.post(f"/api/v1/sessions/{sid}/calls", content=b"{not json", headers={"content-type": "application/json"}), 422, "invalid"),
+            "wrong type": (http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": 5}), 422, "var_id"),
+            "unknown variable": (http.get(f"/api/v1/sessions/{sid}/variables/nope"), 404, "nope"),
+            "template kind": (call("Do {{inptu:t}} {{output:o}}"), 400, "unknown placeholder kind"),
+            "unbalanced": (call("Do {{input:t} {{output:o}}"), 400, "unbalanced"),
+            "top_p": (call("Do {{input:t}}: {{output:o}}", outputs=[{"name": "o", "var_id": "o", "sampling": {"top_p": 2}}]), 422, "top_p"),
+            "max_tokens": (call("Do {{input:t}}: {{output:o}}", outputs=[{"name": "o", "var_id": "o", "sampling": {"max_tokens": -1}}]), 422, "max_tokens"),
+            "too big": (http.post(f"/api/v1/sessions/{sid}/variables", content=b"x" * (9 * 2**20), headers={"content-type": "application/json"}), 413, "limit"),
+            "bad utf-8": (http.post(f"/api/v1/sessions/{sid}/variables", content=b'{"var_id": "u", "value": "\xff\xfe"}', headers={"content-type": "application/json"}), 400, "utf-8"),
+            "unknown model": (http.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"}), 404, "gpt-9"),
+            "temperature": (http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "temperature": -1}), 422, "temperature"),
+            "engine model": (http.post("/api/v1/engines/register", headers={"authorization": f"Bearer {ENGINE_KEY}"},
+                                       json={"name": "rogue", "url": "http://127.0.0.1:1", "model": "llama-70b"}), 400, "llama-70b"),
+        }
+        for name, (response, status, needle) in cases.items():
+            assert response.status_code == status, (name, response.text)
+            assert needle.lower() in response.json()["error"]["message"].lower(), (name, response.text)
+        assert httpx.get(f"{server}/health").json()["status"] == "ok"
+        ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+        assert ok.status_code == 200 and "Paris" in ok.json()["choices"][0]["text"]
+        metrics = http.get("/metrics").text
+        assert "parrot_call_seconds" in metrics and "parrot_engine_kv_blocks_total" in metrics
+
+
+def test_openai_compatible_server_as_engine_backend(server):
+    """Our own OpenAI endpoint stands in for vLLM/SGLang/llama.cpp: contexts kept as text."""
+    backend = OpenAICompatibleBackend("oa-0", server, MODEL, api_key=KEYS["bob"])
+    with P.Runtime(backends=[backend]) as runtime:
+        answer = write_code("a calculator").get()
+        assert runtime.dag().calls[0].engine == "oa-0"
+    direct = httpx.post(
+        f"{server}/v1/completions", headers=auth("bob"), timeout=60,
+        json={"model": MODEL, "prompt": "You are an expert software engineer.\nWrite python code of a calculator.\nCode: ", "max_tokens": 12, "temperature": 0},
+    ).json()["choices"][0]["text"]
+    assert answer == direct
+
+
+def test_engine_started_separately_registers_and_serves():
+    proc, url = start_server(["--engines", "0"])
+    engine = None
+    try:
+        wait_for_engines(url, 0, proc)
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "parrot.cli", "engine", "--manager", url, "--model", MODEL, "--name", "remote-1", "--kv-memory-gb", "0.25"],
+            env={**os.environ, "PARROT_ENGINE_KEY": ENGINE_KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_engines(url, 1, proc)
+        assert httpx.get(f"{url}/health").json()["engines"] == ["remote-1"]
+        with P.connect(url, api_key=KEYS["alice"]) as remote:
+            code = write_code("a calculator").get()
+            assert code.strip() and remote.dag().calls[0].engine == "remote-1"
+    finally:
+        if engine is not None:
+            stop(engine)
+        stop(proc)
