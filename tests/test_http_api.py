@@ -105,6 +105,21 @@ def test_remote_run_equals_embedded_run(server):
     assert all(text.strip() for text in remote_result)
 
 
+@P.semantic_function()
+def echo(text: P.Input, out: P.Output(max_tokens=2)):
+    """Repeat {{input:text}}: {{output:out}}"""
+
+
+def test_remote_program_is_one_batch_and_server_refusals_reach_get(server):
+    with P.connect(server, api_key=KEYS["alice"]) as remote:
+        seed = P.variable("seed")
+        middle = echo(seed)
+        echo(middle, out=seed)  # closes a cycle: seed -> middle -> seed
+        with pytest.raises(P.UserError, match="cycle"):
+            middle.get(timeout=30)
+        assert echo("fine").get(timeout=60).strip() != ""
+
+
 def test_openai_sdk_completion_chat_and_streaming(server):
     from openai import OpenAI
 

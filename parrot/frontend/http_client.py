@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import httpx
@@ -9,9 +11,14 @@ import httpx
 from parrot.errors import UserError
 from parrot.frontend.runtime import Client
 from parrot.manager.spec import CallSpec, Perf
-from parrot.protocol.manager_api import CallSubmit, DagBody, VariableCreate, VariableFail, VariableSet, VariableValue
+from parrot.protocol.manager_api import (
+    Batch, BatchOp, BatchResult, CallSubmit, DagBody, VariableCreate, VariableFail, VariableSet, VariableValue,
+)
+
+log = logging.getLogger(__name__)
 
 LONG_POLL_S = 30.0
+MAX_BUFFERED_OPS = 1000
 
 
 class ServerError(UserError):
@@ -29,11 +36,20 @@ def _raise_for(response: httpx.Response) -> None:
 
 
 class HttpClient(Client):
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0):
+    """Creating variables, setting them and submitting calls are buffered and sent
+    as one batch when the program next waits on the server (get, dag, close): a
+    whole app costs one round trip to submit, like the paper's asynchronous calls.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None, async_transport: httpx.AsyncBaseTransport | None = None):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, read=LONG_POLL_S + 30))
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, read=LONG_POLL_S + 30), transport=transport)
+        self._async_transport = async_transport
         self._headers = headers
+        self._pending: list[BatchOp] = []
+        self._lock = threading.Lock()
         try:
             response = self._http.post("/api/v1/sessions")
         except httpx.HTTPError as exc:
@@ -51,19 +67,38 @@ class HttpClient(Client):
         _raise_for(response)
         return response
 
+    def _buffer(self, op: BatchOp) -> None:
+        with self._lock:
+            self._pending.append(op)
+            full = len(self._pending) >= MAX_BUFFERED_OPS
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Sends buffered operations; raises the server's message if one was refused."""
+        with self._lock:
+            ops, self._pending = self._pending, []
+            if not ops:
+                return
+            result = BatchResult.model_validate(self._send("POST", "/batch", json=Batch(ops=ops).model_dump(exclude_none=True)).json())
+        if result.error is not None:
+            raise ServerError(f"the server refused a submitted operation ({result.applied} of {len(ops)} applied): {result.error}")
+
     def create_variable(self, var_id, name, value):
-        self._send("POST", "/variables", json=VariableCreate(var_id=var_id, name=name, value=value).model_dump())
+        self._buffer(BatchOp(create_variable=VariableCreate(var_id=var_id, name=name, value=value)))
 
     def set_variable(self, var_id, value):
-        self._send("PUT", f"/variables/{var_id}", json=VariableSet(value=value).model_dump())
+        self._buffer(BatchOp(set_variable=(var_id, VariableSet(value=value))))
 
     def fail_variable(self, var_id, message):
+        self.flush()
         self._send("POST", f"/variables/{var_id}/fail", json=VariableFail(message=message[:10_000]).model_dump())
 
     def submit_call(self, call_id, spec: CallSpec):
-        self._send("POST", "/calls", json=CallSubmit.of(call_id, spec).model_dump())
+        self._buffer(BatchOp(submit_call=CallSubmit.of(call_id, spec)))
 
     def get_variable(self, var_id, perf: Perf | None, timeout=None):
+        self.flush()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = LONG_POLL_S if deadline is None else max(0.0, min(LONG_POLL_S, deadline - time.monotonic()))
@@ -75,7 +110,8 @@ class HttpClient(Client):
                 raise TimeoutError(f"variable {var_id} was not ready within {timeout}s")
 
     async def aget_variable(self, var_id, perf):
-        async with httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=LONG_POLL_S + 30) as http:
+        self.flush()
+        async with httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=LONG_POLL_S + 30, transport=self._async_transport) as http:
             while True:
                 params = {"perf": perf.value if perf else "none", "timeout": LONG_POLL_S}
                 response = await http.get(f"{self._base}/variables/{var_id}", params=params)
@@ -85,6 +121,7 @@ class HttpClient(Client):
                     return value.value or ""
 
     def dag(self) -> DagBody:
+        self.flush()
         return DagBody.model_validate(self._send("GET", "/dag").json())
 
     @property
@@ -93,13 +130,14 @@ class HttpClient(Client):
 
     def close(self) -> None:
         try:
+            self.flush()
             self._send("DELETE", "")
-        except ServerError:
-            pass  # the session is gone already (server restarted or expired)
+        except ServerError as exc:
+            log.warning("closing session %s: %s", self.session_id, exc)
         self._http.close()
         super().close()
 
 
-def connect(url: str, api_key: str | None = None) -> HttpClient:
+def connect(url: str, api_key: str | None = None, **options) -> HttpClient:
     """A session on a parrot server; it becomes the current runtime."""
-    return HttpClient(url, api_key)
+    return HttpClient(url, api_key, **options)

@@ -133,3 +133,22 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class BatchOp(Strict):
+    """One step of a batch: exactly one of its fields is set."""
+
+    create_variable: VariableCreate | None = None
+    set_variable: tuple[str, VariableSet] | None = None
+    submit_call: CallSubmit | None = None
+
+
+class Batch(Strict):
+    """Operations applied in order in one request: a program's calls cost one round trip."""
+
+    ops: list[BatchOp] = Field(min_length=1, max_length=10_000)
+
+
+class BatchResult(Strict):
+    applied: int
+    error: str | None = None  # the first failing op's message; ops after it are not applied

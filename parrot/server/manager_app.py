@@ -12,11 +12,12 @@ from fastapi import FastAPI, Query, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
 from parrot.backends.http_engine import HttpEngineBackend
+from parrot.errors import UserError
 from parrot.manager.manager import Manager
 from parrot.manager.spec import Perf
 from parrot.protocol.engine_api import EngineRegister, Heartbeat
 from parrot.protocol.manager_api import (
-    CallSubmit, DagBody, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
+    Batch, BatchResult, CallSubmit, DagBody, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
 )
 from parrot.server.auth import KeyStore
 from parrot.server.common import DEFAULT_MAX_BODY_BYTES, install_error_handlers, require
@@ -115,6 +116,23 @@ def create_manager_app(
     async def submit_call(session_id: str, body: CallSubmit, request: Request):
         manager.submit_call(session_id, body.call_id, body.to_spec(), tenant=require(keys, request).tenant)
         return {"call_id": body.call_id}
+
+    @app.post("/api/v1/sessions/{session_id}/batch", response_model=BatchResult)
+    async def batch(session_id: str, body: Batch, request: Request):
+        tenant = require(keys, request).tenant
+        manager.session(session_id, tenant)
+        for index, op in enumerate(body.ops):
+            try:
+                if op.create_variable is not None:
+                    v = op.create_variable
+                    manager.create_variable(session_id, v.var_id, v.name, v.value, tenant=tenant)
+                elif op.set_variable is not None:
+                    manager.set_variable(session_id, op.set_variable[0], op.set_variable[1].value, tenant=tenant)
+                elif op.submit_call is not None:
+                    manager.submit_call(session_id, op.submit_call.call_id, op.submit_call.to_spec(), tenant=tenant)
+            except UserError as exc:
+                return BatchResult(applied=index, error=str(exc))
+        return BatchResult(applied=len(body.ops))
 
     @app.get("/api/v1/sessions/{session_id}/dag", response_model=DagBody)
     async def dag(session_id: str, request: Request):
