@@ -123,7 +123,10 @@ class NativeFunction:
 
     def __call__(self, *args, **kwargs):
         client = runtime_module.current()
-        bound = self.signature.bind_partial(*args, **kwargs)
+        try:
+            bound = self.signature.bind_partial(*args, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"{self.name}: {exc}") from None
         inputs = {p: _as_variable(client, p, v) for p, v in bound.arguments.items() if p not in self.outputs}
         missing = [p for p in self.signature.parameters if p not in self.outputs and p not in inputs]
         if missing:
@@ -142,7 +145,9 @@ class NativeFunction:
     def _run(self, client, inputs: dict[str, SemanticVariable], outs: list[SemanticVariable], done: Future) -> None:
         try:
             values = {p: v.get(perf=self.perf) for p, v in inputs.items()}
-            result = self.fn(**values)
+            # output parameters only declare the outputs: the function returns their values
+            unset = {p: None for p in self.outputs if self.signature.parameters[p].default is inspect.Parameter.empty}
+            result = self.fn(**values, **unset)
             results = result if isinstance(result, tuple) else (result,)
             if len(results) != len(outs):
                 raise UserError(f"native function {self.name} returned {len(results)} value(s) for {len(outs)} output(s)")

@@ -105,6 +105,7 @@ def check_placeholders(
     """
     resolved: list[Segment] = []
     outputs_seen: set[str] = set()
+    inputs_seen: set[str] = set()
     used: set[str] = set()
     previous_output: Placeholder | None = None
     for segment in segments:
@@ -129,6 +130,8 @@ def check_placeholders(
                 raise TemplateError(f"output {segment.name!r} comes first; put the prompt (text or an input) before it {where}")
             if segment.name in outputs_seen:
                 raise TemplateError(f"output {segment.name!r} is used twice; each output is generated once {where}")
+            if segment.name in inputs_seen:
+                raise TemplateError(f"{segment.name!r} is an input and cannot also be an output {where}")
             if previous_output is not None:
                 raise TemplateError(
                     f"outputs {previous_output.name!r} and {segment.name!r} have no text between them, so the model "
@@ -140,6 +143,7 @@ def check_placeholders(
             previous_output = None
             if segment.name in outputs_seen:
                 raise TemplateError(f"{segment.name!r} is an output and cannot also be an input {where}")
+            inputs_seen.add(segment.name)
         used.add(segment.name)
         resolved.append(Placeholder(segment.name, kind, segment.offset))
     unused = [name for name in kinds if name not in used]

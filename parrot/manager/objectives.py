@@ -10,21 +10,26 @@ throughput work. Depth orders work across apps (App-FIFO: deeper first).
 from __future__ import annotations
 
 from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_NORMAL, PRIORITY_THROUGHPUT
-from parrot.manager.graph import Call, Objective, SVGraph, Variable
+from parrot.manager.graph import Call, CallState, Objective, SVGraph, Variable
 from parrot.manager.spec import Perf
 
 _MAX_DEPTH = 999
+_STARTED = (CallState.RUNNING, CallState.DONE, CallState.FAILED)
 
 
 def deduce_objectives(graph: SVGraph, var: Variable, perf: Perf) -> list[Call]:
     """Marks the calls var depends on; returns them (the calls to activate)."""
     calls = graph.upstream_calls(var)
+    wanted = {call.call_id for call in calls}
+    side_by_side: dict[str, set[str]] = {}
     for call in calls:
+        if call.state in _STARTED:
+            continue  # it runs (or ran) with the objective it had when it started
         if perf is Perf.THROUGHPUT:
             if call.objective is Objective.UNKNOWN:
                 call.objective = Objective.THROUGHPUT
             continue
-        group = task_group_of(call)
+        group = task_group_of(call, wanted, side_by_side)
         if group is not None:
             call.task_group = group
             if call.objective is not Objective.LATENCY:
@@ -34,17 +39,41 @@ def deduce_objectives(graph: SVGraph, var: Variable, perf: Perf) -> list[Call]:
     return calls
 
 
-def task_group_of(call: Call) -> str | None:
+def task_group_of(call: Call, wanted: set[str] | None = None, cache: dict[str, set[str]] | None = None) -> str | None:
     """The consumer a call feeds together with sibling producers, if there is one.
 
     A call is in a task group when one of its outputs is consumed by a call that
-    takes inputs from two or more distinct producers (the map stage of map-reduce).
+    takes inputs from two or more producers that can run side by side (the map
+    stage of map-reduce). A producer that another producer of the same consumer
+    depends on is a stage before them, not a sibling; and only consumers in
+    `wanted` (the calls the program asked for) count.
     """
     for output in call.outputs.values():
         for consumer in output.consumers:
-            if len({p.call_id for p in consumer.producers}) >= 2:
+            if wanted is not None and consumer.call_id not in wanted:
+                continue
+            members = cache.get(consumer.call_id) if cache is not None else None
+            if members is None:
+                members = parallel_producers(consumer)
+                if cache is not None:
+                    cache[consumer.call_id] = members
+            if len(members) >= 2 and call.call_id in members:
                 return consumer.call_id
     return None
+
+
+def parallel_producers(consumer: Call) -> set[str]:
+    """Ids of the consumer's producers that no other producer of it depends on."""
+    producers = {p.call_id for p in consumer.producers}
+    before: set[str] = set()  # calls that some producer depends on
+    stack = [q for p in consumer.producers for q in p.producers]
+    while stack:
+        upstream = stack.pop()
+        if upstream.call_id in before:
+            continue
+        before.add(upstream.call_id)
+        stack.extend(upstream.producers)
+    return producers - before
 
 
 def engine_priority(call: Call) -> int:
