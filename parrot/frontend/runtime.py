@@ -15,13 +15,17 @@ from parrot.manager.spec import CallSpec, Perf
 
 log = logging.getLogger(__name__)
 
+# The runtime a thread made current wins; otherwise the one made current last in the
+# process (so threads a program starts, like native functions, see its runtime).
 _current: "Client | None" = None
+_thread_current = threading.local()
 
 
 def current() -> "Client":
-    if _current is None:
+    client = getattr(_thread_current, "client", None) or _current
+    if client is None:
         raise UserError("no runtime: create one first with P.Runtime() (embedded) or P.connect(url) (a server)")
-    return _current
+    return client
 
 
 class Client(ABC):
@@ -40,6 +44,7 @@ class Client(ABC):
     def make_current(self) -> None:
         global _current
         _current = self
+        _thread_current.client = self
 
     @abstractmethod
     def create_variable(self, var_id: str, name: str, value: str | None) -> None: ...
@@ -66,6 +71,8 @@ class Client(ABC):
         global _current
         if _current is self:
             _current = None
+        if getattr(_thread_current, "client", None) is self:
+            _thread_current.client = None
 
 
 class Runtime(Client):

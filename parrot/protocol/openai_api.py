@@ -24,6 +24,7 @@ class SamplingFields(Lenient):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -33,6 +34,7 @@ class SamplingFields(Lenient):
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=tuple(s for s in stops if s),
+            ignore_eos=self.ignore_eos,
         )
 
 

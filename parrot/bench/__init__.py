@@ -1,0 +1,1 @@
+"""`parrot bench`: the paper's workloads, Parrot against request-level serving, in one run."""

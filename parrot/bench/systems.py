@@ -1,0 +1,120 @@
+"""The systems under test, each reached over HTTP as an application would reach it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from parrot.engine.loader import cache_dir, resolve_model_dir
+from parrot.server.launch import free_port
+
+
+class DelayedTransport(httpx.HTTPTransport):
+    """Adds a client-server round trip to every request, in the benchmark's client only.
+
+    It models a remote API (the paper recorded about 200-350 ms); the server's
+    production path never sleeps.
+    """
+
+    def __init__(self, rtt_s: float):
+        super().__init__()
+        self.rtt_s = rtt_s
+
+    def handle_request(self, request):
+        if self.rtt_s:
+            time.sleep(self.rtt_s)
+        return super().handle_request(request)
+
+
+@dataclass
+class RunningServer:
+    name: str
+    url: str  # base URL; the OpenAI API is under /v1
+    api_key: str
+    model: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _wait_ready(url: str, process: subprocess.Popen, ready, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early; its log: {log}")
+        try:
+            if ready(httpx.get(url, timeout=2)):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise TimeoutError(f"server not ready within {timeout:.0f}s; its log: {log}")
+
+
+def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str] | None = None) -> RunningServer:
+    key = secrets.token_urlsafe(16)
+    port = free_port()
+    log = out_dir / "parrot-serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *(policy_args or [])],
+        env={**os.environ, "PARROT_API_KEYS": f"bench={key}"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(f"{url}/health", process, lambda r: len(r.json().get("engines", [])) >= engines, 300, log)
+    return RunningServer("parrot", url, key, model, process)
+
+
+def vllm_python() -> Path:
+    return cache_dir() / "vllm-venv" / "bin" / "python"
+
+
+def start_vllm(model: str, out_dir: Path) -> RunningServer | None:
+    """The real vLLM OpenAI server on the same model, when its venv is installed."""
+    python = vllm_python()
+    if not python.exists():
+        return None
+    port = free_port()
+    log = out_dir / "vllm.log"
+    process = subprocess.Popen(
+        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(model)),
+         "--served-model-name", model, "--port", str(port), "--host", "127.0.0.1", "--enable-prefix-caching",
+         "--dtype", "bfloat16", "--max-model-len", "8192"],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")},
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(f"{url}/v1/models", process, lambda r: r.status_code == 200, 600, log)
+    return RunningServer("vllm", url, "none", model, process)
+
+
+class CompletionClient:
+    """What a request-level app does per call: one OpenAI completion, waiting for the answer."""
+
+    def __init__(self, server: RunningServer, rtt_s: float):
+        self.server = server
+        self._http = httpx.Client(
+            base_url=server.url, headers={"authorization": f"Bearer {server.api_key}"},
+            timeout=600, transport=DelayedTransport(rtt_s), limits=httpx.Limits(max_connections=256),
+        )
+
+    def __call__(self, prompt: str, max_tokens: int) -> str:
+        body = {"model": self.server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        response = self._http.post("/v1/completions", json=body)
+        response.raise_for_status()
+        return response.json()["choices"][0]["text"]
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,141 @@
+"""The workloads: their parameters (full and --quick) and one measured run of each."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import parrot as P
+from parrot.bench import apps
+from parrot.bench.documents import chunks as make_chunks
+from parrot.bench.systems import CompletionClient, DelayedTransport, RunningServer
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    chunks: int
+    chunk_tokens: int
+    output_tokens: int
+    apps: int = 1
+    background_rate: float = 0.0  # background requests per second (chain-summary-bg)
+    paper: str = ""  # the paper's figure and ratio, shown beside ours
+
+
+WORKLOADS: dict[str, tuple[WorkloadConfig, WorkloadConfig]] = {  # name -> (full, quick)
+    "chain-summary": (
+        WorkloadConfig(chunks=6, chunk_tokens=512, output_tokens=32, paper="Fig. 11: 1.38-1.88x vs vLLM request-level"),
+        WorkloadConfig(chunks=3, chunk_tokens=48, output_tokens=4),
+    ),
+    "chain-summary-bg": (
+        WorkloadConfig(chunks=6, chunk_tokens=512, output_tokens=32, background_rate=0.5, paper="Fig. 12a: 1.14x (1 req/s) to 2.88x (3.5 req/s)"),
+        WorkloadConfig(chunks=3, chunk_tokens=48, output_tokens=4, background_rate=2.0),
+    ),
+    "multi-chain": (
+        WorkloadConfig(chunks=4, chunk_tokens=256, output_tokens=24, apps=8, paper="Fig. 12b: JCT 1.38-1.68x"),
+        WorkloadConfig(chunks=2, chunk_tokens=48, output_tokens=4, apps=3),
+    ),
+    "map-reduce": (
+        WorkloadConfig(chunks=8, chunk_tokens=512, output_tokens=32, paper="Fig. 13: 1.66-2.30x"),
+        WorkloadConfig(chunks=3, chunk_tokens=48, output_tokens=4),
+    ),
+}
+
+
+@dataclass
+class Measurement:
+    system: str
+    rtt_ms: float
+    latencies_s: list[float]  # one per app
+    final_outputs: list[str]
+    background_requests: int = 0
+
+    @property
+    def mean_s(self) -> float:
+        return statistics.fmean(self.latencies_s)
+
+    @property
+    def p90_s(self) -> float:
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def _run_parrot_app(server: RunningServer, rtt_s: float, build: Callable[[], P.SemanticVariable]) -> tuple[float, str]:
+    started = time.perf_counter()
+    with P.connect(server.url, api_key=server.api_key, transport=DelayedTransport(rtt_s)):
+        text = build().get(perf=P.LATENCY)
+    return time.perf_counter() - started, text
+
+
+def _run_request_app(client: CompletionClient, run: Callable[[CompletionClient], str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    text = run(client)
+    return time.perf_counter() - started, text
+
+
+@dataclass
+class BackgroundLoad:
+    """Poisson arrivals of plain completions, the same schedule for every system."""
+
+    server: RunningServer
+    rate: float
+    prompt: str
+    output_tokens: int
+    seed: int = 7
+    sent: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self):
+        if self.rate > 0:
+            self._threads.append(threading.Thread(target=self._loop, daemon=True))
+            self._threads[0].start()
+        return self
+
+    def _loop(self) -> None:
+        rng = random.Random(self.seed)
+        client = CompletionClient(self.server, 0.0)
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            while not self._stop.wait(rng.expovariate(self.rate)):
+                pool.submit(client, self.prompt, self.output_tokens)
+                self.sent += 1
+        client.close()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def run_workload(name: str, config: WorkloadConfig, system: str, server: RunningServer, rtt_s: float, tokenizer) -> Measurement:
+    """One measured run: `system` is parrot or request-level (an orchestrating client on server)."""
+    map_reduce = name == "map-reduce"
+    documents = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=i * config.chunks) for i in range(config.apps)]
+    client = CompletionClient(server, rtt_s) if system != "parrot" else None
+
+    def one_app(index: int) -> tuple[float, str]:
+        doc = documents[index]
+        if client is None:
+            program = apps.parrot_map_reduce if map_reduce else apps.parrot_chain
+            return _run_parrot_app(server, rtt_s, lambda: program(doc, config.output_tokens))
+        orchestrate = apps.request_map_reduce if map_reduce else apps.request_chain
+        return _run_request_app(client, lambda c: orchestrate(c, doc, config.output_tokens))
+
+    background_prompt = make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=10_000 // config.chunk_tokens)[0]
+    try:
+        with BackgroundLoad(server, config.background_rate, apps.render(apps.SUMMARIZE, {"chunk": background_prompt}), config.output_tokens) as load:
+            with ThreadPoolExecutor(max_workers=config.apps) as pool:
+                results = list(pool.map(one_app, range(config.apps)))
+    finally:
+        if client is not None:
+            client.close()
+    return Measurement(system, rtt_s * 1e3, [r[0] for r in results], [r[1] for r in results], load.sent)
+
+
+def quick_or_full(name: str, quick: bool) -> WorkloadConfig:
+    full, small = WORKLOADS[name]
+    return replace(small, paper=full.paper) if quick else full

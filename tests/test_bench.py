@@ -1,0 +1,39 @@
+"""Every `parrot bench` workload in --quick mode against one real server: the report
+has every figure and the outputs are real text (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from parrot.bench.harness import run_bench
+from parrot.bench.systems import start_parrot
+from parrot.bench.workloads import WORKLOADS
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = start_parrot("smollm2-135m", 1, tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_quick_run_reports_every_figure(workload, server, tmp_path):
+    run_bench(workload, True, tmp_path, "smollm2-135m", 20.0, False, 1, Console(quiet=True), server=server)
+    result = json.loads((tmp_path / f"{workload}.json").read_text())
+    assert (tmp_path / f"{workload}.md").read_text().count("|") > 10
+    assert (tmp_path / f"{workload}.png").stat().st_size > 1000
+    config = result["config"]
+    systems = {(m["system"], m["rtt_ms"]) for m in result["measurements"]}
+    assert systems == {(s, r) for s in ("parrot", "request-level") for r in (0.0, 20.0)}
+    for m in result["measurements"]:
+        assert len(m["latencies_s"]) == config["apps"] and all(t > 0 for t in m["latencies_s"])
+        assert all(len(text.split()) >= 1 for text in m["final_outputs"])
+        assert m["p90_s"] >= min(m["latencies_s"])
+    assert set(result["ratios"]) == {"0ms", "20ms"} and all(r["parrot"] == 1.0 for r in result["ratios"].values())
+    assert result["outputs_match"], "greedy outputs of the same prompts must agree between parrot and request-level"
+    if config["background_rate"]:
+        assert any(m["background_requests"] > 0 for m in result["measurements"])
