@@ -28,6 +28,9 @@ from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongErro
 
 log = logging.getLogger(__name__)
 
+# how long jobs blocked on KV memory wait for some context to be freed before they fail
+FREE_GRACE_SECONDS = 0.1
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -135,6 +138,7 @@ class LLMEngine:
         async with self._lock(context_id):
             ctx = self.contexts.get(context_id)
             self._check_length(len(ctx.token_ids) + len(token_ids))
+            self._check_fits_pool(len(ctx.token_ids) + len(token_ids))
             ctx.token_ids.extend(token_ids)
             if ctx.num_pending == 0:
                 return
@@ -165,13 +169,17 @@ class LLMEngine:
                 generator=generator,
             )
             await self._run_job(job, channel)
-            while True:
-                item = await channel.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            try:
+                while True:
+                    item = await channel.queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+            finally:
+                # the consumer stopped early (closed the generator, was cancelled): stop sampling
+                self._finish(job, None)
 
     def free_context(self, context_id: str) -> None:
         ctx = self.contexts.get(context_id)
@@ -179,6 +187,8 @@ class LLMEngine:
             self._finish(job, ContextError(f"context {context_id!r} was freed while a job ran on it"))
         self.contexts.free(context_id)
         self._counters.context_locks.pop(context_id, None)
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def stats(self) -> EngineStats:
         pool = self.contexts.pool
@@ -206,8 +216,8 @@ class LLMEngine:
         """One prompt in, its completion text out, on a temporary context."""
         context_id = context_id or f"complete-{id(object())}-{time.monotonic_ns()}"
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        await self.fill(context_id, None, token_ids)
         try:
+            await self.fill(context_id, None, token_ids)
             return "".join([t.text async for t in self.generate(context_id, sampling)])
         finally:
             self.free_context(context_id)
@@ -224,6 +234,45 @@ class LLMEngine:
                 f"the context would hold {length} tokens; this model takes at most {self.model_config.max_position_embeddings}"
             )
 
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.contexts.pool.block_size)
+
+    def _check_fits_pool(self, length: int) -> None:
+        pool = self.contexts.pool
+        if self._blocks_for(length) > pool.num_blocks:
+            raise KVCacheExhaustedError(
+                f"the context would hold {length} tokens, {self._blocks_for(length)} KV blocks of {pool.block_size} tokens, "
+                f"but the whole KV pool has {pool.num_blocks} blocks; start the engine with more kv memory (kv_memory_gb) "
+                f"or send fewer tokens"
+            )
+
+    def _exhausted(self, job: Job) -> KVCacheExhaustedError:
+        pool = self.contexts.pool
+        length = len(job.ctx.token_ids)
+        if self._blocks_for(length) > pool.num_blocks:
+            return KVCacheExhaustedError(
+                f"out of KV memory: the context grew to {length} tokens, more than the whole pool holds "
+                f"({pool.num_blocks} blocks of {pool.block_size} tokens); start the engine with more kv memory (kv_memory_gb)"
+            )
+        return KVCacheExhaustedError(
+            f"out of KV memory: {pool.num_blocks} blocks of {pool.block_size} tokens, "
+            f"all held by other contexts; free contexts or start the engine with more kv memory"
+        )
+
+    async def _freed_in_time(self, blocked: list[Job]) -> bool:
+        """Nothing can run. Before failing jobs that would fit an emptier pool, wait briefly for a
+        free_context: a job that just finished still holds its context until its owner, a turn
+        of the event loop later, frees it."""
+        pool = self.contexts.pool
+        if all(self._blocks_for(len(job.ctx.token_ids)) > pool.num_blocks for job in blocked):
+            return False
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), FREE_GRACE_SECONDS)
+        except TimeoutError:
+            return False
+        return True
+
     async def _run_job(self, job: Job, channel: _JobChannel) -> None:
         self._channels[id(job)] = channel
         if self._wakeup is None or self._loop_task is None or self._loop_task.done():
@@ -238,11 +287,10 @@ class LLMEngine:
             while self.scheduler.jobs:
                 plan = self.scheduler.schedule()
                 self._counters.preemptions += len(plan.preempted)
+                if plan.failed and await self._freed_in_time(plan.failed):
+                    continue
                 for job in plan.failed:
-                    self._finish(job, KVCacheExhaustedError(
-                        f"out of KV memory: {self.contexts.pool.num_blocks} blocks of {self.contexts.pool.block_size} tokens, "
-                        f"all held by other contexts; free contexts or start the engine with more kv memory"
-                    ))
+                    self._finish(job, self._exhausted(job))
                 if not plan.chunks:
                     break
                 started = time.perf_counter()

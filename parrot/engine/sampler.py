@@ -21,6 +21,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
+            object.__setattr__(self, "stop", (self.stop,))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.temperature < 0:
@@ -101,12 +103,11 @@ class StopChecker:
     def feed(self, delta: str) -> str:
         """Adds delta; returns the text that is safe to emit now."""
         self.text += delta
-        for stop in self.stops:
-            index = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if index != -1:
-                self.text = self.text[:index]
-                self.stopped = True
-                break
+        # the earliest occurrence of any stop string ends the text (not the first stop listed)
+        found = [i for stop in self.stops if (i := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        if found:
+            self.text = self.text[: min(found)]
+            self.stopped = True
         safe_end = len(self.text) if self.stopped else len(self.text) - stop_string_holdback(self.text, self.stops)
         out = self.text[self.emitted : safe_end]
         self.emitted = max(self.emitted, safe_end)

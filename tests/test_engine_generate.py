@@ -1,0 +1,133 @@
+"""What one generate call promises: stops, lengths, streaming, and ending early."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parrot.engine.llm_engine import FinishReason
+from parrot.engine.tokenizer import ChatMessage
+from parrot.errors import ContextError, PromptTooLongError
+
+from conftest import PROMPTS, collect, fill_and_generate, finish_of, greedy, run, text_of, token_ids
+
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def baseline(exact_engine_session):
+    """Greedy tokens of PROMPTS[1] with no stop condition."""
+    ids = exact_engine_session.tokenizer.encode(PROMPTS[1])
+    tokens = run(fill_and_generate(exact_engine_session, "baseline", ids, greedy(MAX_TOKENS)))
+    return ids, tokens
+
+
+def test_max_tokens_bounds_the_output(engine, baseline):
+    ids, tokens = baseline
+    assert len(tokens) == MAX_TOKENS and finish_of(tokens) is FinishReason.LENGTH
+    short = run(fill_and_generate(engine, "short", ids, greedy(3)))
+    assert token_ids(short) == token_ids(tokens)[:3] and finish_of(short) is FinishReason.LENGTH
+
+
+def test_stop_string_split_across_tokens_cuts_the_text_before_it(engine, baseline):
+    ids, tokens = baseline
+    pieces = [engine.tokenizer.decode([t]) for t in token_ids(tokens)]
+    text = text_of(tokens)
+    # a stop string that begins inside one token and ends inside the next
+    k = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    start = len("".join(pieces[:k])) + len(pieces[k]) - 1
+    stop = text[start : start + 2]
+    assert stop not in text[:start + 1], "the test needs the stop string's first occurrence to straddle two tokens"
+    out = run(fill_and_generate(engine, "stop", ids, greedy(MAX_TOKENS, stop=("never appears", stop))))
+    assert finish_of(out) is FinishReason.STOP
+    assert text_of(out) == text[: text.index(stop)]
+    assert token_ids(out) == token_ids(tokens)[: k + 2]
+
+
+def test_stop_string_is_never_streamed_in_part(engine, baseline):
+    ids, tokens = baseline
+    text = text_of(tokens)
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    out = run(fill_and_generate(engine, "stop", ids, greedy(MAX_TOKENS, stop=(stop,))))
+    streamed = text_of(out)
+    assert streamed == text[: text.index(stop)]
+    assert stop not in streamed
+
+
+def test_stop_token_ids_end_generation_without_their_text(engine, baseline):
+    ids, tokens = baseline
+    stop_token = token_ids(tokens)[5]
+    first = token_ids(tokens).index(stop_token)
+    out = run(fill_and_generate(engine, "stop-id", ids, greedy(MAX_TOKENS, stop_token_ids=(stop_token,))))
+    assert finish_of(out) is FinishReason.STOP
+    assert token_ids(out) == token_ids(tokens)[: first + 1]
+    assert text_of(out) == engine.tokenizer.decode(token_ids(tokens)[:first])
+
+
+def test_eos_ends_generation_unless_ignored(engine):
+    prompt = engine.tokenizer.apply_chat_template([ChatMessage("user", "What is 2+2? Answer with a number only.")])
+    ids = engine.tokenizer.encode(prompt)
+    eos = set(engine.model_config.eos_token_ids)
+    stopped = run(fill_and_generate(engine, "eos", ids, greedy(24, ignore_eos=False)))
+    assert finish_of(stopped) is FinishReason.STOP, "the instruct model answers this in a few tokens"
+    assert stopped[-1].token_id in eos and not any(t.token_id in eos for t in stopped[:-1])
+    ignored = run(fill_and_generate(engine, "eos", ids, greedy(len(stopped) + 2, ignore_eos=True)))
+    assert token_ids(ignored)[: len(stopped)] == token_ids(stopped)
+    assert len(ignored) == len(stopped) + 2 and finish_of(ignored) is FinishReason.LENGTH
+
+
+def test_closing_the_stream_early_stops_the_job(engine):
+    """A consumer that stops reading (client gone) must not leave its job generating."""
+    ids = engine.tokenizer.encode(PROMPTS[0])
+
+    async def scenario():
+        await engine.fill("early", None, ids)
+        stream = engine.generate("early", greedy(200))
+        received = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        assert engine.stats().num_jobs == 0
+        grown = len(engine.contexts.get("early").token_ids)
+        await asyncio.sleep(0.3)
+        assert len(engine.contexts.get("early").token_ids) == grown, "tokens were still generated after close"
+        # the context stays usable
+        more = await collect(engine, "early", greedy(2))
+        engine.free_context("early")
+        return received, more
+
+    received, more = run(scenario())
+    assert len(received) == 2 and len(more) == 2
+
+
+def test_freeing_a_context_while_it_generates_fails_that_stream_only(engine):
+    async def scenario():
+        await engine.fill("doomed", None, engine.tokenizer.encode(PROMPTS[0]))
+        await engine.fill("other", None, engine.tokenizer.encode(PROMPTS[1]))
+
+        async def doomed():
+            received = []
+            with pytest.raises(ContextError, match="freed"):
+                async for token in engine.generate("doomed", greedy(200)):
+                    received.append(token)
+                    if len(received) == 2:
+                        engine.free_context("doomed")
+            return received
+
+        _, other = await asyncio.gather(doomed(), collect(engine, "other", greedy(8)))
+        engine.free_context("other")
+        return other
+
+    other = run(scenario())
+    expected = run(fill_and_generate(engine, "other", engine.tokenizer.encode(PROMPTS[1]), greedy(8)))
+    assert token_ids(other) == token_ids(expected)
+
+
+def test_prompt_longer_than_the_model_is_rejected(engine):
+    limit = engine.model_config.max_position_embeddings
+
+    async def scenario():
+        with pytest.raises(PromptTooLongError, match=str(limit)):
+            await engine.fill("too-long", None, [1] * (limit + 1))
+        engine.free_context("too-long")
+
+    run(scenario())

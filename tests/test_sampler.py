@@ -1,0 +1,226 @@
+"""Sampling settings and the pure sampling functions (no model needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parrot.engine.sampler import (
+    SamplingParams,
+    StopChecker,
+    apply_top_k,
+    apply_top_p,
+    sample_batch,
+    sample_token,
+    stop_string_holdback,
+)
+from parrot.errors import SamplingError, UserError
+
+NEG_INF = float("-inf")
+
+
+# ---- SamplingParams validation ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_invalid_sampling_params_raise_a_helpful_user_error(kwargs, words):
+    with pytest.raises(SamplingError, match=words) as info:
+        SamplingParams(**kwargs)
+    assert isinstance(info.value, UserError), "bad settings are the caller's error (HTTP 4xx)"
+    bad_value = str(next(iter(kwargs.values())))
+    assert bad_value in str(info.value) or words == "stop", "the message shows the offending value"
+
+
+def test_sampling_params_defaults_and_normalisation():
+    params = SamplingParams(stop=["\n\n", "END"], stop_token_ids=[7])
+    assert params.stop == ("\n\n", "END") and params.stop_token_ids == (7,)
+    assert params.greedy and SamplingParams().greedy
+    assert not SamplingParams(temperature=0.7).greedy
+    hash(params)  # frozen settings can key caches
+
+
+def test_a_single_stop_string_is_one_stop_not_its_characters():
+    assert SamplingParams(stop="END").stop == ("END",)
+
+
+# ---- top-k / top-p ---------------------------------------------------------------
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    out = apply_top_k(logits, 2)
+    assert torch.equal(torch.isfinite(out), torch.tensor([False, True, False, True, False]))
+    assert torch.equal(out[torch.isfinite(out)], torch.tensor([5.0, 4.0]))
+    assert torch.equal(apply_top_k(logits, 0), logits), "0 disables top-k"
+    assert torch.equal(apply_top_k(logits, 10), logits), "k past the vocabulary keeps everything"
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(apply_top_p(logits, p)).tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.8) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+    assert kept(0.01) == [True, False, False, False], "the most likely token always stays"
+
+
+def test_top_p_works_on_unsorted_logits():
+    logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
+    assert torch.isfinite(apply_top_p(logits, 0.7)).tolist() == [False, True, False, True]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=40),
+    st.floats(0.01, 1.0),
+)
+def test_top_p_property(values, p):
+    logits = torch.tensor(values, dtype=torch.float32)
+    out = apply_top_p(logits, p)
+    kept = torch.isfinite(out)
+    assert kept.any()
+    assert torch.equal(out[kept], logits[kept]), "kept logits are unchanged"
+    probs = torch.softmax(logits, dim=-1)
+    assert probs[kept].sum() >= min(p, 1.0) - 1e-5, "kept mass reaches p"
+    # every kept token is at least as likely as every dropped one
+    if (~kept).any():
+        assert probs[kept].min() >= probs[~kept].max() - 1e-7
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=40), st.integers(1, 45))
+def test_top_k_property(values, k):
+    logits = torch.tensor(values, dtype=torch.float32)
+    kept = torch.isfinite(apply_top_k(logits, k))
+    assert kept.sum() >= min(k, len(values))  # ties at the threshold may keep more
+    if (~kept).any():
+        assert logits[kept].min() > logits[~kept].max()
+
+
+# ---- sampling ------------------------------------------------------------------
+
+
+def test_greedy_takes_the_argmax():
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    assert sample_token(logits, SamplingParams(), None) == 1
+    assert sample_batch(torch.stack([logits, logits.flip(0)]), [SamplingParams()] * 2, [None, None]) == [1, 2]
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, seed=42)
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [sample_token(logits, params, generator) for _ in range(20)]
+
+    assert draw(42) == draw(42)
+    assert draw(42) != draw(43)
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.tensor([3.0, 2.9, 2.8, -5.0, -5.0, -6.0])
+    generator = torch.Generator().manual_seed(0)
+    top_k = {sample_token(logits, SamplingParams(temperature=5.0, top_k=2), generator) for _ in range(200)}
+    assert top_k == {0, 1}
+    top_p = {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.5), generator) for _ in range(200)}
+    assert top_p <= {0, 1}
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+
+    def share_of_best(temperature):
+        draws = [sample_token(logits, SamplingParams(temperature=temperature), generator) for _ in range(400)]
+        return draws.count(0) / len(draws)
+
+    assert share_of_best(0.1) > 0.99
+    expected = math.exp(2) / (math.exp(2) + math.exp(1) + 1)
+    assert abs(share_of_best(1.0) - expected) < 0.1
+    assert share_of_best(100.0) < 0.45
+
+
+def test_batch_sampling_uses_each_rows_settings():
+    logits = torch.tensor([[0.0, 1.0, 0.5], [5.0, 0.0, 0.0]])
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1, seed=3)]
+    assert sample_batch(logits, params, [None, torch.Generator().manual_seed(3)]) == [1, 0]
+
+
+# ---- stop strings ------------------------------------------------------------------
+
+
+def stream(stops, deltas):
+    checker = StopChecker(tuple(stops))
+    out = []
+    for delta in deltas:
+        out.append(checker.feed(delta))
+        if checker.stopped:
+            break
+    else:
+        out.append(checker.flush())
+    return "".join(out), out, checker.stopped
+
+
+def test_stop_string_inside_one_delta():
+    text, _, stopped = stream(["STOP"], ["Hello ", "wor", "ld STOP and more"])
+    assert text == "Hello world " and stopped
+
+
+def test_stop_string_split_over_deltas_is_held_back_then_cut():
+    text, pieces, stopped = stream(["</answer>"], ["42", "</ans", "wer", ">", "junk"])
+    assert text == "42" and stopped
+    assert pieces[1] == "" and pieces[2] == "", "a possible stop prefix is held back"
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop():
+    text, pieces, stopped = stream(["\n\n"], ["a\n", "b\n", "c"])
+    assert text == "a\nb\nc" and not stopped
+    assert pieces[0] == "a" and pieces[1] == "\nb"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    text, _, stopped = stream(["world", "lo w"], ["hello world"])
+    assert text == "hel" and stopped
+
+
+def test_holdback_is_the_longest_stop_prefix_at_the_end():
+    assert stop_string_holdback("abc", ("cde",)) == 1
+    assert stop_string_holdback("abcd", ("cde", "bcdx")) == 3
+    assert stop_string_holdback("abc", ("xyz",)) == 0
+    assert stop_string_holdback("abc", ("abc",)) == 0, "a whole stop string is a match, not a prefix"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="ab\n", max_size=30),
+    stops=st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 30), max_size=8),
+)
+def test_stop_checker_equals_cutting_the_whole_text(text, stops, cuts):
+    """However the text is split into deltas, the stream is the text cut before the earliest stop."""
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    streamed, _, stopped = stream(stops, deltas)
+    hits = [text.index(stop) for stop in stops if stop in text]
+    assert streamed == (text[: min(hits)] if hits else text)
+    assert stopped == bool(hits)
