@@ -28,7 +28,11 @@ class EngineBackend(ABC):
     text to a context (creating it, forked from parent_context_id when given,
     if it does not exist) and returns once the engine holds it. `generate`
     streams tokens sampled after the context's current end and appends them to
-    it. `free_context` releases a context; its children stay valid. All methods
+    it. `free_context` releases a context; its children stay valid.
+    `shared_prefix_chars` marks the leading characters of a new root context's
+    text as a prefix that other contexts will share (a semantic function's
+    constant text): an engine that can share KV keeps it once and forks from it;
+    the generated text must not depend on it. All methods
     may raise parrot.errors.UserError for bad input; other exceptions mean the
     engine failed. Priorities: lower values run first.
     """
@@ -37,7 +41,7 @@ class EngineBackend(ABC):
     model: str
 
     @abstractmethod
-    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int) -> None: ...
+    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int = 0) -> None: ...
 
     @abstractmethod
     def generate(self, context_id: str, sampling: SamplingParams, priority: int) -> AsyncIterator[GeneratedToken]: ...

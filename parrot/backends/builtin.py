@@ -12,7 +12,7 @@ class BuiltinEngineBackend(EngineBackend):
         self.name = name
         self.model = engine.config.model
 
-    async def fill(self, context_id, parent_context_id, text, priority):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         await self.engine.fill(context_id, parent_context_id, self.engine.tokenizer.encode(text), priority)
 
     def generate(self, context_id, sampling, priority):

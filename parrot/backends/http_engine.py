@@ -38,8 +38,9 @@ class HttpEngineBackend(EngineBackend):
             raise EngineRequestError(message)
         raise RuntimeError(f"engine error {response.status_code}: {message}")
 
-    async def fill(self, context_id, parent_context_id, text, priority):
-        body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority)
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+        body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority,
+                        shared_prefix_chars=shared_prefix_chars)
         self._check(await self._http.post("/fill", json=body.model_dump()))
 
     async def generate(self, context_id, sampling, priority):

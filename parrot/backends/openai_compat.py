@@ -26,7 +26,7 @@ class OpenAICompatibleBackend(EngineBackend):
         self._running = 0
         self._tokens = 0
 
-    async def fill(self, context_id, parent_context_id, text, priority):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         if context_id not in self._contexts:
             if parent_context_id is not None and parent_context_id not in self._contexts:
                 raise ContextError(f"unknown context {parent_context_id!r}")

@@ -18,6 +18,7 @@ from parrot.errors import UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
 from parrot.manager.graph import Call, CallState, Variable
 from parrot.manager.objectives import engine_priority
+from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,37 @@ class UpstreamError(UserError):
     """A call could not run because a call it depends on failed."""
 
 
+# An engine holding a call's prefix is preferred while its load stays within this
+# many calls of the least loaded engine; past that the prefix is replicated.
+AFFINITY_SLACK = 4
+
+
+def first_fill_text(call: Call) -> str:
+    """The prompt text up to the call's first output (its inputs are ready)."""
+    text = ""
+    for segment in call.segments:
+        if isinstance(segment, TextSegment):
+            text += segment.text
+        elif segment.kind is PlaceholderKind.INPUT:
+            text += call.inputs[segment.name].value or ""
+        else:
+            break
+    return text
+
+
+def static_prefix(call: Call) -> str:
+    """The function's constant text before its first placeholder: the same for every call."""
+    prefix = ""
+    for segment in call.segments:
+        if not isinstance(segment, TextSegment):
+            break
+        prefix += segment.text
+    return prefix
+
+
 class Executor:
     def __init__(self, engines: list[EngineBackend], on_dispatch: Callable[[Call], None] | None = None):
+        self.prefixes = PrefixIndex()
         self.engines: list[EngineBackend] = []
         self._load: dict[str, int] = {}
         self._unplaced: list[Call] = []  # ready calls waiting for an engine to register
@@ -53,6 +83,7 @@ class Executor:
         engine = next((e for e in self.engines if e.name == name), None)
         if engine is not None:
             self.engines.remove(engine)
+            self.prefixes.forget_engine(name)
             self._group_engine = {g: e for g, e in self._group_engine.items() if e != name}
         return engine
 
@@ -90,12 +121,24 @@ class Executor:
         task.add_done_callback(self._tasks.discard)
 
     def _place(self, call: Call) -> EngineBackend:
+        """Task groups stay together; otherwise prefer the engine holding the longest
+        prefix of the prompt (PrefixHash) unless it is much busier than the idlest."""
         by_name = {e.name: e for e in self.engines}
+        hashes = prefix_hashes(first_fill_text(call))
         if call.task_group in self._group_engine and self._group_engine[call.task_group] in by_name:
-            return by_name[self._group_engine[call.task_group]]
-        engine = min(self.engines, key=lambda e: self._load[e.name])
-        if call.task_group is not None:
-            self._group_engine[call.task_group] = engine.name
+            engine = by_name[self._group_engine[call.task_group]]
+        else:
+            idlest = min(self.engines, key=lambda e: self._load[e.name])
+            _, holders = self.prefixes.longest_match(hashes)
+            holding = [by_name[name] for name in holders if name in by_name]
+            engine = idlest
+            if holding:
+                best_holder = min(holding, key=lambda e: self._load[e.name])
+                if self._load[best_holder.name] <= self._load[idlest.name] + AFFINITY_SLACK:
+                    engine = best_holder
+            if call.task_group is not None:
+                self._group_engine[call.task_group] = engine.name
+        self.prefixes.record(engine.name, hashes)
         return engine
 
     async def _run(self, call: Call, engine: EngineBackend) -> None:
@@ -114,7 +157,8 @@ class Executor:
                     pending_text += call.inputs[segment.name].value or ""
                     continue
                 if pending_text:
-                    await engine.fill(context_id, None, pending_text, priority)
+                    shared = 0 if created else len(static_prefix(call))
+                    await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
                     created = True
                     pending_text = ""
                 output = call.outputs[segment.name]

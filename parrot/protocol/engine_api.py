@@ -16,6 +16,7 @@ class FillBody(Strict):
     parent_context_id: str | None = None
     text: str = Field(max_length=MAX_VALUE_CHARS)
     priority: int = 1
+    shared_prefix_chars: int = Field(0, ge=0)
 
 
 class GenerateBody(Strict):

@@ -44,7 +44,7 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
     @app.post("/fill")
     async def fill(body: FillBody, request: Request):
         require(keys, request, engine=True)
-        await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority)
+        await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority, body.shared_prefix_chars)
         return {"ok": True}
 
     @app.post("/generate")
