@@ -92,6 +92,20 @@ def test_kv_capacity_makes_jobs_wait() -> None:
         run(b.fill("huge", None, "x" * 4 * 1001, 1))
 
 
+def test_a_job_no_room_can_be_made_for_fails_instead_of_waiting_for_ever() -> None:
+    b = sim(kv_capacity_tokens=100)
+
+    async def scenario():
+        await b.fill("idle", None, "x" * 4 * 80, 1)  # held, with no job to preempt
+        with pytest.raises(KVCacheExhaustedError, match="other contexts hold 80 of 100"):
+            await b.fill("late", None, "x" * 4 * 50, 1)
+        await b.free_context("idle")
+        await b.free_context("late")
+
+    run(scenario())
+    b.check_integrity()
+
+
 def test_higher_priority_preempts_when_kv_is_full() -> None:
     b = sim(kv_capacity_tokens=500)
 

@@ -22,7 +22,7 @@ from parrot.backends.simulated.cost import CostModel
 from parrot.backends.simulated.engine import SimEngine, SimulatedStats
 from parrot.backends.simulated.presets import EngineProfile, parse_engine_spec
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
-from parrot.errors import ContextError, KVCacheExhaustedError
+from parrot.errors import ContextError, KVCacheExhaustedError, UserError
 
 STATS_BLOCK_SIZE = 16  # BackendStats speaks in KV blocks; the built-in engine's block size
 
@@ -35,6 +35,8 @@ class SimulatedEngineBackend(EngineBackend):
     ):
         self.profile = EngineProfile(name, model, cost, kv_capacity_tokens, max_tokens_per_step, max_seqs_per_step,
                                      shared_prefix_attention, source="custom")
+        if time_scale < 0 or chars_per_token <= 0:
+            raise UserError(f"time_scale must be >= 0 and chars_per_token > 0, got {time_scale} and {chars_per_token}")
         self.name, self.model, self.cost = name, model, cost
         self.chars_per_token = chars_per_token  # fill text -> tokens (the usual ~4 characters of English)
         self.core = SimEngine(name, cost, kv_capacity_tokens, max_tokens_per_step, max_seqs_per_step, shared_prefix_attention, time_scale)
@@ -58,7 +60,8 @@ class SimulatedEngineBackend(EngineBackend):
         return self.core.simulated_seconds
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
-        if shared_prefix_chars > 0 and parent_context_id is None and context_id not in self.tree.live:
+        # an instant engine prices nothing, so sharing would only cost the manager benchmarks time
+        if shared_prefix_chars > 0 and parent_context_id is None and not self.core.instant and context_id not in self.tree.live:
             parent_context_id = await self._shared_prefix(text[:shared_prefix_chars], priority)
             text = text[shared_prefix_chars:]
         await self._fill(context_id, parent_context_id, text, priority)
