@@ -40,9 +40,9 @@ class RecordingBackend(SimulatedEngineBackend):
         self.fills: list[Fill] = []
         self.generated: list[str] = []
 
-    async def fill(self, context_id, parent_context_id, text, priority):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         self.fills.append(Fill(context_id, text, priority))
-        await super().fill(context_id, parent_context_id, text, priority)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
 
     async def generate(self, context_id, sampling, priority):
         self.generated.append(context_id)

@@ -283,9 +283,9 @@ class RecordingBackend(SimulatedEngineBackend):
         super().__init__()
         self.fills: list[str] = []
 
-    async def fill(self, context_id, parent_context_id, text, priority):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         self.fills.append(text)
-        await super().fill(context_id, parent_context_id, text, priority)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
 
 
 @P.semantic_function()
