@@ -104,7 +104,8 @@ def cmd_bench(args) -> None:
 
     from parrot.bench.harness import run_bench
 
-    run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console())
+    run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console(),
+              engine=args.engine, engines=args.engines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-api-key", default=None, help="API key for --openai-backend servers")
     serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default 8)")
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without heartbeats before an engine is dropped")
+    serve.add_argument("--engine", default="builtin", help="builtin (engine processes running the model) or sim:PRESET, a simulated engine for scale experiments (presets: a100-7b, a100-13b, cpu-smollm2)")
+    serve.add_argument("--time-scale", type=float, default=1.0, help="simulated engines run this many times real time (default 1)")
     _engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["serve"]).serve(a))
 
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rtt-ms", type=float, default=250.0, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
     bench.add_argument("--peers", action="store_true", help="include vLLM when installed (bash benchmarks/setup_vllm.sh)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
+    bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
+    bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -29,7 +29,7 @@ def machine() -> dict:
 
 
 def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
-              server: RunningServer | None = None) -> dict:
+              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1) -> dict:
     """Runs and reports one workload; a given server is used as is (and left running)."""
     config: WorkloadConfig = quick_or_full(workload, quick)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,8 +40,8 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     try:
         parrot_server = server
         if parrot_server is None:
-            with console.status("starting parrot serve (manager + 1 engine process)"):
-                parrot_server = start_parrot(model, 1, out_dir)
+            with console.status(f"starting parrot serve ({engines} {engine} engine(s))"):
+                parrot_server = start_parrot(model, engines, out_dir, ["--engine", engine])
             servers.append(parrot_server)
         systems: list[tuple[str, RunningServer]] = [("parrot", parrot_server), ("request-level", parrot_server)]
         if peers:
@@ -72,7 +72,8 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         for server in servers:
             server.stop()
     result = {
-        "workload": workload, "quick": quick, "model": model, "config": asdict(config), "machine": machine(),
+        "workload": workload, "quick": quick, "model": model, "engine": engine, "engines": engines,
+        "simulated": engine.startswith("sim:"), "config": asdict(config), "machine": machine(),
         "rtt_settings_ms": sorted({0.0, rtt_ms}), "repeats": repeats, "notes": notes,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "measurements": [
@@ -109,7 +110,8 @@ def outputs_match(measurements: list[Measurement]) -> bool:
 
 
 def print_table(result: dict, console: Console) -> None:
-    table = Table(title=f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']})")
+    engines = f"{result['engines']} x {result['engine']}" + (" (SIMULATED)" if result["simulated"] else "")
+    table = Table(title=f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']}, {engines})")
     for column in ("system", "added RTT", "mean latency s", "p90 s", "vs parrot"):
         table.add_column(column, justify="right")
     for m in result["measurements"]:

@@ -18,7 +18,8 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
         "",
-        f"Model {result['model']}; settings {result['config']}; {result['repeats']} repeat(s), best mean shown. "
+        f"Model {result['model']} on {result['engines']} x {result['engine']} engine(s)"
+        f"{' (SIMULATED: a cost model, not the real engine)' if result['simulated'] else ''}; settings {result['config']}; {result['repeats']} repeat(s), best mean shown. "
         f"RTT is added in the benchmark's client only. Paper: {result['config'].get('paper') or '-'}.",
         "",
         "| system | added RTT | mean latency (s) | p90 (s) | slower than parrot |",

@@ -12,7 +12,7 @@ from parrot.errors import UserError
 from parrot.frontend.runtime import Client
 from parrot.manager.spec import CallSpec, Perf
 from parrot.protocol.manager_api import (
-    Batch, BatchOp, BatchResult, CallSubmit, DagBody, VariableCreate, VariableFail, VariableSet, VariableValue,
+    Batch, BatchOp, BatchResult, CallSubmit, DagBody, VariableCreate, VariableFail, VariableSet, VariableValue, WaitRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,21 @@ class HttpClient(Client):
         self._buffer(BatchOp(submit_call=CallSubmit.of(call_id, spec)))
 
     def get_variable(self, var_id, perf: Perf | None, timeout=None):
-        self.flush()
         deadline = None if timeout is None else time.monotonic() + timeout
+        perf_name = perf.value if perf else "none"
+        with self._lock:
+            ops, self._pending = self._pending, []
+        first = True
         while True:
             wait = LONG_POLL_S if deadline is None else max(0.0, min(LONG_POLL_S, deadline - time.monotonic()))
-            params = {"perf": perf.value if perf else "none", "timeout": wait}
-            value = VariableValue.model_validate(self._send("GET", f"/variables/{var_id}", params=params).json())
+            if first:
+                # buffered operations ride along with the first wait: one round trip in all
+                body = WaitRequest(ops=ops, var_id=var_id, perf=perf_name, timeout=wait)
+                response = self._send("POST", "/wait", json=body.model_dump(exclude_none=True))
+                first = False
+            else:
+                response = self._send("GET", f"/variables/{var_id}", params={"perf": perf_name, "timeout": wait})
+            value = VariableValue.model_validate(response.json())
             if value.ready:
                 return value.value or ""
             if deadline is not None and time.monotonic() >= deadline:

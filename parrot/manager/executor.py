@@ -30,6 +30,8 @@ class UpstreamError(UserError):
 # An engine holding a call's prefix is preferred while its load stays within this
 # many calls of the least loaded engine; past that the prefix is replicated.
 AFFINITY_SLACK = 4
+# A constant prefix shorter than this is not worth a context of its own (about 64 tokens)
+MIN_SHARED_PREFIX_CHARS = 256
 
 
 def first_fill_text(call: Call) -> str:
@@ -157,7 +159,8 @@ class Executor:
                     pending_text += call.inputs[segment.name].value or ""
                     continue
                 if pending_text:
-                    shared = 0 if created else len(static_prefix(call))
+                    prefix_chars = len(static_prefix(call))
+                    shared = prefix_chars if not created and prefix_chars >= MIN_SHARED_PREFIX_CHARS else 0
                     await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
                     created = True
                     pending_text = ""

@@ -152,3 +152,12 @@ class Batch(Strict):
 class BatchResult(Strict):
     applied: int
     error: str | None = None  # the first failing op's message; ops after it are not applied
+
+
+class WaitRequest(Strict):
+    """Apply buffered operations, then long-poll one variable: a program's only blocking round trip."""
+
+    ops: list[BatchOp] = Field(default_factory=list, max_length=10_000)
+    var_id: str = Id
+    perf: Literal["latency", "throughput", "none"] = "latency"
+    timeout: float = Field(30.0, ge=0, le=300)

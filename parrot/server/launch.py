@@ -37,6 +37,18 @@ def serve(args) -> None:
         print(f"No API keys configured (--api-keys FILE or PARROT_API_KEYS); for this run, tenant 'default' has key:\n  {key}", flush=True)
     model_dir = resolve_model_dir(args.model)  # converts once here, before engines start in parallel
     manager = Manager([])
+    local_processes = args.engines
+    if args.engine.startswith("sim:"):
+        from parrot.backends.simulated import SimulatedEngineBackend
+
+        # simulated engines (a named backend for scale experiments) live in the manager's process
+        for i in range(args.engines):
+            manager.add_engine(SimulatedEngineBackend.from_profile(args.engine, name=f"sim-{i}", time_scale=args.time_scale))
+        local_processes = 0
+    elif args.engine != "builtin":
+        from parrot.errors import UserError
+
+        raise UserError(f"--engine must be builtin or sim:PRESET, not {args.engine!r}")
     for i, url in enumerate(args.openai_backend):
         manager.add_engine(OpenAICompatibleBackend(f"openai-{i}", url, args.backend_model or args.model, args.backend_api_key))
     app = create_manager_app(manager, keys, args.model, Tokenizer(model_dir), engine_key=engine_key,
@@ -49,7 +61,7 @@ def serve(args) -> None:
              "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb)],
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key},
         )
-        for i in range(args.engines)
+        for i in range(local_processes)
     ]
 
     def stop_children() -> None:
@@ -62,7 +74,7 @@ def serve(args) -> None:
                 child.kill()
 
     atexit.register(stop_children)
-    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} engine process(es) starting)", flush=True)
+    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {args.engine} engine(s))", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning")
     finally:

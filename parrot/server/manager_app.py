@@ -17,7 +17,7 @@ from parrot.manager.manager import Manager
 from parrot.manager.spec import Perf
 from parrot.protocol.engine_api import EngineRegister, Heartbeat
 from parrot.protocol.manager_api import (
-    Batch, BatchResult, CallSubmit, DagBody, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
+    Batch, BatchResult, CallSubmit, DagBody, WaitRequest, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
 )
 from parrot.server.auth import KeyStore
 from parrot.server.common import DEFAULT_MAX_BODY_BYTES, install_error_handlers, require
@@ -89,13 +89,7 @@ def create_manager_app(
     @app.get("/api/v1/sessions/{session_id}/variables/{var_id}", response_model=VariableValue)
     async def get_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery,
                            timeout: float = Query(30.0, ge=0, le=300, description="long-poll seconds")):
-        tenant = require(keys, request).tenant
-        manager.session(session_id, tenant).graph.variable(var_id)  # 404 before any waiting
-        try:
-            value = await asyncio.wait_for(manager.get_variable(session_id, var_id, _perf(perf), tenant), timeout)
-        except TimeoutError:
-            return VariableValue(var_id=var_id, ready=False)
-        return VariableValue(var_id=var_id, ready=True, value=value)
+        return await long_poll(session_id, var_id, perf, timeout, require(keys, request).tenant)
 
     @app.get("/api/v1/sessions/{session_id}/variables/{var_id}/stream")
     async def stream_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery):
@@ -121,7 +115,27 @@ def create_manager_app(
     async def batch(session_id: str, body: Batch, request: Request):
         tenant = require(keys, request).tenant
         manager.session(session_id, tenant)
-        for index, op in enumerate(body.ops):
+        return apply_ops(session_id, body.ops, tenant)
+
+    @app.post("/api/v1/sessions/{session_id}/wait", response_model=VariableValue)
+    async def wait(session_id: str, body: WaitRequest, request: Request):
+        tenant = require(keys, request).tenant
+        manager.session(session_id, tenant)
+        applied = apply_ops(session_id, body.ops, tenant)
+        if applied.error is not None:
+            raise UserError(f"the server refused a submitted operation ({applied.applied} of {len(body.ops)} applied): {applied.error}")
+        return await long_poll(session_id, body.var_id, body.perf, body.timeout, tenant)
+
+    async def long_poll(session_id: str, var_id: str, perf: str, timeout: float, tenant: str) -> VariableValue:
+        manager.session(session_id, tenant).graph.variable(var_id)  # 404 before any waiting
+        try:
+            value = await asyncio.wait_for(manager.get_variable(session_id, var_id, _perf(perf), tenant), timeout)
+        except TimeoutError:
+            return VariableValue(var_id=var_id, ready=False)
+        return VariableValue(var_id=var_id, ready=True, value=value)
+
+    def apply_ops(session_id: str, ops: list, tenant: str) -> BatchResult:
+        for index, op in enumerate(ops):
             try:
                 if op.create_variable is not None:
                     v = op.create_variable
@@ -132,7 +146,7 @@ def create_manager_app(
                     manager.submit_call(session_id, op.submit_call.call_id, op.submit_call.to_spec(), tenant=tenant)
             except UserError as exc:
                 return BatchResult(applied=index, error=str(exc))
-        return BatchResult(applied=len(body.ops))
+        return BatchResult(applied=len(ops))
 
     @app.get("/api/v1/sessions/{session_id}/dag", response_model=DagBody)
     async def dag(session_id: str, request: Request):
