@@ -6,14 +6,15 @@ LlamaForCausalLM against our LlamaModel over the paged KV cache.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 import pytest
 import torch
 
-from parrot.engine.attention import AttentionMetadata, SequenceSlice
 from parrot.engine.llm_engine import LLMEngine
-from parrot.engine.model import ForwardBatch
+from parrot.engine.sampler import SamplingParams
+from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
 from conftest import PROMPTS, fill_and_generate, greedy, run, token_ids
 
@@ -47,37 +48,41 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def engine_logits(engine: LLMEngine, ids: list[int], chunks: list[int]) -> torch.Tensor:
-    """Runs ids through the engine's model in steps of the given chunk lengths (a 1 is a decode step)
-    over the paged KV cache; returns the logits [V] after the last token."""
+    """Runs ids through the engine's model runner in steps of the given chunk lengths (a 1 is a
+    decode step) over the paged KV cache; returns the logits [V] after the last token."""
     assert sum(chunks) == len(ids)
     table = engine.contexts
     ctx = table.create("logits-probe", None)
     ctx.token_ids = list(ids)
+    job = Job(JobKind.GENERATE, ctx, priority=0, arrival=0, sampling=SamplingParams())
+    captured: list[torch.Tensor] = []
+    forward = engine.model.forward
+
+    def capturing_forward(*args, **kwargs):
+        captured.append(forward(*args, **kwargs))
+        return captured[-1]
+
+    engine.model.forward = capturing_forward
     try:
-        logits = None
         for length in chunks:
-            start = ctx.num_computed
             slots = table.reserve_slots(ctx, length)
-            seq = SequenceSlice(0, length, start + length, list(ctx.block_table))
-            batch = ForwardBatch(
-                token_ids=torch.tensor(ids[start : start + length]),
-                positions=torch.arange(start, start + length),
-                attention=AttentionMetadata.build([seq], slots),
-                logit_rows=torch.tensor([length - 1]),
-            )
-            logits = engine.model.forward(batch, engine.kv.layers)[0]
+            engine.runner.run(StepPlan([ScheduledChunk(job, ctx.num_computed, length, slots, wants_logits=True)]))
             ctx.num_computed += length
-        return logits
+        return captured[-1][0]  # [V]
     finally:
+        del engine.model.forward
         table.free("logits-probe")
 
 
 def test_greedy_tokens_equal_transformers(engine, reference):
-    for index, prompt in enumerate(PROMPTS[:3]):
-        ids = engine.tokenizer.encode(prompt)
-        ours = token_ids(run(fill_and_generate(engine, f"ref-{index}", ids, greedy(32))))
-        assert len(ours) == 32
-        assert ours == reference_greedy(reference, ids, 32), f"greedy output differs from transformers for {prompt!r}"
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
+
+    async def ours():  # in one batch; test_engine_batching shows a batch equals one at a time
+        return await asyncio.gather(*[fill_and_generate(engine, f"ref-{i}", ids, greedy(32)) for i, ids in enumerate(prompts)])
+
+    for ids, tokens in zip(prompts, run(ours())):
+        assert len(tokens) == 32
+        assert token_ids(tokens) == reference_greedy(reference, ids, 32), f"greedy output differs from transformers for {ids}"
 
 
 @pytest.mark.parametrize(

@@ -104,18 +104,30 @@ def test_out_of_blocks_changes_nothing():
     table.check_integrity()
 
 
-def test_evict_private_keeps_the_shared_prefix():
+def test_evict_private_gives_back_every_private_block_and_keeps_the_shared_ones():
     table, kv = make_table(num_blocks=8, block_size=4)
-    filled(table, kv, "p", [1, 2, 3, 4, 5, 6])
+    parent = filled(table, kv, "p", [1, 2, 3, 4, 5, 6])
     child = table.create("c", "p")
     child.token_ids.extend([7, 8, 9, 10, 11])
-    compute(table, kv, child, 5)
+    compute(table, kv, child, 5)  # copies the partial block at the fork point, adds one more
+    free_before = table.pool.num_free
     freed = table.evict_private(child)
-    # the copied partial block keeps the prefix part; only the block past it is dropped
-    assert freed == 1 and child.num_computed == child.fork_point == 6
-    assert child.num_pending == 5, "evicted tokens are kept, to be recomputed"
-    compute(table, kv, child, 5)
+    assert freed == 2 and table.pool.num_free == free_before + 2, "the copy of the fork-point block goes too"
+    assert child.block_table == parent.block_table[:1], "the full shared block stays"
+    assert child.num_computed == 4 and child.num_pending == 7, "evicted tokens are kept, to be recomputed"
+    compute(table, kv, child, 7)
     assert visible_kv(table, kv, child) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert visible_kv(table, kv, parent) == [1, 2, 3, 4, 5, 6]
+    assert table.evict_private(parent) == 1, "the parent's partial block is its own since the child copied it"
+    table.check_integrity()
+
+
+def test_evicting_a_context_whose_blocks_are_all_shared_frees_nothing():
+    table, kv = make_table(num_blocks=8, block_size=4)
+    parent = filled(table, kv, "p", [1, 2, 3, 4, 5, 6])
+    table.create("c", "p")
+    assert table.private_from(parent) == 2
+    assert table.evict_private(parent) == 0 and parent.num_computed == 6
     table.check_integrity()
 
 
@@ -230,9 +242,11 @@ class ContextTableMachine(RuleBasedStateMachine):
         if context_id in self.live:
             ctx = self.table.get(context_id)
             free_before = self.table.pool.num_free
+            computed_before = ctx.num_computed
             freed = self.table.evict_private(ctx)
-            assert ctx.num_computed == ctx.fork_point
-            assert self.table.pool.num_free - free_before <= freed
+            assert self.table.pool.num_free - free_before == freed, "every dropped block was private"
+            assert self.table.private_from(ctx) == len(ctx.block_table), "no private block is left"
+            assert ctx.num_computed <= computed_before
 
     @rule(context_id=consumes(contexts))
     def free(self, context_id):

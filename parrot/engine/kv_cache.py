@@ -146,22 +146,37 @@ class ContextTable:
             ctx.block_table.append(self.pool.allocate())
         return [ctx.block_table[pos // bs] * bs + pos % bs for pos in range(start, start + num_tokens)]
 
+    def private_from(self, ctx: Context) -> int:
+        """Index in ctx.block_table of the first block that ctx alone holds.
+
+        Holders of a context's blocks (ancestors, descendants) each hold a prefix of its
+        table, so every block from this index on is private to ctx.
+        """
+        for index, block in enumerate(ctx.block_table):
+            if self.pool.refcount(block) == 1:
+                return index
+        return len(ctx.block_table)
+
     def evict_private(self, ctx: Context) -> int:
-        """Preemption: drop ctx's KV past its fork point (recomputed later). Returns blocks freed."""
-        bs = self.pool.block_size
-        keep = -(-ctx.fork_point // bs)
+        """Preemption: drop every block ctx alone holds (its KV there is recomputed later). Returns blocks freed.
+
+        A copy-on-write copy of the block at the fork point goes too, so eviction gives
+        back all that ctx holds privately; the few tokens of that block are recomputed.
+        """
+        keep = self.private_from(ctx)
         dropped = ctx.block_table[keep:]
         for block in dropped:
             self.pool.release(block)
         ctx.block_table = ctx.block_table[:keep]
-        ctx.num_computed = ctx.fork_point
+        ctx.num_computed = min(ctx.num_computed, keep * self.pool.block_size)
         return len(dropped)
 
     def free(self, context_id: str) -> None:
         ctx = self.get(context_id)
         for block in ctx.block_table:
             self.pool.release(block)
-        ctx.block_table = []
+        # ctx.block_table is left as it was: a forward step in flight may still be reading it
+        # (its KV writes land in blocks that nobody can allocate before the step ends)
         ctx.freed = True
         if ctx.parent is not None:
             ctx.parent.children.discard(context_id)

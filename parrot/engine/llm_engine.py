@@ -287,12 +287,14 @@ class LLMEngine:
             while self.scheduler.jobs:
                 plan = self.scheduler.schedule()
                 self._counters.preemptions += len(plan.preempted)
-                if plan.failed and await self._freed_in_time(plan.failed):
-                    continue
-                for job in plan.failed:
-                    self._finish(job, self._exhausted(job))
                 if not plan.chunks:
-                    break
+                    if not plan.failed:
+                        break
+                    # nothing can run: give owners a moment to free contexts, else fail the job in the way
+                    if not await self._freed_in_time(plan.failed):
+                        for job in plan.failed:
+                            self._finish(job, self._exhausted(job))
+                    continue
                 started = time.perf_counter()
                 try:
                     result = await asyncio.to_thread(self.runner.run, plan)

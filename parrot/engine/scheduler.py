@@ -129,10 +129,12 @@ class BatchScheduler:
             )
             chosen.add(id(job))
             budget -= length
-        if not plan.chunks:
-            # nothing can run and nothing running will free a block: only freeing
-            # contexts would help, so the blocked jobs fail instead of waiting for ever
-            plan.failed = blocked
+        if not plan.chunks and blocked:
+            # nothing can run and nothing running will free a block: only freeing contexts
+            # would help. The first-ranked blocked job has evicted every job it outranks, so
+            # it alone holds the private blocks in the way: it fails (instead of waiting for
+            # ever); the others may fit once its context is freed
+            plan.failed = [min(blocked, key=lambda j: (j.priority, j.arrival))]
         return plan
 
     def _pick_victim(self, job: Job, chosen: set[int]) -> Job | None:
@@ -142,8 +144,7 @@ class BatchScheduler:
             if other is not job
             and id(other) not in chosen
             and other.sort_key[0::2] > job.sort_key[0::2]
-            and len(other.ctx.block_table) * self.contexts.pool.block_size > other.ctx.fork_point
-            and other.ctx.num_computed > other.ctx.fork_point
+            and self.contexts.private_from(other.ctx) < len(other.ctx.block_table)  # evicting it frees blocks
         ]
         return max(candidates, key=lambda j: (j.priority, j.arrival), default=None)
 

@@ -1,0 +1,159 @@
+"""The batch scheduler over a small pool, with the forward pass faked (no model).
+
+Random workloads (prompt lengths, output lengths, priorities, arrival times, forks
+from a shared prefix) run step by step the way LLMEngine drives the scheduler. Every
+step must respect its budgets, never write a slot twice or into a block another
+context holds, and keep the books balanced; every request that fits in the pool
+finishes, and one fails only when it could never fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parrot.engine.kv_cache import BlockPool, ContextTable
+from parrot.engine.sampler import SamplingParams
+from parrot.engine.scheduler import BatchScheduler, JobKind, SchedulerConfig
+
+MAX_STEPS = 2000
+
+
+@dataclass
+class Request:
+    prompt: int
+    output: int
+    priority: int
+    arrives: int
+    forked: bool
+
+
+requests_st = st.lists(
+    st.builds(
+        Request,
+        prompt=st.integers(1, 20),
+        output=st.integers(1, 12),
+        priority=st.integers(0, 2),
+        arrives=st.integers(0, 15),
+        forked=st.booleans(),
+    ),
+    min_size=1,
+    max_size=7,
+)
+
+
+def fake_token(ctx) -> int:
+    return 1000 + len(ctx.token_ids)  # whatever the model "samples"; deterministic per position
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    requests=requests_st,
+    num_blocks=st.integers(4, 24),
+    block_size=st.sampled_from([1, 2, 4]),
+    step_tokens=st.integers(1, 24),
+    step_seqs=st.integers(1, 4),
+    prefix_len=st.integers(1, 9),
+)
+def test_random_workloads_finish_or_fail_only_when_they_cannot_fit(requests, num_blocks, block_size, step_tokens, step_seqs, prefix_len):
+    kv: dict[int, int] = {}  # slot -> token written there
+
+    def copy_block(src: int, dst: int) -> None:
+        for offset in range(block_size):
+            if src * block_size + offset in kv:
+                kv[dst * block_size + offset] = kv[src * block_size + offset]
+
+    table = ContextTable(BlockPool(num_blocks, block_size), copy_block)
+    scheduler = BatchScheduler(table, SchedulerConfig(max_tokens_per_step=step_tokens, max_seqs_per_step=step_seqs))
+    capacity = num_blocks * block_size
+
+    # a shared prefix held (idle) for the whole run when any request forks from it
+    has_prefix = any(r.forked for r in requests) and -(-prefix_len // block_size) < num_blocks
+    if has_prefix:
+        prefix = table.create("prefix", None)
+        prefix.token_ids = list(range(prefix_len))
+        slots = table.reserve_slots(prefix, prefix_len)
+        kv.update(zip(slots, prefix.token_ids))
+        prefix.num_computed = prefix_len
+
+    pending = sorted(enumerate(requests), key=lambda item: item[1].arrives)
+    jobs = {}  # request index -> job
+    outcome: dict[int, str] = {}
+    for step in range(MAX_STEPS):
+        while pending and pending[0][1].arrives <= step:
+            index, request = pending.pop(0)
+            parent = "prefix" if request.forked and has_prefix else None
+            ctx = table.create(f"r{index}", parent)
+            ctx.token_ids.extend(range(100 + index * 50, 100 + index * 50 + request.prompt))
+            if len(ctx.token_ids) + request.output - 1 > capacity:
+                outcome[index] = "too big"  # the engine refuses such a fill up front
+                table.free(ctx.context_id)
+                continue
+            jobs[index] = scheduler.submit(JobKind.GENERATE, ctx, request.priority, sampling=SamplingParams(max_tokens=request.output))
+        if not jobs and not pending:
+            break
+        plan = scheduler.schedule()
+
+        # the step's budgets, and every slot is fresh and private to its writer
+        assert plan.num_tokens <= step_tokens and len(plan.chunks) <= step_seqs
+        assert len({id(c.job) for c in plan.chunks}) == len(plan.chunks)
+        written = [slot for c in plan.chunks for slot in c.slots]
+        assert len(written) == len(set(written)), "two tokens of one step share a KV slot"
+        for chunk in plan.chunks:
+            ctx = chunk.job.ctx
+            assert chunk.start == ctx.num_computed and chunk.length <= ctx.num_pending
+            for slot in chunk.slots:
+                assert table.pool.refcount(slot // block_size) == 1, "a write into a block another context holds"
+        table.check_integrity()
+
+        for job in plan.failed:
+            index = next(i for i, j in jobs.items() if j is job)
+            outcome[index] = "failed"
+            scheduler.remove(job)
+            table.free(job.ctx.context_id)
+            del jobs[index]
+
+        # "run" the step: write the KV, advance, sample where a chunk reaches the end
+        for chunk in plan.chunks:
+            ctx = chunk.job.ctx
+            kv.update(zip(chunk.slots, ctx.token_ids[chunk.start : chunk.start + chunk.length]))
+            ctx.num_computed = chunk.start + chunk.length
+            if chunk.wants_logits:
+                job = chunk.job
+                job.num_generated += 1
+                if job.num_generated == job.sampling.max_tokens:
+                    index = next(i for i, j in jobs.items() if j is job)
+                    outcome[index] = "done"
+                    scheduler.remove(job)
+                    table.free(ctx.context_id)  # the owner frees its context at once
+                    del jobs[index]
+                else:
+                    ctx.token_ids.append(fake_token(ctx))
+
+        # every live context reads back exactly its own tokens
+        for index, job in jobs.items():
+            ctx = job.ctx
+            seen = [kv.get(ctx.block_table[p // block_size] * block_size + p % block_size) for p in range(ctx.num_computed)]
+            assert seen == ctx.token_ids[: ctx.num_computed], f"request {index} reads foreign KV"
+    else:
+        raise AssertionError(f"no progress after {MAX_STEPS} steps: {len(jobs)} jobs stuck")
+
+    assert set(outcome) == set(range(len(requests)))
+    for index, result in outcome.items():
+        if result == "failed":
+            # a request fails only when it cannot fit beside the idle prefix: the running
+            # jobs' blocks never make it fail (they are preempted instead)
+            request = requests[index]
+            assert has_prefix, f"request {index} failed although only running jobs held blocks"
+            if request.forked:
+                total = prefix_len + request.prompt + request.output - 1
+                needed = -(-total // block_size) + (1 if prefix_len % block_size else 0)
+            else:
+                needed = -(-(request.prompt + request.output - 1) // block_size) + -(-prefix_len // block_size)
+            assert needed > num_blocks, f"request {index} failed though it fits beside the prefix"
+    if has_prefix:
+        table.free("prefix")
+    table.check_integrity()
+    assert table.pool.num_free == num_blocks and len(table) == 0
