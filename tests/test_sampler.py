@@ -217,10 +217,18 @@ def test_holdback_is_the_longest_stop_prefix_at_the_end():
     cuts=st.lists(st.integers(0, 30), max_size=8),
 )
 def test_stop_checker_equals_cutting_the_whole_text(text, stops, cuts):
-    """However the text is split into deltas, the stream is the text cut before the earliest stop."""
+    """The stream stops at the first delta that completes a stop string and is cut before the
+    earliest stop string in the text so far; a single stop string cuts the same wherever the deltas split."""
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     streamed, _, stopped = stream(stops, deltas)
-    hits = [text.index(stop) for stop in stops if stop in text]
-    assert streamed == (text[: min(hits)] if hits else text)
-    assert stopped == bool(hits)
+    expected, expect_stop = text, False
+    for end in bounds[1:]:
+        hits = [text[:end].index(stop) for stop in stops if stop in text[:end]]
+        if hits:
+            expected, expect_stop = text[: min(hits)], True
+            break
+    assert streamed == expected and stopped == expect_stop
+    assert not any(stop in streamed for stop in stops)
+    if len(stops) == 1:
+        assert streamed == (text[: text.index(stops[0])] if stops[0] in text else text)
