@@ -131,3 +131,25 @@ def test_prompt_longer_than_the_model_is_rejected(engine):
         engine.free_context("too-long")
 
     run(scenario())
+
+
+def test_a_cancelled_fill_stops_its_job_and_leaves_a_usable_context(engine, small_engine):
+    """A caller that gives up on a fill (timeout, client gone) stops its work; the tokens stay
+    in the context and the next generate computes what is missing."""
+    ids = small_engine.tokenizer.encode(PROMPTS[4])  # 37 tokens: three 16-token prefill steps
+
+    async def scenario():
+        steps = small_engine.stats().steps
+        task = asyncio.create_task(small_engine.fill("cancelled", None, ids))
+        while small_engine.stats().steps == steps:  # the first chunk is done, the next one is running
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert small_engine.stats().num_jobs == 0, "the cancelled fill kept running"
+        assert small_engine.contexts.get("cancelled").token_ids == ids
+        tokens = await collect(small_engine, "cancelled", greedy(8))
+        small_engine.free_context("cancelled")
+        return tokens
+
+    assert token_ids(run(scenario())) == token_ids(run(fill_and_generate(engine, "whole", ids, greedy(8))))

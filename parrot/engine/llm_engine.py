@@ -145,7 +145,12 @@ class LLMEngine:
             channel = _JobChannel(done=asyncio.get_running_loop().create_future())
             job = self.scheduler.submit(JobKind.FILL, ctx, priority)
             await self._run_job(job, channel)
-            await channel.done
+            try:
+                await channel.done
+            finally:
+                # a cancelled caller stops its job (the context keeps the tokens, computed by its next job):
+                # a job never outlives the context lock its caller held
+                self._finish(job, None)
 
     async def generate(self, context_id: str, sampling: SamplingParams, priority: int = PRIORITY_NORMAL) -> AsyncIterator[GeneratedToken]:
         """Streams tokens sampled after the context; they are appended to it as they come."""
