@@ -40,7 +40,7 @@ class Batch:
         return AttentionMetadata.build(self.sequences, self.slots, self.k_cache.shape[2])
 
 
-def random_batch(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: int) -> Batch:
+def random_batch(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: int, prefill: bool = True) -> Batch:
     """Families of sequences forked from shared prompts (a prompt, then documents under it), each
     with decode rows of varied suffix lengths (zero included), prefill chunks forked from them,
     plus unrelated decode and prefill rows, in random order over a shuffled (or not) block pool."""
@@ -66,12 +66,12 @@ def random_batch(seed: int, heads: int, kv_heads: int, head_dim: int, block_size
                 fork(node, rng.randint(1, 3 * block_size), 1)
             if rng.random() < 0.4:  # ends exactly at the node: its new token is the node's last entry
                 rows.append((node, len(node) * block_size, 1))
-            if rng.random() < 0.3:  # a prefill chunk after the shared prompt
+            if rng.random() < 0.3 and prefill:  # a prefill chunk after the shared prompt
                 length = rng.randint(2, 2 * block_size)
                 fork(node, length, length)
-    for _ in range(rng.randint(0, 3)):  # decode rows in no group
+    for _ in range(rng.randint(0 if rows else 1, 3)):  # decode rows in no group (at least one row in all)
         fork([], rng.randint(1, 5 * block_size), 1)
-    if rng.random() < 0.5:  # a fresh prefill
+    if rng.random() < 0.5 and prefill:  # a fresh prefill
         length = rng.randint(2, 3 * block_size)
         fork([], length, length)
     rng.shuffle(rows)

@@ -92,13 +92,13 @@ def merge_partials(parts: list[PartialAttention], num_rows: int) -> PartialAtten
     lse = torch.cat([p.lse for p in parts])  # [R, H]
     out = torch.cat([p.out for p in parts])  # [R, H, D]
     h, d = out.shape[1:]
-    peak = torch.full((num_rows, h), float("-inf")).scatter_reduce_(0, rows.unsqueeze(1).expand(-1, h), lse, "amax")
-    peak = peak.masked_fill(peak == float("-inf"), 0.0)
+    peak = lse.new_full((num_rows, h), float("-inf")).scatter_reduce_(0, rows.unsqueeze(1).expand(-1, h), lse, "amax")
+    peak = peak.masked_fill(peak == float("-inf"), 0.0)  # a row no part covers: stays 0, not nan
     weights = (lse - peak[rows]).exp_()  # [R, H]
-    total = torch.zeros((num_rows, h)).index_add_(0, rows, weights)
-    merged = torch.zeros((num_rows, h, d)).index_add_(0, rows, out * weights.unsqueeze(-1))
+    total = lse.new_zeros((num_rows, h)).index_add_(0, rows, weights)
+    merged = out.new_zeros((num_rows, h, d)).index_add_(0, rows, out * weights.unsqueeze(-1))
     merged.div_(total.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
-    return PartialAttention(torch.arange(num_rows), merged, peak + total.log())
+    return PartialAttention(torch.arange(num_rows, device=rows.device), merged, peak + total.log())
 
 
 @dataclass(frozen=True)
@@ -122,18 +122,32 @@ class _GroupedStep:
 
 
 @dataclass(frozen=True)
-class _RestStep:
-    """Prefill rows and ungrouped decode rows: a sub-batch for the plain backend."""
+class SubBatch:
+    """Some sequences of a batch as a batch of their own (for another backend)."""
 
     rows: torch.Tensor  # [N'] int64: rows of the flat batch, in sub-batch order
     meta: AttentionMetadata
+
+
+def sub_batch(meta: AttentionMetadata, keep: list[int], block_size: int) -> SubBatch | None:
+    """The sequences keep (indices into meta.sequences, in order) with their queries renumbered."""
+    if not keep:
+        return None
+    rows: list[int] = []
+    sub: list[SequenceSlice] = []
+    for i in keep:
+        s = meta.sequences[i]
+        sub.append(SequenceSlice(len(rows), s.query_len, s.context_len, s.block_table))
+        rows.extend(range(s.query_start, s.query_start + s.query_len))
+    index = torch.tensor(rows, dtype=torch.int64)
+    return SubBatch(index, AttentionMetadata.build(sub, meta.slot_mapping[index].tolist(), block_size))
 
 
 @dataclass(frozen=True)
 class _Step:
     plan: PrefixPlan
     grouped: _GroupedStep | None
-    rest: _RestStep | None
+    rest: SubBatch | None  # prefill rows and ungrouped decode rows, for the plain backend
     whole_batch: bool  # every row of the batch is a grouped decode row, in order: no scatter into an output
 
 
@@ -217,19 +231,5 @@ class SharedPrefixCpuAttention(AttentionBackend):
             lengths,
             suffix_mask(lengths, width * block_size),
         )
-        rest = self._rest(meta, [meta.decode_rows[i] for i in plan.ungrouped], block_size)
+        rest = sub_batch(meta, sorted(meta.prefill_rows + [meta.decode_rows[i] for i in plan.ungrouped]), block_size)
         return _Step(plan, grouped, rest, rest is None and grouped.rows.equal(grouped.query_rows))
-
-    @staticmethod
-    def _rest(meta: AttentionMetadata, ungrouped: list[int], block_size: int) -> _RestStep | None:
-        keep = sorted(meta.prefill_rows + ungrouped)  # indices into meta.sequences
-        if not keep:
-            return None
-        rows: list[int] = []
-        sub: list[SequenceSlice] = []
-        for i in keep:
-            s = meta.sequences[i]
-            sub.append(SequenceSlice(len(rows), s.query_len, s.context_len, s.block_table))
-            rows.extend(range(s.query_start, s.query_start + s.query_len))
-        index = torch.tensor(rows, dtype=torch.int64)
-        return _RestStep(index, AttentionMetadata.build(sub, meta.slot_mapping[index].tolist(), block_size))
