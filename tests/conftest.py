@@ -102,7 +102,7 @@ def tokenizer(model_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def exact_engine_session() -> LLMEngine:
-    return LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1))
+    return LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False))
 
 
 @pytest.fixture
@@ -127,6 +127,7 @@ def small_engine_session(exact_engine_session: LLMEngine) -> LLMEngine:
             kv_memory_gb=kv_gb_for_blocks(exact_engine_session, SMALL_POOL_BLOCKS, SMALL_BLOCK_SIZE),
             block_size=SMALL_BLOCK_SIZE,
             max_tokens_per_step=16,
+            prefix_caching=False,
         )
     )
 

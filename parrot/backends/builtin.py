@@ -13,7 +13,9 @@ class BuiltinEngineBackend(EngineBackend):
         self.model = engine.config.model
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
-        await self.engine.fill(context_id, parent_context_id, self.engine.tokenizer.encode(text), priority)
+        # the whole text is tokenized at once, so sharing never changes the tokens
+        encoded = self.engine.tokenizer.encode_with_prefix(text, shared_prefix_chars)
+        await self.engine.fill(context_id, parent_context_id, encoded.token_ids, priority, shared_prefix_len=encoded.prefix_tokens)
 
     def generate(self, context_id, sampling, priority):
         return self.engine.generate(context_id, sampling, priority)

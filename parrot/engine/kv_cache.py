@@ -96,17 +96,21 @@ class ContextTable:
         except KeyError:
             raise ContextError(f"unknown context {context_id!r}") from None
 
-    def create(self, context_id: str, parent_id: str | None) -> Context:
+    def create(self, context_id: str, parent_id: str | None, upto: int | None = None) -> Context:
+        """A new context, forked from the parent's tokens (the first `upto` of them, a
+        whole number of blocks, when given) if there is a parent."""
         if context_id in self._contexts:
             raise ContextError(f"context {context_id!r} already exists")
         parent = self.get(parent_id) if parent_id is not None else None
         ctx = Context(context_id, parent)
         if parent is not None:
-            if parent.num_pending:
+            if parent.num_pending and upto is None:
                 raise ContextError(f"context {parent_id!r} is still being filled; fork after its fill completes")
-            ctx.token_ids = list(parent.token_ids)
-            ctx.block_table = list(parent.block_table)
-            ctx.num_computed = ctx.fork_point = parent.num_computed
+            upto = parent.num_computed if upto is None else upto
+            assert upto <= parent.num_computed and (upto == parent.num_computed or upto % self.pool.block_size == 0)
+            ctx.token_ids = list(parent.token_ids[:upto])
+            ctx.block_table = list(parent.block_table[: -(-upto // self.pool.block_size)])
+            ctx.num_computed = ctx.fork_point = upto
             for block in ctx.block_table:
                 self.pool.share(block)
             parent.children.add(context_id)

@@ -21,6 +21,7 @@ from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
 from parrot.engine.model_runner import KVCacheTensors, ModelRunner
+from parrot.engine.prefix_cache import PrefixCache
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -44,6 +45,7 @@ class EngineConfig:
     # float32 weights also keep a bf16 copy used for batches of at most SMALL_BATCH_ROWS
     # rows (faster decode on CPUs); False keeps every matmul in float32 (exact, batch-invariant)
     small_batch_bf16: bool = True
+    prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
 
     def __post_init__(self) -> None:
         if self.kv_memory_gb <= 0:
@@ -81,6 +83,7 @@ class EngineStats:
     steps: int
     preemptions: int
     busy_seconds: float
+    cached_prefixes: int = 0
 
 
 @dataclass
@@ -116,7 +119,14 @@ class LLMEngine:
         num_blocks = max(1, int(config.kv_memory_gb * 2**30) // per_block)
         self.kv = KVCacheTensors(self.model_config, num_blocks, config.block_size, dtype)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
-        self.scheduler = BatchScheduler(self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step))
+        self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
+        self.scheduler = BatchScheduler(
+            self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step),
+            reclaim=self.prefix_cache.evict if self.prefix_cache is not None else None,
+        )
+        self._prefix_in_use: dict[str, str] = {}  # context -> cached prefix it forked from
+        self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached when freed)
+        self._prefix_fills: dict[tuple[int, ...], asyncio.Future] = {}
         self.runner = ModelRunner(self.model, self.kv)
         self._channels: dict[int, _JobChannel] = {}
         self._counters = _Counters()
@@ -125,12 +135,20 @@ class LLMEngine:
 
     # ---- primitives -------------------------------------------------------
 
-    async def fill(self, context_id: str, parent_context_id: str | None, token_ids: list[int], priority: int = PRIORITY_NORMAL) -> None:
-        """Appends token_ids to the context (created, forked from the parent, if new) and computes their KV."""
+    async def fill(self, context_id: str, parent_context_id: str | None, token_ids: list[int], priority: int = PRIORITY_NORMAL,
+                   shared_prefix_len: int = 0) -> None:
+        """Appends token_ids to the context (created, forked from the parent, if new) and computes their KV.
+
+        A new root context forks from the longest cached prefix of token_ids; its
+        first shared_prefix_len tokens (a prefix other contexts will share) are
+        cached as a prefix of their own first.
+        """
         if context_id not in self.contexts:
             if parent_context_id is not None:
                 async with self._lock(parent_context_id):
                     self.contexts.create(context_id, parent_context_id)
+            elif self.prefix_cache is not None:
+                token_ids = await self._create_from_cache(context_id, token_ids, shared_prefix_len, priority)
             else:
                 self.contexts.create(context_id, None)
         elif parent_context_id is not None and self.contexts.get(context_id).parent is not self.contexts.get(parent_context_id):
@@ -186,8 +204,64 @@ class LLMEngine:
                 # the consumer stopped early (closed the generator, was cancelled): stop sampling
                 self._finish(job, None)
 
+    async def _create_from_cache(self, context_id: str, token_ids: list[int], shared_prefix_len: int, priority: int) -> list[int]:
+        """Creates a root context from the longest cached prefix; returns the tokens left to fill."""
+        cache = self.prefix_cache
+        self._root_prompt[context_id] = len(token_ids)
+        aligned = shared_prefix_len // self.config.block_size * self.config.block_size
+        match = cache.longest(token_ids)
+        if aligned and (match is None or match.num_tokens < aligned):
+            key = tuple(token_ids[:aligned])
+            in_flight = self._prefix_fills.get(key)
+            if in_flight is not None:  # another request is prefilling this very prefix
+                await asyncio.shield(in_flight)
+            else:
+                self._prefix_fills[key] = done = asyncio.get_running_loop().create_future()
+                try:
+                    prefix_id = cache.new_context_id()
+                    self.contexts.create(prefix_id, match.context_id if match else None, match.num_tokens if match else None)
+                    await self.fill(prefix_id, None, token_ids[match.num_tokens if match else 0 : aligned], priority)
+                    cache.insert(prefix_id)
+                finally:
+                    del self._prefix_fills[key]
+                    done.set_result(None)
+            match = cache.longest(token_ids)
+        if match is None:
+            self.contexts.create(context_id, None)
+            return token_ids
+        self.contexts.create(context_id, match.context_id, match.num_tokens)
+        cache.acquire(match.context_id)
+        cache.hits_tokens += match.num_tokens
+        self._prefix_in_use[context_id] = match.context_id
+        return token_ids[match.num_tokens :]
+
+    def _retain_prompt(self, context_id: str) -> None:
+        """Keeps the whole blocks of a finished root context's prompt as a cached prefix."""
+        prompt = self._root_prompt.pop(context_id, 0)
+        ctx = self.contexts.get(context_id)
+        aligned = min(prompt, ctx.num_computed) // self.config.block_size * self.config.block_size
+        if aligned == 0:
+            return
+        known = self.prefix_cache.longest(ctx.token_ids[:aligned])
+        if known is not None and known.num_tokens >= aligned:
+            return
+        prefix_id = self.prefix_cache.new_context_id()
+        self.contexts.create(prefix_id, context_id, aligned)
+        self.prefix_cache.insert(prefix_id)
+
+    def clear_prefix_cache(self) -> None:
+        """Drops every idle cached prefix (tests use it to see every block back)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
     def free_context(self, context_id: str) -> None:
         ctx = self.contexts.get(context_id)
+        if self.prefix_cache is not None and self.prefix_cache.owns(context_id):
+            raise ContextError(f"context {context_id!r} belongs to the prefix cache")
+        if self.prefix_cache is not None and context_id in self._root_prompt and not ctx.freed:
+            self._retain_prompt(context_id)
+        if context_id in self._prefix_in_use:
+            self.prefix_cache.release(self._prefix_in_use.pop(context_id))
         for job in [j for j in self.scheduler.jobs if j.ctx is ctx]:
             self._finish(job, ContextError(f"context {context_id!r} was freed while a job ran on it"))
         self.contexts.free(context_id)
@@ -198,7 +272,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         pool = self.contexts.pool
         c = self._counters
-        return EngineStats(len(self.contexts), len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy)
+        cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
+        return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached)
 
     async def close(self) -> None:
         """Stops the step loop; jobs still queued fail."""

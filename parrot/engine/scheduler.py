@@ -11,6 +11,7 @@ pool fails with a clear error instead of waiting for ever.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -81,9 +82,10 @@ class SchedulerConfig:
 
 
 class BatchScheduler:
-    def __init__(self, contexts: ContextTable, config: SchedulerConfig):
+    def __init__(self, contexts: ContextTable, config: SchedulerConfig, reclaim: Callable[[int], int] | None = None):
         self.contexts = contexts
         self.config = config
+        self.reclaim = reclaim  # frees up to n idle cached blocks; returns how many it freed
         self.jobs: list[Job] = []
         self._arrivals = itertools.count()
 
@@ -110,6 +112,9 @@ class BatchScheduler:
                 continue
             length = min(ctx.num_pending, budget)
             while self.contexts.blocks_needed(ctx, length) > pool.num_free:
+                # idle cached prefixes go before any running job is preempted
+                if self.reclaim is not None and self.reclaim(self.contexts.blocks_needed(ctx, length) - pool.num_free) > 0:
+                    continue
                 victim = self._pick_victim(job, chosen)
                 if victim is not None:
                     self.contexts.evict_private(victim.ctx)

@@ -19,6 +19,12 @@ class ChatMessage:
     content: str
 
 
+@dataclass(frozen=True)
+class EncodedPrompt:
+    token_ids: list[int]
+    prefix_tokens: int  # leading tokens that lie wholly inside the shared prefix text
+
+
 class Tokenizer:
     def __init__(self, model_dir: Path):
         self._tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -38,6 +44,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_prefix(self, text: str, prefix_chars: int) -> "EncodedPrompt":
+        """Token ids of text, and how many of them lie wholly inside its first prefix_chars characters."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        inside = sum(1 for _, end in encoding.offsets if end <= prefix_chars)
+        return EncodedPrompt(encoding.ids, inside)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=False)

@@ -1,0 +1,95 @@
+"""Prefix sharing in the built-in engine: static prefixes and the dynamic prefix cache.
+
+Sharing must never change what is generated: the same tokens come out with the
+cache on as with it off (float32, every matmul in float32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parrot.backends.builtin import BuiltinEngineBackend
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from conftest import greedy, run
+
+SYSTEM = (
+    "You are a careful assistant for a library. You answer questions about books, authors and opening hours. "
+    "Be brief and polite, and never invent a book that does not exist. The library opens at nine and closes at six. "
+)
+QUESTIONS = ["Who wrote Hamlet?", "When do you open?", "Do you have books about parrots?", "Can I renew a loan online?"]
+
+
+@pytest.fixture(scope="module")
+def caching_engine():
+    engine = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=True))
+    yield engine
+    run(engine.close())
+
+
+def answers(backend: BuiltinEngineBackend, shared_chars: int, tag: str) -> list[str]:
+    async def one(i: int, question: str) -> str:
+        context_id = f"{tag}-{i}"
+        await backend.fill(context_id, None, SYSTEM + question + "\nAnswer:", 1, shared_prefix_chars=shared_chars)
+        try:
+            return "".join([t.text async for t in backend.generate(context_id, greedy(8), 1)])
+        finally:
+            await backend.free_context(context_id)
+
+    async def main():
+        return await asyncio.gather(*(one(i, q) for i, q in enumerate(QUESTIONS)))
+
+    return run(main())
+
+
+def test_static_prefix_is_prefilled_once_and_changes_nothing(caching_engine, engine):
+    caching_engine.clear_prefix_cache()
+    before = caching_engine.stats().tokens_processed
+    shared = answers(BuiltinEngineBackend(caching_engine), len(SYSTEM), "static")
+    computed_with_sharing = caching_engine.stats().tokens_processed - before
+    plain_before = engine.stats().tokens_processed
+    plain = answers(BuiltinEngineBackend(engine), 0, "plain")
+    computed_without = engine.stats().tokens_processed - plain_before
+    assert shared == plain and all(a.strip() for a in shared)
+    system_tokens = len(caching_engine.tokenizer.encode(SYSTEM))
+    # the system prompt's whole blocks were computed once instead of four times
+    saved = computed_without - computed_with_sharing
+    assert saved >= 3 * (system_tokens // caching_engine.config.block_size) * caching_engine.config.block_size - 4
+    assert caching_engine.stats().num_contexts == 0 and caching_engine.stats().cached_prefixes >= 1
+    caching_engine.check_integrity()
+
+
+def test_dynamic_cache_reuses_a_finished_prompt_across_requests(caching_engine):
+    caching_engine.clear_prefix_cache()
+    backend = BuiltinEngineBackend(caching_engine)
+    first = answers(backend, 0, "first")
+    hits_before = caching_engine.prefix_cache.hits_tokens
+    again = answers(backend, 0, "again")
+    assert again == first
+    assert caching_engine.prefix_cache.hits_tokens - hits_before >= len(QUESTIONS) * caching_engine.config.block_size
+    caching_engine.check_integrity()
+
+
+def test_idle_prefixes_are_evicted_under_memory_pressure_and_every_block_comes_back(caching_engine):
+    caching_engine.clear_prefix_cache()
+    backend = BuiltinEngineBackend(caching_engine)
+    pool = caching_engine.contexts.pool
+    # distinct long prompts, far more than the pool holds if all were kept
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+    prompt_tokens = 200
+
+    async def one(i: int) -> None:
+        text = " ".join(words[(i + j) % len(words)] + str(i) for j in range(prompt_tokens // 3))
+        await backend.fill(f"p{i}", None, text, 1)
+        async for _ in backend.generate(f"p{i}", greedy(2), 1):
+            pass
+        await backend.free_context(f"p{i}")
+
+    rounds = pool.num_blocks * pool.block_size // prompt_tokens + 8
+    for i in range(rounds):
+        run(one(i))
+        caching_engine.check_integrity()
+    assert caching_engine.stats().num_contexts == 0
+    caching_engine.clear_prefix_cache()
+    assert pool.num_free == pool.num_blocks and len(caching_engine.prefix_cache) == 0
