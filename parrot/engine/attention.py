@@ -9,7 +9,7 @@ head ride along as extra query rows).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,74 @@ class SequenceSlice:
     block_table: list[int]
 
 
+def consecutive_run(block_table: list[int], num_blocks: int) -> int:
+    """How many of the first num_blocks blocks of the table are consecutive ids (at least 1)."""
+    first = block_table[0]
+    if block_table[num_blocks - 1] == first + num_blocks - 1 and block_table[:num_blocks] == list(
+        range(first, first + num_blocks)
+    ):
+        return num_blocks
+    run = 1
+    while run < num_blocks and block_table[run] == first + run:
+        run += 1
+    return run
+
+
+# A sequence's run of consecutive blocks is read in place when it holds at least this many
+# tokens; shorter runs are cheaper to gather with the rest than to attend to on their own.
+MIN_VIEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the step's decode rows read their KV, derived once per step and used by every layer.
+
+    A sequence's KV is split in two parts: its leading run of consecutive blocks ("main"),
+    read in place as a slice of the cache, and the other blocks ("rest"), gathered for all
+    sequences at once into one padded batch. A sequence with both parts merges the two
+    attention results through their log-sum-exp.
+    """
+
+    rows: torch.Tensor | None  # [B] query rows of the decode sequences; None when they are rows 0..B-1 of the batch
+    context_lens: list[int]  # per decode sequence
+    main: list[tuple[int, int]]  # per decode sequence: (first block, tokens read in place); 0 tokens: none
+    rest: list[int]  # decode sequences with gathered KV, in order
+    rest_table: torch.Tensor | None  # [R, W] int64 block ids, padded with each row's last block
+    rest_lens: list[int]  # gathered tokens per rest sequence
+    rest_mask: torch.Tensor | None  # [1, R, 1, W*bs] additive (-inf past each length); None when lengths agree
+    rest_index: torch.Tensor | None  # [R] int64: the rest sequences' positions among the decode sequences
+
+    @classmethod
+    def build(cls, seqs: list[SequenceSlice], in_order: bool, block_size: int) -> "DecodePlan":
+        rows = None if in_order else torch.tensor([s.query_start for s in seqs], dtype=torch.int64)
+        lens = [s.context_len for s in seqs]
+        main: list[tuple[int, int]] = []
+        rest: list[int] = []
+        rest_blocks: list[list[int]] = []
+        rest_lens: list[int] = []
+        for i, seq in enumerate(seqs):
+            used = -(-seq.context_len // block_size)
+            run = consecutive_run(seq.block_table, used)
+            if min(run * block_size, seq.context_len) < MIN_VIEW_TOKENS and run < used:
+                run = 0
+            in_place = min(run * block_size, seq.context_len)
+            main.append((seq.block_table[0] if in_place else 0, in_place))
+            if in_place < seq.context_len:
+                rest.append(i)
+                rest_blocks.append(seq.block_table[run:used])
+                rest_lens.append(seq.context_len - in_place)
+        table = mask = index = None
+        if rest:
+            width = max(len(b) for b in rest_blocks)
+            table = torch.tensor([b + [b[-1]] * (width - len(b)) for b in rest_blocks], dtype=torch.int64)
+            index = torch.tensor(rest, dtype=torch.int64)
+            span = width * block_size
+            if any(n != rest_lens[0] for n in rest_lens):
+                visible = torch.arange(span).unsqueeze(0) < torch.tensor(rest_lens).unsqueeze(1)  # [R, W*bs]
+                mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).view(1, len(rest), 1, span)
+        return cls(rows, lens, main, rest, table, rest_lens, mask, index)
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     sequences: list[SequenceSlice]
@@ -33,20 +101,27 @@ class AttentionMetadata:
     prefill_rows: list[int]
     decode_block_tables: torch.Tensor | None  # [B_decode, max_blocks] int64, padded
     decode_context_lens: torch.Tensor | None  # [B_decode] int64
+    decode_plan: DecodePlan | None = None
+    # per-step scratch of the backend (gather buffers, masks), reused by every layer of the step
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, sequences: list[SequenceSlice], slots: list[int]) -> "AttentionMetadata":
+    def build(cls, sequences: list[SequenceSlice], slots: list[int], block_size: int | None = None) -> "AttentionMetadata":
         decode = [i for i, s in enumerate(sequences) if s.query_len == 1]
         prefill = [i for i, s in enumerate(sequences) if s.query_len != 1]
-        tables = lens = None
+        tables = lens = plan = None
         if decode:
+            # without the block size the backend derives the plan at run time
             width = max(len(sequences[i].block_table) for i in decode)
             tables = torch.tensor(
                 [sequences[i].block_table + [0] * (width - len(sequences[i].block_table)) for i in decode],
                 dtype=torch.int64,
             )
             lens = torch.tensor([sequences[i].context_len for i in decode], dtype=torch.int64)
-        return cls(sequences, torch.tensor(slots, dtype=torch.int64), decode, prefill, tables, lens)
+            seqs = [sequences[i] for i in decode]
+            in_order = len(decode) == len(sequences) and all(s.query_start == i for i, s in enumerate(seqs))
+            plan = DecodePlan.build(seqs, in_order, block_size) if block_size else None
+        return cls(sequences, torch.tensor(slots, dtype=torch.int64), decode, prefill, tables, lens, plan)
 
 
 class AttentionBackend(ABC):
@@ -78,61 +153,160 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(hkv, nb * bs, d).index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """cache [Hkv, nb, bs, D], block_table [B, W] -> [Hkv, B, W*bs, D]."""
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """cache [Hkv, nb, bs, D], block_table [B, W] -> [Hkv, B, W*bs, D] (into out when given)."""
     hkv, _, bs, d = cache.shape
     b, w = block_table.shape
-    return cache.index_select(1, block_table.reshape(-1)).view(hkv, b, w * bs, d)
+    if out is None:
+        return cache.index_select(1, block_table.reshape(-1)).view(hkv, b, w * bs, d)
+    torch.index_select(cache, 1, block_table.reshape(-1), out=out.view(hkv, b * w, bs, d))
+    return out.view(hkv, b, w * bs, d)
+
+
+def cache_view(cache: torch.Tensor, first_block: int, length: int) -> torch.Tensor:
+    """The first length entries of a run of consecutive blocks, without a copy: [Hkv, length, D]."""
+    hkv, _, bs, d = cache.shape
+    return cache[:, first_block : first_block + -(-length // bs)].reshape(hkv, -1, d)[:, :length]
+
+
+_flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+    """q [B, H, L, D], k/v [B, H, S, D], mask additive, broadcast to [B, H, L, S]
+    -> (out [B, H, L, D], log-sum-exp of the scaled scores [B, H, L])."""
+    if _flash_with_lse is not None and q.device.type == "cpu":
+        return _flash_with_lse(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v), lse
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over the union of two disjoint key sets from the parts over each:
+    out [..., L, D], lse [..., L] -> out [..., L, D]."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - top).unsqueeze(-1)
+    w_b = torch.exp(lse_b - top).unsqueeze(-1)
+    return (out_a * w_a + out_b * w_b) / (w_a + w_b)
+
+
+def _scratch(meta: AttentionMetadata, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A buffer of the step, allocated by the first layer and reused by the others."""
+    buf = meta.scratch.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+        buf = meta.scratch[name] = torch.empty(shape, dtype=like.dtype)
+    return buf
 
 
 class CpuPagedAttention(AttentionBackend):
-    """Decode rows batched in one masked product; each prefill chunk on its own."""
+    """Decode rows: one unmasked product over gathered KV when they share a length, else one
+    product per sequence over a slice of the cache (or of the gathered KV). Prefill chunks:
+    causal attention over the chunk's own k/v when nothing is cached before it, else a masked
+    product over the sequence's KV."""
 
     def forward(self, q, k, v, k_cache, v_cache, meta):
+        assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches are read in place: they must be contiguous"
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        n, h, d = q.shape
-        hkv = k_cache.shape[0]
-        g = h // hkv
-        out = torch.empty_like(q)
-        if meta.decode_rows:
-            rows = torch.tensor([meta.sequences[i].query_start for i in meta.decode_rows])
-            out[rows] = self._decode(q[rows], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, g)
+        plan = meta.decode_plan or meta.scratch.get("decode_plan")
+        if plan is None and meta.decode_rows:  # built without the block size: derive the plan once per step
+            seqs = [meta.sequences[i] for i in meta.decode_rows]
+            in_order = not meta.prefill_rows and all(s.query_start == i for i, s in enumerate(seqs))
+            plan = meta.scratch["decode_plan"] = DecodePlan.build(seqs, in_order, k_cache.shape[2])
+        if plan is not None and plan.rows is None:  # a decode-only step
+            return self._decode(q, k_cache, v_cache, plan, meta)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        if plan is not None:
+            out[plan.rows] = self._decode(q[plan.rows], k_cache, v_cache, plan, meta)
         for i in meta.prefill_rows:
             seq = meta.sequences[i]
             span = slice(seq.query_start, seq.query_start + seq.query_len)
-            out[span] = self._prefill(q[span], k_cache, v_cache, seq, g)
+            out[span] = self._prefill(q[span], k[span], v[span], k_cache, v_cache, seq, meta, i)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, tables, lens, g):
+    def _decode(q, k_cache, v_cache, plan: DecodePlan, meta: AttentionMetadata):
+        """q: [B, H, D] -> [B, H, D]"""
         b, h, d = q.shape
-        hkv = h // g
-        keys = gather_kv(k_cache, tables)  # [Hkv, B, T, D]
-        values = gather_kv(v_cache, tables)
-        t = keys.shape[2]
-        queries = q.view(b, hkv, g, d).permute(1, 0, 2, 3).to(keys.dtype)  # [Hkv, B, G, D]
-        visible = torch.arange(t).unsqueeze(0) < lens.unsqueeze(1)  # [B, T]
-        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible.unsqueeze(1))
-        return attn.permute(1, 0, 2, 3).reshape(b, h, d).to(q.dtype)  # [B, H, D]
+        hkv, _, bs, _ = k_cache.shape
+        g = h // hkv
+        queries = q.view(b, hkv, g, d).transpose(0, 1).to(k_cache.dtype)  # [Hkv, B, G, D]
+        rest_out = rest_lse = None
+        if plan.rest:
+            r, width = plan.rest_table.shape
+            shape = (hkv, r, width * bs, d)
+            keys = gather_kv(k_cache, plan.rest_table, _scratch(meta, "decode_k", shape, k_cache))
+            values = gather_kv(v_cache, plan.rest_table, _scratch(meta, "decode_v", shape, v_cache))
+            if plan.rest_mask is None:
+                keys, values = keys[:, :, : plan.rest_lens[0]], values[:, :, : plan.rest_lens[0]]
+            rest_q = queries if len(plan.rest) == b else queries[:, plan.rest_index]
+            if len(plan.rest) == b and not any(n for _, n in plan.main):
+                # every sequence is gathered whole: one product, no merge
+                attn = F.scaled_dot_product_attention(rest_q, keys, values, attn_mask=plan.rest_mask)  # [Hkv, B, G, D]
+                return attn.transpose(0, 1).reshape(b, h, d).to(q.dtype)
+            rest_out, rest_lse = attention_with_lse(rest_q, keys, values, plan.rest_mask)  # [Hkv, R, G, D], [Hkv, R, G]
+        # the in-place runs, one sequence at a time (a slice of the cache each, no copy)
+        outs, lses = [], []
+        stride = k_cache.stride()
+        for i, (first, length) in enumerate(plan.main):
+            if length == 0:
+                outs.append(queries.new_zeros(hkv, 1, g, d))
+                lses.append(queries.new_full((hkv, 1, g), float("-inf")))
+                continue
+            size, strides, offset = (hkv, 1, length, d), (stride[0], 0, d, 1), first * stride[1]
+            seq_k = k_cache.as_strided(size, strides, k_cache.storage_offset() + offset)
+            seq_v = v_cache.as_strided(size, strides, v_cache.storage_offset() + offset)
+            if rest_out is None:
+                outs.append(F.scaled_dot_product_attention(queries[:, i : i + 1], seq_k, seq_v))
+            else:
+                out, lse = attention_with_lse(queries[:, i : i + 1], seq_k, seq_v)
+                outs.append(out)
+                lses.append(lse)
+        main_out = torch.cat(outs, dim=1)  # [Hkv, B, G, D]
+        if rest_out is not None:
+            main_lse = torch.cat(lses, dim=1)  # [Hkv, B, G]
+            index = plan.rest_index
+            merged = merge_attention(main_out[:, index], main_lse[:, index], rest_out, rest_lse)
+            if len(plan.rest) == b:
+                main_out = merged
+            else:
+                main_out[:, index] = merged
+        return main_out.transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
     @staticmethod
-    def _prefill(q, k_cache, v_cache, seq, g):
+    def _prefill(q, k, v, k_cache, v_cache, seq: SequenceSlice, meta: AttentionMetadata, index: int):
+        """q: [L, H, D], k/v: [L, Hkv, D] (this chunk's own, already in the cache) -> [L, H, D]"""
         L, h, d = q.shape
-        hkv = h // g
-        table = torch.tensor([seq.block_table], dtype=torch.int64)
-        keys = gather_kv(k_cache, table)[:, 0, : seq.context_len]  # [Hkv, T, D]
-        values = gather_kv(v_cache, table)[:, 0, : seq.context_len]
-        # G query heads of one KV head become G*L query rows: [Hkv, G*L, D]
-        queries = q.view(L, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * L, d).to(keys.dtype)
+        hkv, _, bs, _ = k_cache.shape
+        g = h // hkv
         cached = seq.context_len - L
         if cached == 0:
-            # no cached prefix: plain causal attention, heads as [H, L, D] with GQA broadcast
-            heads = q.transpose(0, 1).to(keys.dtype)
+            # nothing before the chunk: plain causal attention over its own k/v, GQA by broadcast
+            heads = q.transpose(0, 1).unsqueeze(0).to(k_cache.dtype)  # [1, H, L, D]
             causal = F.scaled_dot_product_attention(
-                heads.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), is_causal=True, enable_gqa=True
+                heads,
+                k.transpose(0, 1).unsqueeze(0).to(k_cache.dtype),
+                v.transpose(0, 1).unsqueeze(0).to(k_cache.dtype),
+                is_causal=True,
+                enable_gqa=True,
             )
             return causal[0].transpose(0, 1).to(q.dtype)
-        # query i sits at position cached + i and sees keys 0..cached + i
-        visible = torch.arange(seq.context_len).unsqueeze(0) <= (torch.arange(L) + cached).unsqueeze(1)
-        rows = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible.repeat(g, 1))
+        used = -(-seq.context_len // bs)
+        if consecutive_run(seq.block_table, used) == used:
+            first = seq.block_table[0]
+            keys, values = cache_view(k_cache, first, seq.context_len), cache_view(v_cache, first, seq.context_len)
+        else:
+            table = torch.tensor([seq.block_table[:used]], dtype=torch.int64)
+            keys = gather_kv(k_cache, table)[:, 0, : seq.context_len]  # [Hkv, T, D]
+            values = gather_kv(v_cache, table)[:, 0, : seq.context_len]
+        # G query heads of one KV head become G*L query rows: [Hkv, G*L, D]
+        queries = q.reshape(L, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * L, d).to(keys.dtype)
+        mask = meta.scratch.get(("prefill_mask", index))
+        if mask is None:
+            # query i sits at position cached + i and sees keys 0..cached + i
+            visible = torch.arange(seq.context_len).unsqueeze(0) <= (torch.arange(L) + cached).unsqueeze(1)
+            mask = meta.scratch[("prefill_mask", index)] = visible.repeat(g, 1)
+        rows = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         return rows.view(hkv, g, L, d).permute(2, 0, 1, 3).reshape(L, h, d).to(q.dtype)

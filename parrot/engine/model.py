@@ -81,10 +81,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, D]; cos/sin: [N, 1, D/2] (rotate-half convention)."""
+    """x: [N, heads, D]; cos: [N, 1, D] as (cos, cos); sin: [N, 1, D] as (-sin, sin) (rotate-half convention).
+
+    Computes (x1 cos - x2 sin, x2 cos + x1 sin) for the halves x1, x2 of each head in
+    four kernels for q and k together (the same roundings as the textbook form).
+    """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # (x2, x1)
+    return (x * cos).add_(swapped.mul_(sin))
 
 
 class LlamaModel:
@@ -107,8 +111,9 @@ class LlamaModel:
         self.layers = [self._layer(state, i) for i in range(c.num_layers)]
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
-        self.rope_cos = angles.cos().to(dtype)
-        self.rope_sin = angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        self.rope_cos = torch.cat((cos, cos), dim=-1).to(dtype)  # [P, D]
+        self.rope_sin = torch.cat((-sin, sin), dim=-1).to(dtype)  # [P, D], signed for apply_rope
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return Linear.of(weight, bias, self.small_batch_bf16)
@@ -136,21 +141,22 @@ class LlamaModel:
         """Runs all layers over the flat batch; returns float32 logits [M, V] for batch.logit_rows."""
         c = self.config
         n = batch.token_ids.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        heads = c.num_heads + c.num_kv_heads
+        q_size, qk_size = c.num_heads * c.head_dim, heads * c.head_dim
         eps = c.rms_norm_eps
-        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [N, 1, D/2]
+        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [N, 1, D], gathered once per step
         sin = self.rope_sin[batch.positions].unsqueeze(1)
-        hidden = self.embed[batch.token_ids]  # [N, hidden]
+        hidden = self.embed[batch.token_ids]  # [N, hidden]; a fresh tensor, updated in place below
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = F.rms_norm(hidden, (c.hidden_size,), layer.input_norm, eps)
             qkv = layer.qkv(x)  # [N, (H + 2 Hkv) * D]
-            q = apply_rope(qkv[:, :q_size].view(n, c.num_heads, c.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_size : q_size + kv_size].view(n, c.num_kv_heads, c.head_dim), cos, sin)
-            v = qkv[:, q_size + kv_size :].view(n, c.num_kv_heads, c.head_dim)
+            qk = apply_rope(qkv[:, :qk_size].view(n, heads, c.head_dim), cos, sin)  # q and k heads in one call
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
+            v = qkv[:, qk_size:].view(n, c.num_kv_heads, c.head_dim)
             attn = self.attention.forward(q, k, v, k_cache, v_cache, batch.attention)  # [N, H, D]
-            hidden = hidden + layer.o_proj(attn.reshape(n, q_size))
+            hidden.add_(layer.o_proj(attn.reshape(n, q_size)))
             x = F.rms_norm(hidden, (c.hidden_size,), layer.post_norm, eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, inter] each
-            hidden = hidden + layer.down(F.silu(gate) * up)
+            hidden.add_(layer.down(F.silu(gate).mul_(up)))
         last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, eps)  # [M, hidden]
         return self.lm_head(last).float()  # [M, V]

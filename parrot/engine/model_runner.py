@@ -22,6 +22,7 @@ class KVCacheTensors:
     """Per-layer K and V tensors, [Hkv, num_blocks, block_size, D] each."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+        self.block_size = block_size
         shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
         self.layers = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_layers)]
 
@@ -58,7 +59,7 @@ class ModelRunner:
         batch = ForwardBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64),
             positions=torch.tensor(positions, dtype=torch.int64),
-            attention=AttentionMetadata.build(sequences, slots),
+            attention=AttentionMetadata.build(sequences, slots, self.kv.block_size),
             logit_rows=torch.tensor(logit_rows, dtype=torch.int64),
         )
         logits = self.model.forward(batch, self.kv.layers)  # [M, V]
