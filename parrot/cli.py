@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     eng.add_argument("--public-url", default=None, help="URL the manager should use to reach this engine")
     eng.add_argument("--engine-key", default=None, help="the manager's engine key (or PARROT_ENGINE_KEY)")
+    eng.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone (set by parrot serve)")
     _engine_args(eng)
     eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
 

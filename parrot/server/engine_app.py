@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 
 import httpx
 from fastapi import FastAPI, Request
@@ -28,7 +30,8 @@ def _stats_body(backend: BuiltinEngineBackend) -> EngineStatsBody:
 
 
 def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url: str | None = None,
-                      public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = 2.0) -> FastAPI:
+                      public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = 2.0,
+                      parent_pid: int | None = None) -> FastAPI:
     app = FastAPI(title="parrot-serve engine", description="Primitives of one built-in engine.")
     install_error_handlers(app)
 
@@ -77,7 +80,9 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
     if manager_url is not None:
         @app.on_event("startup")
         async def register_and_heartbeat():
-            app.state.heartbeat = asyncio.create_task(_keep_registered(backend, manager_url, public_url, engine_key, heartbeat_s))
+            app.state.heartbeat = asyncio.create_task(
+                _keep_registered(backend, manager_url, public_url, engine_key, heartbeat_s, parent_pid)
+            )
 
     @app.on_event("shutdown")
     async def stop():
@@ -89,13 +94,21 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
     return app
 
 
-async def _keep_registered(backend, manager_url: str, public_url: str, engine_key: str, period: float) -> None:
-    """Registers, then heartbeats; registers again whenever the manager forgot us."""
+async def _keep_registered(backend, manager_url: str, public_url: str, engine_key: str, period: float, parent_pid: int | None) -> None:
+    """Registers, then heartbeats; registers again whenever the manager forgot us.
+
+    An engine started by `parrot serve` stops when that process is gone, so a
+    killed manager never leaves engine processes behind.
+    """
     headers = {"authorization": f"Bearer {engine_key}"}
     registration = EngineRegister(name=backend.name, url=public_url, model=backend.model)
     registered = False
     async with httpx.AsyncClient(base_url=manager_url.rstrip("/"), headers=headers, timeout=10.0) as http:
         while True:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("the process that started this engine (pid %d) is gone; stopping", parent_pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             try:
                 if not registered:
                     response = await http.post("/api/v1/engines/register", json=registration.model_dump())

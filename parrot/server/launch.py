@@ -58,7 +58,7 @@ def serve(args) -> None:
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--model", args.model,
-             "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb)],
+             "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb), "--parent-pid", str(os.getpid())],
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key},
         )
         for i in range(local_processes)
@@ -96,6 +96,7 @@ def engine(args) -> None:
     name = args.name or f"{socket.gethostname()}-{port}"
     llm = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype))
     backend = BuiltinEngineBackend(llm, name)
-    app = create_engine_app(backend, KeyStore.load(env={}, engine_key=engine_key), args.manager, public_url, engine_key)
+    app = create_engine_app(backend, KeyStore.load(env={}, engine_key=engine_key), args.manager, public_url, engine_key,
+                            parent_pid=args.parent_pid)
     print(f"parrot engine {name} on {public_url}, registering with {args.manager}", flush=True)
     uvicorn.run(app, host=args.host, port=port, log_level="warning")
