@@ -80,8 +80,11 @@ def assert_clean(engine: LLMEngine) -> None:
         assert stats.blocks_free == stats.blocks_total, f"{stats.blocks_total - stats.blocks_free} blocks were not returned"
     finally:
         # leave the shared engine usable for the next test even when this one failed
+        cache = engine.prefix_cache
         for context_id in list(engine.contexts._contexts):
-            engine.free_context(context_id)
+            if context_id in engine.contexts and (cache is None or not cache.owns(context_id)):
+                engine.free_context(context_id)
+        engine.clear_prefix_cache()
 
 
 def kv_gb_for_blocks(engine: LLMEngine, num_blocks: int, block_size: int) -> float:
