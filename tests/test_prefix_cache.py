@@ -93,3 +93,22 @@ def test_idle_prefixes_are_evicted_under_memory_pressure_and_every_block_comes_b
     assert caching_engine.stats().num_contexts == 0
     caching_engine.clear_prefix_cache()
     assert pool.num_free == pool.num_blocks and len(caching_engine.prefix_cache) == 0
+
+
+def test_generation_with_shared_prefix_attention_equals_without(caching_engine, engine):
+    """Four users of one long system prompt decode as one prefix group: same tokens as the plain engine."""
+    assert type(caching_engine.model.attention).__name__ == "SharedPrefixCpuAttention"
+    long_system = SYSTEM * 3  # past the shared-attention threshold (128 tokens)
+    backend = BuiltinEngineBackend(caching_engine)
+
+    async def one(b, i, question, shared):
+        await b.fill(f"sp-{shared}-{i}", None, long_system + question, 1, shared_prefix_chars=len(long_system) if shared else 0)
+        try:
+            return [t.token_id async for t in b.generate(f"sp-{shared}-{i}", greedy(6), 1)]
+        finally:
+            await b.free_context(f"sp-{shared}-{i}")
+
+    async def all_of(b, shared):
+        return await asyncio.gather(*(one(b, i, q, shared) for i, q in enumerate(QUESTIONS)))
+
+    assert run(all_of(backend, True)) == run(all_of(BuiltinEngineBackend(engine), False))

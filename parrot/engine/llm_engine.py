@@ -22,6 +22,7 @@ from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, re
 from parrot.engine.model import LlamaModel
 from parrot.engine.model_runner import KVCacheTensors, ModelRunner
 from parrot.engine.prefix_cache import PrefixCache
+from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -46,6 +47,7 @@ class EngineConfig:
     # rows (faster decode on CPUs); False keeps every matmul in float32 (exact, batch-invariant)
     small_batch_bf16: bool = True
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
+    shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
 
     def __post_init__(self) -> None:
         if self.kv_memory_gb <= 0:
@@ -113,7 +115,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         dtype = config.torch_dtype
         self.model = LlamaModel(
-            self.model_config, load_state_dict(model_dir, dtype), CpuPagedAttention(), dtype, config.small_batch_bf16
+            self.model_config, load_state_dict(model_dir, dtype),
+            SharedPrefixCpuAttention() if config.shared_prefix_attention else CpuPagedAttention(), dtype, config.small_batch_bf16
         )
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
         num_blocks = max(1, int(config.kv_memory_gb * 2**30) // per_block)
