@@ -51,18 +51,6 @@ def chain_summary(chunks: list[str]) -> list[P.SemanticVariable]:
     return summaries
 
 
-def print_dag(runtime) -> None:
-    """The server's view: each call with its inputs, outputs, state and deduced objective."""
-    dag = runtime.dag()
-    var_names = {v.var_id: v.name for v in dag.variables}
-    call_names = {c.call_id: f"{c.function}#{i}" for i, c in enumerate(dag.calls)}
-    for call in dag.calls:
-        ins = ", ".join(var_names[v] for v in call.inputs.values())
-        outs = ", ".join(var_names[v] for v in call.outputs.values())
-        group = f", task group of {call_names[call.task_group]}" if call.task_group else ""
-        print(f"  {call_names[call.call_id]:<12} depth {call.depth}  ({ins}) -> {outs}: {call.state}, objective {call.objective}{group}")
-
-
 if __name__ == "__main__":
     chunks = chunks_of(csv.__doc__, WORDS_PER_CHUNK)
     with P.Runtime(model="smollm2-135m") as runtime:
@@ -76,4 +64,4 @@ if __name__ == "__main__":
             print(f"=== summary after chunk {i + 1} of {len(chunks)} (the csv module's documentation) ===")
             print(summary.get().strip())
         print(f"=== {len(chunks)} dependent calls in {elapsed:.1f}s with {client_calls} client call; the DAG: ===")
-        print_dag(runtime)
+        print(P.format_dag(runtime.dag()))

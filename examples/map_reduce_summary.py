@@ -50,18 +50,6 @@ def map_reduce_summary(chunks: list[str]) -> tuple[list[P.SemanticVariable], P.S
     return maps, combine(*maps)
 
 
-def print_dag(runtime) -> None:
-    """The server's view: each call with its inputs, outputs, state and deduced objective."""
-    dag = runtime.dag()
-    var_names = {v.var_id: v.name for v in dag.variables}
-    call_names = {c.call_id: f"{c.function}#{i}" for i, c in enumerate(dag.calls)}
-    for call in dag.calls:
-        ins = ", ".join(var_names[v] for v in call.inputs.values())
-        outs = ", ".join(var_names[v] for v in call.outputs.values())
-        group = f", task group of {call_names[call.task_group]}" if call.task_group else ""
-        print(f"  {call_names[call.call_id]:<18} depth {call.depth}  ({ins}) -> {outs}: {call.state}, objective {call.objective}{group}, on {call.engine}")
-
-
 if __name__ == "__main__":
     chunks = split_evenly(json.__doc__, NUM_CHUNKS)
     assert len(chunks) == NUM_CHUNKS
@@ -76,4 +64,4 @@ if __name__ == "__main__":
         print("=== reduce: the whole page ===")
         print(text.strip())
         print(f"=== {NUM_CHUNKS} map calls and 1 reduce in {elapsed:.1f}s; the DAG: ===")
-        print_dag(runtime)
+        print(P.format_dag(runtime.dag()))

@@ -63,18 +63,6 @@ def snake_game_team(task: str):
     return design, code, reviewer(design, *code)
 
 
-def print_dag(runtime) -> None:
-    """The server's view: each call with its inputs, outputs, state and deduced objective."""
-    dag = runtime.dag()
-    var_names = {v.var_id: v.name for v in dag.variables}
-    call_names = {c.call_id: f"{c.function}#{i}" for i, c in enumerate(dag.calls)}
-    for call in dag.calls:
-        ins = ", ".join(var_names[v] for v in call.inputs.values())
-        outs = ", ".join(var_names[v] for v in call.outputs.values())
-        group = f", task group of {call_names[call.task_group]}" if call.task_group else ""
-        print(f"  {call_names[call.call_id]:<13} depth {call.depth}  ({ins}) -> {outs}: {call.state}, objective {call.objective}{group}")
-
-
 if __name__ == "__main__":
     with P.Runtime(model="smollm2-135m") as runtime:
         design, code, review = snake_game_team("a snake game in the terminal")
@@ -89,4 +77,4 @@ if __name__ == "__main__":
         print("=== reviewer ===")
         print(review_text.strip())
         print(f"=== {2 + len(MODULES)} agents' calls in {elapsed:.1f}s; the DAG: ===")
-        print_dag(runtime)
+        print(P.format_dag(runtime.dag()))

@@ -41,5 +41,4 @@ if __name__ == "__main__":
         print("=== test ===")
         print(test.strip())
         print(f"=== 2 dependent calls in {elapsed:.1f}s, {runtime.client_calls} client calls, server-side DAG: ===")
-        for call in runtime.dag().calls:
-            print(f"  {call.function}: {call.state}, objective {call.objective}, depth {call.depth}, on {call.engine}")
+        print(P.format_dag(runtime.dag()))

@@ -11,7 +11,7 @@
 
 from parrot.frontend.function import Input, Output, native_function, semantic_function
 from parrot.frontend.http_client import connect
-from parrot.frontend.runtime import Runtime
+from parrot.frontend.runtime import Runtime, format_dag
 from parrot.frontend.variable import LATENCY, THROUGHPUT, SemanticVariable
 from parrot.errors import UserError
 
@@ -29,6 +29,6 @@ def variable(name: str = "var", value=None) -> SemanticVariable:
 
 
 __all__ = [
-    "Input", "Output", "semantic_function", "native_function", "Runtime", "connect", "variable",
+    "Input", "Output", "semantic_function", "native_function", "Runtime", "connect", "variable", "format_dag",
     "SemanticVariable", "LATENCY", "THROUGHPUT", "UserError",
 ]

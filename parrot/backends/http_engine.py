@@ -9,6 +9,7 @@ import httpx
 from parrot.backends.base import BackendStats, EngineBackend
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
 from parrot.errors import UserError
+from parrot.protocol import error_message
 from parrot.protocol.engine_api import EngineStatsBody, FillBody, FreeBody, GenerateBody, TokenEvent
 from parrot.protocol.manager_api import SamplingBody
 
@@ -30,10 +31,7 @@ class HttpEngineBackend(EngineBackend):
     def _check(response: httpx.Response) -> None:
         if response.status_code < 400:
             return
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
+        message = error_message(response)
         if response.status_code < 500:
             raise EngineRequestError(message)
         raise RuntimeError(f"engine error {response.status_code}: {message}")

@@ -24,16 +24,9 @@ class Input:
 
 
 @dataclass(frozen=True)
-class Output:
-    """Annotation of a parameter the model generates; carries its sampling settings."""
-
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+class Output(SamplingParams):
+    """Annotation of a parameter the model generates: its sampling settings
+    (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos), checked at once."""
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})

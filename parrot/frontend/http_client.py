@@ -11,6 +11,7 @@ import httpx
 from parrot.errors import UserError
 from parrot.frontend.runtime import Client
 from parrot.manager.spec import CallSpec, Perf
+from parrot.protocol import error_message
 from parrot.protocol.manager_api import (
     Batch, BatchOp, BatchResult, CallSubmit, DagBody, VariableCreate, VariableFail, VariableSet, VariableValue, WaitRequest,
 )
@@ -28,10 +29,7 @@ class ServerError(UserError):
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:500] or response.reason_phrase
+    message = error_message(response)
     raise ServerError(f"{response.status_code}: {message}")
 
 

@@ -28,6 +28,22 @@ def current() -> "Client":
     return client
 
 
+def format_dag(dag) -> str:
+    """The server's view of a session, one line a call: inputs, outputs, state, deduced objective."""
+    var_names = {v.var_id: v.name for v in dag.variables}
+    call_names = {c.call_id: f"{c.function}#{i}" for i, c in enumerate(dag.calls)}
+    lines = []
+    for call in dag.calls:
+        ins = ", ".join(var_names[v] for v in call.inputs.values())
+        outs = ", ".join(var_names[v] for v in call.outputs.values())
+        group = f", task group of {call_names.get(call.task_group, call.task_group)}" if call.task_group else ""
+        engine = f" on {call.engine}" if call.engine else ""
+        lines.append(
+            f"  {call_names[call.call_id]:<12} depth {call.depth}  ({ins}) -> {outs}: {call.state}{engine}, objective {call.objective}{group}"
+        )
+    return "\n".join(lines)
+
+
 class Client(ABC):
     """One session of a program with a manager.
 
