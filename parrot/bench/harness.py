@@ -54,9 +54,12 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
                 servers.append(vllm)
                 systems.append(("vllm", vllm))
         settings = sorted({0.0, rtt_ms})
-        # warm both paths once so that no system pays first-use costs in its measurement
-        run_workload(workload, quick_or_full(workload, True), "request-level", parrot_server, 0.0, tokenizer)
+        # warm-up, not measured: both paths once on the same documents, whose outputs
+        # must agree (sharing and batching never change what greedy decoding says)
+        warmup = quick_or_full(workload, True)
+        check = [run_workload(workload, warmup, kind, parrot_server, 0.0, tokenizer, document_set=0) for kind in ("parrot", "request-level")]
         total = len(settings) * len(systems) * repeats
+        document_set = 1
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"{workload}{' (quick)' if quick else ''}", total=total)
             for rtt in settings:
@@ -64,7 +67,9 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
                     # systems alternate inside each repeat, so drift in the machine hits all alike
                     for label, server in systems:
                         progress.update(task, description=f"{workload}: {label}, +{rtt:.0f} ms RTT")
-                        m = run_workload(workload, config, "parrot" if label == "parrot" else "request-level", server, rtt / 1e3, tokenizer)
+                        m = run_workload(workload, config, "parrot" if label == "parrot" else "request-level", server, rtt / 1e3,
+                                         tokenizer, document_set=document_set)
+                        document_set += 1
                         m.system = label
                         measurements.append(m)
                         progress.advance(task)
@@ -81,7 +86,8 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         ],
     }
     result["ratios"] = ratios(measurements)
-    result["outputs_match"] = outputs_match(measurements)
+    result["outputs_match"] = check[0].final_outputs == check[1].final_outputs
+    result["check_outputs"] = {"parrot": check[0].final_outputs, "request-level": check[1].final_outputs}
     (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out_dir / f"{workload}.md")
     plot(result, out_dir / f"{workload}.png")
@@ -100,13 +106,6 @@ def ratios(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
     for (rtt, system), value in best.items():
         out.setdefault(f"{rtt:.0f}ms", {})[system] = value / best[(rtt, "parrot")]
     return out
-
-
-def outputs_match(measurements: list[Measurement]) -> bool:
-    """Greedy decoding of the same prompts: Parrot and request-level on our engine must agree."""
-    parrot = [m.final_outputs for m in measurements if m.system == "parrot"]
-    request = [m.final_outputs for m in measurements if m.system == "request-level"]
-    return bool(parrot) and all(p == parrot[0] for p in parrot + request)
 
 
 def print_table(result: dict, console: Console) -> None:

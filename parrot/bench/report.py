@@ -28,7 +28,8 @@ def write_markdown(result: dict, path: Path) -> None:
     for (rtt, system), m in sorted(_best(result).items()):
         ratio = result["ratios"][f"{rtt:.0f}ms"][system]
         lines.append(f"| {system} | {rtt:.0f} ms | {m['mean_s']:.2f} | {m['p90_s']:.2f} | {ratio:.2f}x |")
-    lines += ["", f"Outputs of parrot and request-level identical: {'yes' if result['outputs_match'] else 'NO'}."]
+    lines += ["", "Every measured run reads its own documents (engines cache prompt prefixes); a warm-up pair on the same "
+              f"documents checks that parrot and request-level produce the same text: {'identical' if result['outputs_match'] else 'DIFFERENT'}."]
     lines += [f"Note: {note}" for note in result["notes"]]
     path.write_text("\n".join(lines) + "\n")
 

@@ -113,10 +113,17 @@ class BackgroundLoad:
             thread.join()
 
 
-def run_workload(name: str, config: WorkloadConfig, system: str, server: RunningServer, rtt_s: float, tokenizer) -> Measurement:
-    """One measured run: `system` is parrot or request-level (an orchestrating client on server)."""
+def run_workload(name: str, config: WorkloadConfig, system: str, server: RunningServer, rtt_s: float, tokenizer,
+                 document_set: int = 0) -> Measurement:
+    """One measured run: `system` is parrot or request-level (an orchestrating client on server).
+
+    Every measured run reads documents of its own (document_set): engines cache
+    prompt prefixes, so a run on documents another run has read would be faster
+    for a reason that is not the system's.
+    """
     map_reduce = name == "map-reduce"
-    documents = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=i * config.chunks) for i in range(config.apps)]
+    first = document_set * config.apps * config.chunks
+    documents = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=first + i * config.chunks) for i in range(config.apps)]
     client = CompletionClient(server, rtt_s) if system != "parrot" else None
 
     def one_app(index: int) -> tuple[float, str]:
@@ -127,7 +134,7 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
         orchestrate = apps.request_map_reduce if map_reduce else apps.request_chain
         return _run_request_app(client, lambda c: orchestrate(c, doc, config.output_tokens))
 
-    background_prompt = make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=10_000 // config.chunk_tokens)[0]
+    background_prompt = make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=first + config.apps * config.chunks)[0]
     try:
         with BackgroundLoad(server, config.background_rate, apps.render(apps.SUMMARIZE, {"chunk": background_prompt}), config.output_tokens) as load:
             with ThreadPoolExecutor(max_workers=config.apps) as pool:
