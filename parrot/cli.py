@@ -98,12 +98,15 @@ def cmd_chat(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    import signal
     from pathlib import Path
 
     from rich.console import Console
 
     from parrot.bench.harness import run_bench
 
+    # a terminated benchmark still stops the servers it started (its finally blocks run)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console(),
               engine=args.engine, engines=args.engines)
 
