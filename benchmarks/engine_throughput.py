@@ -354,7 +354,7 @@ def _free_port() -> int:
 
 
 class VllmServer:
-    def __init__(self, model_dir: Path, max_len: int, log_path: Path, threads: int | None):
+    def __init__(self, model_dir: Path, max_len: int, log_path: Path, threads: int | None, dtype: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
@@ -364,7 +364,7 @@ class VllmServer:
             str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", "bench",
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "bfloat16", "--max-model-len", str(max_len), "--no-enable-prefix-caching",
+            "--dtype", dtype, "--max-model-len", str(max_len), "--no-enable-prefix-caching",
         ]  # fmt: skip
         self.log_path = log_path
         self.log = log_path.open("w")
@@ -430,7 +430,7 @@ def _windowed_rate(streams: list[list[float]]) -> tuple[float, int]:
 async def _vllm_measure(url: str, pool: PromptPool, batches, output_len: int, prefill_reps: int, progress, task) -> SystemResult:
     import httpx
 
-    result = SystemResult("vllm")
+    result = SystemResult("vllm")  # renamed with its dtype by run_vllm
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0)) as client:
         await _vllm_stream(client, url, pool.take(1)[0], 4)  # warm-up
         rates = []
@@ -457,11 +457,13 @@ def run_vllm(args, model_dir: Path, pool: PromptPool, batches, progress) -> Syst
         return None
     task = progress.add_task("vLLM: starting the server (the first start compiles, minutes)", total=2 + len(batches))
     log_path = args.out / "vllm-server.log"
-    server = VllmServer(model_dir, args.prompt_len + args.output_len + 64, log_path, args.vllm_threads)
+    server = VllmServer(model_dir, args.prompt_len + args.output_len + 64, log_path, args.vllm_threads, args.vllm_dtype)
     try:
         server.wait_ready(args.vllm_start_timeout)
         progress.update(task, advance=1, description="vLLM: prefill")
-        return asyncio.run(_vllm_measure(server.url, pool, batches, args.output_len, args.prefill_reps, progress, task))
+        result = asyncio.run(_vllm_measure(server.url, pool, batches, args.output_len, args.prefill_reps, progress, task))
+        result.notes.append(f"--dtype {args.vllm_dtype}, threads {args.vllm_threads or 'vLLM default'}")
+        return result
     except Exception as exc:  # the comparison goes on without it, saying why
         console.print(f"[red]vLLM: failed: {exc}")
         return SystemResult("vllm", notes=[f"failed: {exc}"])
@@ -584,6 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-budget", type=float, default=60.0, help="seconds of decode per transformers generate at most (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for this process (default: torch's)")
     parser.add_argument("--vllm-threads", type=int, default=None, help="OMP_NUM_THREADS for vLLM (default: vLLM's own choice)")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM --dtype (default %(default)s, as vLLM serves this model)")
     parser.add_argument("--vllm-start-timeout", type=float, default=900.0, help="seconds to wait for vLLM to start (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default %(default)s)")
     args = parser.parse_args(argv)
