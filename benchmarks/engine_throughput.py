@@ -40,10 +40,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+def _preset_threads(argv: list[str]) -> None:
+    """--threads must hold in every thread (the engine steps in a worker thread, where
+    torch.set_num_threads from the main thread does not reach): set it before torch loads."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else argv[i + 1] if arg == "--threads" and i + 1 < len(argv) else None
+        if value:
+            os.environ["OMP_NUM_THREADS"] = value
+            os.environ["MKL_NUM_THREADS"] = value
+
+
+_preset_threads(sys.argv[1:])
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL, cache_dir, resolve_model_dir
