@@ -38,6 +38,16 @@ def consecutive_run(block_table: list[int], num_blocks: int) -> int:
     return run
 
 
+def descending_run(block_table: list[int], num_blocks: int) -> int:
+    """How many of the first num_blocks blocks of the table are consecutive ids counting down."""
+    if num_blocks == 0:
+        return 0
+    first, run = block_table[0], 1
+    while run < num_blocks and block_table[run] == first - run:
+        run += 1
+    return run
+
+
 # A sequence's run of consecutive blocks is read in place when it holds at least this many
 # tokens; shorter runs are cheaper to gather with the rest than to attend to on their own.
 MIN_VIEW_TOKENS = 64
@@ -48,7 +58,7 @@ class DecodePlan:
     """How the step's decode rows read their KV, derived once per step and used by every layer.
 
     A sequence's KV is split in two parts: its leading run of consecutive blocks ("main"),
-    read in place as a slice of the cache, and the other blocks ("rest"), gathered for all
+    ascending, or full blocks descending, read in place as a slice of the cache, and the other blocks ("rest"), gathered for all
     sequences at once into one padded batch. A sequence with both parts merges the two
     attention results through their log-sum-exp.
     """
@@ -73,10 +83,17 @@ class DecodePlan:
         for i, seq in enumerate(seqs):
             used = -(-seq.context_len // block_size)
             run = consecutive_run(seq.block_table, used)
+            first = seq.block_table[0]
+            down = descending_run(seq.block_table, seq.context_len // block_size)
+            if down > run:
+                # blocks handed out in reverse (a freed context's blocks come back last-first):
+                # full blocks of one id range are read in place all the same, since a decode
+                # query sees every key and the order of keys does not change the softmax
+                run, first = down, seq.block_table[down - 1]
             if min(run * block_size, seq.context_len) < MIN_VIEW_TOKENS and run < used:
                 run = 0
             in_place = min(run * block_size, seq.context_len)
-            main.append((seq.block_table[0] if in_place else 0, in_place))
+            main.append((first if in_place else 0, in_place))
             if in_place < seq.context_len:
                 rest.append(i)
                 rest_blocks.append(seq.block_table[run:used])
