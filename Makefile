@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-quick bench-peers vllm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/engine_throughput.py --quick
+
+vllm:
+	bash benchmarks/setup_vllm.sh
+
+bench-peers: $(STAMP)
+	$(PY) benchmarks/engine_throughput.py --peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info
