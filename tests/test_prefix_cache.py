@@ -112,3 +112,20 @@ def test_generation_with_shared_prefix_attention_equals_without(caching_engine, 
         return await asyncio.gather(*(one(b, i, q, shared) for i, q in enumerate(QUESTIONS)))
 
     assert run(all_of(backend, True)) == run(all_of(BuiltinEngineBackend(engine), False))
+
+
+def test_a_batch_behind_a_shared_prefix_reads_its_blocks_once():
+    """The engine's peak batch KV blocks (what the benchmarks report) count a shared prefix once."""
+    peaks, system_blocks = {}, 0
+    for sharing in (True, False):
+        fresh = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=sharing))
+        try:
+            answers(BuiltinEngineBackend(fresh), len(SYSTEM), f"peak-{sharing}")
+            peaks[sharing] = fresh.stats().peak_batch_blocks
+            system_blocks = len(fresh.tokenizer.encode(SYSTEM)) // fresh.config.block_size
+        finally:
+            run(fresh.close())
+    # four sequences each holding their own copy of the system prompt, against one copy plus their own tails
+    assert peaks[False] >= 2 * system_blocks
+    assert peaks[True] <= system_blocks + len(QUESTIONS) * 3
+    assert peaks[True] < peaks[False]

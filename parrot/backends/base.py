@@ -19,6 +19,7 @@ class BackendStats:
     kv_blocks_total: int
     kv_blocks_free: int
     tokens_processed: int
+    peak_batch_blocks: int = 0  # most KV blocks one step's batch used (0: not reported)
 
 
 class EngineBackend(ABC):

@@ -25,7 +25,8 @@ class BuiltinEngineBackend(EngineBackend):
 
     def stats(self) -> BackendStats:
         s = self.engine.stats()
-        return BackendStats(self.name, self.model, s.num_jobs, s.num_contexts, s.blocks_total, s.blocks_free, s.tokens_processed)
+        return BackendStats(self.name, self.model, s.num_jobs, s.num_contexts, s.blocks_total, s.blocks_free, s.tokens_processed,
+                            s.peak_batch_blocks)
 
     async def close(self):
         await self.engine.close()

@@ -64,7 +64,8 @@ class HttpEngineBackend(EngineBackend):
         self._check(await self._http.post("/free", json=FreeBody(context_id=context_id).model_dump()))
 
     def update_stats(self, stats: EngineStatsBody) -> None:
-        self._stats = BackendStats(self.name, self.model, stats.running_jobs, stats.contexts, stats.kv_blocks_total, stats.kv_blocks_free, stats.tokens_processed)
+        self._stats = BackendStats(self.name, self.model, stats.running_jobs, stats.contexts, stats.kv_blocks_total, stats.kv_blocks_free, stats.tokens_processed,
+                                   stats.peak_batch_blocks)
 
     def stats(self) -> BackendStats:
         return self._stats

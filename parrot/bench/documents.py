@@ -27,16 +27,24 @@ def bible_text() -> str:
     return " ".join(_VERSE_NUMBER.sub("", passage) for (passage,) in rows)
 
 
+def passages(tokenizer, lengths: list[int], skip_tokens: int = 0) -> list[str]:
+    """Consecutive passages of the given lengths in tokens, starting skip_tokens in."""
+    needed = skip_tokens + sum(lengths)
+    text = bible_text()
+    # about 4 characters per token; take a generous slice and tokenize once
+    token_ids = tokenizer.encode(text[: needed * 6 + 1000])
+    if len(token_ids) < needed:
+        raise UserError(f"the document is too short for {len(lengths)} passages of {sum(lengths)} tokens after {skip_tokens}")
+    out, start = [], skip_tokens
+    for length in lengths:
+        out.append(tokenizer.decode(token_ids[start : start + length]))
+        start += length
+    return out
+
+
 def chunks(tokenizer, count: int, chunk_tokens: int, offset_chunks: int = 0) -> list[str]:
     """count consecutive chunks of chunk_tokens tokens each, starting offset_chunks chunks in.
 
     Different apps use different offsets, so no two apps share text by accident.
     """
-    needed = (offset_chunks + count) * chunk_tokens
-    text = bible_text()
-    # about 4 characters per token; take a generous slice and tokenize once
-    token_ids = tokenizer.encode(text[: needed * 6 + 1000])
-    if len(token_ids) < needed:
-        raise UserError(f"the document is too short for {count} chunks of {chunk_tokens} tokens at offset {offset_chunks}")
-    start = offset_chunks * chunk_tokens
-    return [tokenizer.decode(token_ids[start + i * chunk_tokens : start + (i + 1) * chunk_tokens]) for i in range(count)]
+    return passages(tokenizer, [chunk_tokens] * count, offset_chunks * chunk_tokens)

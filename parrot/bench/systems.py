@@ -64,10 +64,11 @@ def _wait_ready(url: str, process: subprocess.Popen, ready, timeout: float, log:
     raise TimeoutError(f"server not ready within {timeout:.0f}s; its log: {log}")
 
 
-def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str] | None = None) -> RunningServer:
+def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str] | None = None,
+                 log_name: str = "parrot-serve.log") -> RunningServer:
     key = secrets.token_urlsafe(16)
     port = free_port()
-    log = out_dir / "parrot-serve.log"
+    log = out_dir / log_name
     process = subprocess.Popen(
         [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *(policy_args or [])],
         env={**os.environ, "PARROT_API_KEYS": f"bench={key}"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -98,6 +99,20 @@ def start_vllm(model: str, out_dir: Path) -> RunningServer | None:
     url = f"http://127.0.0.1:{port}"
     _wait_ready(f"{url}/v1/models", process, lambda r: r.status_code == 200, 600, log)
     return RunningServer("vllm", url, "none", model, process)
+
+
+def peak_batch_blocks(server: RunningServer) -> int | None:
+    """The most KV blocks one step's batch used on the server's engines (from its metrics), if it reports them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if server.name != "parrot":
+        return None
+    response = httpx.get(f"{server.url}/metrics", timeout=10)
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "parrot_engine_kv_blocks_peak_batch":
+            return int(max((sample.value for sample in family.samples), default=0))
+    return None
 
 
 class CompletionClient:

@@ -86,6 +86,8 @@ class EngineStats:
     preemptions: int
     busy_seconds: float
     cached_prefixes: int = 0
+    # most distinct KV blocks one forward step's batch read: the memory sharing saves
+    peak_batch_blocks: int = 0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class _Counters:
     steps: int = 0
     preemptions: int = 0
     busy: float = 0.0
+    peak_batch_blocks: int = 0
     context_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
 
@@ -276,7 +279,8 @@ class LLMEngine:
         pool = self.contexts.pool
         c = self._counters
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
-        return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached)
+        return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
+                           c.peak_batch_blocks)
 
     async def close(self) -> None:
         """Stops the step loop; jobs still queued fail."""
@@ -389,6 +393,8 @@ class LLMEngine:
                 self._counters.busy += time.perf_counter() - started
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
+                batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})
+                self._counters.peak_batch_blocks = max(self._counters.peak_batch_blocks, batch_blocks)
                 self._postprocess(plan, result)
 
     def _postprocess(self, plan, result) -> None:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from parrot.backends.base import EngineBackend
 from parrot.errors import UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
-from parrot.manager.graph import Call, CallState, Variable
-from parrot.manager.objectives import engine_priority
+from parrot.manager.graph import Call, CallState, Objective, Variable
+from parrot.manager.policy import ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
 from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,6 @@ class UpstreamError(UserError):
     """A call could not run because a call it depends on failed."""
 
 
-# An engine holding a call's prefix is preferred while its load stays within this
-# many calls of the least loaded engine; past that the prefix is replicated.
-AFFINITY_SLACK = 4
 # A constant prefix shorter than this is not worth a context of its own (about 64 tokens)
 MIN_SHARED_PREFIX_CHARS = 256
 
@@ -58,12 +55,13 @@ def static_prefix(call: Call) -> str:
 
 
 class Executor:
-    def __init__(self, engines: list[EngineBackend], on_dispatch: Callable[[Call], None] | None = None):
+    def __init__(self, engines: list[EngineBackend], on_dispatch: Callable[[Call], None] | None = None,
+                 policy: SchedulingPolicy | None = None):
+        self.policy = policy or ParrotPolicy()
         self.prefixes = PrefixIndex()
         self.engines: list[EngineBackend] = []
-        self._load: dict[str, int] = {}
-        self._unplaced: list[Call] = []  # ready calls waiting for an engine to register
-        self._group_engine: dict[str, str] = {}
+        self.view = ClusterView(self.engines, {}, self.prefixes)
+        self._held: list[Call] = []  # ready calls the policy holds back (or no engine has registered)
         self._tasks: set[asyncio.Task] = set()
         self._on_dispatch = on_dispatch
         self.on_complete: list[Callable[[Call, float], None]] = []  # (call, seconds from start to end)
@@ -75,18 +73,17 @@ class Executor:
         if any(e.name == engine.name for e in self.engines):
             raise UserError(f"an engine named {engine.name!r} is already registered")
         self.engines.append(engine)
-        self._load[engine.name] = 0
-        waiting, self._unplaced = self._unplaced, []
-        for call in waiting:
-            call.state = CallState.WAITING
-            self._try_start(call)
+        self.view.load.setdefault(engine.name, EngineLoad())  # kept across a re-registration: calls may still finish
+        self._offer_held()
 
     def remove_engine(self, name: str) -> EngineBackend | None:
         engine = next((e for e in self.engines if e.name == name), None)
         if engine is not None:
             self.engines.remove(engine)
             self.prefixes.forget_engine(name)
-            self._group_engine = {g: e for g, e in self._group_engine.items() if e != name}
+            groups = self.view.group_engine
+            for group in [g for g, e in groups.items() if e == name]:
+                del groups[group]
         return engine
 
     def activate(self, call: Call) -> None:
@@ -109,43 +106,41 @@ class Executor:
         if not call.inputs_ready:
             return
         call.state = CallState.READY
-        if not self.engines:
-            self._unplaced.append(call)
+        hashes = prefix_hashes(first_fill_text(call))
+        engine = self.policy.place(call, hashes, self.view) if self.engines else None
+        if engine is None:
+            self._held.append(call)
             return
-        engine = self._place(call)
+        self.prefixes.record(engine.name, hashes)
         call.engine = engine.name
         call.state = CallState.RUNNING
-        self._load[engine.name] += 1
+        self._count(engine.name, call, +1)
         if self._on_dispatch is not None:
             self._on_dispatch(call)
         task = asyncio.get_running_loop().create_task(self._run(call, engine))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _place(self, call: Call) -> EngineBackend:
-        """Task groups stay together; otherwise prefer the engine holding the longest
-        prefix of the prompt (PrefixHash) unless it is much busier than the idlest."""
-        by_name = {e.name: e for e in self.engines}
-        hashes = prefix_hashes(first_fill_text(call))
-        if call.task_group in self._group_engine and self._group_engine[call.task_group] in by_name:
-            engine = by_name[self._group_engine[call.task_group]]
-        else:
-            idlest = min(self.engines, key=lambda e: self._load[e.name])
-            _, holders = self.prefixes.longest_match(hashes)
-            holding = [by_name[name] for name in holders if name in by_name]
-            engine = idlest
-            if holding:
-                best_holder = min(holding, key=lambda e: self._load[e.name])
-                if self._load[best_holder.name] <= self._load[idlest.name] + AFFINITY_SLACK:
-                    engine = best_holder
-            if call.task_group is not None:
-                self._group_engine[call.task_group] = engine.name
-        self.prefixes.record(engine.name, hashes)
-        return engine
+    def _count(self, engine_name: str, call: Call, sign: int) -> None:
+        load = self.view.load.get(engine_name)
+        if load is None:
+            return  # the engine was removed
+        load.calls += sign
+        if call.objective is Objective.LATENCY:
+            load.latency_calls += sign
+        elif call.objective is Objective.THROUGHPUT:
+            load.throughput_calls += sign
+
+    def _offer_held(self) -> None:
+        """Offers the held calls to the policy again (an engine joined or a call finished)."""
+        held, self._held = self.policy.order(self._held), []
+        for call in held:
+            call.state = CallState.WAITING
+            self._try_start(call)
 
     async def _run(self, call: Call, engine: EngineBackend) -> None:
         context_id = f"{call.call_id}"
-        priority = engine_priority(call)
+        priority = self.policy.priority(call)
         started = time.perf_counter()
         created = False
         try:
@@ -183,8 +178,9 @@ class Executor:
                 log.exception("call %s (%s) failed on %s", call.call_id, call.function, engine.name)
             self._fail(call, exc)
         finally:
-            if engine.name in self._load:
-                self._load[engine.name] -= 1
+            self._count(engine.name, call, -1)
+            if self._held:
+                self._offer_held()
             if created:
                 try:
                     await engine.free_context(context_id)

@@ -43,6 +43,7 @@ class EngineStatsBody(Strict):
     kv_blocks_total: int
     kv_blocks_free: int
     tokens_processed: int
+    peak_batch_blocks: int = 0
 
 
 class EngineRegister(Strict):

@@ -58,7 +58,8 @@ def serve(args) -> None:
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--model", args.model,
-             "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb), "--parent-pid", str(os.getpid())],
+             "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb), "--dtype", args.dtype, "--parent-pid", str(os.getpid()),
+             *(["--no-prefix-caching"] if args.no_prefix_caching else []), *(["--no-shared-attention"] if args.no_shared_attention else [])],
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key},
         )
         for i in range(local_processes)
@@ -83,7 +84,8 @@ def serve(args) -> None:
 
 def engine(args) -> None:
     from parrot.backends.builtin import BuiltinEngineBackend
-    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    from parrot.cli import engine_config
+    from parrot.engine.llm_engine import LLMEngine
     from parrot.errors import UserError
     from parrot.server.auth import KeyStore
     from parrot.server.engine_app import create_engine_app
@@ -94,7 +96,7 @@ def engine(args) -> None:
     port = args.port or free_port(args.host)
     public_url = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{port}"
     name = args.name or f"{socket.gethostname()}-{port}"
-    llm = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype))
+    llm = LLMEngine(engine_config(args))
     backend = BuiltinEngineBackend(llm, name)
     app = create_engine_app(backend, KeyStore.load(env={}, engine_key=engine_key), args.manager, public_url, engine_key,
                             parent_pid=args.parent_pid)

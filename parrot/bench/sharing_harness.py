@@ -1,0 +1,89 @@
+"""Runs a prefix-sharing workload on every system, one server at a time, and reports it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+
+from parrot.bench.harness import machine
+from parrot.bench.sharing import (
+    SHARING_SYSTEMS, LoadResult, Request, SharingSystem, plan_requests, quick_or_full, request_sender, run_level, system_prompts,
+)
+from parrot.bench.sharing_report import compare, plot_sharing, print_sharing_table, sharing_summary, write_sharing_markdown
+from parrot.bench.systems import RunningServer, peak_batch_blocks, start_parrot, start_vllm
+from parrot.engine.loader import resolve_model_dir
+from parrot.engine.tokenizer import Tokenizer
+
+HEARTBEAT_WAIT_S = 2.5  # engines report their stats to the manager every 2 s
+
+
+def _start(system: SharingSystem, model: str, out_dir: Path, kv_memory_gb: float) -> RunningServer | None:
+    if system.label == "vllm":
+        return start_vllm(model, out_dir)
+    return start_parrot(model, 1, out_dir, ["--kv-memory-gb", str(kv_memory_gb), *system.serve_flags], log_name=f"{system.label}.log")
+
+
+def _read_peak(server: RunningServer) -> int | None:
+    if server.name != "parrot":
+        return None
+    time.sleep(HEARTBEAT_WAIT_S)
+    return peak_batch_blocks(server)
+
+
+def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, peers: bool, console: Console) -> dict:
+    config = quick_or_full(workload, quick)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(resolve_model_dir(model))
+    prompts = system_prompts(config, tokenizer)
+    levels = plan_requests(config, tokenizer)
+    systems = [s for s in SHARING_SYSTEMS if peers or s.label != "vllm"]
+    results: dict[str, list[LoadResult]] = {}
+    warmup_outputs: dict[str, list[str]] = {}
+    notes: list[str] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(workload, total=len(systems) * len(levels))
+        for system in systems:
+            progress.update(task, description=f"{workload}: starting {system.label}")
+            server = _start(system, model, out_dir, config.kv_memory_gb)
+            if server is None:
+                notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
+                console.print(f"[yellow]{notes[-1]}")
+                progress.advance(task, len(levels))
+                continue
+            send, close = request_sender(system, server, prompts, config.output_tokens)
+            try:
+                # not measured: each app once, one at a time (a deployed app's system prompt is hot);
+                # greedy outputs of every system are compared on these
+                warmup_outputs[system.label] = [send(Request(app, levels[0][0].query, 0.0)) for app in range(len(prompts))]
+                for level, load in zip(levels, config.loads):
+                    progress.update(task, description=f"{workload}: {system.label}, {load:g} {config.load_kind.value}")
+                    results[system.label] = results.get(system.label, []) + [
+                        run_level(send, level, load, config.output_tokens, lambda: _read_peak(server))
+                    ]
+                    progress.advance(task)
+            finally:
+                close()
+                server.stop()
+    reference = warmup_outputs.get("parrot")
+    result = {
+        "workload": workload, "quick": quick, "model": model, "machine": machine(), "notes": notes,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": {**asdict(config), "load_kind": config.load_kind.value},
+        "systems": {s.label: s.description for s in systems if s.label in results},
+        "results": {label: [{**asdict(r), "s_per_output_token": r.s_per_output_token, "throughput_tokens_s": r.throughput_tokens_s}
+                            for r in rows] for label, rows in results.items()},
+        "warmup_outputs": warmup_outputs,
+        "outputs_match": {label: outputs == reference for label, outputs in warmup_outputs.items()},
+    }
+    result["comparison"] = compare(result)
+    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
+    write_sharing_markdown(result, out_dir / f"{workload}.md")
+    plot_sharing(result, out_dir / f"{workload}.png")
+    print_sharing_table(result, console)
+    console.print(sharing_summary(result))
+    return result

@@ -1,0 +1,143 @@
+"""Scheduling policies: which engine runs a ready call, when, and at what priority.
+
+`parrot` uses what the DAG tells it (objectives, task groups, App-FIFO, prefixes);
+the others switch that knowledge off and are the baselines of the benchmarks:
+`fifo` (arrival order, least-loaded engine), `latency-centric` (every engine kept
+at a small batch, the rest waits) and `throughput-centric` (batches filled as
+large as they go).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from parrot.backends.base import EngineBackend
+from parrot.engine.scheduler import PRIORITY_NORMAL
+from parrot.errors import UserError
+from parrot.manager.graph import Call, Objective
+from parrot.manager.objectives import engine_priority
+from parrot.manager.prefix_index import PrefixIndex
+
+# An engine holding a call's prefix is preferred while its load stays within this
+# many calls of the least loaded engine; past that the prefix is replicated.
+AFFINITY_SLACK = 4
+# A latency-critical call goes to an engine running fewer calls than this, if there is one.
+LATENCY_BATCH_BOUND = 4
+# latency-centric keeps every engine's batch this small; throughput-centric fills up to this
+SMALL_BATCH = 4
+LARGE_BATCH = 64
+
+
+@dataclass
+class EngineLoad:
+    """What the manager has placed on one engine and not yet seen finish."""
+
+    calls: int = 0
+    latency_calls: int = 0
+    throughput_calls: int = 0
+
+
+@dataclass
+class ClusterView:
+    engines: Sequence[EngineBackend]
+    load: dict[str, EngineLoad]
+    prefixes: PrefixIndex
+    group_engine: dict[str, str] = field(default_factory=dict)  # task group -> engine it runs on
+
+
+class SchedulingPolicy(ABC):
+    """Contract: `place` gets a call whose inputs are ready and a view with at least one
+    engine; it returns one of view.engines, or None to hold the call in the manager (it
+    is offered again, in `order`, whenever a call finishes or an engine joins). It may
+    record what it decided in the view (task groups, prefixes). `priority` is the engine
+    priority of the call's jobs: lower runs first, equal values run in arrival order."""
+
+    name: str
+
+    @abstractmethod
+    def place(self, call: Call, prompt_hashes: list[bytes], view: ClusterView) -> EngineBackend | None: ...
+
+    def priority(self, call: Call) -> int:
+        return PRIORITY_NORMAL
+
+    def order(self, held: list[Call]) -> list[Call]:
+        """The order held calls are offered again in."""
+        return sorted(held, key=lambda c: c.arrival)
+
+
+def _least_loaded(engines: Sequence[EngineBackend], view: ClusterView) -> EngineBackend:
+    return min(engines, key=lambda e: view.load[e.name].calls)
+
+
+class ParrotPolicy(SchedulingPolicy):
+    name = "parrot"
+
+    def place(self, call, prompt_hashes, view):
+        by_name = {e.name: e for e in view.engines}
+        if call.task_group is not None and view.group_engine.get(call.task_group) in by_name:
+            return by_name[view.group_engine[call.task_group]]
+        candidates = list(view.engines)
+        if call.objective is Objective.LATENCY:
+            # engines kept at small batches serve latency-critical calls first
+            small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
+            candidates = small or candidates
+        elif call.objective is Objective.THROUGHPUT:
+            # throughput work stays off engines serving latency-critical calls where it can
+            quiet = [e for e in candidates if view.load[e.name].latency_calls == 0]
+            candidates = quiet or candidates
+        engine = _least_loaded(candidates, view)
+        _, holders = view.prefixes.longest_match(prompt_hashes)
+        holding = [e for e in candidates if e.name in holders]
+        if holding:
+            best_holder = _least_loaded(holding, view)
+            if view.load[best_holder.name].calls <= view.load[engine.name].calls + AFFINITY_SLACK:
+                engine = best_holder
+        if call.task_group is not None:
+            view.group_engine[call.task_group] = engine.name
+        return engine
+
+    def priority(self, call):
+        return engine_priority(call)
+
+    def order(self, held):
+        # App-FIFO: later stages of apps in flight first, then arrival
+        return sorted(held, key=lambda c: (c.objective is not Objective.LATENCY, -c.depth, c.arrival))
+
+
+class FifoPolicy(SchedulingPolicy):
+    name = "fifo"
+
+    def place(self, call, prompt_hashes, view):
+        return _least_loaded(view.engines, view)
+
+
+class LatencyCentricPolicy(SchedulingPolicy):
+    name = "latency-centric"
+
+    def place(self, call, prompt_hashes, view):
+        engine = _least_loaded(view.engines, view)
+        return engine if view.load[engine.name].calls < SMALL_BATCH else None
+
+
+class ThroughputCentricPolicy(SchedulingPolicy):
+    name = "throughput-centric"
+
+    def place(self, call, prompt_hashes, view):
+        # fill the busiest engine that has room: the largest batches
+        room = [e for e in view.engines if view.load[e.name].calls < LARGE_BATCH]
+        if not room:
+            return None
+        return max(room, key=lambda e: view.load[e.name].calls)
+
+
+POLICIES: dict[str, type[SchedulingPolicy]] = {
+    p.name: p for p in (ParrotPolicy, FifoPolicy, LatencyCentricPolicy, ThroughputCentricPolicy)
+}
+
+
+def policy_named(name: str) -> SchedulingPolicy:
+    if name not in POLICIES:
+        raise UserError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]()

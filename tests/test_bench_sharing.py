@@ -1,0 +1,85 @@
+"""The prefix-sharing workloads (shared-prompt, gpts): request plans, the comparison
+arithmetic, and a --quick run of each on real servers (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from rich.console import Console
+
+from parrot.bench.sharing import SHARING_WORKLOADS, LoadKind, plan_requests, quick_or_full, system_prompts
+from parrot.bench.sharing_harness import run_sharing_bench
+from parrot.bench.sharing_report import compare, sustained_load
+from parrot.engine.loader import resolve_model_dir
+from parrot.engine.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(resolve_model_dir("smollm2-135m"))
+
+
+def test_every_system_gets_the_same_requests_in_the_papers_mix(tokenizer):
+    config = quick_or_full("gpts", False)
+    levels = plan_requests(config, tokenizer)
+    assert levels == plan_requests(config, tokenizer)
+    assert [len(level) for level in levels] == [config.requests_per_load] * len(config.loads)
+    for level, rate in zip(levels, config.loads):
+        arrivals = [r.arrival_s for r in level]
+        assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    # 80 requests in the 19/40/28/13 mix: the second app is the most common, every app appears
+    counts = Counter(r.app for level in levels for r in level)
+    assert set(counts) == {0, 1, 2, 3} and counts.most_common(1)[0][0] == 1
+    queries = [r.query for level in levels for r in level]
+    assert len(set(queries)) == len(queries)
+    prompts = system_prompts(config, tokenizer)
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
+    assert all(abs(n - want) <= 3 for n, want in zip(lengths, config.system_prompt_tokens))
+    assert not any(q in p for q in queries for p in prompts)
+
+
+def test_a_burst_sends_one_request_per_user_at_once(tokenizer):
+    config = quick_or_full("shared-prompt", False)
+    assert config.load_kind is LoadKind.BURST
+    levels = plan_requests(config, tokenizer)
+    assert [len(level) for level in levels] == [int(load) for load in config.loads]
+    assert all(r.arrival_s == 0.0 and r.app == 0 for level in levels for r in level)
+
+
+def row(load: float, s_per_token: float, throughput: float) -> dict:
+    return {"load": load, "s_per_output_token": s_per_token, "throughput_tokens_s": throughput, "peak_batch_blocks": None}
+
+
+def test_sustained_rate_is_the_highest_within_the_slo():
+    rows = [row(1, 0.1, 10), row(2, 0.2, 18), row(4, 0.5, 20)]
+    assert sustained_load(rows, 0.25) == 2
+    assert sustained_load(rows, 0.05) == 0.0
+    result = {"config": {"load_kind": "requests/s", "slo_s_per_token": 0.25},
+              "results": {"parrot": [row(1, 0.1, 10), row(2, 0.1, 20)], "other": rows[:2]}}
+    cmp = compare(result)
+    assert cmp["parrot"]["sustained_load"] == 2 and cmp["other"]["sustained_load"] == 2
+    assert cmp["other"]["by_load"]["2"] == {"throughput_x": 20 / 18, "latency_x": 2.0, "peak_batch_blocks": None}
+
+
+@pytest.mark.parametrize("workload", sorted(SHARING_WORKLOADS))
+def test_quick_run_compares_every_system(workload, tmp_path):
+    run_sharing_bench(workload, True, tmp_path, "smollm2-135m", False, Console(quiet=True))
+    result = json.loads((tmp_path / f"{workload}.json").read_text())
+    assert (tmp_path / f"{workload}.md").read_text().count("|") > 20
+    assert (tmp_path / f"{workload}.png").stat().st_size > 1000
+    config = quick_or_full(workload, True)
+    assert set(result["results"]) == {"parrot", "parrot-no-sharing", "prefix-caching"}
+    for label, rows in result["results"].items():
+        assert [r["load"] for r in rows] == list(config.loads)
+        for r in rows:
+            assert all(t > 0 for t in r["latencies_s"]) and r["throughput_tokens_s"] > 0
+            assert all(text.strip() for text in r["outputs"])
+            assert r["peak_batch_blocks"] > 0
+    assert all(text.strip() for outputs in result["warmup_outputs"].values() for text in outputs)
+    # prompts behind one system prompt: sharing holds it once per batch, no sharing once per sequence
+    peak = {label: rows[-1]["peak_batch_blocks"] for label, rows in result["results"].items()}
+    if workload == "shared-prompt":
+        assert peak["parrot"] < peak["parrot-no-sharing"]
+    assert result["comparison"]["parrot"]["by_load"][f"{config.loads[0]:g}"]["latency_x"] == 1.0
