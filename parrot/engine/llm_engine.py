@@ -41,6 +41,7 @@ class EngineConfig:
     block_size: int = 16
     max_tokens_per_step: int = 512
     max_seqs_per_step: int = 64
+    latency_max_tokens_per_step: int = 128  # the step size while a latency-critical job waits
     dtype: str = "auto"  # auto: float32 on CPUs, where bf16 matmuls are slow without AMX
     threads: int | None = None
     # float32 weights also keep a bf16 copy used for batches of at most SMALL_BATCH_ROWS
@@ -127,7 +128,7 @@ class LLMEngine:
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(
-            self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step),
+            self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step, config.latency_max_tokens_per_step),
             reclaim=self.prefix_cache.evict if self.prefix_cache is not None else None,
         )
         self._prefix_in_use: dict[str, str] = {}  # context -> cached prefix it forked from

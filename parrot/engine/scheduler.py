@@ -75,9 +75,12 @@ class StepPlan:
 class SchedulerConfig:
     max_tokens_per_step: int = 512
     max_seqs_per_step: int = 64
+    # while a latency-class job waits beside other work, steps stay this small, so its tokens
+    # come quickly (the other work fills what is left of the budget)
+    latency_max_tokens_per_step: int = 128
 
     def __post_init__(self) -> None:
-        if self.max_tokens_per_step < 1 or self.max_seqs_per_step < 1:
+        if self.max_tokens_per_step < 1 or self.max_seqs_per_step < 1 or self.latency_max_tokens_per_step < 1:
             raise ValueError("the step budget needs at least one token and one sequence")
 
 
@@ -101,6 +104,10 @@ class BatchScheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.config.max_tokens_per_step
+        pending = [job for job in self.jobs if job.ctx.num_pending > 0]
+        latency = sum(1 for job in pending if job.priority <= PRIORITY_LATENCY)
+        if 0 < latency < len(pending):
+            budget = min(budget, self.config.latency_max_tokens_per_step)
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

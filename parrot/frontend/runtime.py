@@ -94,17 +94,20 @@ class Client(ABC):
 class Runtime(Client):
     """The embedded default: a manager and built-in engines on a background event loop."""
 
-    def __init__(self, model: str = "smollm2-135m", engines: int = 1, kv_memory_gb: float = 1.0, backends: list | None = None):
+    def __init__(self, model: str = "smollm2-135m", engines: int = 1, kv_memory_gb: float = 1.0, backends: list | None = None,
+                 policy: str = "parrot"):
         from parrot.manager.manager import Manager
+        from parrot.manager.policy import policy_named
 
         if engines < 1:
             raise UserError("a runtime needs at least one engine")
+        scheduling = policy_named(policy)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="parrot-runtime", daemon=True)
         self._thread.start()
         if backends is None:
             backends = self._builtin_engines(model, engines, kv_memory_gb)
-        self.manager = Manager(backends)
+        self.manager = Manager(backends, scheduling)
         self.session_id = self.manager.create_session()
         self._closed = False
         self.make_current()

@@ -16,6 +16,7 @@ from parrot.errors import NotFoundError, UserError
 from parrot.engine.sampler import SamplingParams
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment, check_placeholders, parse_template
 from parrot.manager.executor import Executor
+from parrot.manager.policy import SchedulingPolicy
 from parrot.manager.graph import Call, SVGraph, Variable, placeholder_kinds
 from parrot.manager.objectives import deduce_objectives
 from parrot.manager.spec import CallSpec, Perf
@@ -60,9 +61,9 @@ class Session:
 
 
 class Manager:
-    def __init__(self, engines: list[EngineBackend]):
+    def __init__(self, engines: list[EngineBackend], policy: SchedulingPolicy | None = None):
         self.sessions: dict[str, Session] = {}
-        self.executor = Executor(engines, on_dispatch=self._record_dispatch)
+        self.executor = Executor(engines, on_dispatch=self._record_dispatch, policy=policy)
         self.engines = self.executor.engines
 
     # ---- sessions ----------------------------------------------------------

@@ -35,8 +35,10 @@ def serve(args) -> None:
         key = secrets.token_urlsafe(24)
         keys.add("default", key)
         print(f"No API keys configured (--api-keys FILE or PARROT_API_KEYS); for this run, tenant 'default' has key:\n  {key}", flush=True)
+    from parrot.manager.policy import policy_named
+
     model_dir = resolve_model_dir(args.model)  # converts once here, before engines start in parallel
-    manager = Manager([])
+    manager = Manager([], policy_named(args.policy))
     local_processes = args.engines
     if args.engine.startswith("sim:"):
         from parrot.backends.simulated import SimulatedEngineBackend
@@ -59,8 +61,10 @@ def serve(args) -> None:
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--model", args.model,
              "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb), "--dtype", args.dtype, "--parent-pid", str(os.getpid()),
+             *(["--threads", str(args.threads)] if args.threads else []),
              *(["--no-prefix-caching"] if args.no_prefix_caching else []), *(["--no-shared-attention"] if args.no_shared_attention else [])],
-            env={**os.environ, "PARROT_ENGINE_KEY": engine_key},
+            # OMP_NUM_THREADS too: torch.set_num_threads alone does not hold in the engine's step thread
+            env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})},
         )
         for i in range(local_processes)
     ]
@@ -75,7 +79,8 @@ def serve(args) -> None:
                 child.kill()
 
     atexit.register(stop_children)
-    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {args.engine} engine(s))", flush=True)
+    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {args.engine} engine(s), "
+          f"policy {args.policy})", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning")
     finally:

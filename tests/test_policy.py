@@ -1,0 +1,151 @@
+"""Scheduling policies on simulated engines with a cost model: which engine each call
+goes to, how many run together, in what order and at what priority. No timing is
+asserted; the engines are slow enough that calls overlap."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import parrot as P
+from parrot.backends.simulated import CostModel
+from parrot.engine.scheduler import PRIORITY_NORMAL
+from parrot.errors import UserError
+from parrot.manager.policy import SMALL_BATCH
+from test_manager import RecordingBackend
+
+SLOW = CostModel(seconds_per_step=0.01)
+
+
+class CountingBackend(RecordingBackend):
+    """Records the most calls generating at once."""
+
+    def __init__(self, name: str):
+        super().__init__(name, cost=SLOW)
+        self.running = 0
+        self.most_running = 0
+
+    async def generate(self, context_id, sampling, priority):
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            async for token in super().generate(context_id, sampling, priority):
+                yield token
+        finally:
+            self.running -= 1
+
+
+@P.semantic_function()
+def summarize(chunk: P.Input, summary: P.Output(max_tokens=8)):
+    """Summarize: {{chunk}} Summary: {{summary}}"""
+
+
+@P.semantic_function()
+def combine(a: P.Input, b: P.Input, c: P.Input, d: P.Input, e: P.Input, f: P.Input, summary: P.Output(max_tokens=4)):
+    """Combine {{a}} {{b}} {{c}} {{d}} {{e}} {{f}}: {{summary}}"""
+
+
+@P.semantic_function()
+def chat(question: P.Input, answer: P.Output(max_tokens=4)):
+    """Q: {{question}} A: {{answer}}"""
+
+
+def map_reduce(tag: str) -> tuple[list[P.SemanticVariable], P.SemanticVariable]:
+    parts = [summarize(P.variable("chunk", f"{tag} part {i}")) for i in range(6)]
+    return parts, combine(*parts)
+
+
+def engine_of(backends: list[CountingBackend], var: P.SemanticVariable, runtime: P.Runtime) -> str:
+    call_id = next(c.call_id for c in runtime.dag().calls if var.var_id in c.outputs.values())
+    return next(b.name for b in backends if call_id in b.contexts_seen)
+
+
+def run_with(policy: str, engines: int, program):
+    backends = [CountingBackend(f"sim-{i}") for i in range(engines)]
+    with P.Runtime(backends=backends, policy=policy) as runtime:
+        result = program(runtime, backends)
+    return backends, result
+
+
+@pytest.mark.parametrize("policy", ["parrot", "fifo"])
+def test_parrot_keeps_a_task_group_on_one_engine_while_fifo_spreads_it(policy):
+    def program(runtime, backends):
+        parts, reduced = map_reduce("doc")
+        reduced.get(perf=P.LATENCY)
+        return {engine_of(backends, part, runtime) for part in parts}
+
+    _, engines_used = run_with(policy, 2, program)
+    assert len(engines_used) == (1 if policy == "parrot" else 2)
+
+
+def test_parrot_sends_latency_work_to_the_engine_without_throughput_work():
+    def program(runtime, backends):
+        parts, reduced = map_reduce("doc")
+        worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
+        worker.start()
+        while not any(b.running for b in backends):
+            time.sleep(0.005)
+        answer = chat(P.variable("question", "hello?"))
+        answer.get(perf=P.LATENCY)
+        worker.join()
+        return engine_of(backends, answer, runtime), {engine_of(backends, p, runtime) for p in parts}
+
+    _, (chat_engine, map_engines) = run_with("parrot", 2, program)
+    assert map_engines == {"sim-0"} and chat_engine == "sim-1"
+
+
+@pytest.mark.parametrize("policy,most", [("latency-centric", SMALL_BATCH), ("parrot", 6), ("throughput-centric", 6)])
+def test_latency_centric_holds_what_exceeds_a_small_batch(policy, most):
+    def program(runtime, backends):
+        _, reduced = map_reduce("doc")
+        return reduced.get(perf=P.LATENCY)
+
+    backends, text = run_with(policy, 1, program)
+    assert text.strip() and backends[0].most_running == most
+
+
+def test_latency_centric_releases_held_calls_in_arrival_order():
+    def program(runtime, backends):
+        parts, reduced = map_reduce("doc")
+        reduced.get(perf=P.LATENCY)
+        return [c.call_id for c in runtime.dag().calls][:6]
+
+    backends, map_calls = run_with("latency-centric", 1, program)
+    started = [context for context in backends[0].generated if context in map_calls]
+    assert started == map_calls
+
+
+def test_throughput_centric_packs_one_engine_first():
+    def program(runtime, backends):
+        parts, reduced = map_reduce("doc")
+        others = [summarize(P.variable("chunk", f"other {i}")) for i in range(3)]
+        reduced.get(perf=P.THROUGHPUT)
+        for other in others:
+            other.get(perf=P.THROUGHPUT)
+        return {engine_of(backends, part, runtime) for part in parts}
+
+    _, engines_used = run_with("throughput-centric", 2, program)
+    assert engines_used == {"sim-0"}
+
+
+@pytest.mark.parametrize("policy", ["fifo", "latency-centric", "throughput-centric"])
+def test_baselines_ignore_objectives_at_the_engine(policy):
+    def program(runtime, backends):
+        _, reduced = map_reduce("doc")
+        reduced.get(perf=P.LATENCY)
+
+    backends, _ = run_with(policy, 1, program)
+    assert {fill.priority for fill in backends[0].fills} == {PRIORITY_NORMAL}
+
+
+def test_parrot_gives_the_engine_objective_priorities():
+    backends, _ = run_with("parrot", 1, lambda runtime, backends: map_reduce("doc")[1].get(perf=P.LATENCY))
+    priorities = [fill.priority for fill in backends[0].fills]
+    assert len(set(priorities)) == 2 and priorities[-1] < priorities[0]  # the reduce outranks its maps
+
+
+def test_an_unknown_policy_is_a_clear_error():
+    with pytest.raises(UserError, match="choose one of parrot, fifo, latency-centric, throughput-centric"):
+        P.Runtime(backends=[CountingBackend("sim-0")], policy="fastest")
