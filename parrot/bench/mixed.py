@@ -1,0 +1,132 @@
+"""The `mixed` workload (the paper's Figure 18): chat requests (latency-critical) arrive
+while map-reduce jobs (throughput work) run on the same engines.
+
+Every system is our own server with one scheduling policy, so the difference
+measured is the use of app knowledge alone: `parrot` against `latency-centric`
+(small batches) and `throughput-centric` (batches as large as they go).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import parrot as P
+from parrot.bench import apps
+from parrot.bench.documents import chunks as make_chunks
+from parrot.bench.documents import passages
+from parrot.bench.systems import RunningServer
+
+CHAT = "Answer the question in one sentence.\nQuestion: {{input:chunk}}\nAnswer:{{output:summary}}"
+MIXED_POLICIES = ("parrot", "latency-centric", "throughput-centric")
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    map_reduce_apps: int
+    chunks: int
+    chunk_tokens: int
+    map_output_tokens: int
+    chats: int
+    chat_rate: float  # chat requests per second, Poisson, starting with the map-reduce jobs
+    chat_tokens: int
+    chat_output_tokens: int
+    engines: int = 2
+    threads_per_engine: int = 1  # two engines on two cores
+    paper: str = ""
+
+
+MIXED_WORKLOADS: dict[str, tuple[MixedConfig, MixedConfig]] = {
+    "mixed": (
+        MixedConfig(map_reduce_apps=2, chunks=8, chunk_tokens=256, map_output_tokens=32, chats=16, chat_rate=0.5,
+                    chat_tokens=48, chat_output_tokens=24,
+                    paper="Fig. 18: chat 149 ms/token vs 185 (throughput-centric) and 828 (latency-centric); "
+                          "map-reduce 23.2 s vs 24.5 and 86.4 s"),
+        MixedConfig(map_reduce_apps=1, chunks=3, chunk_tokens=48, map_output_tokens=4, chats=3, chat_rate=4.0,
+                    chat_tokens=8, chat_output_tokens=4),
+    ),
+}
+
+
+@dataclass
+class MixedResult:
+    policy: str
+    chat_latencies_s: list[float]
+    chat_output_tokens: int
+    job_completion_s: list[float]
+    chat_outputs: list[str]
+    map_reduce_outputs: list[str]
+
+    @property
+    def chat_s_per_token(self) -> float:
+        return statistics.fmean(self.chat_latencies_s) / self.chat_output_tokens
+
+    @property
+    def chat_p90_s_per_token(self) -> float:
+        ordered = sorted(self.chat_latencies_s)
+        return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))] / self.chat_output_tokens
+
+    @property
+    def mean_jct_s(self) -> float:
+        return statistics.fmean(self.job_completion_s)
+
+
+def quick_or_full(name: str, quick: bool) -> MixedConfig:
+    full, small = MIXED_WORKLOADS[name]
+    return replace(small, paper=full.paper) if quick else full
+
+
+def run_mixed(config: MixedConfig, policy: str, server: RunningServer, tokenizer) -> MixedResult:
+    """Starts the map-reduce jobs and the chat arrivals together and waits for all of them."""
+    documents = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=i * config.chunks)
+                 for i in range(config.map_reduce_apps)]
+    questions = passages(tokenizer, [config.chat_tokens] * config.chats,
+                         skip_tokens=config.map_reduce_apps * config.chunks * config.chunk_tokens)
+    rng = random.Random(18)
+    arrivals = [0.0]
+    for _ in range(config.chats - 1):
+        arrivals.append(arrivals[-1] + rng.expovariate(config.chat_rate))
+    chat = apps.semantic("chat", CHAT, ["chunk"], config.chat_output_tokens)
+    jct = [0.0] * len(documents)
+    map_reduce_outputs = [""] * len(documents)
+    chat_latency = [0.0] * config.chats
+    chat_outputs = [""] * config.chats
+    start = time.perf_counter()
+
+    def job(index: int) -> None:
+        with P.connect(server.url, api_key=server.api_key):
+            map_reduce_outputs[index] = apps.parrot_map_reduce(documents[index], config.map_output_tokens).get(perf=P.THROUGHPUT)
+        jct[index] = time.perf_counter() - start
+
+    def ask(index: int) -> None:
+        delay = start + arrivals[index] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        with P.connect(server.url, api_key=server.api_key):
+            chat_outputs[index] = chat(chunk=questions[index]).get(perf=P.LATENCY)
+        chat_latency[index] = time.perf_counter() - start - arrivals[index]
+
+    with ThreadPoolExecutor(max_workers=len(documents) + config.chats) as pool:
+        futures = [pool.submit(job, i) for i in range(len(documents))] + [pool.submit(ask, i) for i in range(config.chats)]
+        for future in futures:
+            future.result()
+    return MixedResult(policy, chat_latency, config.chat_output_tokens, jct, chat_outputs, map_reduce_outputs)
+
+
+def warm_up(server: RunningServer) -> None:
+    """One short call per engine, not measured (the first forward steps of a process are slow)."""
+    chat = apps.semantic("chat", CHAT, ["chunk"], 2)
+
+    def one(i: int) -> None:
+        with P.connect(server.url, api_key=server.api_key):
+            chat(chunk=f"warm-up question {i}").get(perf=P.LATENCY)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

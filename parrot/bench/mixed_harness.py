@@ -1,0 +1,107 @@
+"""Runs the `mixed` workload under each scheduling policy (a server each) and reports it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from parrot.bench.harness import machine
+from parrot.bench.mixed import MIXED_POLICIES, MixedResult, quick_or_full, run_mixed, warm_up
+from parrot.bench.systems import start_parrot
+from parrot.engine.loader import resolve_model_dir
+from parrot.engine.tokenizer import Tokenizer
+
+
+def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console) -> dict:
+    config = quick_or_full(workload, quick)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(resolve_model_dir(model))
+    results: list[MixedResult] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(workload, total=len(MIXED_POLICIES))
+        for policy in MIXED_POLICIES:
+            progress.update(task, description=f"{workload}: starting the {policy} server")
+            server = start_parrot(model, config.engines, out_dir, ["--policy", policy, "--threads", str(config.threads_per_engine)],
+                                  log_name=f"mixed-{policy}.log")
+            try:
+                warm_up(server)
+                progress.update(task, description=f"{workload}: {policy}")
+                results.append(run_mixed(config, policy, server, tokenizer))
+            finally:
+                server.stop()
+            progress.advance(task)
+    best_chat = min(r.chat_s_per_token for r in results)
+    best_jct = min(r.mean_jct_s for r in results)
+    result = {
+        "workload": workload, "quick": quick, "model": model, "machine": machine(), "config": asdict(config),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": [{**asdict(r), "chat_s_per_token": r.chat_s_per_token, "chat_p90_s_per_token": r.chat_p90_s_per_token,
+                     "mean_jct_s": r.mean_jct_s, "chat_vs_best": r.chat_s_per_token / best_chat, "jct_vs_best": r.mean_jct_s / best_jct}
+                    for r in results],
+    }
+    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
+    write_mixed_markdown(result, out_dir / f"{workload}.md")
+    plot_mixed(result, out_dir / f"{workload}.png")
+    table = Table(title=f"{workload} ({'quick' if quick else 'full'}, {model}, {config.engines} engines)")
+    for column in ("policy", "chat ms/token", "chat p90 ms/token", "map-reduce JCT s", "chat vs best", "JCT vs best"):
+        table.add_column(column, justify="right")
+    for r in result["results"]:
+        table.add_row(r["policy"], f"{r['chat_s_per_token'] * 1e3:.0f}", f"{r['chat_p90_s_per_token'] * 1e3:.0f}",
+                      f"{r['mean_jct_s']:.1f}", f"{r['chat_vs_best']:.2f}x", f"{r['jct_vs_best']:.2f}x")
+    console.print(table)
+    console.print(mixed_summary(result))
+    return result
+
+
+def write_mixed_markdown(result: dict, path: Path) -> None:
+    c = result["config"]
+    lines = [
+        f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
+        "",
+        f"Model {result['model']} on {c['engines']} engines ({c['threads_per_engine']} thread each), one server per policy. "
+        f"{c['map_reduce_apps']} map-reduce jobs ({c['chunks']} chunks of {c['chunk_tokens']} tokens, {c['map_output_tokens']} "
+        f"output tokens, get(perf=THROUGHPUT)) start together with {c['chats']} chats arriving at {c['chat_rate']} req/s "
+        f"({c['chat_tokens']}-token questions, {c['chat_output_tokens']} output tokens, get(perf=LATENCY)). Paper: {c['paper'] or '-'}.",
+        "",
+        "| policy | chat latency per token (ms) | chat p90 (ms) | map-reduce JCT (s) | chat vs best | JCT vs best |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(f"| {r['policy']} | {r['chat_s_per_token'] * 1e3:.0f} | {r['chat_p90_s_per_token'] * 1e3:.0f} | "
+                     f"{r['mean_jct_s']:.1f} | {r['chat_vs_best']:.2f}x | {r['jct_vs_best']:.2f}x |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_mixed(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = [r["policy"] for r in result["results"]]
+    fig, (chat_ax, jct_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    chat_ax.bar(policies, [r["chat_s_per_token"] * 1e3 for r in result["results"]], color="tab:blue")
+    chat_ax.set_ylabel("chat latency per output token (ms)")
+    jct_ax.bar(policies, [r["mean_jct_s"] for r in result["results"]], color="tab:orange")
+    jct_ax.set_ylabel("map-reduce job completion (s)")
+    for ax in (chat_ax, jct_ax):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{result['workload']} ({result['model']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mixed_summary(result: dict) -> str:
+    by_policy = {r["policy"]: r for r in result["results"]}
+    parrot = by_policy["parrot"]
+    chat = parrot["chat_s_per_token"] / by_policy["latency-centric"]["chat_s_per_token"]
+    jct = parrot["mean_jct_s"] / by_policy["throughput-centric"]["mean_jct_s"]
+    return (f"{result['workload']}: parrot chat {parrot['chat_s_per_token'] * 1e3:.0f} ms/token ({chat:.2f}x latency-centric's), "
+            f"map-reduce {parrot['mean_jct_s']:.1f} s ({jct:.2f}x throughput-centric's)")

@@ -1,0 +1,25 @@
+"""The `mixed` workload in --quick mode: every policy on its own real server; the report
+has every figure and the outputs are real text (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from parrot.bench.mixed import MIXED_POLICIES, quick_or_full
+from parrot.bench.mixed_harness import run_mixed_bench
+
+
+def test_quick_mixed_run_reports_every_policy(tmp_path):
+    run_mixed_bench("mixed", True, tmp_path, "smollm2-135m", Console(quiet=True))
+    result = json.loads((tmp_path / "mixed.json").read_text())
+    config = quick_or_full("mixed", True)
+    assert (tmp_path / "mixed.md").read_text().count("|") > 20 and (tmp_path / "mixed.png").stat().st_size > 1000
+    assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
+    for r in result["results"]:
+        assert len(r["chat_latencies_s"]) == config.chats and all(t > 0 for t in r["chat_latencies_s"])
+        assert len(r["job_completion_s"]) == config.map_reduce_apps and all(t > 0 for t in r["job_completion_s"])
+        assert all(text.strip() for text in r["chat_outputs"] + r["map_reduce_outputs"])
+        assert r["chat_vs_best"] >= 1.0 and r["jct_vs_best"] >= 1.0
+    assert min(r["chat_vs_best"] for r in result["results"]) == 1.0
