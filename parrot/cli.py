@@ -120,21 +120,25 @@ def cmd_bench(args) -> None:
     from parrot.bench.harness import run_bench
     from parrot.bench.mixed import MIXED_WORKLOADS
     from parrot.bench.mixed_harness import run_mixed_bench
+    from parrot.bench.multi_agent import MULTI_AGENT_WORKLOADS
+    from parrot.bench.multi_agent_harness import run_multi_agent_bench
     from parrot.bench.sharing import SHARING_WORKLOADS
     from parrot.bench.sharing_harness import run_sharing_bench
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"), **dict.fromkeys(MIXED_WORKLOADS, "two built-in engines per policy")}
+    own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"), **dict.fromkeys(MIXED_WORKLOADS, "two built-in engines per policy"),
+                   **dict.fromkeys(MULTI_AGENT_WORKLOADS, "one built-in engine per policy")}
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]}: drop --engine, --engines and --repeats")
     if args.workload in SHARING_WORKLOADS:
         run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console())
         return
-    if args.workload in MIXED_WORKLOADS:
+    if args.workload in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}:
         if args.peers:
-            Console().print("[yellow]mixed compares our own scheduling policies; --peers (vLLM) is not part of it yet")
-        run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console())
+            Console().print(f"[yellow]{args.workload} compares our own scheduling policies; --peers (vLLM) is not part of it yet")
+        run = run_mixed_bench if args.workload in MIXED_WORKLOADS else run_multi_agent_bench
+        run(args.workload, args.quick, Path(args.out), args.model, Console())
         return
     run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console(),
               engine=args.engine, engines=args.engines)
@@ -189,11 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
 
     bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
-    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed"],
+    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "multi-agent"],
                        help="app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce) compare parrot with request-level "
                             "serving; prefix-sharing workloads (shared-prompt, gpts) compare parrot, parrot without sharing and "
                             "prefix caching alone, each on its own server; mixed (chats beside map-reduce jobs) compares the "
-                            "scheduling policies parrot, latency-centric and throughput-centric")
+                            "scheduling policies parrot, latency-centric and throughput-centric; so does multi-agent (the "
+                            "snake-game coding team)")
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")

@@ -23,3 +23,16 @@ def test_quick_mixed_run_reports_every_policy(tmp_path):
         assert all(text.strip() for text in r["chat_outputs"] + r["map_reduce_outputs"])
         assert r["chat_vs_best"] >= 1.0 and r["jct_vs_best"] >= 1.0
     assert min(r["chat_vs_best"] for r in result["results"]) == 1.0
+
+
+def test_quick_multi_agent_run_reports_every_policy(tmp_path):
+    from parrot.bench.multi_agent import MULTI_AGENT_POLICIES
+    from parrot.bench.multi_agent_harness import run_multi_agent_bench
+
+    run_multi_agent_bench("multi-agent", True, tmp_path, "smollm2-135m", Console(quiet=True))
+    result = json.loads((tmp_path / "multi-agent.json").read_text())
+    assert (tmp_path / "multi-agent.png").stat().st_size > 1000
+    assert [row["policy"] for row in result["rows"]] == list(MULTI_AGENT_POLICIES)
+    for row in result["rows"]:
+        assert row["latency_s"] > 0 and row["program"].strip() and row["peak_batch_blocks"] > 0
+    assert result["rows"][0]["slower_than_parrot"] == 1.0

@@ -26,6 +26,11 @@ class CountingBackend(RecordingBackend):
         super().__init__(name, cost=SLOW)
         self.running = 0
         self.most_running = 0
+        self.shared_prefix_chars: list[int] = []
+
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+        self.shared_prefix_chars.append(shared_prefix_chars)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
 
     async def generate(self, context_id, sampling, priority):
         self.running += 1
@@ -149,3 +154,21 @@ def test_parrot_gives_the_engine_objective_priorities():
 def test_an_unknown_policy_is_a_clear_error():
     with pytest.raises(UserError, match="choose one of parrot, fifo, latency-centric, throughput-centric"):
         P.Runtime(backends=[CountingBackend("sim-0")], policy="fastest")
+
+
+GUIDELINES = "Team guidelines: " + "write small functions, name things plainly, test every branch. " * 6
+
+
+@P.semantic_function()
+def with_guidelines(part: P.Input, code: P.Output(max_tokens=2)):
+    """Team guidelines: write small functions, name things plainly, test every branch. write small functions, name things plainly, test every branch. write small functions, name things plainly, test every branch. write small functions, name things plainly, test every branch. write small functions, name things plainly, test every branch. write small functions, name things plainly, test every branch. Write {{part}}: {{code}}"""
+
+
+@pytest.mark.parametrize("policy,hinted", [("parrot", True), ("fifo", False), ("throughput-centric", False)])
+def test_only_parrot_tells_engines_about_static_prefixes(policy, hinted):
+    def program(runtime, backends):
+        with_guidelines(P.variable("part", "board.py")).get(perf=P.LATENCY)
+
+    backends, _ = run_with(policy, 1, program)
+    prefix = len(GUIDELINES.rstrip()) + 1
+    assert backends[0].shared_prefix_chars == ([prefix + len("Write ")] if hinted else [0])

@@ -4,38 +4,50 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from parrot.bench.harness import machine
-from parrot.bench.mixed import MIXED_POLICIES, MixedResult, quick_or_full, run_mixed, warm_up
-from parrot.bench.systems import start_parrot
+from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
+from parrot.bench.systems import RunningServer, start_parrot
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
+
+T = TypeVar("T")
+
+
+def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, out_dir: Path, model: str,
+                   console: Console, run: Callable[[str, RunningServer], T]) -> list[T]:
+    """Starts one server per policy (with its extra serve flags), warms it up, runs `run` on it, stops it."""
+    results: list[T] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(workload, total=len(policies))
+        for policy, flags in policies.items():
+            progress.update(task, description=f"{workload}: starting the {policy} server")
+            server = start_parrot(model, engines, out_dir, ["--policy", policy, *flags], log_name=f"{workload}-{policy}.log")
+            try:
+                warm_up(server)
+                progress.update(task, description=f"{workload}: {policy}")
+                results.append(run(policy, server))
+            finally:
+                server.stop()
+            progress.advance(task)
+    return results
 
 
 def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console) -> dict:
     config = quick_or_full(workload, quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
-    results: list[MixedResult] = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(workload, total=len(MIXED_POLICIES))
-        for policy in MIXED_POLICIES:
-            progress.update(task, description=f"{workload}: starting the {policy} server")
-            server = start_parrot(model, config.engines, out_dir, ["--policy", policy, "--threads", str(config.threads_per_engine)],
-                                  log_name=f"mixed-{policy}.log")
-            try:
-                warm_up(server)
-                progress.update(task, description=f"{workload}: {policy}")
-                results.append(run_mixed(config, policy, server, tokenizer))
-            finally:
-                server.stop()
-            progress.advance(task)
+    policies = {policy: ["--threads", str(config.threads_per_engine)] for policy in MIXED_POLICIES}
+    results = run_per_policy(workload, policies, config.engines, out_dir, model, console,
+                             lambda policy, server: run_mixed(config, policy, server, tokenizer))
     best_chat = min(r.chat_s_per_token for r in results)
     best_jct = min(r.mean_jct_s for r in results)
     result = {

@@ -155,7 +155,8 @@ class Executor:
                     continue
                 if pending_text:
                     prefix_chars = len(static_prefix(call))
-                    shared = prefix_chars if not created and prefix_chars >= MIN_SHARED_PREFIX_CHARS else 0
+                    wanted = self.policy.shares_static_prefixes and not created and prefix_chars >= MIN_SHARED_PREFIX_CHARS
+                    shared = prefix_chars if wanted else 0
                     await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
                     created = True
                     pending_text = ""

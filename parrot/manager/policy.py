@@ -52,9 +52,13 @@ class SchedulingPolicy(ABC):
     engine; it returns one of view.engines, or None to hold the call in the manager (it
     is offered again, in `order`, whenever a call finishes or an engine joins). It may
     record what it decided in the view (task groups, prefixes). `priority` is the engine
-    priority of the call's jobs: lower runs first, equal values run in arrival order."""
+    priority of the call's jobs: lower runs first, equal values run in arrival order.
+    `shares_static_prefixes`: engines are told which leading text of a call is its
+    function's constant prefix (to prefill once and fork); engines without that hint
+    still find shared prefixes in their own block cache."""
 
     name: str
+    shares_static_prefixes: bool = False
 
     @abstractmethod
     def place(self, call: Call, prompt_hashes: list[bytes], view: ClusterView) -> EngineBackend | None: ...
@@ -73,6 +77,7 @@ def _least_loaded(engines: Sequence[EngineBackend], view: ClusterView) -> Engine
 
 class ParrotPolicy(SchedulingPolicy):
     name = "parrot"
+    shares_static_prefixes = True
 
     def place(self, call, prompt_hashes, view):
         by_name = {e.name: e for e in view.engines}

@@ -1,0 +1,89 @@
+"""Runs the `multi-agent` workload under each policy (a server each) and reports it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from parrot.bench.harness import machine
+from parrot.bench.mixed_harness import run_per_policy
+from parrot.bench.multi_agent import MULTI_AGENT_POLICIES, quick_or_full, run_multi_agent
+from parrot.engine.loader import resolve_model_dir
+from parrot.engine.tokenizer import Tokenizer
+
+
+def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console) -> dict:
+    config = quick_or_full(workload, quick)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(resolve_model_dir(model))
+    results = run_per_policy(workload, MULTI_AGENT_POLICIES, config.engines, out_dir, model, console,
+                             lambda policy, server: run_multi_agent(config, policy, server, tokenizer))
+    parrot = {run.programmers: run.latency_s for run in results[0].runs}
+    rows = [{**asdict(run), "policy": r.policy, "slower_than_parrot": run.latency_s / parrot[run.programmers]}
+            for r in results for run in r.runs]
+    result = {"workload": workload, "quick": quick, "model": model, "machine": machine(), "config": asdict(config),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "policy_flags": MULTI_AGENT_POLICIES, "rows": rows}
+    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
+    write_multi_agent_markdown(result, out_dir / f"{workload}.md")
+    plot_multi_agent(result, out_dir / f"{workload}.png")
+    table = Table(title=f"{workload} ({'quick' if quick else 'full'}, {model})")
+    for column in ("policy", "programmers", "app latency s", "peak batch KV blocks", "slower than parrot"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["policy"], str(row["programmers"]), f"{row['latency_s']:.1f}", str(row["peak_batch_blocks"]),
+                      f"{row['slower_than_parrot']:.2f}x")
+    console.print(table)
+    console.print(multi_agent_summary(result))
+    return result
+
+
+def write_multi_agent_markdown(result: dict, path: Path) -> None:
+    c = result["config"]
+    lines = [
+        f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
+        "",
+        f"Model {result['model']} on {c['engines']} engine, one server per policy (serve flags: "
+        + "; ".join(f"{p} `{' '.join(f) or 'defaults'}`" for p, f in result["policy_flags"].items())
+        + f"). Team guidelines {c['guidelines_tokens']} tokens (every role's constant prefix); outputs: design {c['design_tokens']}, "
+        f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. Paper: {c['paper'] or '-'}.",
+        "",
+        "| policy | programmers | app latency (s) | peak batch KV blocks | slower than parrot |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['policy']} | {row['programmers']} | {row['latency_s']:.1f} | {row['peak_batch_blocks']} | "
+                     f"{row['slower_than_parrot']:.2f}x |")
+    lines += ["", "Peak batch KV blocks: the most distinct KV blocks one forward step's batch read, cumulative over the server's run."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_multi_agent(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for policy in result["policy_flags"]:
+        rows = [row for row in result["rows"] if row["policy"] == policy]
+        ax.plot([row["programmers"] for row in rows], [row["latency_s"] for row in rows], marker="o", label=policy)
+    ax.set_xlabel("programmers")
+    ax.set_ylabel("app latency (s)")
+    ax.set_title(f"{result['workload']} ({result['model']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def multi_agent_summary(result: dict) -> str:
+    largest = max(row["programmers"] for row in result["rows"])
+    at_largest = [row for row in result["rows"] if row["programmers"] == largest and row["policy"] != "parrot"]
+    others = ", ".join(f"{row['policy']} {row['slower_than_parrot']:.2f}x slower" for row in at_largest)
+    return f"{result['workload']} ({largest} programmers): parrot 1.00x, {others}"
