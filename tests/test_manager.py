@@ -35,8 +35,8 @@ class Fill:
 class RecordingBackend(SimulatedEngineBackend):
     """The simulated engine, recording every fill and generate it is asked for."""
 
-    def __init__(self, name: str = "sim-0", cost: CostModel = CostModel()):
-        super().__init__(name, cost=cost)
+    def __init__(self, name: str = "sim-0", cost: CostModel = CostModel(), **options):
+        super().__init__(name, cost=cost, **options)
         self.fills: list[Fill] = []
         self.generated: list[str] = []
 

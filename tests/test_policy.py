@@ -22,8 +22,8 @@ SLOW = CostModel(seconds_per_step=0.01)
 class CountingBackend(RecordingBackend):
     """Records the most calls generating at once."""
 
-    def __init__(self, name: str):
-        super().__init__(name, cost=SLOW)
+    def __init__(self, name: str, kv_capacity_tokens: int | None = None):
+        super().__init__(name, cost=SLOW, kv_capacity_tokens=kv_capacity_tokens)
         self.running = 0
         self.most_running = 0
         self.shared_prefix_chars: list[int] = []
@@ -172,3 +172,15 @@ def test_only_parrot_tells_engines_about_static_prefixes(policy, hinted):
     backends, _ = run_with(policy, 1, program)
     prefix = len(GUIDELINES.rstrip()) + 1
     assert backends[0].shared_prefix_chars == ([prefix + len("Write ")] if hinted else [0])
+
+
+@pytest.mark.parametrize("capacity,engines_for_the_group", [(None, 1), (64, 2)])
+def test_a_task_group_goes_whole_to_one_engine_only_where_it_fits(capacity, engines_for_the_group):
+    """Six map calls of about 15 KV tokens each (prompt and outputs): about 90 as a group.
+    Engines of 64 tokens take single calls but not the whole group, so it is spread."""
+    backends = [CountingBackend(f"sim-{i}", kv_capacity_tokens=capacity) for i in range(2)]
+    with P.Runtime(backends=backends, policy="parrot") as runtime:
+        parts, reduced = map_reduce("doc")
+        assert reduced.get(perf=P.LATENCY).strip()
+        engines_used = {engine_of(backends, part, runtime) for part in parts}
+    assert len(engines_used) == engines_for_the_group

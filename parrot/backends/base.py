@@ -20,6 +20,7 @@ class BackendStats:
     kv_blocks_free: int
     tokens_processed: int
     peak_batch_blocks: int = 0  # most KV blocks one step's batch used (0: not reported)
+    kv_block_size: int = 16  # tokens per KV block
 
 
 class EngineBackend(ABC):

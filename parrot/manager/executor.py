@@ -17,7 +17,8 @@ from parrot.backends.base import EngineBackend
 from parrot.errors import UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
 from parrot.manager.graph import Call, CallState, Objective, Variable
-from parrot.manager.policy import ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
+from parrot.manager.objectives import parallel_producers
+from parrot.manager.policy import CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
 from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,17 @@ def static_prefix(call: Call) -> str:
     return prefix
 
 
+def call_demand(call: Call) -> CallDemand:
+    text = first_fill_text(call)
+    tokens = len(text) // 4 + sum(sampling.max_tokens for sampling in call.sampling.values())
+    group_size = 1
+    if call.task_group is not None:
+        consumer = next((c for out in call.outputs.values() for c in out.consumers if c.call_id == call.task_group), None)
+        if consumer is not None:
+            group_size = max(1, len(parallel_producers(consumer)))
+    return CallDemand(prefix_hashes(text), tokens, group_size)
+
+
 class Executor:
     def __init__(self, engines: list[EngineBackend], on_dispatch: Callable[[Call], None] | None = None,
                  policy: SchedulingPolicy | None = None):
@@ -62,6 +74,7 @@ class Executor:
         self.engines: list[EngineBackend] = []
         self.view = ClusterView(self.engines, {}, self.prefixes)
         self._held: list[Call] = []  # ready calls the policy holds back (or no engine has registered)
+        self._tokens: dict[str, int] = {}  # running call -> the KV tokens counted for it
         self._tasks: set[asyncio.Task] = set()
         self._on_dispatch = on_dispatch
         self.on_complete: list[Callable[[Call, float], None]] = []  # (call, seconds from start to end)
@@ -106,12 +119,13 @@ class Executor:
         if not call.inputs_ready:
             return
         call.state = CallState.READY
-        hashes = prefix_hashes(first_fill_text(call))
-        engine = self.policy.place(call, hashes, self.view) if self.engines else None
+        demand = call_demand(call)
+        engine = self.policy.place(call, demand, self.view) if self.engines else None
         if engine is None:
             self._held.append(call)
             return
-        self.prefixes.record(engine.name, hashes)
+        self.prefixes.record(engine.name, demand.prompt_hashes)
+        self._tokens[call.call_id] = demand.tokens
         call.engine = engine.name
         call.state = CallState.RUNNING
         self._count(engine.name, call, +1)
@@ -122,10 +136,12 @@ class Executor:
         task.add_done_callback(self._tasks.discard)
 
     def _count(self, engine_name: str, call: Call, sign: int) -> None:
+        tokens = self._tokens[call.call_id] if sign > 0 else self._tokens.pop(call.call_id, 0)
         load = self.view.load.get(engine_name)
         if load is None:
             return  # the engine was removed
         load.calls += sign
+        load.tokens += sign * tokens
         if call.objective is Objective.LATENCY:
             load.latency_calls += sign
         elif call.objective is Objective.THROUGHPUT:

@@ -37,6 +37,27 @@ class EngineLoad:
     calls: int = 0
     latency_calls: int = 0
     throughput_calls: int = 0
+    tokens: int = 0  # estimated KV tokens of those calls (prompt and outputs)
+
+
+@dataclass(frozen=True)
+class CallDemand:
+    """What placing a ready call asks of an engine."""
+
+    prompt_hashes: list[bytes]  # PrefixHash of the text before its first output
+    tokens: int  # estimated KV tokens: the prompt (about 4 characters a token) and every output's max_tokens
+    group_size: int = 1  # calls in its task group, itself included
+
+
+def capacity_tokens(engine: EngineBackend) -> int | None:
+    """KV tokens the engine holds in all, when it says (None: unbounded or unknown)."""
+    stats = engine.stats()
+    return stats.kv_blocks_total * stats.kv_block_size if stats.kv_blocks_total > 0 else None
+
+
+def fits(engine: EngineBackend, view: ClusterView, tokens: int) -> bool:
+    capacity = capacity_tokens(engine)
+    return capacity is None or view.load[engine.name].tokens + tokens <= capacity
 
 
 @dataclass
@@ -61,7 +82,7 @@ class SchedulingPolicy(ABC):
     shares_static_prefixes: bool = False
 
     @abstractmethod
-    def place(self, call: Call, prompt_hashes: list[bytes], view: ClusterView) -> EngineBackend | None: ...
+    def place(self, call: Call, demand: CallDemand, view: ClusterView) -> EngineBackend | None: ...
 
     def priority(self, call: Call) -> int:
         return PRIORITY_NORMAL
@@ -79,11 +100,13 @@ class ParrotPolicy(SchedulingPolicy):
     name = "parrot"
     shares_static_prefixes = True
 
-    def place(self, call, prompt_hashes, view):
+    def place(self, call, demand, view):
         by_name = {e.name: e for e in view.engines}
         if call.task_group is not None and view.group_engine.get(call.task_group) in by_name:
             return by_name[view.group_engine[call.task_group]]
-        candidates = list(view.engines)
+        # capacity in KV tokens: a task group goes whole to an engine where the whole group fits
+        candidates = [e for e in view.engines if fits(e, view, demand.tokens * demand.group_size)]
+        candidates = candidates or [e for e in view.engines if fits(e, view, demand.tokens)] or list(view.engines)
         if call.objective is Objective.LATENCY:
             # engines kept at small batches serve latency-critical calls first
             small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
@@ -93,14 +116,14 @@ class ParrotPolicy(SchedulingPolicy):
             quiet = [e for e in candidates if view.load[e.name].latency_calls == 0]
             candidates = quiet or candidates
         engine = _least_loaded(candidates, view)
-        _, holders = view.prefixes.longest_match(prompt_hashes)
+        _, holders = view.prefixes.longest_match(demand.prompt_hashes)
         holding = [e for e in candidates if e.name in holders]
         if holding:
             best_holder = _least_loaded(holding, view)
             if view.load[best_holder.name].calls <= view.load[engine.name].calls + AFFINITY_SLACK:
                 engine = best_holder
-        if call.task_group is not None:
-            view.group_engine[call.task_group] = engine.name
+        if call.task_group is not None and fits(engine, view, demand.tokens * demand.group_size):
+            view.group_engine[call.task_group] = engine.name  # its siblings follow it
         return engine
 
     def priority(self, call):
@@ -114,14 +137,14 @@ class ParrotPolicy(SchedulingPolicy):
 class FifoPolicy(SchedulingPolicy):
     name = "fifo"
 
-    def place(self, call, prompt_hashes, view):
+    def place(self, call, demand, view):
         return _least_loaded(view.engines, view)
 
 
 class LatencyCentricPolicy(SchedulingPolicy):
     name = "latency-centric"
 
-    def place(self, call, prompt_hashes, view):
+    def place(self, call, demand, view):
         engine = _least_loaded(view.engines, view)
         return engine if view.load[engine.name].calls < SMALL_BATCH else None
 
@@ -129,7 +152,7 @@ class LatencyCentricPolicy(SchedulingPolicy):
 class ThroughputCentricPolicy(SchedulingPolicy):
     name = "throughput-centric"
 
-    def place(self, call, prompt_hashes, view):
+    def place(self, call, demand, view):
         # fill the busiest engine that has room: the largest batches
         room = [e for e in view.engines if view.load[e.name].calls < LARGE_BATCH]
         if not room:
