@@ -55,6 +55,7 @@ def row(load: float, s_per_token: float, throughput: float) -> dict:
 def test_sustained_rate_is_the_highest_within_the_slo():
     rows = [row(1, 0.1, 10), row(2, 0.2, 18), row(4, 0.5, 20)]
     assert sustained_load(rows, 0.25) == 2
+    assert sustained_load([row(1, 0.3, 5), row(2, 0.2, 9)], 0.25) == 0.0  # a rate beyond a missed one does not count
     assert sustained_load(rows, 0.05) == 0.0
     result = {"config": {"load_kind": "requests/s", "slo_s_per_token": 0.25},
               "results": {"parrot": [row(1, 0.1, 10), row(2, 0.1, 20)], "other": rows[:2]}}

@@ -6,7 +6,6 @@ clients are P.connect, the openai SDK, LangChain and plain httpx.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys

@@ -122,17 +122,14 @@ def test_latency_centric_releases_held_calls_in_arrival_order():
     assert started == map_calls
 
 
-def test_throughput_centric_packs_one_engine_first():
+def test_throughput_centric_spreads_work_in_batches_as_large_as_they_go():
     def program(runtime, backends):
         parts, reduced = map_reduce("doc")
-        others = [summarize(P.variable("chunk", f"other {i}")) for i in range(3)]
         reduced.get(perf=P.THROUGHPUT)
-        for other in others:
-            other.get(perf=P.THROUGHPUT)
         return {engine_of(backends, part, runtime) for part in parts}
 
-    _, engines_used = run_with("throughput-centric", 2, program)
-    assert engines_used == {"sim-0"}
+    backends, engines_used = run_with("throughput-centric", 2, program)
+    assert engines_used == {"sim-0", "sim-1"} and backends[0].most_running == backends[1].most_running == 3
 
 
 @pytest.mark.parametrize("policy", ["fifo", "latency-centric", "throughput-centric"])

@@ -13,10 +13,11 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import parrot as P
 from parrot.bench import apps
+from parrot.bench.config import pick_size
 from parrot.bench.documents import chunks as make_chunks
 from parrot.bench.documents import passages
 from parrot.bench.systems import RunningServer
@@ -76,8 +77,7 @@ class MixedResult:
 
 
 def quick_or_full(name: str, quick: bool) -> MixedConfig:
-    full, small = MIXED_WORKLOADS[name]
-    return replace(small, paper=full.paper) if quick else full
+    return pick_size(MIXED_WORKLOADS, name, quick)
 
 
 def run_mixed(config: MixedConfig, policy: str, server: RunningServer, tokenizer) -> MixedResult:

@@ -13,10 +13,11 @@ attention, no static prefix hints).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import parrot as P
 from parrot.bench import apps
+from parrot.bench.config import pick_size
 from parrot.bench.documents import passages
 from parrot.bench.systems import RunningServer, peak_batch_blocks
 
@@ -63,8 +64,7 @@ class MultiAgentResult:
 
 
 def quick_or_full(name: str, quick: bool) -> MultiAgentConfig:
-    full, small = MULTI_AGENT_WORKLOADS[name]
-    return replace(small, paper=full.paper) if quick else full
+    return pick_size(MULTI_AGENT_WORKLOADS, name, quick)
 
 
 def team(guidelines: str, config: MultiAgentConfig, programmers: int) -> P.SemanticVariable:
@@ -80,7 +80,7 @@ def team(guidelines: str, config: MultiAgentConfig, programmers: int) -> P.Seman
     files = "\n".join(f"File {i}: {{{{input:part{i}}}}}" for i in range(programmers))
     integrator = apps.semantic("integrator", f"Combine these files into one program.\n{files}\nProgram:{{{{output:summary}}}}",
                                [f"part{i}" for i in range(programmers)], config.program_tokens)
-    design = architect(chunk=TASK)
+    design = architect(chunk=f"{TASK}, written by {programmers} programmers")  # each team size its own design
     revised = []
     for i in range(programmers):
         component = f"{COMPONENTS[i % len(COMPONENTS)]} (part {i})"
@@ -98,6 +98,5 @@ def run_multi_agent(config: MultiAgentConfig, policy: str, server: RunningServer
             started = time.perf_counter()
             program = team(guidelines, config, programmers).get(perf=P.LATENCY)
             elapsed = time.perf_counter() - started
-        time.sleep(2.5)  # engines report their stats every 2 s
         runs.append(TeamRun(programmers, elapsed, program, peak_batch_blocks(server)))
     return MultiAgentResult(policy, runs)

@@ -23,7 +23,7 @@ def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str,
     tokenizer = Tokenizer(resolve_model_dir(model))
     results = run_per_policy(workload, MULTI_AGENT_POLICIES, config.engines, out_dir, model, console,
                              lambda policy, server: run_multi_agent(config, policy, server, tokenizer))
-    parrot = {run.programmers: run.latency_s for run in results[0].runs}
+    parrot = {run.programmers: run.latency_s for r in results if r.policy == "parrot" for run in r.runs}
     rows = [{**asdict(run), "policy": r.policy, "slower_than_parrot": run.latency_s / parrot[run.programmers]}
             for r in results for run in r.runs]
     result = {"workload": workload, "quick": quick, "model": model, "machine": machine(), "config": asdict(config),

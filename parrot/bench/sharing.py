@@ -12,11 +12,12 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 import parrot as P
 from parrot.bench import apps
+from parrot.bench.config import pick_size
 from parrot.bench.documents import passages
 from parrot.bench.systems import CompletionClient, RunningServer
 
@@ -107,8 +108,7 @@ class LoadResult:
 
 
 def quick_or_full(name: str, quick: bool) -> SharingConfig:
-    full, small = SHARING_WORKLOADS[name]
-    return replace(small, paper=full.paper) if quick else full
+    return pick_size(SHARING_WORKLOADS, name, quick)
 
 
 def system_prompts(config: SharingConfig, tokenizer) -> list[str]:

@@ -19,20 +19,10 @@ from parrot.bench.systems import RunningServer, peak_batch_blocks, start_parrot,
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
-HEARTBEAT_WAIT_S = 2.5  # engines report their stats to the manager every 2 s
-
-
 def _start(system: SharingSystem, model: str, out_dir: Path, kv_memory_gb: float) -> RunningServer | None:
     if system.label == "vllm":
         return start_vllm(model, out_dir)
     return start_parrot(model, 1, out_dir, ["--kv-memory-gb", str(kv_memory_gb), *system.serve_flags], log_name=f"{system.label}.log")
-
-
-def _read_peak(server: RunningServer) -> int | None:
-    if server.name != "parrot":
-        return None
-    time.sleep(HEARTBEAT_WAIT_S)
-    return peak_batch_blocks(server)
 
 
 def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, peers: bool, console: Console) -> dict:
@@ -63,7 +53,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                 for level, load in zip(levels, config.loads):
                     progress.update(task, description=f"{workload}: {system.label}, {load:g} {config.load_kind.value}")
                     results[system.label] = results.get(system.label, []) + [
-                        run_level(send, level, load, config.output_tokens, lambda: _read_peak(server))
+                        run_level(send, level, load, config.output_tokens, lambda: peak_batch_blocks(server))
                     ]
                     progress.advance(task)
             finally:

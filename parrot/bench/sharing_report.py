@@ -9,8 +9,13 @@ from rich.table import Table
 
 
 def sustained_load(rows: list[dict], slo_s_per_token: float) -> float:
-    """The highest load at which the mean latency per output token stays within the SLO (0: none)."""
-    return max((row["load"] for row in rows if row["s_per_output_token"] <= slo_s_per_token), default=0.0)
+    """The highest load up to which every load keeps the mean latency per output token within the SLO (0: none)."""
+    sustained = 0.0
+    for row in sorted(rows, key=lambda r: r["load"]):
+        if row["s_per_output_token"] > slo_s_per_token:
+            break
+        sustained = row["load"]
+    return sustained
 
 
 def compare(result: dict) -> dict:

@@ -101,12 +101,17 @@ def start_vllm(model: str, out_dir: Path) -> RunningServer | None:
     return RunningServer("vllm", url, "none", model, process)
 
 
+HEARTBEAT_WAIT_S = 2.5  # engines report their stats to the manager every 2 s
+
+
 def peak_batch_blocks(server: RunningServer) -> int | None:
-    """The most KV blocks one step's batch used on the server's engines (from its metrics), if it reports them."""
+    """The most KV blocks one step's batch used on the server's engines (from its metrics, after the
+    engines' next heartbeat), if the server reports them."""
     from prometheus_client.parser import text_string_to_metric_families
 
     if server.name != "parrot":
         return None
+    time.sleep(HEARTBEAT_WAIT_S)
     response = httpx.get(f"{server.url}/metrics", timeout=10)
     response.raise_for_status()
     for family in text_string_to_metric_families(response.text):

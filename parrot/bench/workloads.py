@@ -8,10 +8,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import parrot as P
 from parrot.bench import apps
+from parrot.bench.config import pick_size
 from parrot.bench.documents import chunks as make_chunks
 from parrot.bench.systems import CompletionClient, DelayedTransport, RunningServer
 
@@ -146,5 +147,4 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
 
 
 def quick_or_full(name: str, quick: bool) -> WorkloadConfig:
-    full, small = WORKLOADS[name]
-    return replace(small, paper=full.paper) if quick else full
+    return pick_size(WORKLOADS, name, quick)

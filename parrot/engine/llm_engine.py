@@ -55,6 +55,8 @@ class EngineConfig:
             raise UserError("kv_memory_gb must be positive")
         if self.block_size < 1:
             raise UserError("block_size must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be at least 1, not {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
 

@@ -18,7 +18,7 @@ from parrot.errors import UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
 from parrot.manager.graph import Call, CallState, Objective, Variable
 from parrot.manager.objectives import parallel_producers
-from parrot.manager.policy import CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
+from parrot.manager.policy import CHARS_PER_TOKEN, CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
 from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def static_prefix(call: Call) -> str:
 
 def call_demand(call: Call) -> CallDemand:
     text = first_fill_text(call)
-    tokens = len(text) // 4 + sum(sampling.max_tokens for sampling in call.sampling.values())
+    tokens = len(text) // CHARS_PER_TOKEN + sum(sampling.max_tokens for sampling in call.sampling.values())
     group_size = 1
     if call.task_group is not None:
         consumer = next((c for out in call.outputs.values() for c in out.consumers if c.call_id == call.task_group), None)
@@ -125,6 +125,7 @@ class Executor:
             self._held.append(call)
             return
         self.prefixes.record(engine.name, demand.prompt_hashes)
+        self.view.group_engine.pop(call.call_id, None)  # a consumer that starts ends the task group it named
         self._tokens[call.call_id] = demand.tokens
         call.engine = engine.name
         call.state = CallState.RUNNING
@@ -137,22 +138,22 @@ class Executor:
 
     def _count(self, engine_name: str, call: Call, sign: int) -> None:
         tokens = self._tokens[call.call_id] if sign > 0 else self._tokens.pop(call.call_id, 0)
-        load = self.view.load.get(engine_name)
-        if load is None:
-            return  # the engine was removed
+        load = self.view.load[engine_name]  # kept after an engine is removed: its calls still finish
         load.calls += sign
         load.tokens += sign * tokens
         if call.objective is Objective.LATENCY:
             load.latency_calls += sign
-        elif call.objective is Objective.THROUGHPUT:
-            load.throughput_calls += sign
 
     def _offer_held(self) -> None:
         """Offers the held calls to the policy again (an engine joined or a call finished)."""
         held, self._held = self.policy.order(self._held), []
         for call in held:
             call.state = CallState.WAITING
-            self._try_start(call)
+            try:
+                self._try_start(call)
+            except Exception as exc:  # one call's failure must not strand the others
+                log.exception("placing call %s (%s) failed", call.call_id, call.function)
+                self._fail(call, exc)
 
     async def _run(self, call: Call, engine: EngineBackend) -> None:
         context_id = f"{call.call_id}"
@@ -170,8 +171,10 @@ class Executor:
                     pending_text += call.inputs[segment.name].value or ""
                     continue
                 if pending_text:
+                    # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other calls
                     prefix_chars = len(static_prefix(call))
-                    wanted = self.policy.shares_static_prefixes and not created and prefix_chars >= MIN_SHARED_PREFIX_CHARS
+                    wanted = (self.policy.shares_static_prefixes and not created and prefix_chars < len(pending_text)
+                              and prefix_chars >= MIN_SHARED_PREFIX_CHARS)
                     shared = prefix_chars if wanted else 0
                     await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
                     created = True
@@ -194,15 +197,18 @@ class Executor:
             if not isinstance(exc, UserError):
                 log.exception("call %s (%s) failed on %s", call.call_id, call.function, engine.name)
             self._fail(call, exc)
+        except asyncio.CancelledError:
+            self._fail(call, UserError(f"{call.function} was cancelled: the server is shutting down"))
+            raise
         finally:
-            self._count(engine.name, call, -1)
-            if self._held:
-                self._offer_held()
             if created:
                 try:
                     await engine.free_context(context_id)
                 except Exception:
                     log.exception("freeing context %s on %s failed", context_id, engine.name)
+            self._count(engine.name, call, -1)
+            if self._held:
+                self._offer_held()
 
     def _fail(self, call: Call, error: BaseException) -> None:
         call.state = CallState.FAILED

@@ -18,7 +18,7 @@ from parrot.engine.scheduler import PRIORITY_NORMAL
 from parrot.errors import UserError
 from parrot.manager.graph import Call, Objective
 from parrot.manager.objectives import engine_priority
-from parrot.manager.prefix_index import PrefixIndex
+from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex
 
 # An engine holding a call's prefix is preferred while its load stays within this
 # many calls of the least loaded engine; past that the prefix is replicated.
@@ -28,6 +28,7 @@ LATENCY_BATCH_BOUND = 4
 # latency-centric keeps every engine's batch this small; throughput-centric fills up to this
 SMALL_BATCH = 4
 LARGE_BATCH = 64
+CHARS_PER_TOKEN = 4  # for estimates of KV tokens from text
 
 
 @dataclass
@@ -36,7 +37,6 @@ class EngineLoad:
 
     calls: int = 0
     latency_calls: int = 0
-    throughput_calls: int = 0
     tokens: int = 0  # estimated KV tokens of those calls (prompt and outputs)
 
 
@@ -104,9 +104,16 @@ class ParrotPolicy(SchedulingPolicy):
         by_name = {e.name: e for e in view.engines}
         if call.task_group is not None and view.group_engine.get(call.task_group) in by_name:
             return by_name[view.group_engine[call.task_group]]
-        # capacity in KV tokens: a task group goes whole to an engine where the whole group fits
-        candidates = [e for e in view.engines if fits(e, view, demand.tokens * demand.group_size)]
-        candidates = candidates or [e for e in view.engines if fits(e, view, demand.tokens)] or list(view.engines)
+        # capacity in KV tokens (less the prefix an engine already holds, which forks share):
+        # a task group goes whole to an engine where the whole group fits
+        granules, holders = view.prefixes.longest_match(demand.prompt_hashes)
+
+        def new_tokens(engine: EngineBackend, calls: int) -> int:
+            held = granules * GRANULE_CHARS // CHARS_PER_TOKEN if engine.name in holders else 0
+            return calls * max(demand.tokens - held, 0)
+
+        candidates = [e for e in view.engines if fits(e, view, new_tokens(e, demand.group_size))]
+        candidates = candidates or [e for e in view.engines if fits(e, view, new_tokens(e, 1))] or list(view.engines)
         if call.objective is Objective.LATENCY:
             # engines kept at small batches serve latency-critical calls first
             small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
@@ -116,13 +123,12 @@ class ParrotPolicy(SchedulingPolicy):
             quiet = [e for e in candidates if view.load[e.name].latency_calls == 0]
             candidates = quiet or candidates
         engine = _least_loaded(candidates, view)
-        _, holders = view.prefixes.longest_match(demand.prompt_hashes)
         holding = [e for e in candidates if e.name in holders]
         if holding:
             best_holder = _least_loaded(holding, view)
             if view.load[best_holder.name].calls <= view.load[engine.name].calls + AFFINITY_SLACK:
                 engine = best_holder
-        if call.task_group is not None and fits(engine, view, demand.tokens * demand.group_size):
+        if call.task_group is not None and fits(engine, view, new_tokens(engine, demand.group_size)):
             view.group_engine[call.task_group] = engine.name  # its siblings follow it
         return engine
 
@@ -153,11 +159,9 @@ class ThroughputCentricPolicy(SchedulingPolicy):
     name = "throughput-centric"
 
     def place(self, call, demand, view):
-        # fill the busiest engine that has room: the largest batches
+        # batches as large as an engine takes; what exceeds them waits
         room = [e for e in view.engines if view.load[e.name].calls < LARGE_BATCH]
-        if not room:
-            return None
-        return max(room, key=lambda e: view.load[e.name].calls)
+        return _least_loaded(room, view) if room else None
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {

@@ -25,18 +25,20 @@ def serve(args) -> None:
     from parrot.backends.openai_compat import OpenAICompatibleBackend
     from parrot.engine.loader import resolve_model_dir
     from parrot.engine.tokenizer import Tokenizer
+    from parrot.errors import UserError
     from parrot.manager.manager import Manager
+    from parrot.manager.policy import policy_named
     from parrot.server.auth import KeyStore
     from parrot.server.manager_app import create_manager_app
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, not {args.threads}")
     engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
     keys = KeyStore.load(args.api_keys, engine_key=engine_key)
     if keys.empty:
         key = secrets.token_urlsafe(24)
         keys.add("default", key)
         print(f"No API keys configured (--api-keys FILE or PARROT_API_KEYS); for this run, tenant 'default' has key:\n  {key}", flush=True)
-    from parrot.manager.policy import policy_named
-
     model_dir = resolve_model_dir(args.model)  # converts once here, before engines start in parallel
     manager = Manager([], policy_named(args.policy))
     local_processes = args.engines
@@ -48,8 +50,6 @@ def serve(args) -> None:
             manager.add_engine(SimulatedEngineBackend.from_profile(args.engine, name=f"sim-{i}", time_scale=args.time_scale))
         local_processes = 0
     elif args.engine != "builtin":
-        from parrot.errors import UserError
-
         raise UserError(f"--engine must be builtin or sim:PRESET, not {args.engine!r}")
     for i, url in enumerate(args.openai_backend):
         manager.add_engine(OpenAICompatibleBackend(f"openai-{i}", url, args.backend_model or args.model, args.backend_api_key))
