@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench bench-quick bench-peers vllm clean
+.PHONY: install demo test test-slow bench bench-quick bench-peers bench-apps vllm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py --quick
+
+# every paper workload at full size, one after another (run on a quiet machine: about two hours here)
+APP_WORKLOADS = chain-summary chain-summary-bg multi-chain map-reduce shared-prompt gpts mixed multi-agent
+bench-apps: $(STAMP)
+	for workload in $(APP_WORKLOADS); do $(PY) -m parrot.cli bench $$workload --out benchmarks/results || exit 1; done
 
 vllm:
 	bash benchmarks/setup_vllm.sh
