@@ -101,10 +101,13 @@ def plot_sharing(result: dict, path: Path) -> None:
         throughput_ax.plot(loads, [row["throughput_tokens_s"] for row in rows], marker="o", label=label)
     if result["config"]["load_kind"] == "requests/s":
         latency_ax.axhline(result["config"]["slo_s_per_token"] * 1e3, color="grey", linestyle="--", linewidth=1, label="SLO")
+    loads = sorted({row["load"] for rows in result["results"].values() for row in rows})
     for ax, ylabel in ((latency_ax, "latency per output token (ms)"), (throughput_ax, "throughput (output tokens/s)")):
         ax.set_xlabel(_unit(result))
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(loads, [f"{load:g}" for load in loads])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     latency_ax.set_yscale("log")
     latency_ax.legend(fontsize=8)
