@@ -129,8 +129,8 @@ def cmd_bench(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"), **dict.fromkeys(MIXED_WORKLOADS, "two built-in engines per policy"),
                    **dict.fromkeys(MULTI_AGENT_WORKLOADS, "one built-in engine per policy")}
-    if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1):
-        raise UserError(f"{args.workload} runs {own_servers[args.workload]}: drop --engine, --engines and --repeats")
+    if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None):
+        raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats and --rtt-ms")
     if args.workload in SHARING_WORKLOADS:
         run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console())
         return
@@ -140,7 +140,8 @@ def cmd_bench(args) -> None:
         run = run_mixed_bench if args.workload in MIXED_WORKLOADS else run_multi_agent_bench
         run(args.workload, args.quick, Path(args.out), args.model, Console())
         return
-    run_bench(args.workload, args.quick, Path(args.out), args.model, args.rtt_ms, args.peers, args.repeats, Console(),
+    rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
+    run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
               engine=args.engine, engines=args.engines)
 
 
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--rtt-ms", type=float, default=250.0, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
+    bench.add_argument("--rtt-ms", type=float, default=None, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
     bench.add_argument("--peers", action="store_true", help="include vLLM when installed (bash benchmarks/setup_vllm.sh)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")

@@ -84,3 +84,16 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     if workload == "shared-prompt":
         assert peak["parrot"] < peak["parrot-no-sharing"]
     assert result["comparison"]["parrot"]["by_load"][f"{config.loads[0]:g}"]["latency_x"] == 1.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "gpts", "--rtt-ms", "100"], "drop --engine, --engines, --repeats and --rtt-ms"),
+    (["bench", "mixed", "--engines", "2"], "two built-in engines per policy"),
+    (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),
+    (["serve", "--threads", "0"], "--threads must be at least 1"),
+])
+def test_flags_a_command_would_ignore_are_refused_with_a_message(argv, message, capsys):
+    from parrot.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -33,6 +33,9 @@ def serve(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, not {args.threads}")
+    if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention):
+        raise UserError("--threads, --no-prefix-caching and --no-shared-attention set built-in engines; "
+                        "a simulated engine (--engine sim:PRESET) takes its settings from its preset")
     engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
     keys = KeyStore.load(args.api_keys, engine_key=engine_key)
     if keys.empty:
