@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import platform
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
-from parrot.bench.report import plot, summary_line, write_markdown
+from parrot.bench.report import plot, print_rows, ratio_of, result_header, save_report, summary_line, write_markdown
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, WorkloadConfig, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
-
-
-def machine() -> dict:
-    import os
-
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
@@ -77,10 +64,9 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         for server in servers:
             server.stop()
     result = {
-        "workload": workload, "quick": quick, "model": model, "engine": engine, "engines": engines,
-        "simulated": engine.startswith("sim:"), "config": asdict(config), "machine": machine(),
+        **result_header(workload, quick, model), "engine": engine, "engines": engines,
+        "simulated": engine.startswith("sim:"), "config": asdict(config),
         "rtt_settings_ms": sorted({0.0, rtt_ms}), "repeats": repeats, "notes": notes,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "measurements": [
             {**asdict(m), "mean_s": m.mean_s, "p90_s": m.p90_s} for m in measurements
         ],
@@ -88,9 +74,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     result["ratios"] = ratios(measurements)
     result["outputs_match"] = check[0].final_outputs == check[1].final_outputs
     result["check_outputs"] = {"parrot": check[0].final_outputs, "request-level": check[1].final_outputs}
-    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, out_dir / f"{workload}.md")
-    plot(result, out_dir / f"{workload}.png")
+    save_report(result, out_dir, write_markdown, plot)
     print_table(result, console)
     console.print(summary_line(result))
     return result
@@ -110,10 +94,9 @@ def ratios(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
 
 def print_table(result: dict, console: Console) -> None:
     engines = f"{result['engines']} x {result['engine']}" + (" (SIMULATED)" if result["simulated"] else "")
-    table = Table(title=f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']}, {engines})")
-    for column in ("system", "added RTT", "mean latency s", "p90 s", "vs parrot"):
-        table.add_column(column, justify="right")
+    rows = []
     for m in result["measurements"]:
-        ratio = result["ratios"][f"{m['rtt_ms']:.0f}ms"][m["system"]]
-        table.add_row(m["system"], f"{m['rtt_ms']:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio:.2f}x")
-    console.print(table)
+        ratio = ratio_of(result, m["rtt_ms"], m["system"])
+        rows.append((m["system"], f"{m['rtt_ms']:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio:.2f}x"))
+    print_rows(console, f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']}, {engines})",
+               ("system", "added RTT", "mean latency s", "p90 s", "vs parrot"), rows)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -11,10 +9,9 @@ from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
-from parrot.bench.harness import machine
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
+from parrot.bench.report import markdown_table, print_rows, result_header, save_report
 from parrot.bench.systems import RunningServer, start_parrot
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -51,24 +48,23 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
     best_chat = min(r.chat_s_per_token for r in results)
     best_jct = min(r.mean_jct_s for r in results)
     result = {
-        "workload": workload, "quick": quick, "model": model, "machine": machine(), "config": asdict(config),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **result_header(workload, quick, model), "config": asdict(config),
         "results": [{**asdict(r), "chat_s_per_token": r.chat_s_per_token, "chat_p90_s_per_token": r.chat_p90_s_per_token,
                      "mean_jct_s": r.mean_jct_s, "chat_vs_best": r.chat_s_per_token / best_chat, "jct_vs_best": r.mean_jct_s / best_jct}
                     for r in results],
     }
-    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
-    write_mixed_markdown(result, out_dir / f"{workload}.md")
-    plot_mixed(result, out_dir / f"{workload}.png")
-    table = Table(title=f"{workload} ({'quick' if quick else 'full'}, {model}, {config.engines} engines)")
-    for column in ("policy", "chat ms/token", "chat p90 ms/token", "map-reduce JCT s", "chat vs best", "JCT vs best"):
-        table.add_column(column, justify="right")
-    for r in result["results"]:
-        table.add_row(r["policy"], f"{r['chat_s_per_token'] * 1e3:.0f}", f"{r['chat_p90_s_per_token'] * 1e3:.0f}",
-                      f"{r['mean_jct_s']:.1f}", f"{r['chat_vs_best']:.2f}x", f"{r['jct_vs_best']:.2f}x")
-    console.print(table)
+    save_report(result, out_dir, write_mixed_markdown, plot_mixed)
+    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {model}, {config.engines} engines)", MIXED_COLUMNS, mixed_rows(result))
     console.print(mixed_summary(result))
     return result
+
+
+MIXED_COLUMNS = ("policy", "chat latency per token (ms)", "chat p90 (ms)", "map-reduce JCT (s)", "chat vs best", "JCT vs best")
+
+
+def mixed_rows(result: dict) -> list[tuple[str, ...]]:
+    return [(r["policy"], f"{r['chat_s_per_token'] * 1e3:.0f}", f"{r['chat_p90_s_per_token'] * 1e3:.0f}", f"{r['mean_jct_s']:.1f}",
+             f"{r['chat_vs_best']:.2f}x", f"{r['jct_vs_best']:.2f}x") for r in result["results"]]
 
 
 def write_mixed_markdown(result: dict, path: Path) -> None:
@@ -81,12 +77,8 @@ def write_mixed_markdown(result: dict, path: Path) -> None:
         f"output tokens, get(perf=THROUGHPUT)) start together with {c['chats']} chats arriving at {c['chat_rate']} req/s "
         f"({c['chat_tokens']}-token questions, {c['chat_output_tokens']} output tokens, get(perf=LATENCY)). Paper: {c['paper'] or '-'}.",
         "",
-        "| policy | chat latency per token (ms) | chat p90 (ms) | map-reduce JCT (s) | chat vs best | JCT vs best |",
-        "|---|---|---|---|---|---|",
+        *markdown_table(MIXED_COLUMNS, mixed_rows(result)),
     ]
-    for r in result["results"]:
-        lines.append(f"| {r['policy']} | {r['chat_s_per_token'] * 1e3:.0f} | {r['chat_p90_s_per_token'] * 1e3:.0f} | "
-                     f"{r['mean_jct_s']:.1f} | {r['chat_vs_best']:.2f}x | {r['jct_vs_best']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
 
 

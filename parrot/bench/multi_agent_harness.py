@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from parrot.bench.harness import machine
 from parrot.bench.mixed_harness import run_per_policy
 from parrot.bench.multi_agent import MULTI_AGENT_POLICIES, quick_or_full, run_multi_agent
+from parrot.bench.report import markdown_table, print_rows, result_header, save_report
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
@@ -26,20 +23,19 @@ def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str,
     parrot = {run.programmers: run.latency_s for r in results if r.policy == "parrot" for run in r.runs}
     rows = [{**asdict(run), "policy": r.policy, "slower_than_parrot": run.latency_s / parrot[run.programmers]}
             for r in results for run in r.runs]
-    result = {"workload": workload, "quick": quick, "model": model, "machine": machine(), "config": asdict(config),
-              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "policy_flags": MULTI_AGENT_POLICIES, "rows": rows}
-    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
-    write_multi_agent_markdown(result, out_dir / f"{workload}.md")
-    plot_multi_agent(result, out_dir / f"{workload}.png")
-    table = Table(title=f"{workload} ({'quick' if quick else 'full'}, {model})")
-    for column in ("policy", "programmers", "app latency s", "peak batch KV blocks", "slower than parrot"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(row["policy"], str(row["programmers"]), f"{row['latency_s']:.1f}", str(row["peak_batch_blocks"]),
-                      f"{row['slower_than_parrot']:.2f}x")
-    console.print(table)
+    result = {**result_header(workload, quick, model), "config": asdict(config), "policy_flags": MULTI_AGENT_POLICIES, "rows": rows}
+    save_report(result, out_dir, write_multi_agent_markdown, plot_multi_agent)
+    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {model})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
     console.print(multi_agent_summary(result))
     return result
+
+
+MULTI_AGENT_COLUMNS = ("policy", "programmers", "app latency (s)", "peak batch KV blocks", "slower than parrot")
+
+
+def multi_agent_rows(result: dict) -> list[tuple[str, ...]]:
+    return [(row["policy"], str(row["programmers"]), f"{row['latency_s']:.1f}", str(row["peak_batch_blocks"]),
+             f"{row['slower_than_parrot']:.2f}x") for row in result["rows"]]
 
 
 def write_multi_agent_markdown(result: dict, path: Path) -> None:
@@ -52,12 +48,8 @@ def write_multi_agent_markdown(result: dict, path: Path) -> None:
         + f"). Team guidelines {c['guidelines_tokens']} tokens (every role's constant prefix); outputs: design {c['design_tokens']}, "
         f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. Paper: {c['paper'] or '-'}.",
         "",
-        "| policy | programmers | app latency (s) | peak batch KV blocks | slower than parrot |",
-        "|---|---|---|---|---|",
+        *markdown_table(MULTI_AGENT_COLUMNS, multi_agent_rows(result)),
     ]
-    for row in result["rows"]:
-        lines.append(f"| {row['policy']} | {row['programmers']} | {row['latency_s']:.1f} | {row['peak_batch_blocks']} | "
-                     f"{row['slower_than_parrot']:.2f}x |")
     lines += ["", "Peak batch KV blocks: the most distinct KV blocks one forward step's batch read, cumulative over the server's run."]
     path.write_text("\n".join(lines) + "\n")
 

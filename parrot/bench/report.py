@@ -1,8 +1,51 @@
-"""Markdown table, plot and one-line summary of a benchmark result."""
+"""What every benchmark report shares (its header, files, tables), and the app workloads'
+markdown table, plot and one-line summary."""
 
 from __future__ import annotations
 
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def result_header(workload: str, quick: bool, model: str) -> dict:
+    """The fields every benchmark result starts with."""
+    return {"workload": workload, "quick": quick, "model": model, "machine": machine(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save_report(result: dict, out_dir: Path, write_markdown: Callable[[dict, Path], None], plot: Callable[[dict, Path], None]) -> None:
+    """Writes out_dir/WORKLOAD.json, .md and .png."""
+    name = result["workload"]
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out_dir / f"{name}.md")
+    plot(result, out_dir / f"{name}.png")
+
+
+def print_rows(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns), *(f"| {' | '.join(row)} |" for row in rows)]
 
 
 def _best(result: dict) -> dict[tuple[float, str], dict]:
@@ -14,6 +57,10 @@ def _best(result: dict) -> dict[tuple[float, str], dict]:
     return best
 
 
+def ratio_of(result: dict, rtt_ms: float, system: str) -> float:
+    return result["ratios"][f"{rtt_ms:.0f}ms"][system]
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
@@ -22,12 +69,11 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{' (SIMULATED: a cost model, not the real engine)' if result['simulated'] else ''}; settings {result['config']}; {result['repeats']} repeat(s), best mean shown. "
         f"RTT is added in the benchmark's client only. Paper: {result['config'].get('paper') or '-'}.",
         "",
-        "| system | added RTT | mean latency (s) | p90 (s) | slower than parrot |",
-        "|---|---|---|---|---|",
+        *markdown_table(("system", "added RTT", "mean latency (s)", "p90 (s)", "slower than parrot"), [
+            (system, f"{rtt:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio_of(result, rtt, system):.2f}x")
+            for (rtt, system), m in sorted(_best(result).items())
+        ]),
     ]
-    for (rtt, system), m in sorted(_best(result).items()):
-        ratio = result["ratios"][f"{rtt:.0f}ms"][system]
-        lines.append(f"| {system} | {rtt:.0f} ms | {m['mean_s']:.2f} | {m['p90_s']:.2f} | {ratio:.2f}x |")
     lines += ["", "Every measured run reads its own documents (engines cache prompt prefixes); a warm-up pair on the same "
               f"documents checks that parrot and request-level produce the same text: {'identical' if result['outputs_match'] else 'DIFFERENT'}."]
     lines += [f"Note: {note}" for note in result["notes"]]

@@ -140,13 +140,18 @@ def template(system_prompt: str) -> str:
     return f"{system_prompt}\n\nUser: {{{{input:chunk}}}}\nAssistant:{{{{output:summary}}}}"
 
 
-def request_sender(system: SharingSystem, server: RunningServer, prompts: list[str],
-                   output_tokens: int) -> tuple[Callable[[Request], str], Callable[[], None]]:
-    """(send one request and wait for its text, close) for the system's kind of client."""
+@dataclass(frozen=True)
+class RequestSender:
+    send: Callable[[Request], str]  # sends one request and waits for its text
+    close: Callable[[], None]
+
+
+def request_sender(system: SharingSystem, server: RunningServer, prompts: list[str], output_tokens: int) -> RequestSender:
+    """The system's kind of client, one request at a time (callable from many threads)."""
     if system.client is ClientKind.OPENAI:
         client = CompletionClient(server, 0.0)
         templates = [template(p) for p in prompts]
-        return (lambda r: client(apps.render(templates[r.app], {"chunk": r.query}), output_tokens)), client.close
+        return RequestSender(lambda r: client(apps.render(templates[r.app], {"chunk": r.query}), output_tokens), client.close)
     functions = [apps.semantic(f"app{i}", template(p), ["chunk"], output_tokens) for i, p in enumerate(prompts)]
 
     def send(request: Request) -> str:
@@ -154,7 +159,7 @@ def request_sender(system: SharingSystem, server: RunningServer, prompts: list[s
         with P.connect(server.url, api_key=server.api_key):
             return functions[request.app](chunk=request.query).get(perf=P.LATENCY)
 
-    return send, lambda: None
+    return RequestSender(send, lambda: None)
 
 
 def run_level(send: Callable[[Request], str], level: list[Request], load: float, output_tokens: int,

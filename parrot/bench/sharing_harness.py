@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.harness import machine
+from parrot.bench.report import result_header, save_report
 from parrot.bench.sharing import (
     SHARING_SYSTEMS, LoadResult, Request, SharingSystem, plan_requests, quick_or_full, request_sender, run_level, system_prompts,
 )
@@ -18,6 +16,7 @@ from parrot.bench.sharing_report import compare, plot_sharing, print_sharing_tab
 from parrot.bench.systems import RunningServer, peak_batch_blocks, start_parrot, start_vllm
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
+
 
 def _start(system: SharingSystem, model: str, out_dir: Path, kv_memory_gb: float) -> RunningServer | None:
     if system.label == "vllm":
@@ -45,24 +44,23 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                 console.print(f"[yellow]{notes[-1]}")
                 progress.advance(task, len(levels))
                 continue
-            send, close = request_sender(system, server, prompts, config.output_tokens)
+            sender = request_sender(system, server, prompts, config.output_tokens)
             try:
                 # not measured: each app once, one at a time (a deployed app's system prompt is hot);
                 # greedy outputs of every system are compared on these
-                warmup_outputs[system.label] = [send(Request(app, levels[0][0].query, 0.0)) for app in range(len(prompts))]
+                warmup_outputs[system.label] = [sender.send(Request(app, levels[0][0].query, 0.0)) for app in range(len(prompts))]
                 for level, load in zip(levels, config.loads):
                     progress.update(task, description=f"{workload}: {system.label}, {load:g} {config.load_kind.value}")
                     results[system.label] = results.get(system.label, []) + [
-                        run_level(send, level, load, config.output_tokens, lambda: peak_batch_blocks(server))
+                        run_level(sender.send, level, load, config.output_tokens, lambda: peak_batch_blocks(server))
                     ]
                     progress.advance(task)
             finally:
-                close()
+                sender.close()
                 server.stop()
     reference = warmup_outputs.get("parrot")
     result = {
-        "workload": workload, "quick": quick, "model": model, "machine": machine(), "notes": notes,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **result_header(workload, quick, model), "notes": notes,
         "config": {**asdict(config), "load_kind": config.load_kind.value},
         "systems": {s.label: s.description for s in systems if s.label in results},
         "results": {label: [{**asdict(r), "s_per_output_token": r.s_per_output_token, "throughput_tokens_s": r.throughput_tokens_s}
@@ -71,9 +69,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
         "outputs_match": {label: outputs == reference for label, outputs in warmup_outputs.items()},
     }
     result["comparison"] = compare(result)
-    (out_dir / f"{workload}.json").write_text(json.dumps(result, indent=2))
-    write_sharing_markdown(result, out_dir / f"{workload}.md")
-    plot_sharing(result, out_dir / f"{workload}.png")
+    save_report(result, out_dir, write_sharing_markdown, plot_sharing)
     print_sharing_table(result, console)
     console.print(sharing_summary(result))
     return result

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from parrot.bench.report import markdown_table, print_rows
 
 
 def sustained_load(rows: list[dict], slo_s_per_token: float) -> float:
@@ -44,17 +45,25 @@ def _unit(result: dict) -> str:
     return result["config"]["load_kind"]
 
 
-def print_sharing_table(result: dict, console: Console) -> None:
-    table = Table(title=f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']})")
-    for column in ("system", _unit(result), "latency/token ms", "tokens/s", "peak batch KV blocks", "parrot better by"):
-        table.add_column(column, justify="right")
+def sharing_columns(result: dict) -> tuple[str, ...]:
+    return ("system", _unit(result), "latency per output token (ms)", "throughput (tokens/s)", "peak batch KV blocks",
+            "parrot lower latency by")
+
+
+def sharing_rows(result: dict) -> list[tuple[str, ...]]:
+    out = []
     for label, rows in result["results"].items():
         for row in rows:
             cmp = result["comparison"][label]["by_load"].get(f"{row['load']:g}", {})
-            table.add_row(label, f"{row['load']:g}", f"{row['s_per_output_token'] * 1e3:.0f}", f"{row['throughput_tokens_s']:.1f}",
-                          str(row["peak_batch_blocks"] if row["peak_batch_blocks"] is not None else "-"),
-                          f"{cmp.get('latency_x', 0):.2f}x")
-    console.print(table)
+            blocks = row["peak_batch_blocks"] if row["peak_batch_blocks"] is not None else "-"
+            out.append((label, f"{row['load']:g}", f"{row['s_per_output_token'] * 1e3:.0f}", f"{row['throughput_tokens_s']:.1f}",
+                        str(blocks), f"{cmp.get('latency_x', 0):.2f}x"))
+    return out
+
+
+def print_sharing_table(result: dict, console: Console) -> None:
+    print_rows(console, f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']})",
+               sharing_columns(result), sharing_rows(result))
 
 
 def write_sharing_markdown(result: dict, path: Path) -> None:
@@ -68,15 +77,8 @@ def write_sharing_markdown(result: dict, path: Path) -> None:
         "",
         *[f"- **{label}**: {text}" for label, text in result["systems"].items()],
         "",
-        f"| system | {_unit(result)} | latency per output token (ms) | throughput (tokens/s) | peak batch KV blocks | parrot lower latency by |",
-        "|---|---|---|---|---|---|",
+        *markdown_table(sharing_columns(result), sharing_rows(result)),
     ]
-    for label, rows in result["results"].items():
-        for row in rows:
-            cmp = result["comparison"][label]["by_load"].get(f"{row['load']:g}", {})
-            blocks = row["peak_batch_blocks"] if row["peak_batch_blocks"] is not None else "-"
-            lines.append(f"| {label} | {row['load']:g} | {row['s_per_output_token'] * 1e3:.0f} | {row['throughput_tokens_s']:.1f} | "
-                         f"{blocks} | {cmp.get('latency_x', 0):.2f}x |")
     if config["load_kind"] == "requests/s":
         lines += ["", f"Highest rate sustained with mean latency per output token within {config['slo_s_per_token'] * 1e3:.0f} ms: "
                   + ", ".join(f"{label} {c['sustained_load']:g} req/s" for label, c in result["comparison"].items()) + "."]
