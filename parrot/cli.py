@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-api-key", default=None, help="API key for --openai-backend servers")
     serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default 8)")
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without heartbeats before an engine is dropped")
+    serve.add_argument("--session-idle-timeout", type=float, default=600.0,
+                       help="seconds a session may sit untouched, with nobody waiting on it, before it is closed and its calls "
+                            "stopped (default 600; 0: never)")
+    serve.add_argument("--max-sessions-per-tenant", type=int, default=256, help="open sessions one tenant may hold (default 256)")
     serve.add_argument("--engine", default="builtin", help="builtin (engine processes running the model) or sim:PRESET, a simulated engine for scale experiments (presets: a100-7b, a100-13b, cpu-smollm2)")
     serve.add_argument("--policy", default="parrot", choices=["parrot", "fifo", "latency-centric", "throughput-centric"],
                        help="scheduling policy: parrot uses the apps' DAGs (objectives, task groups, App-FIFO, prefixes); the others "

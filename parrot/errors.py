@@ -31,3 +31,14 @@ class PromptTooLongError(UserError):
 
 class KVCacheExhaustedError(Exception):
     """A job needs more KV blocks than the whole pool holds; it cannot ever run."""
+
+
+class EngineUnavailableError(Exception):
+    """An engine could not be reached or died during a request; what it held is lost.
+
+    The manager re-runs the affected call on another engine; with none left, the
+    call fails with this error (HTTP 503: the client may resubmit later)."""
+
+
+class LimitExceededError(UserError):
+    """A per-tenant or per-session limit was reached (HTTP 429); the message names the limit."""

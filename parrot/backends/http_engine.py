@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 
 from parrot.backends.base import BackendStats, EngineBackend
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
-from parrot.errors import UserError
+from parrot.errors import EngineUnavailableError, UserError
 from parrot.protocol import error_message
 from parrot.protocol.engine_api import EngineStatsBody, FillBody, FreeBody, GenerateBody, TokenEvent
 from parrot.protocol.manager_api import SamplingBody
@@ -36,14 +38,24 @@ class HttpEngineBackend(EngineBackend):
             raise EngineRequestError(message)
         raise RuntimeError(f"engine error {response.status_code}: {message}")
 
+    @asynccontextmanager
+    async def _reachable(self, what: str) -> AsyncIterator[None]:
+        """Transport failures (refused, reset, closed mid-stream) mean the engine is gone, not bad input."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(f"engine {self.name} at {self.url} failed during {what}: {type(exc).__name__}: {exc}") from exc
+
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority,
                         shared_prefix_chars=shared_prefix_chars)
-        self._check(await self._http.post("/fill", json=body.model_dump()))
+        async with self._reachable(f"fill of {context_id}"):
+            response = await self._http.post("/fill", json=body.model_dump())
+        self._check(response)
 
     async def generate(self, context_id, sampling, priority):
         body = GenerateBody(context_id=context_id, sampling=SamplingBody.of(sampling), priority=priority)
-        async with self._http.stream("POST", "/generate", json=body.model_dump()) as response:
+        async with self._reachable(f"generate of {context_id}"), self._http.stream("POST", "/generate", json=body.model_dump()) as response:
             if response.status_code >= 400:
                 await response.aread()
                 self._check(response)
@@ -58,10 +70,12 @@ class HttpEngineBackend(EngineBackend):
                 yield GeneratedToken(event.token_id, event.text, reason)
                 if reason is not None:
                     return
-        raise RuntimeError(f"engine {self.name} ended the stream of {context_id} before it finished")
+        raise EngineUnavailableError(f"engine {self.name} ended the stream of {context_id} before it finished")
 
     async def free_context(self, context_id):
-        self._check(await self._http.post("/free", json=FreeBody(context_id=context_id).model_dump()))
+        async with self._reachable(f"free of {context_id}"):
+            response = await self._http.post("/free", json=FreeBody(context_id=context_id).model_dump())
+        self._check(response)
 
     def update_stats(self, stats: EngineStatsBody) -> None:
         self._stats = BackendStats(self.name, self.model, stats.running_jobs, stats.contexts, stats.kv_blocks_total, stats.kv_blocks_free, stats.tokens_processed,

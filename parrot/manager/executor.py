@@ -12,9 +12,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from parrot.backends.base import EngineBackend
-from parrot.errors import UserError
+from parrot.errors import EngineUnavailableError, UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
 from parrot.manager.graph import Call, CallState, Objective, Variable
 from parrot.manager.objectives import parallel_producers
@@ -30,6 +31,18 @@ class UpstreamError(UserError):
 
 # A constant prefix shorter than this is not worth a context of its own (about 64 tokens)
 MIN_SHARED_PREFIX_CHARS = 256
+# A call whose engine fails is re-run elsewhere, but not for ever: a prompt that kills
+# every engine it reaches must not take the cluster down one engine at a time
+MAX_ENGINE_FAULTS = 2
+
+
+@dataclass
+class RunningCall:
+    call: Call
+    engine: EngineBackend
+    task: asyncio.Task
+    engine_lost: bool = False  # the engine was dropped while the call ran: re-run it elsewhere
+    cancel_reason: str | None = None  # the manager cancelled it (its session closed or expired)
 
 
 def first_fill_text(call: Call) -> str:
@@ -76,6 +89,8 @@ class Executor:
         self._held: list[Call] = []  # ready calls the policy holds back (or no engine has registered)
         self._tokens: dict[str, int] = {}  # running call -> the KV tokens counted for it
         self._tasks: set[asyncio.Task] = set()
+        self._running: dict[str, RunningCall] = {}
+        self._failed_on: dict[str, list[EngineBackend]] = {}  # call -> engines that failed it
         self._on_dispatch = on_dispatch
         self.on_complete: list[Callable[[Call, float], None]] = []  # (call, seconds from start to end)
 
@@ -97,6 +112,10 @@ class Executor:
             groups = self.view.group_engine
             for group in [g for g, e in groups.items() if e == name]:
                 del groups[group]
+            for running in self._running.values():
+                if running.engine is engine:
+                    running.engine_lost = True
+                    running.task.cancel()
         return engine
 
     def activate(self, call: Call) -> None:
@@ -114,13 +133,23 @@ class Executor:
             return
         failed = [v for v in call.input_vars if v.is_ready and v.error is not None]
         if failed:
-            self._fail(call, UpstreamError(f"{call.function} cannot run: its input {failed[0].name!r} failed: {failed[0].error}"))
+            # an engine outage stays one (503: resubmit later) through the calls that depend on it
+            kind = EngineUnavailableError if isinstance(failed[0].error, EngineUnavailableError) else UpstreamError
+            self._fail(call, kind(f"{call.function} cannot run: its input {failed[0].name!r} failed: {failed[0].error}"))
             return
         if not call.inputs_ready:
             return
         call.state = CallState.READY
+        failed_on = self._failed_on.get(call.call_id, [])
+        engines = [e for e in self.engines if e not in failed_on]
+        if failed_on and not engines:
+            self._fail(call, EngineUnavailableError(
+                f"{call.function} cannot run: engine {failed_on[-1].name} failed while running it and no other engine "
+                "serves the model; resubmit once an engine is back"))
+            return
+        view = self.view if len(engines) == len(self.engines) else replace(self.view, engines=engines)
         demand = call_demand(call)
-        engine = self.policy.place(call, demand, self.view) if self.engines else None
+        engine = self.policy.place(call, demand, view) if engines else None
         if engine is None:
             self._held.append(call)
             return
@@ -135,6 +164,7 @@ class Executor:
         task = asyncio.get_running_loop().create_task(self._run(call, engine))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._running[call.call_id] = RunningCall(call, engine, task)
 
     def _count(self, engine_name: str, call: Call, sign: int) -> None:
         tokens = self._tokens[call.call_id] if sign > 0 else self._tokens.pop(call.call_id, 0)
@@ -159,7 +189,8 @@ class Executor:
         context_id = f"{call.call_id}"
         priority = self.policy.priority(call)
         started = time.perf_counter()
-        created = False
+        created = filling = False
+        rerun = False
         try:
             pending_text = ""
             for segment in call.segments:
@@ -167,8 +198,9 @@ class Executor:
                     pending_text += segment.text
                     continue
                 assert isinstance(segment, Placeholder)
-                if segment.kind is PlaceholderKind.INPUT:
-                    pending_text += call.inputs[segment.name].value or ""
+                output = call.outputs.get(segment.name)
+                if output is None or output.is_ready:  # an input, or an output a failed engine already finished
+                    pending_text += (call.inputs[segment.name] if output is None else output).value or ""
                     continue
                 if pending_text:
                     # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other calls
@@ -176,39 +208,91 @@ class Executor:
                     wanted = (self.policy.shares_static_prefixes and not created and prefix_chars < len(pending_text)
                               and prefix_chars >= MIN_SHARED_PREFIX_CHARS)
                     shared = prefix_chars if wanted else 0
+                    filling = True  # a fill cut short by a cancel may have created the context: free it then
                     await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
-                    created = True
+                    created, filling = True, False
                     pending_text = ""
-                output = call.outputs[segment.name]
-                pieces: list[str] = []
-                async for token in engine.generate(context_id, call.sampling[segment.name], priority):
-                    pieces.append(token.text)
-                    output.num_tokens += 1
-                    output.publish(token.text)
-                    if token.finish_reason is not None:
-                        output.finish_reason = token.finish_reason.value
-                output.value = "".join(pieces)
-                output.mark_ready()
-                self.on_variable_ready(output)
+                await self._generate(call, segment.name, engine, context_id, priority)
             call.state = CallState.DONE
             for hook in self.on_complete:
                 hook(call, time.perf_counter() - started)
+        except EngineUnavailableError as exc:
+            created = False  # nothing to free on an engine that is gone
+            rerun = self._engine_fault(call, engine, exc)
         except Exception as exc:
             if not isinstance(exc, UserError):
                 log.exception("call %s (%s) failed on %s", call.call_id, call.function, engine.name)
             self._fail(call, exc)
         except asyncio.CancelledError:
-            self._fail(call, UserError(f"{call.function} was cancelled: the server is shutting down"))
-            raise
+            running = self._running.get(call.call_id)
+            if running is not None and running.engine_lost:
+                created = False
+                rerun = self._engine_fault(call, engine, EngineUnavailableError(f"engine {engine.name} was dropped: it missed its heartbeats"))
+            elif running is not None and running.cancel_reason is not None:
+                self._fail(call, UserError(running.cancel_reason))  # our own cancel: the task ends here
+                created = created or filling
+            else:
+                self._fail(call, UserError(f"{call.function} was cancelled: the server is shutting down"))
+                raise
         finally:
+            self._running.pop(call.call_id, None)
             if created:
                 try:
                     await engine.free_context(context_id)
+                except UserError as exc:  # a cancelled fill that had not created it yet
+                    log.info("context %s on %s was not there to free: %s", context_id, engine.name, exc)
                 except Exception:
                     log.exception("freeing context %s on %s failed", context_id, engine.name)
             self._count(engine.name, call, -1)
+            if not rerun:
+                self._failed_on.pop(call.call_id, None)
             if self._held:
                 self._offer_held()
+        if rerun:
+            self._try_start(call)
+
+    async def _generate(self, call: Call, name: str, engine: EngineBackend, context_id: str, priority: int) -> None:
+        output = call.outputs[name]
+        # after an engine fault the output is generated again from the start; streaming
+        # readers already have the first `published` characters, so only what follows is sent
+        published = len(output.text_so_far)
+        text = ""
+        output.num_tokens = 0
+        async for token in engine.generate(context_id, call.sampling[name], priority):
+            text += token.text
+            output.num_tokens += 1
+            if len(text) > published:
+                output.publish(text[published:])
+                published = len(text)
+            if token.finish_reason is not None:
+                output.finish_reason = token.finish_reason.value
+        output.value = text
+        output.mark_ready()
+        self.on_variable_ready(output)
+
+    def _engine_fault(self, call: Call, engine: EngineBackend, error: EngineUnavailableError) -> bool:
+        """Records that the engine failed the call; True when the call should run again elsewhere."""
+        failed_on = self._failed_on.setdefault(call.call_id, [])
+        failed_on.append(engine)
+        if len(failed_on) > MAX_ENGINE_FAULTS:
+            log.error("call %s (%s) failed on %d engines; giving up: %s", call.call_id, call.function, len(failed_on), error)
+            self._fail(call, EngineUnavailableError(f"{call.function} failed on {len(failed_on)} engines in turn; the last: {error}"))
+            return False
+        log.warning("call %s (%s) lost its engine; running it again elsewhere: %s", call.call_id, call.function, error)
+        call.state = CallState.WAITING
+        return True
+
+    def cancel(self, calls: list[Call], reason: str) -> None:
+        """Stops the calls (their engine contexts are freed) and fails their outputs with reason."""
+        ids = {call.call_id for call in calls}
+        self._held = [call for call in self._held if call.call_id not in ids]
+        for call in calls:
+            running = self._running.get(call.call_id)
+            if running is not None:
+                running.cancel_reason = reason
+                running.task.cancel()
+            elif call.state not in (CallState.DONE, CallState.FAILED):
+                self._fail(call, UserError(reason))
 
     def _fail(self, call: Call, error: BaseException) -> None:
         call.state = CallState.FAILED

@@ -8,18 +8,38 @@ not exist.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
-from parrot.errors import NotFoundError, UserError
+from parrot.errors import LimitExceededError, NotFoundError, UserError
 from parrot.engine.sampler import SamplingParams
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment, check_placeholders, parse_template
 from parrot.manager.executor import Executor
 from parrot.manager.policy import SchedulingPolicy
-from parrot.manager.graph import Call, SVGraph, Variable, placeholder_kinds
+from parrot.manager.graph import Call, CallState, SVGraph, Variable, placeholder_kinds
 from parrot.manager.objectives import deduce_objectives
 from parrot.manager.spec import CallSpec, Perf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What one client may hold in the manager, so that no tenant can exhaust it for the others."""
+
+    idle_timeout_s: float | None = 600.0  # a session untouched this long, with nobody waiting on it, is closed
+    max_sessions_per_tenant: int = 256
+    max_calls_per_session: int = 4096
+    max_variables_per_session: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s is not None and self.idle_timeout_s <= 0:
+            raise UserError(f"the session idle timeout must be positive, not {self.idle_timeout_s}")
+        if min(self.max_sessions_per_tenant, self.max_calls_per_session, self.max_variables_per_session) < 1:
+            raise UserError("session limits must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -58,17 +78,25 @@ class Session:
     graph: SVGraph
     client_calls: int = 0  # API calls this session's client made (the tests count round trips)
     dispatched: list[str] = field(default_factory=list)  # call ids in the order they started
+    last_active: float = field(default_factory=time.monotonic)
+    waiters: int = 0  # readers waiting on its variables now (a long wait is not idleness)
 
 
 class Manager:
-    def __init__(self, engines: list[EngineBackend], policy: SchedulingPolicy | None = None):
+    def __init__(self, engines: list[EngineBackend], policy: SchedulingPolicy | None = None, limits: SessionLimits | None = None):
         self.sessions: dict[str, Session] = {}
+        self.limits = limits or SessionLimits()
+        self.expired_sessions = 0
         self.executor = Executor(engines, on_dispatch=self._record_dispatch, policy=policy)
         self.engines = self.executor.engines
 
     # ---- sessions ----------------------------------------------------------
 
     def create_session(self, tenant: str = "local") -> str:
+        held = sum(1 for s in self.sessions.values() if s.tenant == tenant)
+        if held >= self.limits.max_sessions_per_tenant:
+            raise LimitExceededError(f"tenant {tenant!r} has {held} open sessions, the most allowed; close some "
+                                     f"(DELETE /api/v1/sessions/ID) or wait for idle ones to expire")
         session_id = "s-" + secrets.token_hex(8)
         self.sessions[session_id] = Session(session_id, tenant, SVGraph(session_id))
         return session_id
@@ -78,16 +106,42 @@ class Manager:
         if session is None or session.tenant != tenant:
             raise NotFoundError(f"no session {session_id!r}")
         session.client_calls += 1
+        session.last_active = time.monotonic()
         return session
 
     def close_session(self, session_id: str, tenant: str = "local") -> None:
-        self.session(session_id, tenant)
-        del self.sessions[session_id]
+        self._close(self.session(session_id, tenant), "its session was closed")
+
+    def _close(self, session: Session, reason: str) -> None:
+        """Forgets the session; its unfinished calls stop and free what they hold on engines."""
+        del self.sessions[session.session_id]
+        unfinished = [c for c in session.graph.calls.values() if c.state not in (CallState.DONE, CallState.FAILED)]
+        if unfinished:
+            self.executor.cancel(unfinished, f"the call was stopped: {reason}")
+
+    def expire_idle_sessions(self, now: float | None = None) -> list[str]:
+        """Closes sessions idle past the limit (a client that went away); returns their ids."""
+        if self.limits.idle_timeout_s is None:
+            return []
+        now = time.monotonic() if now is None else now
+        idle = [s for s in self.sessions.values() if s.waiters == 0 and now - s.last_active > self.limits.idle_timeout_s]
+        for session in idle:
+            log.info("session %s of tenant %s was idle for %.0fs; closing it", session.session_id, session.tenant, now - session.last_active)
+            self._close(session, f"its session was idle for more than {self.limits.idle_timeout_s:.0f}s")
+        self.expired_sessions += len(idle)
+        return [s.session_id for s in idle]
+
+    def _check_room(self, graph: SVGraph, calls: int = 0, variables: int = 0) -> None:
+        if len(graph.calls) + calls > self.limits.max_calls_per_session:
+            raise LimitExceededError(f"this session has {len(graph.calls)} calls, the most allowed; start a new session")
+        if len(graph.variables) + variables > self.limits.max_variables_per_session:
+            raise LimitExceededError(f"this session has {len(graph.variables)} variables, the most allowed; start a new session")
 
     # ---- variables -----------------------------------------------------------
 
     def create_variable(self, session_id: str, var_id: str, name: str, value: str | None = None, tenant: str = "local") -> None:
         graph = self.session(session_id, tenant).graph
+        self._check_room(graph, variables=1)
         var = graph.add_variable(var_id, name)
         if value is not None:
             self._set(graph, var, value)
@@ -112,38 +166,49 @@ class Manager:
 
     async def get_variable(self, session_id: str, var_id: str, perf: Perf | None = Perf.LATENCY, tenant: str = "local") -> str:
         """Activates what the variable depends on (objectives deduced from perf) and waits for its value."""
-        var = self.session(session_id, tenant).graph.variable(var_id)
+        session = self.session(session_id, tenant)
+        var = session.graph.variable(var_id)
         self.request(session_id, var, perf)
-        await var.ready.wait()
+        session.waiters += 1
+        try:
+            await var.ready.wait()
+        finally:
+            session.waiters -= 1
+            session.last_active = time.monotonic()
         if var.error is not None:
             raise var.error
         return var.value or ""
 
     async def stream_variable(self, session_id: str, var_id: str, perf: Perf | None = Perf.LATENCY, tenant: str = "local"):
         """Yields the variable's text as it is generated (what exists already first)."""
-        var = self.session(session_id, tenant).graph.variable(var_id)
+        session = self.session(session_id, tenant)
+        var = session.graph.variable(var_id)
         queue: asyncio.Queue = asyncio.Queue()
         var.listeners.append(queue)
+        session.waiters += 1
         try:
             self.request(session_id, var, perf)
-            if var.text_so_far:
-                yield var.text_so_far
-            if var.is_ready and var.producer is None:
+            if var.is_ready:  # finished (or set by the client) before this reader came
                 if var.error is None and var.value:
                     yield var.value
-            while not var.is_ready:
-                delta = await queue.get()
-                if delta is None:
-                    break
-                yield delta
+            else:
+                if var.text_so_far:
+                    yield var.text_so_far
+                # every delta published from here on is queued, then None once it is ready;
+                # the queue is drained to the end, so a reader that falls behind loses nothing
+                while (delta := await queue.get()) is not None:
+                    yield delta
             if var.error is not None:
                 raise var.error
         finally:
             var.listeners.remove(queue)
+            session.waiters -= 1
+            session.last_active = time.monotonic()
 
     def submit_prompt(self, session_id: str, prompt: str, sampling: SamplingParams, tenant: str = "local") -> str:
         """A one-call app from raw prompt text (the OpenAI API): returns the output variable's id."""
         graph = self.session(session_id, tenant).graph
+        self._check_room(graph, calls=1, variables=1)
         index = len(graph.calls)
         out = graph.add_variable(f"completion-{index}", "completion")
         segments = [TextSegment(prompt), Placeholder("completion", PlaceholderKind.OUTPUT, len(prompt))]
@@ -170,6 +235,7 @@ class Manager:
 
     def submit_call(self, session_id: str, call_id: str, spec: CallSpec, tenant: str = "local") -> None:
         graph = self.session(session_id, tenant).graph
+        self._check_room(graph, calls=1)
         call_id = f"{session_id}:{call_id}"
         if call_id in graph.calls:
             raise UserError(f"call {call_id!r} already exists in this session")

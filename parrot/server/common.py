@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from parrot.errors import UserError
+from parrot.errors import EngineUnavailableError, LimitExceededError, UserError
 from parrot.server.auth import KeyStore, Principal
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,14 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError):
         return error_json(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(LimitExceededError)
+    async def over_limit(_: Request, exc: LimitExceededError):
+        return error_json(429, str(exc), "rate_limit_error")
+
+    @app.exception_handler(EngineUnavailableError)
+    async def unavailable(_: Request, exc: EngineUnavailableError):
+        return error_json(503, str(exc), "service_unavailable_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):

@@ -26,7 +26,7 @@ def serve(args) -> None:
     from parrot.engine.loader import resolve_model_dir
     from parrot.engine.tokenizer import Tokenizer
     from parrot.errors import UserError
-    from parrot.manager.manager import Manager
+    from parrot.manager.manager import Manager, SessionLimits
     from parrot.manager.policy import policy_named
     from parrot.server.auth import KeyStore
     from parrot.server.manager_app import create_manager_app
@@ -43,7 +43,8 @@ def serve(args) -> None:
         keys.add("default", key)
         print(f"No API keys configured (--api-keys FILE or PARROT_API_KEYS); for this run, tenant 'default' has key:\n  {key}", flush=True)
     model_dir = resolve_model_dir(args.model)  # converts once here, before engines start in parallel
-    manager = Manager([], policy_named(args.policy))
+    limits = SessionLimits(idle_timeout_s=args.session_idle_timeout or None, max_sessions_per_tenant=args.max_sessions_per_tenant)
+    manager = Manager([], policy_named(args.policy), limits)
     local_processes = args.engines
     if args.engine.startswith("sim:"):
         from parrot.backends.simulated import SimulatedEngineBackend

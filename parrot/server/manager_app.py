@@ -195,7 +195,17 @@ def create_manager_app(
                         if engine is not None:
                             await engine.close()
 
+        async def expire_sessions():
+            period = min(max((manager.limits.idle_timeout_s or 0) / 4, 0.5), 30.0)
+            while manager.limits.idle_timeout_s is not None:
+                await asyncio.sleep(period)
+                try:
+                    manager.expire_idle_sessions()
+                except Exception:
+                    log.exception("expiring idle sessions failed; trying again in %.0fs", period)
+
         app.state.reaper = asyncio.create_task(reap())
+        app.state.session_sweeper = asyncio.create_task(expire_sessions())
 
     from parrot.server.openai_routes import add_openai_routes
 

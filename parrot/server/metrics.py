@@ -23,6 +23,7 @@ class ManagerCollector:
             states.add_metric([state], count)
         yield states
         yield GaugeMetricFamily("parrot_sessions", "open sessions", value=len(self.manager.sessions))
+        yield CounterMetricFamily("parrot_sessions_expired", "sessions closed after the idle timeout", value=self.manager.expired_sessions)
         running = GaugeMetricFamily("parrot_engine_running_jobs", "jobs running on each engine (batch size)", labels=["engine"])
         kv_used = GaugeMetricFamily("parrot_engine_kv_blocks_used", "KV blocks in use", labels=["engine"])
         kv_peak = GaugeMetricFamily("parrot_engine_kv_blocks_peak_batch", "most KV blocks one forward step's batch used", labels=["engine"])

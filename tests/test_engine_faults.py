@@ -1,0 +1,124 @@
+"""Engine faults: a call whose engine dies is run again elsewhere, and no waiter hangs.
+
+The engines are simulated (deterministic text, so a re-run elsewhere yields exactly
+what the first engine would have); the killed-process case over HTTP is in
+test_serve_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parrot.backends.simulated import CostModel, SimulatedEngineBackend
+from parrot.engine.sampler import SamplingParams
+from parrot.errors import EngineUnavailableError
+from parrot.manager.manager import Manager
+from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
+
+TOKENS = 6
+
+
+class DyingBackend(SimulatedEngineBackend):
+    """Loses its connection after `die_after` generated tokens, as a killed engine process would."""
+
+    def __init__(self, name: str, die_after: int = 2, **options):
+        super().__init__(name, **options)
+        self.die_after = die_after
+        self.deaths = 0
+
+    async def generate(self, context_id, sampling, priority):
+        count = 0
+        async for token in super().generate(context_id, sampling, priority):
+            if count == self.die_after:
+                self.deaths += 1
+                raise EngineUnavailableError(f"engine {self.name} went away")
+            count += 1
+            yield token
+
+
+def chain(manager: Manager) -> str:
+    """A two-call app: plan, then code from the plan."""
+    session = manager.create_session()
+    manager.create_variable(session, "task", "task", "a snake game")
+    for name in ("design", "code"):
+        manager.create_variable(session, name, name, None)
+    sampling = SamplingParams(max_tokens=TOKENS)
+    manager.submit_call(session, "plan", CallSpec("plan", "Design {{task}}: {{design}}", (InputBinding("task", "task"),),
+                                                  (OutputBinding("design", "design", sampling),)))
+    manager.submit_call(session, "code", CallSpec("code", "Code for {{design}}: {{code}}", (InputBinding("design", "design"),),
+                                                  (OutputBinding("code", "code", sampling),)))
+    return session
+
+
+async def run_chain(engines) -> tuple[str, str]:
+    """(streamed text, final value) of the app's last output."""
+    manager = Manager(list(engines))
+    session = chain(manager)
+    streamed = "".join([delta async for delta in manager.stream_variable(session, "code")])
+    value = await manager.get_variable(session, "code")
+    await manager.shutdown()
+    return streamed, value
+
+
+def test_a_call_whose_engine_dies_completes_on_another_with_the_same_result() -> None:
+    async def main() -> None:
+        _, expected = await run_chain([SimulatedEngineBackend("healthy")])
+        dying = DyingBackend("dying")
+        healthy = SimulatedEngineBackend("healthy")
+        streamed, value = await run_chain([dying, healthy])
+        assert dying.deaths >= 1
+        assert value == expected
+        # the reader of the stream saw each character once, though the output was generated twice
+        assert streamed == value
+        healthy.check_integrity()
+        assert not healthy.tree.live  # every context on the surviving engine was freed
+
+    asyncio.run(main())
+
+
+def test_with_no_other_engine_the_waiter_gets_a_clear_error() -> None:
+    async def main() -> None:
+        manager = Manager([DyingBackend("only")])
+        session = chain(manager)
+        with pytest.raises(EngineUnavailableError, match="no other engine serves the model"):
+            await asyncio.wait_for(manager.get_variable(session, "code"), 10)
+        await manager.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_call_that_kills_every_engine_stops_being_retried() -> None:
+    async def main() -> None:
+        engines = [DyingBackend(f"e{i}", die_after=0) for i in range(5)]
+        manager = Manager(engines)
+        session = chain(manager)
+        with pytest.raises(EngineUnavailableError, match="failed on 3 engines in turn"):
+            await asyncio.wait_for(manager.get_variable(session, "design"), 10)
+        assert sum(e.deaths for e in engines) == 3
+        await manager.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_engine_dropped_mid_call_hands_the_call_to_another() -> None:
+    """The manager drops an engine that misses its heartbeats; what it ran moves on."""
+
+    async def main() -> None:
+        slow = SimulatedEngineBackend("slow", cost=CostModel(seconds_per_decode_step=0.05))
+        spare = SimulatedEngineBackend("spare")
+        manager = Manager([slow, spare])
+        session = chain(manager)
+        waiter = asyncio.ensure_future(manager.get_variable(session, "design"))
+        while not slow.stats().running_jobs:
+            await asyncio.sleep(0.01)
+        manager.remove_engine("slow")
+        design = await asyncio.wait_for(waiter, 10)
+        reference = Manager([SimulatedEngineBackend("reference")])
+        assert design == await reference.get_variable(chain(reference), "design")
+        await reference.shutdown()
+        assert manager.sessions[session].graph.calls[f"{session}:plan"].engine == "spare"
+        await manager.shutdown()
+
+    asyncio.run(main())

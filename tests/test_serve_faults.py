@@ -1,0 +1,95 @@
+"""A real engine process killed mid-generation: its request completes on the other engine.
+
+`parrot serve --engines 0` with two `parrot engine` processes on loopback; the test
+kills the one generating, reads the stream to its end, and checks that the dead
+engine is dropped and that a restarted one registers again and takes work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from test_http_api import ENGINE_KEY, KEYS, MODEL, auth, start_server, stop, wait_for_engines
+
+PROMPT = "You are an expert software engineer.\nWrite python code of a snake game.\nCode: "
+TOKENS = 48
+
+
+def start_engine(url: str, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "parrot.cli", "engine", "--manager", url, "--model", MODEL, "--name", name, "--kv-memory-gb", "0.25"],
+        env={**os.environ, "PARROT_ENGINE_KEY": ENGINE_KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def engines_of(url: str) -> list[str]:
+    return httpx.get(f"{url}/health", timeout=5).json()["engines"]
+
+
+def stream_completion(url: str, on_first_delta) -> tuple[str, str | None]:
+    """Streams a completion; calls on_first_delta() once text arrives. Returns (text, finish_reason)."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    text, finish, called = "", None, False
+    with httpx.stream("POST", f"{url}/v1/completions", headers=auth("alice"), json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            text += choice["text"]
+            finish = choice.get("finish_reason") or finish
+            if text and not called:
+                called = True
+                on_first_delta()
+    return text, finish
+
+
+def test_killed_engine_its_request_completes_elsewhere_and_a_restarted_one_rejoins():
+    proc, url = start_server(["--engines", "0", "--heartbeat-timeout", "3"])
+    first = second = restarted = None
+    try:
+        wait_for_engines(url, 0, proc)
+        first = start_engine(url, "first")
+        wait_for_engines(url, 1, proc)
+        second = start_engine(url, "second")
+        wait_for_engines(url, 2, proc)
+        assert engines_of(url) == ["first", "second"]  # both idle: the first is picked
+
+        reference = httpx.post(f"{url}/v1/completions", headers=auth("alice"), timeout=120,
+                               json={"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True})
+        expected = reference.json()["choices"][0]["text"]
+
+        text, finish = stream_completion(url, lambda: os.kill(first.pid, signal.SIGKILL))
+        first.wait(timeout=10)
+        # generated again from the start on the other (fresh) engine, the same way the reference was on
+        # the first: the stream carries each piece once and ends as it would have
+        assert (text, finish) == (expected, "length")
+        deadline = time.monotonic() + 30
+        while "first" in engines_of(url) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert engines_of(url) == ["second"]  # dropped after its missed heartbeats
+
+        restarted = start_engine(url, "first")
+        wait_for_engines(url, 2, proc)
+        # the second dies too: a request placed on it before it is dropped runs on the restarted one
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(timeout=10)
+        again = httpx.post(f"{url}/v1/completions", headers=auth("alice"), timeout=120,
+                           json={"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True})
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["text"] == expected
+        assert proc.poll() is None
+    finally:
+        for child in (first, second, restarted):
+            if child is not None and child.poll() is None:
+                stop(child)
+        stop(proc)
