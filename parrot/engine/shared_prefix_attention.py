@@ -159,9 +159,11 @@ class SharedPrefixCpuAttention(AttentionBackend):
 
     _KEY = "shared_prefix_step"
 
-    def __init__(self, min_shared_tokens: int = 128, plain: AttentionBackend | None = None):
-        # a shorter shared run costs more (one more product and a merge per layer) than it saves
-        # (measured on the CPU with benchmarks/shared_prefix_attention.py: 64-128 tokens is break-even at batch 4-8)
+    def __init__(self, min_shared_tokens: int = 1024, plain: AttentionBackend | None = None):
+        # a shorter shared run costs more (one more product, a padded suffix batch and a merge per
+        # layer) than it saves. Measured on this 2-core CPU (benchmarks/shared_prefix_attention.py
+        # --suffix 100): 0.72-0.97x at 512-1024-token prefixes and batch 16-32, 1.35-2.2x at 2048;
+        # the multi-agent workload (512-token shared guidelines) ran 10-20% slower with sharing on
         self.min_shared_tokens = min_shared_tokens
         self.plain = plain if plain is not None else CpuPagedAttention()
 
