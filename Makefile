@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench bench-quick bench-peers bench-apps vllm clean
+.PHONY: install demo test test-slow bench bench-quick bench-peers bench-apps soak vllm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench-quick: $(STAMP)
 APP_WORKLOADS = chain-summary chain-summary-bg multi-chain map-reduce shared-prompt gpts mixed multi-agent
 bench-apps: $(STAMP)
 	for workload in $(APP_WORKLOADS); do $(PY) -m parrot.cli bench $$workload --out benchmarks/results || exit 1; done
+
+# five minutes of 16 clients' mixed apps on two engines: errors, latency, and the server before and after
+soak: $(STAMP)
+	$(PY) -m parrot.cli bench soak --out benchmarks/results
 
 vllm:
 	bash benchmarks/setup_vllm.sh

@@ -124,13 +124,18 @@ def cmd_bench(args) -> None:
     from parrot.bench.multi_agent_harness import run_multi_agent_bench
     from parrot.bench.sharing import SHARING_WORKLOADS
     from parrot.bench.sharing_harness import run_sharing_bench
+    from parrot.bench.soak import SOAK_WORKLOADS
+    from parrot.bench.soak_harness import run_soak_bench
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"), **dict.fromkeys(MIXED_WORKLOADS, "two built-in engines per policy"),
-                   **dict.fromkeys(MULTI_AGENT_WORKLOADS, "one built-in engine per policy")}
+                   **dict.fromkeys(MULTI_AGENT_WORKLOADS, "one built-in engine per policy"), **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats and --rtt-ms")
+    if args.workload in SOAK_WORKLOADS:
+        run_soak_bench(args.workload, args.quick, Path(args.out), args.model, Console())
+        return
     if args.workload in SHARING_WORKLOADS:
         run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console())
         return
@@ -198,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
 
     bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
-    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "multi-agent"],
+    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "multi-agent",
+                                            "soak"],
                        help="app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce) compare parrot with request-level "
                             "serving; prefix-sharing workloads (shared-prompt, gpts) compare parrot, parrot without sharing and "
                             "prefix caching alone, each on its own server; mixed (chats beside map-reduce jobs) compares the "
                             "scheduling policies parrot, latency-centric and throughput-centric; so does multi-agent (the "
-                            "snake-game coding team)")
+                            "snake-game coding team); soak runs many clients' mixed apps for minutes on two engines and "
+                            "reports errors, latency and what the server holds before and after (nothing may leak)")
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")

@@ -101,7 +101,7 @@ def test_prompt_larger_than_the_pool_fails_clearly_and_the_engine_keeps_serving(
         with pytest.raises(KVCacheExhaustedError, match="kv"):
             await small_engine.fill("huge", None, huge)
         small_engine.check_integrity()
-        small_engine.free_context("huge")
+        assert "huge" not in small_engine.contexts  # refused before it was created: nothing to free
         with pytest.raises(KVCacheExhaustedError):
             await small_engine.complete(huge, greedy(4))  # complete() cleans up after itself
         return await small_engine.complete(PROMPTS[0], greedy(MAX_TOKENS))
@@ -129,3 +129,12 @@ def test_generation_outgrowing_the_pool_fails_after_its_tokens(engine, small_eng
     assert len(received) >= 20
     assert token_ids(received) == token_ids(expected)[: len(received)]
     assert text_of(received) == text_of(expected[: len(received)])
+
+
+def test_a_prompt_longer_than_the_model_takes_leaves_no_context_behind(engine):
+    from parrot.errors import PromptTooLongError
+
+    with pytest.raises(PromptTooLongError):
+        run(engine.fill("long", None, [1] * (engine.model_config.max_position_embeddings + 1)))
+    assert "long" not in engine.contexts and engine.stats().num_contexts == 0
+    engine.check_integrity()

@@ -110,7 +110,7 @@ def echo(text: P.Input, out: P.Output(max_tokens=2)):
 
 
 def test_remote_program_is_one_batch_and_server_refusals_reach_get(server):
-    with P.connect(server, api_key=KEYS["alice"]) as remote:
+    with P.connect(server, api_key=KEYS["alice"]):
         seed = P.variable("seed")
         middle = echo(seed)
         echo(middle, out=seed)  # closes a cycle: seed -> middle -> seed
@@ -178,6 +178,13 @@ def test_tenants_cannot_see_each_other(server):
             ("GET", f"/api/v1/sessions/{sid}/dag", None),
             ("GET", f"/api/v1/sessions/{sid}/variables/x?timeout=0", None),
             ("PUT", f"/api/v1/sessions/{sid}/variables/x", {"value": "overwrite"}),
+            ("POST", f"/api/v1/sessions/{sid}/variables", {"var_id": "y"}),
+            ("POST", f"/api/v1/sessions/{sid}/variables/x/fail", {"message": "gone"}),
+            ("GET", f"/api/v1/sessions/{sid}/variables/x/stream", None),
+            ("POST", f"/api/v1/sessions/{sid}/calls", {"call_id": "c", "function": "f", "template": "{{input:x}} {{output:y}}",
+                                                       "inputs": [{"name": "x", "var_id": "x"}], "outputs": [{"name": "y", "var_id": "y"}]}),
+            ("POST", f"/api/v1/sessions/{sid}/batch", {"ops": [{"create_variable": {"var_id": "z"}}]}),
+            ("POST", f"/api/v1/sessions/{sid}/wait", {"var_id": "x", "timeout": 0}),
             ("DELETE", f"/api/v1/sessions/{sid}", None),
         ]
         for method, path, body in probes:
@@ -201,6 +208,15 @@ def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server
             body = {"call_id": f"c{time.monotonic_ns()}", "function": "f", "template": template,
                     "inputs": [{"name": "t", "var_id": "t"}], "outputs": [{"name": "o", "var_id": "o"}], **extra}
             return http.post(f"/api/v1/sessions/{sid}/calls", json=body)
+        def cycle():
+            for var in ("p", "q"):
+                http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": var}).raise_for_status()
+            first = {"call_id": "a", "function": "a", "template": "{{input:p}} {{output:q}}",
+                     "inputs": [{"name": "p", "var_id": "p"}], "outputs": [{"name": "q", "var_id": "q"}]}
+            http.post(f"/api/v1/sessions/{sid}/calls", json=first).raise_for_status()
+            return http.post(f"/api/v1/sessions/{sid}/calls", json={**first, "call_id": "b", "function": "b",
+                             "inputs": [{"name": "q", "var_id": "q"}], "outputs": [{"name": "p", "var_id": "p"}],
+                             "template": "{{input:q}} {{output:p}}"})
         cases = {
             "malformed json": (http.post(f"/api/v1/sessions/{sid}/calls", content=b"{not json", headers={"content-type": "application/json"}), 422, "invalid"),
             "wrong type": (http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": 5}), 422, "var_id"),
@@ -210,9 +226,13 @@ def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server
             "top_p": (call("Do {{input:t}}: {{output:o}}", outputs=[{"name": "o", "var_id": "o", "sampling": {"top_p": 2}}]), 422, "top_p"),
             "max_tokens": (call("Do {{input:t}}: {{output:o}}", outputs=[{"name": "o", "var_id": "o", "sampling": {"max_tokens": -1}}]), 422, "max_tokens"),
             "too big": (http.post(f"/api/v1/sessions/{sid}/variables", content=b"x" * (9 * 2**20), headers={"content-type": "application/json"}), 413, "limit"),
+            "too big, chunked": (http.post(f"/api/v1/sessions/{sid}/variables", content=(b"x" * 2**20 for _ in range(9)),
+                                           headers={"content-type": "application/json"}), 413, "limit"),
             "bad utf-8": (http.post(f"/api/v1/sessions/{sid}/variables", content=b'{"var_id": "u", "value": "\xff\xfe"}', headers={"content-type": "application/json"}), 400, "utf-8"),
             "unknown model": (http.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"}), 404, "gpt-9"),
             "temperature": (http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "temperature": -1}), 422, "temperature"),
+            "cycle": (cycle(), 400, "cycle"),
+            "too long": (http.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 9000, "max_tokens": 1}), 400, "tokens"),
             "engine model": (http.post("/api/v1/engines/register", headers={"authorization": f"Bearer {ENGINE_KEY}"},
                                        json={"name": "rogue", "url": "http://127.0.0.1:1", "model": "llama-70b"}), 400, "llama-70b"),
         }
@@ -257,3 +277,31 @@ def test_engine_started_separately_registers_and_serves():
         if engine is not None:
             stop(engine)
         stop(proc)
+
+
+def engine_gauges(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def test_a_dropped_stream_stops_its_generation(server):
+    """A client that hangs up mid-stream frees the engine: its session closes and its call stops."""
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", headers=auth("alice"), json=body, timeout=60) as response:
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+    # 2000 tokens take a minute here; the engine reports its stats every 2 s
+    time.sleep(2.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        gauges = engine_gauges(server)
+        if gauges["parrot_engine_running_jobs"] == gauges["parrot_engine_contexts"] == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the dropped stream's call still runs: {gauges}")

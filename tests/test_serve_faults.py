@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from test_http_api import ENGINE_KEY, KEYS, MODEL, auth, start_server, stop, wait_for_engines
+from test_http_api import ENGINE_KEY, MODEL, auth, start_server, stop, wait_for_engines
 
 PROMPT = "You are an expert software engineer.\nWrite python code of a snake game.\nCode: "
 TOKENS = 48

@@ -21,6 +21,7 @@ class BackendStats:
     tokens_processed: int
     peak_batch_blocks: int = 0  # most KV blocks one step's batch used (0: not reported)
     kv_block_size: int = 16  # tokens per KV block
+    kv_blocks_cached: int = 0  # in use only by cached prefixes: reclaimable
 
 
 class EngineBackend(ABC):

@@ -90,6 +90,9 @@ class ContextTable:
     def __len__(self) -> int:
         return len(self._contexts)
 
+    def items(self):
+        return self._contexts.items()
+
     def get(self, context_id: str) -> Context:
         try:
             return self._contexts[context_id]

@@ -91,6 +91,7 @@ class EngineStats:
     cached_prefixes: int = 0
     # most distinct KV blocks one forward step's batch read: the memory sharing saves
     peak_batch_blocks: int = 0
+    cached_blocks: int = 0  # held only by cached prefixes (reclaimable, not leaked)
 
 
 @dataclass
@@ -153,6 +154,10 @@ class LLMEngine:
         cached as a prefix of their own first.
         """
         if context_id not in self.contexts:
+            # refused before the context exists, so that a refused fill leaves nothing behind
+            base = len(self.contexts.get(parent_context_id).token_ids) if parent_context_id is not None else 0
+            self._check_length(base + len(token_ids))
+            self._check_fits_pool(base + len(token_ids))
             if parent_context_id is not None:
                 async with self._lock(parent_context_id):
                     self.contexts.create(context_id, parent_context_id)
@@ -282,8 +287,9 @@ class LLMEngine:
         pool = self.contexts.pool
         c = self._counters
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
+        cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
-                           c.peak_batch_blocks)
+                           c.peak_batch_blocks, cached_blocks)
 
     async def close(self) -> None:
         """Stops the step loop; jobs still queued fail."""
@@ -310,7 +316,8 @@ class LLMEngine:
             await self.fill(context_id, None, token_ids)
             return "".join([t.text async for t in self.generate(context_id, sampling)])
         finally:
-            self.free_context(context_id)
+            if context_id in self.contexts:  # a refused fill never created it
+                self.free_context(context_id)
 
     # ---- the step loop -----------------------------------------------------
 

@@ -59,6 +59,14 @@ class PrefixCache:
     def new_context_id(self) -> str:
         return f"__prefix__{next(self._ids)}"
 
+    def idle_blocks(self) -> int:
+        """KV blocks that only cached prefixes hold: reclaimable the moment a job needs them."""
+        cached: set[int] = set()
+        live: set[int] = set()
+        for context_id, ctx in self.contexts.items():
+            (cached if context_id in self._entries else live).update(ctx.block_table)
+        return len(cached - live)
+
     def longest(self, token_ids: list[int]) -> PrefixMatch | None:
         match = None
         for blocks, digest in enumerate(block_hashes(token_ids, self.block_size), start=1):

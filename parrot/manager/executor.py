@@ -223,6 +223,7 @@ class Executor:
             if not isinstance(exc, UserError):
                 log.exception("call %s (%s) failed on %s", call.call_id, call.function, engine.name)
             self._fail(call, exc)
+            created = created or filling  # a fill that failed part-way may have left its context
         except asyncio.CancelledError:
             running = self._running.get(call.call_id)
             if running is not None and running.engine_lost:
@@ -239,7 +240,7 @@ class Executor:
             if created:
                 try:
                     await engine.free_context(context_id)
-                except UserError as exc:  # a cancelled fill that had not created it yet
+                except UserError as exc:  # a failed or cancelled fill that had not created it yet
                     log.info("context %s on %s was not there to free: %s", context_id, engine.name, exc)
                 except Exception:
                     log.exception("freeing context %s on %s failed", context_id, engine.name)

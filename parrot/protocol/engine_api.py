@@ -44,6 +44,8 @@ class EngineStatsBody(Strict):
     kv_blocks_free: int
     tokens_processed: int
     peak_batch_blocks: int = 0
+    kv_block_size: int = 16
+    kv_blocks_cached: int = 0
 
 
 class EngineRegister(Strict):

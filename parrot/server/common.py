@@ -8,7 +8,6 @@ from fastapi import FastAPI, HTTPException, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware
 
 from parrot.errors import EngineUnavailableError, LimitExceededError, UserError
 from parrot.server.auth import KeyStore, Principal
@@ -22,18 +21,41 @@ def error_json(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
 
 
-class BodyLimit(BaseHTTPMiddleware):
-    """Rejects bodies over the limit before they are read whole."""
+class BodyTooLargeError(StarletteHTTPException):
+    """A request body over the server's limit. An HTTP exception, so that FastAPI's body
+    reader passes it on as it is (it turns other errors into "error parsing the body")."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body is over the limit of {max_bytes} bytes")
+
+
+class BodyLimit:
+    """Rejects bodies over the limit: by their declared length before any is read, and by the
+    bytes received for chunked bodies that declare none (they are never read whole)."""
 
     def __init__(self, app, max_bytes: int):
-        super().__init__(app)
+        self.app = app
         self.max_bytes = max_bytes
 
-    async def dispatch(self, request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return error_json(413, f"request body of {length} bytes is over the limit of {self.max_bytes}", "invalid_request_error")
-        return await call_next(request)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = error_json(413, f"request body of {length} bytes is over the limit of {self.max_bytes}", "invalid_request_error")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        await self.app(scope, counted_receive, send)
 
 
 def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:

@@ -27,6 +27,8 @@ class ManagerCollector:
         running = GaugeMetricFamily("parrot_engine_running_jobs", "jobs running on each engine (batch size)", labels=["engine"])
         kv_used = GaugeMetricFamily("parrot_engine_kv_blocks_used", "KV blocks in use", labels=["engine"])
         kv_peak = GaugeMetricFamily("parrot_engine_kv_blocks_peak_batch", "most KV blocks one forward step's batch used", labels=["engine"])
+        kv_cached = GaugeMetricFamily("parrot_engine_kv_blocks_cached", "KV blocks held only by cached prefixes (reclaimable)", labels=["engine"])
+        contexts = GaugeMetricFamily("parrot_engine_contexts", "live contexts on each engine (cached prefixes not counted)", labels=["engine"])
         kv_total = GaugeMetricFamily("parrot_engine_kv_blocks_total", "KV blocks in the pool", labels=["engine"])
         tokens = CounterMetricFamily("parrot_engine_tokens", "tokens processed (prefill and decode)", labels=["engine"])
         for engine in self.manager.engines:
@@ -35,8 +37,10 @@ class ManagerCollector:
             kv_used.add_metric([stats.name], stats.kv_blocks_total - stats.kv_blocks_free)
             kv_total.add_metric([stats.name], stats.kv_blocks_total)
             kv_peak.add_metric([stats.name], stats.peak_batch_blocks)
+            kv_cached.add_metric([stats.name], stats.kv_blocks_cached)
+            contexts.add_metric([stats.name], stats.contexts)
             tokens.add_metric([stats.name], stats.tokens_processed)
-        yield from (running, kv_used, kv_peak, kv_total, tokens)
+        yield from (running, kv_used, kv_peak, kv_cached, contexts, kv_total, tokens)
 
 
 class ManagerMetrics:
