@@ -11,6 +11,7 @@ is asked for with get(perf=LATENCY) at once. Reported per engine count:
 - the manager's CPU time per call: process CPU time less the engines' own step loops.
 
     python benchmarks/sim_scaling.py --quick          # < 1 minute
+    python benchmarks/sim_scaling.py                  # 1 to 64 engines: writes sim-scaling.json/.png to --out
     python benchmarks/sim_scaling.py --engines 1 2 4 8 --apps-per-engine 32 --preset a100-13b
 """
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
@@ -123,13 +126,14 @@ async def run(engines: int, apps: int, args: argparse.Namespace, progress: Progr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="a100-7b", choices=sorted(PRESETS), help="simulated engine preset (default a100-7b)")
-    parser.add_argument("--engines", type=int, nargs="+", default=[1, 2, 4, 8], help="engine counts to run (default 1 2 4 8)")
+    parser.add_argument("--engines", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="engine counts to run (default 1 to 64)")
     parser.add_argument("--apps-per-engine", type=int, default=16, help="apps submitted per engine (default 16)")
     parser.add_argument("--time-scale", type=float, default=0.25,
                         help="wall seconds per simulated second (default 0.25; manager overhead is magnified by its inverse)")
     parser.add_argument("--chunk-tokens", type=int, default=512, help="document chunk length in tokens (default 512)")
     parser.add_argument("--output-tokens", type=int, default=50, help="tokens each call generates (default 50)")
     parser.add_argument("--quick", action="store_true", help="1, 2 and 4 engines, 8 apps each, time_scale 0.1 (seconds)")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for sim-scaling.json and .png (default benchmarks/results)")
     args = parser.parse_args()
     if args.quick:
         args.engines, args.apps_per_engine, args.time_scale = [1, 2, 4], 8, 0.1
@@ -147,9 +151,39 @@ def main() -> None:
                       f"{r.apps_per_s / base:.2f}x", f"{r.apps / r.busiest_engine_s:.2f}", f"{r.decodes_per_step:.1f}",
                       f"{r.manager_cpu_s / r.calls * 1e3:.3f}")
     console.print(table)
+    save(results, args, Path(args.out))
+    console.print(f"wrote {Path(args.out) / 'sim-scaling.json'} and .png")
     console.print("apps/s: per simulated second (wall / time_scale); scaling: relative to one engine's apps/s per engine;\n"
                   "engine-bound: apps / the busiest engine's busy time, what a free manager and no idle gaps would give;\n"
                   "manager ms/call: real CPU outside the engines' step loops (the manager and its backend calls), per call")
+
+
+def save(results: list[ScalingResult], args: argparse.Namespace, out: Path) -> None:
+    """JSON of every figure, and a plot of throughput against engines beside the linear line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{**asdict(r), "apps_per_s": r.apps_per_s, "manager_ms_per_call": r.manager_cpu_s / r.calls * 1e3} for r in results]
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    (out / "sim-scaling.json").write_text(json.dumps({"simulated": True, "settings": settings, "rows": rows}, indent=2))
+    engines = [r.engines for r in results]
+    per_engine = results[0].apps_per_s / results[0].engines
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(engines, [r.apps_per_s for r in results], marker="o", label="parrot manager")
+    left.plot(engines, [per_engine * n for n in engines], linestyle="--", color="gray", label="linear")
+    left.set(xscale="log", yscale="log", xlabel="engines", ylabel="apps per simulated second", title=f"throughput (SIMULATED sim:{args.preset})")
+    left.legend()
+    right.plot(engines, [row["manager_ms_per_call"] for row in rows], marker="o", color="tab:red")
+    right.set(xscale="log", xlabel="engines", ylabel="manager CPU ms per call", title="scheduler cost per call")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "sim-scaling.png", dpi=120)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-idle-timeout", type=float, default=600.0,
                        help="seconds a session may sit untouched, with nobody waiting on it, before it is closed and its calls "
                             "stopped (default 600; 0: never)")
+    serve.add_argument("--ray", action="store_true",
+                       help="run the --engines built-in engines as Ray actors across a Ray cluster (pip install 'parrot-serve[ray]'); "
+                            "Ray restarts a replica that dies and the manager takes it back")
+    serve.add_argument("--address", default=None, help="the Ray cluster to join with --ray (default: RAY_ADDRESS, else a local Ray instance)")
     serve.add_argument("--max-sessions-per-tenant", type=int, default=256, help="open sessions one tenant may hold (default 256)")
     serve.add_argument("--engine", default="builtin", help="builtin (engine processes running the model) or sim:PRESET, a simulated engine for scale experiments (presets: a100-7b, a100-13b, cpu-smollm2)")
     serve.add_argument("--policy", default="parrot", choices=["parrot", "fifo", "latency-centric", "throughput-centric"],

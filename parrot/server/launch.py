@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -55,10 +56,25 @@ def serve(args) -> None:
         local_processes = 0
     elif args.engine != "builtin":
         raise UserError(f"--engine must be builtin or sim:PRESET, not {args.engine!r}")
+    fleet = None
+    if args.ray:
+        from parrot.backends.ray_engine import RayEngineFleet
+        from parrot.cli import engine_config
+
+        if args.engine != "builtin":
+            raise UserError("--ray places built-in engines on a Ray cluster; it does not take --engine sim:PRESET")
+        fleet = RayEngineFleet.start(args.engines, engine_config(args), address=args.address)
+        local_processes = 0
+    elif args.address:
+        raise UserError("--address names a Ray cluster: use it with --ray")
     for i, url in enumerate(args.openai_backend):
         manager.add_engine(OpenAICompatibleBackend(f"openai-{i}", url, args.backend_model or args.model, args.backend_api_key))
     app = create_manager_app(manager, keys, args.model, Tokenizer(model_dir), engine_key=engine_key,
                              max_body_bytes=args.max_body_mb * 2**20, heartbeat_timeout_s=args.heartbeat_timeout)
+    if fleet is not None:
+        @app.on_event("startup")
+        async def watch_ray_engines():
+            app.state.ray_fleet = asyncio.create_task(fleet.watch(manager))
     port = args.port or free_port(args.host)
     manager_url = f"http://127.0.0.1:{port}" if args.host in ("0.0.0.0", "127.0.0.1", "localhost") else f"http://{args.host}:{port}"
     children = [
@@ -74,6 +90,8 @@ def serve(args) -> None:
     ]
 
     def stop_children() -> None:
+        if fleet is not None:
+            fleet.stop()
         for child in children:
             child.terminate()
         for child in children:
@@ -83,7 +101,8 @@ def serve(args) -> None:
                 child.kill()
 
     atexit.register(stop_children)
-    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {args.engine} engine(s), "
+    kind = "Ray-actor" if args.ray else args.engine
+    print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {kind} engine(s), "
           f"policy {args.policy})", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning")
