@@ -83,3 +83,10 @@ def test_a_killed_replica_is_restarted_and_its_call_completes_elsewhere(fleet):
         await killed.free_context("after")
 
     asyncio.run(main())
+
+
+def test_serve_refuses_a_ray_address_without_ray(capsys):
+    from parrot.cli import main
+
+    assert main(["serve", "--address", "ray://head:10001", "--port", "0"]) == 2
+    assert "--address names a Ray cluster: use it with --ray" in capsys.readouterr().err
