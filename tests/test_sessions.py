@@ -105,3 +105,25 @@ def test_limits_are_checked() -> None:
         SessionLimits(idle_timeout_s=-1)
     with pytest.raises(UserError, match="at least 1"):
         SessionLimits(max_sessions_per_tenant=0)
+
+
+def test_over_http_a_limit_answers_429_and_an_engine_outage_503() -> None:
+    from starlette.testclient import TestClient
+    from test_engine_faults import DyingBackend
+
+    from parrot.server.auth import KeyStore
+    from parrot.server.manager_app import create_manager_app
+
+    keys = KeyStore.load(env={}, engine_key="engine-key")
+    keys.add("t", "k")
+    manager = Manager([DyingBackend("only")], limits=SessionLimits(max_sessions_per_tenant=1))
+    headers = {"authorization": "Bearer k"}
+    with TestClient(create_manager_app(manager, keys, "simulated")) as client:
+        session = client.post("/api/v1/sessions", headers=headers).json()["session_id"]
+        refused = client.post("/api/v1/sessions", headers=headers)
+        assert refused.status_code == 429 and "open sessions" in refused.json()["error"]["message"]
+        ops = [{"create_variable": {"var_id": "q", "value": "hi"}}, {"create_variable": {"var_id": "a"}},
+               {"submit_call": {"call_id": "c", "function": "f", "template": "{{input:q}} {{output:a}}",
+                                "inputs": [{"name": "q", "var_id": "q"}], "outputs": [{"name": "a", "var_id": "a"}]}}]
+        lost = client.post(f"/api/v1/sessions/{session}/wait", headers=headers, json={"ops": ops, "var_id": "a", "timeout": 10})
+        assert lost.status_code == 503 and "resubmit" in lost.json()["error"]["message"]

@@ -58,26 +58,27 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
 
+def _responder(status: int, kind: str):
+    async def respond(_: Request, exc: Exception) -> JSONResponse:
+        return error_json(status, str(exc), kind)
+
+    return respond
+
+
 def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     from parrot.errors import NotFoundError
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
-    @app.exception_handler(NotFoundError)
-    async def not_found(_: Request, exc: NotFoundError):
-        return error_json(404, str(exc), "not_found_error")
-
-    @app.exception_handler(UserError)
-    async def user_error(_: Request, exc: UserError):
-        return error_json(400, str(exc), "invalid_request_error")
-
-    @app.exception_handler(LimitExceededError)
-    async def over_limit(_: Request, exc: LimitExceededError):
-        return error_json(429, str(exc), "rate_limit_error")
-
-    @app.exception_handler(EngineUnavailableError)
-    async def unavailable(_: Request, exc: EngineUnavailableError):
-        return error_json(503, str(exc), "service_unavailable_error")
+    # the most specific class matches first, whatever the order here
+    statuses: dict[type[Exception], tuple[int, str]] = {
+        UserError: (400, "invalid_request_error"),
+        NotFoundError: (404, "not_found_error"),
+        LimitExceededError: (429, "rate_limit_error"),
+        EngineUnavailableError: (503, "service_unavailable_error"),
+    }
+    for error_class, (status, kind) in statuses.items():
+        app.add_exception_handler(error_class, _responder(status, kind))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
