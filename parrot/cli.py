@@ -21,13 +21,20 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="prefill every prompt in full: no cached prefixes, no static prefixes forked (a baseline)")
     parser.add_argument("--no-shared-attention", action="store_true",
                         help="decode attention reads a shared prefix once per sequence, as plain paged attention does (a baseline)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of the --config shape with --model's tokenizer: for speed measurements only (the text is noise)")
+    parser.add_argument("--config", default=None, choices=["llama-7b", "llama-13b", "tiny"],
+                        help="the model shape for --random-weights (the paper's LLaMA-7B or 13B; tiny for tests)")
 
 
 def engine_config(args):
     """The EngineConfig the engine flags describe."""
     from parrot.engine.llm_engine import EngineConfig
 
+    if args.random_weights != (args.config is not None):
+        raise UserError("--random-weights and --config go together: --random-weights --config llama-7b|llama-13b|tiny")
     return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype, threads=args.threads,
+                        random_weights=args.config,
                         prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
 
 

@@ -22,6 +22,7 @@ from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, re
 from parrot.engine.model import LlamaModel
 from parrot.engine.model_runner import KVCacheTensors, ModelRunner
 from parrot.engine.prefix_cache import PrefixCache
+from parrot.engine.random_weights import random_model, shape_named
 from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
@@ -49,6 +50,8 @@ class EngineConfig:
     small_batch_bf16: bool = True
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
+    # a shape name (llama-7b, llama-13b, tiny): random weights of that shape with the model's tokenizer, for speed runs
+    random_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.kv_memory_gb <= 0:
@@ -59,6 +62,8 @@ class EngineConfig:
             raise UserError(f"threads must be at least 1, not {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.random_weights is not None:
+            shape_named(self.random_weights)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -121,8 +126,13 @@ class LLMEngine:
         self.model_config = load_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         dtype = config.torch_dtype
+        if config.random_weights is not None:
+            vocab = max(self.model_config.vocab_size, self.tokenizer.vocab_size)
+            self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype)
+        else:
+            state = load_state_dict(model_dir, dtype)
         self.model = LlamaModel(
-            self.model_config, load_state_dict(model_dir, dtype),
+            self.model_config, state,
             SharedPrefixCpuAttention() if config.shared_prefix_attention else CpuPagedAttention(), dtype, config.small_batch_bf16
         )
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)

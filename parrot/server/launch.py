@@ -34,9 +34,13 @@ def serve(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, not {args.threads}")
-    if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention):
-        raise UserError("--threads, --no-prefix-caching and --no-shared-attention set built-in engines; "
+    if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention or args.random_weights):
+        raise UserError("--threads, --no-prefix-caching, --no-shared-attention and --random-weights set built-in engines; "
                         "a simulated engine (--engine sim:PRESET) takes its settings from its preset")
+    if not args.engine.startswith("sim:"):
+        from parrot.cli import engine_config
+
+        engine_config(args)  # the engine flags are checked here, not in each engine process
     engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
     keys = KeyStore.load(args.api_keys, engine_key=engine_key)
     if keys.empty:
@@ -82,7 +86,8 @@ def serve(args) -> None:
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--model", args.model,
              "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb), "--dtype", args.dtype, "--parent-pid", str(os.getpid()),
              *(["--threads", str(args.threads)] if args.threads else []),
-             *(["--no-prefix-caching"] if args.no_prefix_caching else []), *(["--no-shared-attention"] if args.no_shared_attention else [])],
+             *(["--no-prefix-caching"] if args.no_prefix_caching else []), *(["--no-shared-attention"] if args.no_shared_attention else []),
+             *(["--random-weights", "--config", args.config] if args.random_weights else [])],
             # OMP_NUM_THREADS too: torch.set_num_threads alone does not hold in the engine's step thread
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})},
         )

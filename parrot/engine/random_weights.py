@@ -1,0 +1,80 @@
+"""Models of the paper's shapes with random weights, for speed measurements.
+
+The real LLaMA checkpoints cannot be fetched here, and the time of a forward step does
+not depend on the weights' values, only on their shapes. `--random-weights --config
+llama-7b` builds such a model: the shape of LLaMA-7B, weights drawn from a seeded
+generator (the same seed gives the same model), and the default model's tokenizer.
+Its vocabulary is that tokenizer's, so every token id is valid. For LLaMA-7B that is
+49,152 entries instead of 32,000, which makes the model about 1.5 % larger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parrot.engine.config import ModelConfig
+from parrot.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_position_embeddings: int
+
+
+SHAPES: dict[str, ModelShape] = {
+    "llama-7b": ModelShape(4096, 11008, 32, 32, 32, 4096),
+    "llama-13b": ModelShape(5120, 13824, 40, 40, 40, 4096),
+    "tiny": ModelShape(64, 128, 2, 4, 2, 2048),  # for tests: a forward step in microseconds
+}
+INIT_STD = 0.02  # the usual LLaMA initializer range
+
+
+def shape_named(name: str) -> ModelShape:
+    if name not in SHAPES:
+        raise UserError(f"unknown model shape {name!r} for --random-weights; choose one of {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dtype: torch.dtype,
+                 seed: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and a state dict (Hugging Face names) of a random model of the named shape."""
+    shape = shape_named(name)
+    head_dim = shape.hidden_size // shape.num_heads
+    config = ModelConfig(
+        model_type="llama", vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=head_dim,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=False, attention_bias=False, eos_token_ids=eos_token_ids,
+    )
+    generator = torch.Generator().manual_seed(seed)
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=generator) * INIT_STD).to(dtype)  # [out, in]
+
+    hidden, kv = shape.hidden_size, shape.num_kv_heads * head_dim
+    state = {
+        "model.embed_tokens.weight": weight(vocab_size, hidden),
+        "lm_head.weight": weight(vocab_size, hidden),
+        "model.norm.weight": torch.ones(hidden, dtype=dtype),
+    }
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        state |= {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+            p + "self_attn.q_proj.weight": weight(hidden, hidden),
+            p + "self_attn.k_proj.weight": weight(kv, hidden),
+            p + "self_attn.v_proj.weight": weight(kv, hidden),
+            p + "self_attn.o_proj.weight": weight(hidden, hidden),
+            p + "mlp.gate_proj.weight": weight(shape.intermediate_size, hidden),
+            p + "mlp.up_proj.weight": weight(shape.intermediate_size, hidden),
+            p + "mlp.down_proj.weight": weight(hidden, shape.intermediate_size),
+        }
+    return config, state
