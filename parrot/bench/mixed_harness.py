@@ -42,7 +42,8 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
     config = quick_or_full(workload, quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
-    policies = {policy: ["--threads", str(config.threads_per_engine)] for policy in MIXED_POLICIES}
+    engine_flags = ["--engine", config.engine] if config.engine.startswith("sim:") else ["--threads", str(config.threads_per_engine)]
+    policies = {policy: engine_flags for policy in MIXED_POLICIES}
     results = run_per_policy(workload, policies, config.engines, out_dir, model, console,
                              lambda policy, server: run_mixed(config, policy, server, tokenizer))
     best_chat = min(r.chat_s_per_token for r in results)
@@ -54,7 +55,8 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
                     for r in results],
     }
     save_report(result, out_dir, write_mixed_markdown, plot_mixed)
-    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {model}, {config.engines} engines)", MIXED_COLUMNS, mixed_rows(result))
+    engines = f"{config.engines} SIMULATED {config.engine} engines" if config.engine.startswith("sim:") else f"{model}, {config.engines} engines"
+    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {engines})", MIXED_COLUMNS, mixed_rows(result))
     console.print(mixed_summary(result))
     return result
 
@@ -72,7 +74,9 @@ def write_mixed_markdown(result: dict, path: Path) -> None:
     lines = [
         f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
         "",
-        f"Model {result['model']} on {c['engines']} engines ({c['threads_per_engine']} thread each), one server per policy. "
+        (f"**SIMULATED** {c['engine']} engines ({c['engines']}: cost-model steps, the real manager and policies), one server per policy. "
+         if c["engine"].startswith("sim:") else
+         f"Model {result['model']} on {c['engines']} engines ({c['threads_per_engine']} thread each), one server per policy. ") +
         f"{c['map_reduce_apps']} map-reduce jobs ({c['chunks']} chunks of {c['chunk_tokens']} tokens, {c['map_output_tokens']} "
         f"output tokens, get(perf=THROUGHPUT)) start together with {c['chats']} chats arriving at {c['chat_rate']} req/s "
         f"({c['chat_tokens']}-token questions, {c['chat_output_tokens']} output tokens, get(perf=LATENCY)). Paper: {c['paper'] or '-'}.",
