@@ -286,3 +286,22 @@ def test_the_real_manager_runs_map_reduce_on_simulated_engines() -> None:
     assert len(final.split()) == 8
     assert sum(e.sim_stats().decode_tokens for e in engines) == 5 * 8
     assert all(e.stats().contexts == 0 for e in engines)
+
+
+def test_steps_shrink_while_a_latency_job_waits_beside_other_work() -> None:
+    """As in the built-in engine: a latency-class job beside a long prefill gets small steps."""
+    from parrot.backends.simulated.contexts import ContextTree
+    from parrot.backends.simulated.scheduler import JobKind as SimJobKind, SimScheduler
+
+    tree = ContextTree(None)
+    scheduler = SimScheduler(tree, max_tokens_per_step=512, max_seqs_per_step=8, shared_prefix_attention=False,
+                             latency_max_tokens_per_step=128)
+    bulk = tree.create("bulk", None)
+    bulk.own_tokens = 2000
+    scheduler.submit(SimJobKind.FILL, bulk, 2000)
+    assert scheduler.schedule().chunks[0].length == 512  # alone: the full budget
+    chat = tree.create("chat", None)
+    chat.own_tokens = 40
+    scheduler.submit(SimJobKind.FILL, chat, 0)
+    plan = scheduler.schedule()
+    assert [c.length for c in plan.chunks] == [40, 88]  # the chat first, the bulk fills the rest of 128
