@@ -137,7 +137,8 @@ def cmd_bench(args) -> None:
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
-                   **{name: f"{c.engines} {c.engine} engines per policy" for name, (c, _) in MIXED_WORKLOADS.items()},
+                   **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engines per policy"
+                      for name, (c, _) in MIXED_WORKLOADS.items()},
                    **dict.fromkeys(MULTI_AGENT_WORKLOADS, "one built-in engine per policy"), **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats and --rtt-ms")

@@ -88,7 +88,8 @@ def test_quick_run_compares_every_system(workload, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["bench", "gpts", "--rtt-ms", "100"], "drop --engine, --engines, --repeats and --rtt-ms"),
-    (["bench", "mixed", "--engines", "2"], "two built-in engines per policy"),
+    (["bench", "mixed", "--engines", "2"], "2 built-in engines per policy"),
+    (["bench", "mixed-sim", "--engines", "8"], "4 simulated sim:a100-7b engines per policy"),
     (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),
     (["serve", "--threads", "0"], "--threads must be at least 1"),
 ])
