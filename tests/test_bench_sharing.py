@@ -64,7 +64,8 @@ def test_sustained_rate_is_the_highest_within_the_slo():
     assert cmp["other"]["by_load"]["2"] == {"throughput_x": 20 / 18, "latency_x": 2.0, "peak_batch_blocks": None}
 
 
-@pytest.mark.parametrize("workload", sorted(SHARING_WORKLOADS))
+# gpts runs the same harness as shared-prompt (its plans are tested above): slow, to keep make test short
+@pytest.mark.parametrize("workload", [pytest.param(w, marks=pytest.mark.slow) if w == "gpts" else w for w in sorted(SHARING_WORKLOADS)])
 def test_quick_run_compares_every_system(workload, tmp_path):
     run_sharing_bench(workload, True, tmp_path, "smollm2-135m", False, Console(quiet=True))
     result = json.loads((tmp_path / f"{workload}.json").read_text())
