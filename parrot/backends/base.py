@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from parrot.engine.llm_engine import GeneratedToken
 from parrot.engine.sampler import SamplingParams
+from parrot.errors import EngineUnavailableError
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,13 @@ class EngineBackend(ABC):
 
     async def close(self) -> None:
         """Releases what the backend holds; the default holds nothing."""
+
+
+@asynccontextmanager
+async def engine_gone_on(lost: tuple[type[BaseException], ...], engine: str, what: str) -> AsyncIterator[None]:
+    """Turns a backend's "cannot reach the engine" errors into EngineUnavailableError: the
+    engine is gone (its calls run again elsewhere), which is not bad input."""
+    try:
+        yield
+    except lost as exc:
+        raise EngineUnavailableError(f"engine {engine} failed during {what}: {type(exc).__name__}: {exc}") from exc

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 
-from parrot.backends.base import BackendStats, EngineBackend
+from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
 from parrot.errors import EngineUnavailableError, UserError
 from parrot.protocol import error_message
@@ -38,13 +36,9 @@ class HttpEngineBackend(EngineBackend):
             raise EngineRequestError(message)
         raise RuntimeError(f"engine error {response.status_code}: {message}")
 
-    @asynccontextmanager
-    async def _reachable(self, what: str) -> AsyncIterator[None]:
-        """Transport failures (refused, reset, closed mid-stream) mean the engine is gone, not bad input."""
-        try:
-            yield
-        except httpx.TransportError as exc:
-            raise EngineUnavailableError(f"engine {self.name} at {self.url} failed during {what}: {type(exc).__name__}: {exc}") from exc
+    def _reachable(self, what: str):
+        # refused, reset, closed mid-stream: transport failures
+        return engine_gone_on((httpx.TransportError,), f"{self.name} at {self.url}", what)
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority,

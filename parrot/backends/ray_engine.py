@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from parrot.backends.base import BackendStats, EngineBackend
+from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
 from parrot.engine.llm_engine import EngineConfig
 from parrot.engine.sampler import SamplingParams
-from parrot.errors import EngineUnavailableError, UserError
+from parrot.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +59,10 @@ class RayEngineBackend(EngineBackend):
         self._ray = import_ray()
         self._stats = BackendStats(name, model, 0, 0, 0, 0, 0)
 
-    @asynccontextmanager
-    async def _reachable(self, what: str) -> AsyncIterator[None]:
-        """A dead or restarting actor means the engine is gone, not bad input."""
-        exceptions = self._ray.exceptions
-        try:
-            yield
-        except (exceptions.RayActorError, exceptions.ActorUnavailableError) as exc:
-            raise EngineUnavailableError(f"engine {self.name} (a Ray actor) failed during {what}: {type(exc).__name__}") from exc
+    def _reachable(self, what: str):
+        # a dead or restarting actor
+        lost = (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError)
+        return engine_gone_on(lost, f"{self.name} (a Ray actor)", what)
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
         async with self._reachable(f"fill of {context_id}"):

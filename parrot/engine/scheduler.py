@@ -84,6 +84,13 @@ class SchedulerConfig:
             raise ValueError("the step budget needs at least one token and one sequence")
 
 
+def step_token_budget(max_tokens: int, latency_max_tokens: int, priorities: list[int]) -> int:
+    """The token budget of a step whose waiting jobs have these priorities: small while a
+    latency-class job waits beside other work, so its tokens come quickly."""
+    latency = sum(1 for priority in priorities if priority <= PRIORITY_LATENCY)
+    return min(max_tokens, latency_max_tokens) if 0 < latency < len(priorities) else max_tokens
+
+
 class BatchScheduler:
     def __init__(self, contexts: ContextTable, config: SchedulerConfig, reclaim: Callable[[int], int] | None = None):
         self.contexts = contexts
@@ -103,11 +110,8 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.config.max_tokens_per_step
-        pending = [job for job in self.jobs if job.ctx.num_pending > 0]
-        latency = sum(1 for job in pending if job.priority <= PRIORITY_LATENCY)
-        if 0 < latency < len(pending):
-            budget = min(budget, self.config.latency_max_tokens_per_step)
+        budget = step_token_budget(self.config.max_tokens_per_step, self.config.latency_max_tokens_per_step,
+                                   [job.priority for job in self.jobs if job.ctx.num_pending > 0])
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
@@ -80,6 +81,17 @@ class Session:
     dispatched: list[str] = field(default_factory=list)  # call ids in the order they started
     last_active: float = field(default_factory=time.monotonic)
     waiters: int = 0  # readers waiting on its variables now (a long wait is not idleness)
+
+
+@contextmanager
+def _waiting(session: Session):
+    """A reader waits on the session's variables: however long, the session is not idle."""
+    session.waiters += 1
+    try:
+        yield
+    finally:
+        session.waiters -= 1
+        session.last_active = time.monotonic()
 
 
 class Manager:
@@ -169,12 +181,8 @@ class Manager:
         session = self.session(session_id, tenant)
         var = session.graph.variable(var_id)
         self.request(session_id, var, perf)
-        session.waiters += 1
-        try:
+        with _waiting(session):
             await var.ready.wait()
-        finally:
-            session.waiters -= 1
-            session.last_active = time.monotonic()
         if var.error is not None:
             raise var.error
         return var.value or ""
@@ -185,25 +193,23 @@ class Manager:
         var = session.graph.variable(var_id)
         queue: asyncio.Queue = asyncio.Queue()
         var.listeners.append(queue)
-        session.waiters += 1
-        try:
-            self.request(session_id, var, perf)
-            if var.is_ready:  # finished (or set by the client) before this reader came
-                if var.error is None and var.value:
-                    yield var.value
-            else:
-                if var.text_so_far:
-                    yield var.text_so_far
-                # every delta published from here on is queued, then None once it is ready;
-                # the queue is drained to the end, so a reader that falls behind loses nothing
-                while (delta := await queue.get()) is not None:
-                    yield delta
-            if var.error is not None:
-                raise var.error
-        finally:
-            var.listeners.remove(queue)
-            session.waiters -= 1
-            session.last_active = time.monotonic()
+        with _waiting(session):
+            try:
+                self.request(session_id, var, perf)
+                if var.is_ready:  # finished (or set by the client) before this reader came
+                    if var.error is None and var.value:
+                        yield var.value
+                else:
+                    if var.text_so_far:
+                        yield var.text_so_far
+                    # every delta published from here on is queued, then None once it is ready;
+                    # the queue is drained to the end, so a reader that falls behind loses nothing
+                    while (delta := await queue.get()) is not None:
+                        yield delta
+                if var.error is not None:
+                    raise var.error
+            finally:
+                var.listeners.remove(queue)
 
     def submit_prompt(self, session_id: str, prompt: str, sampling: SamplingParams, tenant: str = "local") -> str:
         """A one-call app from raw prompt text (the OpenAI API): returns the output variable's id."""

@@ -18,7 +18,7 @@ from enum import Enum
 
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import StepShape
-from parrot.engine.scheduler import PRIORITY_LATENCY
+from parrot.engine.scheduler import step_token_budget
 
 
 class JobKind(Enum):
@@ -68,7 +68,6 @@ class SimScheduler:
                  latency_max_tokens_per_step: int = 128):
         self.tree = tree
         self.max_tokens = max_tokens_per_step
-        # as the built-in engine: while a latency-class job waits beside other work, steps stay this small
         self.latency_max_tokens = latency_max_tokens_per_step
         self.max_seqs = max_seqs_per_step
         self.shared_prefix_attention = shared_prefix_attention
@@ -89,10 +88,9 @@ class SimScheduler:
     def schedule(self) -> StepPlan:
         """Plans one step and reserves its KV (computed by the step's end)."""
         plan = StepPlan()
-        budget, chosen = self.max_tokens, set()
-        latency = sum(1 for job in self.jobs if job.priority <= PRIORITY_LATENCY)
-        if 0 < latency < len(self.jobs):
-            budget = min(budget, self.latency_max_tokens)
+        # every simulated job waits for its next chunk or token, as pending jobs do in the engine
+        budget = step_token_budget(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs])
+        chosen = set()
         for job in sorted(self.jobs, key=lambda j: j.sort_key):
             if budget == 0 or len(plan.chunks) == self.max_seqs:
                 break
