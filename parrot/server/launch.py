@@ -24,6 +24,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serve(args) -> None:
     from parrot.backends.openai_compat import OpenAICompatibleBackend
+    from parrot.cli import engine_config
     from parrot.engine.loader import resolve_model_dir
     from parrot.engine.tokenizer import Tokenizer
     from parrot.errors import UserError
@@ -37,10 +38,8 @@ def serve(args) -> None:
     if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention or args.random_weights):
         raise UserError("--threads, --no-prefix-caching, --no-shared-attention and --random-weights set built-in engines; "
                         "a simulated engine (--engine sim:PRESET) takes its settings from its preset")
-    if not args.engine.startswith("sim:"):
-        from parrot.cli import engine_config
-
-        engine_config(args)  # the engine flags are checked here, not in each engine process
+    # the engine flags are checked here, once, not in each engine process
+    engine_settings = None if args.engine.startswith("sim:") else engine_config(args)
     engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
     keys = KeyStore.load(args.api_keys, engine_key=engine_key)
     if keys.empty:
@@ -63,11 +62,10 @@ def serve(args) -> None:
     fleet = None
     if args.ray:
         from parrot.backends.ray_engine import RayEngineFleet
-        from parrot.cli import engine_config
 
-        if args.engine != "builtin":
+        if engine_settings is None:
             raise UserError("--ray places built-in engines on a Ray cluster; it does not take --engine sim:PRESET")
-        fleet = RayEngineFleet.start(args.engines, engine_config(args), address=args.address)
+        fleet = RayEngineFleet.start(args.engines, engine_settings, address=args.address)
         local_processes = 0
     elif args.address:
         raise UserError("--address names a Ray cluster: use it with --ray")
