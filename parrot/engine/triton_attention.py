@@ -8,6 +8,8 @@ all suffix. Chunking a long prefix splits the KV (flash-decoding) so a few seque
 the GPU; merge_partials then merges every part of every row, on the GPU. Written without a GPU
 at hand: tests/test_triton_attention.py checks it against the CPU backends where CUDA is present.
 `run_items_torch` is the same contract in plain torch, so the host side is tested on the CPU.
+Prefill chunks are items too, run causally (chunked prefill over paged KV): an item's queries are
+its last `count` tokens in order, so query j sees the first length - count + j + 1 tokens.
 """
 
 from __future__ import annotations
@@ -79,19 +81,27 @@ def plan_items(plan: PrefixPlan, tables: list[list[int]], chunk_blocks: int, dev
     return build_items(shared, device), build_items(own, device)
 
 
-def run_items_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, items: WorkItems) -> PartialAttention:
-    """The kernel's contract in torch, item by item: q [B, H, D] -> parts over items.q_rows."""
+def run_items_torch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, items: WorkItems, causal: bool = False
+) -> PartialAttention:
+    """The kernel's contract in torch, item by item: q [B, H, D] -> parts over items.q_rows.
+    causal: item row j sees only the first length - (count - 1 - j) tokens (its chunk's own queries)."""
     hkv, _, bs, d = k_cache.shape
     b, h, _ = q.shape
     outs, lses = [], []
     for i in range(items.q_start.numel()):
         start, count, n = int(items.q_start[i]), int(items.q_count[i]), int(items.lengths[i])
+        if count == 0:  # a padding item (static decode batches)
+            continue
         rows = items.q_rows[start : start + count].long()
         blocks = items.tables[i, : -(-n // bs)].long()
         keys = k_cache[:, blocks].reshape(hkv, -1, d)[:, :n]  # [Hkv, n, D]
         values = v_cache[:, blocks].reshape(hkv, -1, d)[:, :n]
         queries = q[rows].view(count, hkv, h // hkv, d).transpose(0, 1).reshape(hkv, -1, d).float()
         scores = queries @ keys.float().transpose(1, 2) * d**-0.5  # [Hkv, count*G, n]
+        if causal:  # query j of the item (rows j*G .. j*G+G-1) sees tokens < n - (count - 1 - j)
+            limit = n - (count - 1 - torch.arange(count, device=q.device)).repeat_interleave(h // hkv)  # [count*G]
+            scores = scores.masked_fill(torch.arange(n, device=q.device) >= limit.unsqueeze(1), float("-inf"))
         lse = scores.logsumexp(-1)
         out = (scores - lse.unsqueeze(-1)).exp() @ values.float()
         outs.append(out.view(hkv, count, -1, d).transpose(0, 1).reshape(count, h, d))
@@ -107,7 +117,7 @@ if triton is not None:
         Q, K, V, QRows, QStart, QCount, Tables, Lengths, Out, Lse,
         stride_qb, stride_qh, stride_kh, stride_kb, stride_kt, stride_tab, stride_ob, stride_oh, stride_lb, scale,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
     ):  # fmt: skip
         # one program: one item, one KV head, BLOCK_M of its query rows (row r: query r // G, head r % G of the group)
         item = tl.program_id(0)
@@ -126,10 +136,14 @@ if triton is not None:
         q = tl.load(Q + seq[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :], mask=valid_r[:, None], other=0.0)
         q = q.to(K.dtype.element_ty)
         length = tl.load(Lengths + item)
+        end = length
+        if CAUSAL:  # query j of the item sees tokens < limit; the tile stops after its last query's limit
+            limit = length - (q_count - 1 - r // G)  # [BLOCK_M]; past q_count (padding rows) it exceeds length
+            end = length - (q_count - 1 - tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // G, q_count - 1))
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for start in range(0, length, BLOCK_N):  # online softmax over the item's tokens
+        for start in range(0, end, BLOCK_N):  # online softmax over the item's tokens
             t = start + tl.arange(0, BLOCK_N)
             valid_t = t < length
             block = tl.load(Tables + item.to(tl.int64) * stride_tab + t // BLOCK_SIZE, mask=valid_t, other=0).to(tl.int64)
@@ -137,7 +151,10 @@ if triton is not None:
             k = tl.load(K + offset[None, :] + d[:, None], mask=valid_t[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
             v = tl.load(V + offset[:, None] + d[None, :], mask=valid_t[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
             s = tl.dot(q, k, input_precision=PRECISION) * scale
-            s = tl.where(valid_t[None, :], s, float("-inf"))  # each iteration has a valid token: rows stay finite
+            visible = valid_t[None, :]
+            if CAUSAL:
+                visible = visible & (t[None, :] < limit[:, None])
+            s = tl.where(visible, s, float("-inf"))  # token 0 is visible to every row: rows stay finite
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
@@ -149,7 +166,9 @@ if triton is not None:
         tl.store(Lse + part_row * stride_lb + head, m_i + tl.log(l_i), mask=valid_r)
 
 
-def run_items_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, items: WorkItems) -> PartialAttention:
+def run_items_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, items: WorkItems, causal: bool = False
+) -> PartialAttention:
     """q [B, H, D] (last dim contiguous), caches [Hkv, nb, bs, D] contiguous, on CUDA (or the CPU when
     interpreting) -> parts over items.q_rows."""
     b, h, d = q.shape
@@ -170,6 +189,7 @@ def run_items_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             out.stride(0), out.stride(1), lse.stride(0), d**-0.5,
             G=g, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=64,
             PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # exact float32: no TF32 rounding
+            CAUSAL=causal,
         )  # fmt: skip
     return PartialAttention(items.q_rows.long(), out, lse)
 
@@ -180,12 +200,20 @@ class _Step:
     slots: torch.Tensor  # [N] int64 slot mapping, on the cache's device
     shared: WorkItems
     own: WorkItems
-    prefill: SubBatch | None  # the prefill rows, for the prefill backend
+    prefill: WorkItems | None  # one causal item per prefill chunk, its rows those of the flat batch
+    prefill_sub: SubBatch | None  # the prefill rows, when a prefill backend of its own takes them
+
+
+def run_items(q, k_cache, v_cache, items: WorkItems, causal: bool = False) -> PartialAttention:
+    """The Triton kernel on CUDA (or in the interpreter), else its torch contract."""
+    use_kernel = triton is not None and (k_cache.is_cuda or INTERPRET)
+    return (run_items_triton if use_kernel else run_items_torch)(q, k_cache, v_cache, items, causal)
 
 
 class TritonSharedPrefixAttention(AttentionBackend):
-    """Every decode row through the work-item kernel (shared segments once for their members);
-    prefill rows through `prefill`, a backend for the same device (none in this package yet)."""
+    """Every row through the work-item kernel: decode rows with shared segments read once for
+    their members, prefill chunks as causal items. `prefill`, when given, takes the prefill rows
+    instead (a CPU backend, so that the CPU path can compare the decode side alone)."""
 
     _KEY = "triton_shared_prefix_step"
 
@@ -196,18 +224,18 @@ class TritonSharedPrefixAttention(AttentionBackend):
         step = meta.scratch.get(self._KEY)
         if step is None:
             step = meta.scratch[self._KEY] = self._prepare(meta, k_cache.shape[2], k_cache.device)
-        if step.prefill is not None and self.prefill is None:
-            raise NotImplementedError("TritonSharedPrefixAttention needs a prefill backend for prefill rows")
         write_kv(k, v, k_cache, v_cache, step.slots)
         out = torch.empty_like(q)
         if step.decode_rows.numel():
-            run = run_items_triton if k_cache.is_cuda or (INTERPRET and triton is not None) else run_items_torch
             decode_q = q[step.decode_rows]  # [B, H, D]
-            parts = [run(decode_q, k_cache, v_cache, items) for items in (step.shared, step.own)]
+            parts = [run_items(decode_q, k_cache, v_cache, items) for items in (step.shared, step.own)]
             out[step.decode_rows] = merge_partials(parts, decode_q.shape[0]).out.to(q.dtype)
-        if step.prefill is not None:  # the prefill backend writes its rows' k/v again: the same values
-            rows = step.prefill.rows.to(q.device)
-            out[rows] = self.prefill.forward(q[rows], k[rows], v[rows], k_cache, v_cache, step.prefill.meta)
+        if step.prefill is not None:  # each prefill row is in exactly one item: its part is its attention
+            part = run_items(q, k_cache, v_cache, step.prefill, causal=True)
+            out[part.rows] = part.out.to(q.dtype)
+        if step.prefill_sub is not None:  # the prefill backend writes its rows' k/v again: the same values
+            rows = step.prefill_sub.rows.to(q.device)
+            out[rows] = self.prefill.forward(q[rows], k[rows], v[rows], k_cache, v_cache, step.prefill_sub.meta)
         return out
 
     def _prepare(self, meta: AttentionMetadata, block_size: int, device) -> _Step:
@@ -217,4 +245,16 @@ class TritonSharedPrefixAttention(AttentionBackend):
         plan = plan_prefix_groups(tables, [s.context_len for s in decode], min_blocks, block_size)
         shared, own = plan_items(plan, tables, max(1, self.chunk_tokens // block_size), device)
         rows = torch.tensor([s.query_start for s in decode], dtype=torch.int64, device=device)
-        return _Step(rows, meta.slot_mapping.to(device), shared, own, sub_batch(meta, meta.prefill_rows, block_size))
+        prefill = prefill_sub = None
+        if meta.prefill_rows and self.prefill is not None:
+            prefill_sub = sub_batch(meta, meta.prefill_rows, block_size)
+        elif meta.prefill_rows:
+            chunks = [meta.sequences[i] for i in meta.prefill_rows]
+            prefill = build_items(
+                [
+                    (list(range(s.query_start, s.query_start + s.query_len)), s.block_table[: -(-s.context_len // block_size)], s.context_len)
+                    for s in chunks
+                ],
+                device,
+            )
+        return _Step(rows, meta.slot_mapping.to(device), shared, own, prefill, prefill_sub)
