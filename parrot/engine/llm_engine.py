@@ -16,7 +16,9 @@ from enum import Enum
 
 import torch
 
-from parrot.engine.attention import CpuPagedAttention
+from parrot.engine.attention import AttentionBackend, CpuPagedAttention
+from parrot.engine.cuda_graphs import DecodeGraphs
+from parrot.engine.device import DEVICES, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
@@ -24,6 +26,7 @@ from parrot.engine.model_runner import KVCacheTensors, ModelRunner
 from parrot.engine.prefix_cache import PrefixCache
 from parrot.engine.random_weights import random_model, shape_named
 from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
+from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -38,12 +41,18 @@ FREE_GRACE_SECONDS = 0.1
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
-    kv_memory_gb: float = 1.0
+    # the KV pool; None: 1 GiB on the CPU, on a GPU what gpu_memory_utilization leaves after the weights
+    kv_memory_gb: float | None = None
     block_size: int = 16
     max_tokens_per_step: int = 512
     max_seqs_per_step: int = 64
     latency_max_tokens_per_step: int = 128  # the step size while a latency-critical job waits
-    dtype: str = "auto"  # auto: float32 on CPUs, where bf16 matmuls are slow without AMX
+    dtype: str = "auto"  # auto: float32 on CPUs, where bf16 matmuls are slow without AMX; bfloat16 on GPUs
+    device: str = "cpu"  # cpu or cuda
+    gpu_memory_utilization: float = 0.9  # the share of the GPU the engine may fill (weights, KV, activations)
+    # decode steps replayed from CUDA graphs (one per batch-size bucket); None: on a GPU only.
+    # True on the CPU runs the same static-buffer path without capture (to test it)
+    decode_graphs: bool | None = None
     threads: int | None = None
     # float32 weights also keep a bf16 copy used for batches of at most SMALL_BATCH_ROWS
     # rows (faster decode on CPUs); False keeps every matmul in float32 (exact, batch-invariant)
@@ -54,8 +63,12 @@ class EngineConfig:
     random_weights: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kv_memory_gb <= 0:
+        if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise UserError("kv_memory_gb must be positive")
+        if self.device not in DEVICES:
+            raise UserError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise UserError(f"gpu_memory_utilization must be in (0, 1], not {self.gpu_memory_utilization}")
         if self.block_size < 1:
             raise UserError("block_size must be at least 1")
         if self.threads is not None and self.threads < 1:
@@ -67,7 +80,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.float32 if self.dtype == "auto" else getattr(torch, self.dtype)
+        return default_dtype(torch.device(self.device)) if self.dtype == "auto" else getattr(torch, self.dtype)
 
 
 class FinishReason(Enum):
@@ -126,18 +139,19 @@ class LLMEngine:
         self.model_config = load_config(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         dtype = config.torch_dtype
+        self.device = device = resolve_device(config.device)
         if config.random_weights is not None:
             vocab = max(self.model_config.vocab_size, self.tokenizer.vocab_size)
-            self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype)
+            self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype, device=device)
         else:
-            state = load_state_dict(model_dir, dtype)
-        self.model = LlamaModel(
-            self.model_config, state,
-            SharedPrefixCpuAttention() if config.shared_prefix_attention else CpuPagedAttention(), dtype, config.small_batch_bf16
-        )
+            state = {name: tensor.to(device) for name, tensor in load_state_dict(model_dir, dtype).items()}
+        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, config.small_batch_bf16)
+        del state
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
-        num_blocks = max(1, int(config.kv_memory_gb * 2**30) // per_block)
-        self.kv = KVCacheTensors(self.model_config, num_blocks, config.block_size, dtype)
+        activations = step_activation_bytes(self.model_config, config.max_tokens_per_step, config.max_seqs_per_step, dtype)
+        num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
+        # one block past the pool's: the slots of a static decode batch's padding rows
+        self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, dtype, device)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(
@@ -147,11 +161,19 @@ class LLMEngine:
         self._prefix_in_use: dict[str, str] = {}  # context -> cached prefix it forked from
         self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached when freed)
         self._prefix_fills: dict[tuple[int, ...], asyncio.Future] = {}
-        self.runner = ModelRunner(self.model, self.kv)
+        use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
+        shared = getattr(self.model.attention, "min_shared_tokens", None) if config.shared_prefix_attention else None
+        graphs = DecodeGraphs(self.model, self.kv, num_blocks, config.max_seqs_per_step, shared) if use_graphs else None
+        self.runner = ModelRunner(self.model, self.kv, graphs)
         self._channels: dict[int, _JobChannel] = {}
         self._counters = _Counters()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+
+    def _attention(self, device: torch.device) -> AttentionBackend:
+        if device.type == "cuda":  # every row through the Triton kernel; "no sharing" groups nothing
+            return TritonSharedPrefixAttention(min_shared_tokens=128 if self.config.shared_prefix_attention else 2**62)
+        return SharedPrefixCpuAttention() if self.config.shared_prefix_attention else CpuPagedAttention()
 
     # ---- primitives -------------------------------------------------------
 

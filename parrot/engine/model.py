@@ -113,8 +113,9 @@ class LlamaModel:
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         angles = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
         cos, sin = angles.cos(), angles.sin()
-        self.rope_cos = torch.cat((cos, cos), dim=-1).to(dtype)  # [P, D]
-        self.rope_sin = torch.cat((-sin, sin), dim=-1).to(dtype)  # [P, D], signed for apply_rope
+        device = self.embed.device
+        self.rope_cos = torch.cat((cos, cos), dim=-1).to(device, dtype)  # [P, D]
+        self.rope_sin = torch.cat((-sin, sin), dim=-1).to(device, dtype)  # [P, D], signed for apply_rope
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return Linear.of(weight, bias, self.small_batch_bf16)
@@ -138,8 +139,12 @@ class LlamaModel:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Runs all layers over the flat batch; returns float32 logits [M, V] for batch.logit_rows."""
+    def forward(
+        self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention: AttentionBackend | None = None
+    ) -> torch.Tensor:
+        """Runs all layers over the flat batch; returns float32 logits [M, V] for batch.logit_rows.
+        attention: a backend for this call in place of the model's (a static decode batch's)."""
+        attention = attention or self.attention
         c = self.config
         n = batch.token_ids.shape[0]
         heads = c.num_heads + c.num_kv_heads
@@ -154,7 +159,7 @@ class LlamaModel:
             qk = apply_rope(qkv[:, :qk_size].view(n, heads, c.head_dim), cos, sin)  # q and k heads in one call
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
             v = qkv[:, qk_size:].view(n, c.num_kv_heads, c.head_dim)
-            attn = self.attention.forward(q, k, v, k_cache, v_cache, batch.attention)  # [N, H, D]
+            attn = attention.forward(q, k, v, k_cache, v_cache, batch.attention)  # [N, H, D]
             hidden.add_(layer.o_proj(attn.reshape(n, q_size)))
             x = F.rms_norm(hidden, (c.hidden_size,), layer.post_norm, eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, inter] each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from parrot.engine.config import ModelConfig
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.sampler import sample_batch
 from parrot.engine.scheduler import StepPlan
+
+if TYPE_CHECKING:
+    from parrot.engine.cuda_graphs import DecodeGraphs
 
 
 @dataclass(frozen=True)
@@ -21,10 +25,14 @@ class StepResult:
 class KVCacheTensors:
     """Per-layer K and V tensors, [Hkv, num_blocks, block_size, D] each."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.block_size = block_size
         shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        self.layers = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_layers)]
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_layers)
+        ]
 
     def copy_block(self, src: int, dst: int) -> None:
         for k, v in self.layers:
@@ -38,9 +46,11 @@ class KVCacheTensors:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCacheTensors):
+    def __init__(self, model: LlamaModel, kv: KVCacheTensors, graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv = kv
+        self.graphs = graphs  # decode steps from static buffers (CUDA graphs on a GPU)
+        self.device = kv.layers[0][0].device
 
     def run(self, plan: StepPlan) -> StepResult:
         tokens: list[int] = []
@@ -56,13 +66,19 @@ class ModelRunner:
             slots.extend(chunk.slots)
             if chunk.wants_logits:
                 logit_rows.append(len(tokens) - 1)
-        batch = ForwardBatch(
-            token_ids=torch.tensor(tokens, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            attention=AttentionMetadata.build(sequences, slots, self.kv.block_size),
-            logit_rows=torch.tensor(logit_rows, dtype=torch.int64),
-        )
-        logits = self.model.forward(batch, self.kv.layers)  # [M, V]
+        tables, lengths = [s.block_table for s in sequences], [s.context_len for s in sequences]
+        if self.graphs is not None and len(tokens) == len(sequences) and self.graphs.takes(tables, lengths):
+            # a decode step: every row's logits come out, the sampled ones are kept
+            logits = self.graphs.run(tokens, positions, slots, tables, lengths)[torch.tensor(logit_rows, device=self.device)]
+        else:
+            on = dict(dtype=torch.int64, device=self.device)
+            batch = ForwardBatch(
+                token_ids=torch.tensor(tokens, **on),
+                positions=torch.tensor(positions, **on),
+                attention=AttentionMetadata.build(sequences, slots, self.kv.block_size),
+                logit_rows=torch.tensor(logit_rows, **on),
+            )
+            logits = self.model.forward(batch, self.kv.layers)  # [M, V]
         sampling_jobs = [c.job for c in plan.chunks if c.wants_logits]
         if not sampling_jobs:
             return StepResult({})

@@ -43,8 +43,10 @@ def shape_named(name: str) -> ModelShape:
 
 
 def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dtype: torch.dtype,
-                 seed: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and a state dict (Hugging Face names) of a random model of the named shape."""
+                 seed: int = 0, device: torch.device | str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and a state dict (Hugging Face names) of a random model of the named shape, on device.
+    The values are drawn on the CPU whatever the device, so a GPU engine and a CPU engine of one seed
+    hold the same weights (the GPU path is checked against the CPU path that way)."""
     shape = shape_named(name)
     head_dim = shape.hidden_size // shape.num_heads
     config = ModelConfig(
@@ -56,19 +58,19 @@ def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dty
     generator = torch.Generator().manual_seed(seed)
 
     def weight(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=generator) * INIT_STD).to(dtype)  # [out, in]
+        return (torch.randn(rows, cols, generator=generator) * INIT_STD).to(device, dtype)  # [out, in]
 
     hidden, kv = shape.hidden_size, shape.num_kv_heads * head_dim
     state = {
         "model.embed_tokens.weight": weight(vocab_size, hidden),
         "lm_head.weight": weight(vocab_size, hidden),
-        "model.norm.weight": torch.ones(hidden, dtype=dtype),
+        "model.norm.weight": torch.ones(hidden, dtype=dtype, device=device),
     }
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         state |= {
-            p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype, device=device),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype, device=device),
             p + "self_attn.q_proj.weight": weight(hidden, hidden),
             p + "self_attn.k_proj.weight": weight(kv, hidden),
             p + "self_attn.v_proj.weight": weight(kv, hidden),

@@ -75,7 +75,8 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     """logits: [B, V] -> one token per row; greedy rows share one argmax."""
     greedy_ids = torch.argmax(logits, dim=-1).tolist()
     return [
-        greedy_ids[row] if p.greedy else sample_token(logits[row], p, g)
+        # a seeded generator lives on the CPU: its row goes there (one row, not the batch's logits)
+        greedy_ids[row] if p.greedy else sample_token(logits[row] if g is None else logits[row].to(g.device), p, g)
         for row, (p, g) in enumerate(zip(params, generators))
     ]
 

@@ -24,7 +24,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serve(args) -> None:
     from parrot.backends.openai_compat import OpenAICompatibleBackend
-    from parrot.cli import engine_config
+    from parrot.cli import engine_config, engine_flags
     from parrot.engine.loader import resolve_model_dir
     from parrot.engine.tokenizer import Tokenizer
     from parrot.errors import UserError
@@ -81,11 +81,8 @@ def serve(args) -> None:
     manager_url = f"http://127.0.0.1:{port}" if args.host in ("0.0.0.0", "127.0.0.1", "localhost") else f"http://{args.host}:{port}"
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--model", args.model,
-             "--name", f"engine-{i}", "--kv-memory-gb", str(args.kv_memory_gb), "--dtype", args.dtype, "--parent-pid", str(os.getpid()),
-             *(["--threads", str(args.threads)] if args.threads else []),
-             *(["--no-prefix-caching"] if args.no_prefix_caching else []), *(["--no-shared-attention"] if args.no_shared_attention else []),
-             *(["--random-weights", "--config", args.config] if args.random_weights else [])],
+            [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--name", f"engine-{i}",
+             "--parent-pid", str(os.getpid()), *engine_flags(args)],
             # OMP_NUM_THREADS too: torch.set_num_threads alone does not hold in the engine's step thread
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})},
         )

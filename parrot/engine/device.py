@@ -1,0 +1,82 @@
+"""Where the engine runs (CPU or a CUDA GPU) and how much of the device's memory its KV pool takes.
+
+On the CPU the pool is what `kv_memory_gb` says (1 GiB by default). On a GPU it is, unless
+given, what is left of `gpu_memory_utilization` of the device once the weights are loaded,
+less a reserve for one step's activations and logits: the way GPU servers size it, so that
+the same flags serve a 24 GiB card and an 80 GiB one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parrot.engine.config import ModelConfig
+from parrot.errors import UserError
+
+DEVICES = ("cpu", "cuda")
+DEFAULT_CPU_KV_GB = 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a --device name; a user error when this machine cannot run it."""
+    if name not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)}, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(
+            f"--device cuda needs a CUDA GPU and a CUDA build of torch; this torch {torch.__version__} is {build} "
+            f"and sees no GPU. Run on a GPU machine with a CUDA torch, or use --device cpu"
+        )
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPUs (bf16 matmuls are slow there without AMX), bfloat16 on GPUs (tensor cores)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    free_bytes: int
+    total_bytes: int
+
+
+def step_activation_bytes(config: ModelConfig, max_tokens_per_step: int, max_seqs_per_step: int, dtype: torch.dtype) -> int:
+    """A bound on one forward step's transient memory: the widest per-token tensors of a layer
+    (qkv, gate/up, attention output) for every token of the step, plus float32 logits for the
+    sampled rows, twice over for the allocator's slack."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    per_token = element * (qkv + 3 * config.intermediate_size + 4 * config.hidden_size) + 4 * (config.num_heads * config.head_dim)
+    logits = 4 * max_seqs_per_step * config.vocab_size * 2  # the float32 logits and the sampler's copy
+    return 2 * (max_tokens_per_step * per_token + logits)
+
+
+def kv_pool_bytes(
+    device: torch.device,
+    kv_memory_gb: float | None,
+    gpu_memory_utilization: float,
+    activation_bytes: int,
+    memory: DeviceMemory | None = None,
+) -> int:
+    """Bytes for the KV pool. memory: the GPU's free and total bytes now (weights loaded);
+    read from the device when not given."""
+    if kv_memory_gb is not None:
+        return int(kv_memory_gb * 2**30)
+    if device.type != "cuda":
+        return int(DEFAULT_CPU_KV_GB * 2**30)
+    if memory is None:
+        torch.cuda.empty_cache()  # blocks the allocator caches (freed load-time copies) count as free
+        free, total = torch.cuda.mem_get_info(device)
+        memory = DeviceMemory(free, total)
+    used = memory.total_bytes - memory.free_bytes
+    budget = int(memory.total_bytes * gpu_memory_utilization) - used - activation_bytes
+    if budget <= 0:
+        raise UserError(
+            f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB of {memory.total_bytes / 2**30:.1f} GiB are in use "
+            f"after loading the weights and a step needs about {activation_bytes / 2**30:.1f} GiB; raise "
+            f"--gpu-memory-utilization (now {gpu_memory_utilization}), give --kv-memory-gb, or use a bigger GPU"
+        )
+    return budget

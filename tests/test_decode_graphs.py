@@ -1,0 +1,99 @@
+"""Decode steps from static buffers (the CUDA-graph path; on the CPU it runs without capture):
+the same tokens as the eager engine, padding rows that touch no context's KV, and steps with a
+shared prefix left to the eager path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from parrot.engine.cuda_graphs import DecodeGraphs
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.triton_attention import TritonSharedPrefixAttention
+
+from conftest import PROMPTS, assert_clean, fill_and_generate, greedy, run, token_ids
+
+
+@pytest.fixture(scope="module")
+def static_engine() -> LLMEngine:
+    """The exact engine's numerics, decode steps through the static buckets, a 4-row largest bucket."""
+    return LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+                                  decode_graphs=True, max_seqs_per_step=4))
+
+
+async def _all(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    runs = [fill_and_generate(engine, f"c{i}", ids, greedy(max_tokens)) for i, ids in enumerate(prompts)]
+    return [token_ids(tokens) for tokens in await asyncio.gather(*runs)]
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_static_decode_gives_the_eager_engines_tokens(engine, static_engine, tokenizer, count):
+    # 3 rows run in the 4-row bucket with a padding row; 5 rows exceed the largest bucket: eager steps
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:count]]
+    replays_before = static_engine.runner.graphs.replays
+    expected = run(_all(engine, prompts, 12))
+    got = run(_all(static_engine, prompts, 12))
+    assert got == expected
+    assert static_engine.runner.graphs.replays > replays_before
+    assert_clean(static_engine)
+
+
+def test_padding_rows_write_only_the_scratch_block(static_engine, tokenizer):
+    kv = static_engine.kv
+    pool_blocks = static_engine.contexts.pool.num_blocks
+    assert kv.layers[0][0].shape[1] == pool_blocks + 1  # the scratch block lies past the pool
+    before = [k[:, :pool_blocks].clone() for k, _ in kv.layers]
+    replays = static_engine.runner.graphs.replays
+
+    async def three_rows() -> None:  # a 3-row decode batch runs in the 4-row bucket: one padding row
+        runs = [fill_and_generate(static_engine, f"c{i}", tokenizer.encode(PROMPTS[i]), greedy(4), free=False) for i in range(3)]
+        await asyncio.gather(*runs)
+
+    run(three_rows())
+    assert static_engine.runner.graphs.replays > replays
+    held = {b for i in range(3) for b in static_engine.contexts.get(f"c{i}").block_table}
+    others = [b for b in range(pool_blocks) if b not in held]
+    for (k, _), old in zip(kv.layers, before):  # no block outside the contexts' own was written
+        assert torch.equal(k[:, others], old[:, others])
+    for i in range(3):
+        static_engine.free_context(f"c{i}")
+    assert_clean(static_engine)
+
+
+def test_steps_sharing_a_long_prefix_stay_eager(static_engine):
+    graphs: DecodeGraphs = static_engine.runner.graphs
+    assert graphs.buckets == [1, 2, 4]
+    bs = static_engine.kv.block_size
+    assert graphs.takes([[1, 2], [3, 4]], [2 * bs, 2 * bs])  # no static buffers' sharing: different blocks
+    scratch = static_engine.contexts.pool.num_blocks
+    grouping = DecodeGraphs(static_engine.model, static_engine.kv, scratch, 4, min_shared_tokens=2 * bs)
+    shared = list(range(10, 12))
+    assert not grouping.takes([shared + [1], shared + [2]], [3 * bs, 3 * bs])
+    assert grouping.takes([shared[:1] + [1], shared[:1] + [2]], [2 * bs, 2 * bs])  # one shared block: below the bar
+    assert not graphs.takes([[b] for b in range(5)], [1] * 5)  # more rows than the largest bucket
+
+
+def test_the_gpu_engines_attention_and_graphs_together_on_the_cpu(engine, tokenizer):
+    """The composition --device cuda runs (every row through work items: causal prefill items,
+    shared decode segments, static decode buckets), with the items run by their torch contract
+    (or by the Triton interpreter under TRITON_INTERPRET=1): the exact engine's tokens."""
+    gpu_like = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+                                      decode_graphs=True, max_seqs_per_step=4))
+    gpu_like.model.attention = TritonSharedPrefixAttention(min_shared_tokens=16, chunk_tokens=32)
+    gpu_like.runner.graphs.min_shared_tokens = 16  # steps of forks sharing a block run eagerly, grouped
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert run(_all(gpu_like, prompts, 10)) == run(_all(engine, prompts, 10))
+
+    async def forks(target: LLMEngine) -> list[list[int]]:  # two children of a 40-token parent: a shared segment
+        await target.fill("parent", None, prompts[4])
+        try:
+            runs = [fill_and_generate(target, f"k{i}", tokenizer.encode(s), greedy(8), parent="parent")
+                    for i, s in enumerate([" First,", " Second,"])]
+            return [token_ids(t) for t in await asyncio.gather(*runs)]
+        finally:
+            target.free_context("parent")
+
+    assert run(forks(gpu_like)) == run(forks(engine))
+    assert_clean(gpu_like)

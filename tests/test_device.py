@@ -1,0 +1,88 @@
+"""Choosing the device and sizing the KV pool from its memory; the GPU engine checked against the
+CPU engine (tests marked gpu, skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parrot.cli import main
+from parrot.engine.device import DeviceMemory, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.random_weights import random_model
+from parrot.errors import UserError
+
+from conftest import PROMPTS, greedy, run
+
+GIB = 2**30
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_the_pool_takes_what_the_gpu_has_left_after_weights_and_activations():
+    gpu = torch.device("cuda")
+    memory = DeviceMemory(free_bytes=60 * GIB, total_bytes=80 * GIB)  # 20 GiB in use: the weights
+    assert kv_pool_bytes(gpu, None, 0.9, 2 * GIB, memory) == int(80 * GIB * 0.9) - 20 * GIB - 2 * GIB
+    assert kv_pool_bytes(gpu, 3.0, 0.9, 2 * GIB, memory) == 3 * GIB  # an explicit size wins
+    assert kv_pool_bytes(torch.device("cpu"), None, 0.9, 2 * GIB) == GIB  # the CPU default
+    with pytest.raises(UserError, match="no GPU memory left for the KV cache.*--gpu-memory-utilization"):
+        kv_pool_bytes(gpu, None, 0.25, 2 * GIB, memory)
+
+
+def test_activation_reserve_grows_with_the_step_and_the_vocabulary():
+    config, _ = random_model("tiny", 1000, (2,), torch.float32)
+    small = step_activation_bytes(config, 128, 8, torch.bfloat16)
+    assert step_activation_bytes(config, 512, 8, torch.bfloat16) > small
+    assert step_activation_bytes(config, 128, 64, torch.bfloat16) > small
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16 and default_dtype(torch.device("cpu")) == torch.float32
+    assert EngineConfig(device="cuda").torch_dtype == torch.bfloat16 and EngineConfig().torch_dtype == torch.float32
+
+
+def test_bad_device_settings_are_refused_with_what_to_do(capsys):
+    with pytest.raises(UserError, match="device must be one of cpu, cuda"):
+        EngineConfig(device="tpu")
+    with pytest.raises(UserError, match="gpu_memory_utilization must be in"):
+        EngineConfig(gpu_memory_utilization=1.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda needs a CUDA GPU.*use --device cpu"):
+            resolve_device("cuda")
+        assert main(["generate", "hi", "--device", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_engine_matches_the_cpu_engine_on_a_small_random_model():
+    """Same seed, same weights: float32 on both sides, logits within float32/TF32 tolerance and the same tokens."""
+    common = dict(random_weights="tiny", kv_memory_gb=0.05, small_batch_bf16=False, dtype="float32")
+    cpu, gpu = LLMEngine(EngineConfig(**common)), LLMEngine(EngineConfig(**common, device="cuda"))
+    assert torch.equal(cpu.model.embed, gpu.model.embed.cpu())
+    for ids in (cpu.tokenizer.encode(p) for p in PROMPTS):  # a fresh prefill over blocks 0.. of each engine
+        torch.testing.assert_close(_prompt_logits(gpu, ids).cpu(), _prompt_logits(cpu, ids), atol=2e-3, rtol=0)
+    assert [run(gpu.complete(p, greedy(12))) for p in PROMPTS] == [run(cpu.complete(p, greedy(12))) for p in PROMPTS]
+
+
+def _prompt_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    from parrot.engine.attention import AttentionMetadata, SequenceSlice
+    from parrot.engine.model import ForwardBatch
+
+    blocks = list(range(-(-len(ids) // engine.config.block_size)))
+    slots = list(range(len(ids)))
+    on = dict(dtype=torch.int64, device=engine.device)
+    batch = ForwardBatch(
+        torch.tensor(ids, **on), torch.arange(len(ids), **on),
+        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], slots, engine.config.block_size),
+        torch.arange(len(ids), **on),
+    )
+    return engine.model.forward(batch, engine.kv.layers)  # [L, V]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_decode_from_cuda_graphs_equals_eager_decode():
+    # float32, so that the two paths' different batch shapes cannot flip a near-tie of the random model
+    common = dict(random_weights="tiny", kv_memory_gb=0.05, device="cuda", dtype="float32")
+    graphs, eager = LLMEngine(EngineConfig(**common)), LLMEngine(EngineConfig(**common, decode_graphs=False))
+    assert graphs.runner.graphs is not None and eager.runner.graphs is None
+    outputs = [[run(e.complete(p, greedy(16))) for p in PROMPTS] for e in (graphs, eager)]
+    assert outputs[0] == outputs[1]
+    assert graphs.runner.graphs.replays > 0
