@@ -44,9 +44,9 @@ def shape_named(name: str) -> ModelShape:
 
 def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dtype: torch.dtype,
                  seed: int = 0, device: torch.device | str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and a state dict (Hugging Face names) of a random model of the named shape, on device.
-    The values are drawn on the CPU whatever the device, so a GPU engine and a CPU engine of one seed
-    hold the same weights (the GPU path is checked against the CPU path that way)."""
+    """The config and a state dict (Hugging Face names) of a random model of the named shape, drawn
+    on device (a 7B model takes a minute to draw on a CPU, a second on a GPU). One seed gives one
+    model per device type; a CPU copy of a GPU draw is how the GPU path is checked against the CPU's."""
     shape = shape_named(name)
     head_dim = shape.hidden_size // shape.num_heads
     config = ModelConfig(
@@ -55,10 +55,10 @@ def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dty
         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=shape.max_position_embeddings,
         tie_word_embeddings=False, attention_bias=False, eos_token_ids=eos_token_ids,
     )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def weight(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=generator) * INIT_STD).to(device, dtype)  # [out, in]
+        return (torch.randn(rows, cols, generator=generator, device=device) * INIT_STD).to(dtype)  # [out, in]
 
     hidden, kv = shape.hidden_size, shape.num_kv_heads * head_dim
     state = {
