@@ -156,9 +156,11 @@ def cmd_bench(args) -> None:
     from parrot.bench.sharing_harness import run_sharing_bench
     from parrot.bench.soak import SOAK_WORKLOADS
     from parrot.bench.soak_harness import run_soak_bench
+    from parrot.bench.systems import use_engine_flags
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    use_engine_flags(["--device", args.device, *(["--random-weights", "--config", args.random_weights] if args.random_weights else [])])
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
                    **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engines per policy"
                       for name, (c, _) in MIXED_WORKLOADS.items()},
@@ -256,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every built-in engine of the run computes (default cpu)")
+    bench.add_argument("--random-weights", default=None, choices=["llama-7b", "llama-13b", "tiny"], metavar="SHAPE",
+                       help="built-in engines with random weights of this shape (llama-7b, llama-13b) and --model's tokenizer: "
+                            "the paper's model sizes for speed runs (the text is noise; outputs are still compared between systems)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from parrot.bench.systems import ENGINE_FLAGS
+
 
 def machine() -> dict:
     import os
@@ -24,7 +26,8 @@ def machine() -> dict:
 
 def result_header(workload: str, quick: bool, model: str) -> dict:
     """The fields every benchmark result starts with."""
-    return {"workload": workload, "quick": quick, "model": model, "machine": machine(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"workload": workload, "quick": quick, "model": model, "engine_flags": " ".join(ENGINE_FLAGS), "machine": machine(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def save_report(result: dict, out_dir: Path, write_markdown: Callable[[dict, Path], None], plot: Callable[[dict, Path], None]) -> None:

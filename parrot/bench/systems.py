@@ -64,13 +64,22 @@ def _wait_ready(url: str, process: subprocess.Popen, ready, timeout: float, log:
     raise TimeoutError(f"server not ready within {timeout:.0f}s; its log: {log}")
 
 
+# engine flags every `parrot serve` of this benchmark run gets (`parrot bench --device cuda
+# --random-weights llama-7b`); set once by the command line, before any server starts
+ENGINE_FLAGS: list[str] = []
+
+
+def use_engine_flags(flags: list[str]) -> None:
+    ENGINE_FLAGS[:] = flags
+
+
 def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str] | None = None,
                  log_name: str = "parrot-serve.log") -> RunningServer:
     key = secrets.token_urlsafe(16)
     port = free_port()
     log = out_dir / log_name
     process = subprocess.Popen(
-        [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *(policy_args or [])],
+        [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *ENGINE_FLAGS, *(policy_args or [])],
         env={**os.environ, "PARROT_API_KEYS": f"bench={key}"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
