@@ -48,11 +48,12 @@ def engine_config(args):
                         prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
 
 
-def engine_flags(args) -> list[str]:
-    """The engine flags of args again, for the engine processes `parrot serve` starts."""
+def engine_flags(args, engines_per_gpu: int = 1) -> list[str]:
+    """The engine flags of args again, for the engine processes `parrot serve` starts; engines
+    sharing one GPU split --gpu-memory-utilization between them."""
     return [
         "--model", args.model, "--dtype", args.dtype, "--device", args.device,
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization / engines_per_gpu),
         *(["--kv-memory-gb", str(args.kv_memory_gb)] if args.kv_memory_gb is not None else []),
         *(["--threads", str(args.threads)] if args.threads else []),
         *(["--no-cuda-graphs"] if args.no_cuda_graphs else []),

@@ -3,6 +3,8 @@ CPU engine (tests marked gpu, skipped without CUDA)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from parrot.cli import main
 from parrot.engine.attention import AttentionMetadata, CpuPagedAttention, SequenceSlice
 from parrot.engine.device import DeviceMemory, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.loader import DEFAULT_MODEL
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.model_runner import KVCacheTensors
 from parrot.engine.random_weights import random_model
@@ -18,17 +21,25 @@ from parrot.errors import UserError
 from conftest import PROMPTS, greedy, run
 
 GIB = 2**30
+# the GPU machine has no model package: the GPU suite points this at a directory of its tokenizer and config
+TOKENIZER_MODEL = os.environ.get("PARROT_TEST_MODEL", DEFAULT_MODEL)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_the_pool_takes_what_the_gpu_has_left_after_weights_and_activations():
+def test_the_pool_takes_the_engines_share_of_the_gpu_less_weights_and_activations():
     gpu = torch.device("cuda")
-    memory = DeviceMemory(free_bytes=60 * GIB, total_bytes=80 * GIB)  # 20 GiB in use: the weights
-    assert kv_pool_bytes(gpu, None, 0.9, 2 * GIB, memory) == int(80 * GIB * 0.9) - 20 * GIB - 2 * GIB
-    assert kv_pool_bytes(gpu, 3.0, 0.9, 2 * GIB, memory) == 3 * GIB  # an explicit size wins
+    alone = DeviceMemory(free_bytes=59 * GIB, total_bytes=80 * GIB, own_bytes=20 * GIB)  # 20 GiB of weights
+    assert kv_pool_bytes(gpu, None, 0.9, 2 * GIB, alone) == int(80 * GIB * 0.9) - 20 * GIB - 2 * GIB
+    assert kv_pool_bytes(gpu, 3.0, 0.9, 2 * GIB, alone) == 3 * GIB  # an explicit size wins
     assert kv_pool_bytes(torch.device("cpu"), None, 0.9, 2 * GIB) == GIB  # the CPU default
+    # two engines on one GPU with 0.45 each: the second sizes like the first, from its own use
+    first = kv_pool_bytes(gpu, None, 0.45, 2 * GIB, DeviceMemory(59 * GIB, 80 * GIB, 20 * GIB))
+    second = kv_pool_bytes(gpu, None, 0.45, 2 * GIB, DeviceMemory(59 * GIB - 20 * GIB - first, 80 * GIB, 20 * GIB))
+    assert first == second == int(80 * GIB * 0.45) - 22 * GIB
+    # never more than is free, whatever the share says
+    assert kv_pool_bytes(gpu, None, 0.9, 2 * GIB, DeviceMemory(10 * GIB, 80 * GIB, 20 * GIB)) == 8 * GIB
     with pytest.raises(UserError, match="no GPU memory left for the KV cache.*--gpu-memory-utilization"):
-        kv_pool_bytes(gpu, None, 0.25, 2 * GIB, memory)
+        kv_pool_bytes(gpu, None, 0.25, 2 * GIB, alone)
 
 
 def test_activation_reserve_grows_with_the_step_and_the_vocabulary():
@@ -57,7 +68,7 @@ def test_bad_device_settings_are_refused_with_what_to_do(capsys):
 def test_gpu_engine_matches_the_cpu_path_on_a_small_random_model():
     """The GPU engine's weights copied to a CPU model: float32 logits of every prompt position
     within tolerance, and the same greedy token wherever the top two are not a near-tie."""
-    gpu = LLMEngine(EngineConfig(random_weights="tiny", kv_memory_gb=0.05, dtype="float32", device="cuda"))
+    gpu = LLMEngine(EngineConfig(model=TOKENIZER_MODEL, random_weights="tiny", kv_memory_gb=0.05, dtype="float32", device="cuda"))
     config, state = random_model("tiny", gpu.model_config.vocab_size, gpu.model_config.eos_token_ids, torch.float32, device="cuda")
     cpu_model = LlamaModel(config, {k: v.cpu() for k, v in state.items()}, CpuPagedAttention(), torch.float32, small_batch_bf16=False)
     assert torch.equal(cpu_model.embed, gpu.model.embed.cpu())  # the engine drew the same weights
@@ -87,7 +98,7 @@ def _prompt_logits(model: LlamaModel, kv: KVCacheTensors, ids: list[int], device
 @needs_cuda
 def test_gpu_decode_from_cuda_graphs_equals_eager_decode():
     # float32, so that the two paths' different batch shapes cannot flip a near-tie of the random model
-    common = dict(random_weights="tiny", kv_memory_gb=0.05, device="cuda", dtype="float32")
+    common = dict(model=TOKENIZER_MODEL, random_weights="tiny", kv_memory_gb=0.05, device="cuda", dtype="float32")
     graphs, eager = LLMEngine(EngineConfig(**common)), LLMEngine(EngineConfig(**common, decode_graphs=False))
     assert graphs.runner.graphs is not None and eager.runner.graphs is None
     outputs = [[run(e.complete(p, greedy(16))) for p in PROMPTS] for e in (graphs, eager)]

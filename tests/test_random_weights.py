@@ -45,3 +45,12 @@ def test_random_weights_are_refused_without_a_known_shape(capsys) -> None:
         EngineConfig(random_weights="llama-70b")
     assert main(["generate", "hi", "--random-weights"]) == 2
     assert "--random-weights and --config go together" in capsys.readouterr().err
+
+
+def test_a_directory_of_tokenizer_and_config_serves_random_weights_only(tmp_path, model_dir, capsys) -> None:
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_memory_gb=0.05, random_weights="tiny"))
+    assert run(engine.complete("Hello", greedy(3)))
+    assert main(["generate", "hi", "--model", str(tmp_path)]) == 2
+    assert "has no *.safetensors file" in capsys.readouterr().err

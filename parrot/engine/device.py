@@ -39,8 +39,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class DeviceMemory:
-    free_bytes: int
+    free_bytes: int  # free on the device (other processes' use excluded)
     total_bytes: int
+    own_bytes: int  # what this process's allocator holds (the weights, once loaded)
 
 
 def step_activation_bytes(config: ModelConfig, max_tokens_per_step: int, max_seqs_per_step: int, dtype: torch.dtype) -> int:
@@ -70,13 +71,17 @@ def kv_pool_bytes(
     if memory is None:
         torch.cuda.empty_cache()  # blocks the allocator caches (freed load-time copies) count as free
         free, total = torch.cuda.mem_get_info(device)
-        memory = DeviceMemory(free, total)
-    used = memory.total_bytes - memory.free_bytes
-    budget = int(memory.total_bytes * gpu_memory_utilization) - used - activation_bytes
+        memory = DeviceMemory(free, total, torch.cuda.memory_reserved(device))
+    # this engine's share, counted from its own use, so that engines sharing a GPU (each with
+    # its share of the utilization) size alike whichever loads first; never past what is free
+    share = int(memory.total_bytes * gpu_memory_utilization) - memory.own_bytes
+    budget = min(share, memory.free_bytes) - activation_bytes
     if budget <= 0:
+        used = memory.total_bytes - memory.free_bytes
         raise UserError(
             f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB of {memory.total_bytes / 2**30:.1f} GiB are in use "
-            f"after loading the weights and a step needs about {activation_bytes / 2**30:.1f} GiB; raise "
+            f"({memory.own_bytes / 2**30:.1f} GiB by this engine's weights) and a step needs about "
+            f"{activation_bytes / 2**30:.1f} GiB; raise "
             f"--gpu-memory-utilization (now {gpu_memory_utilization}), give --kv-memory-gb, or use a bigger GPU"
         )
     return budget

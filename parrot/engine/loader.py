@@ -86,11 +86,12 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return _converted_dir(path.resolve())
     if path.is_dir():
+        # the weights are looked for when loaded: a directory of config and tokenizer alone serves
+        # --random-weights (how the GPU benchmarks travel without a checkpoint)
         missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).exists()]
-        if missing or not list(path.glob("*.safetensors")):
+        if missing:
             raise ModelNotFoundError(
-                f"{path} is not a model directory: it needs config.json, tokenizer.json and *.safetensors"
-                + (f" (missing {', '.join(missing)})" if missing else " (no .safetensors file)")
+                f"{path} is not a model directory: it needs config.json, tokenizer.json and *.safetensors (missing {', '.join(missing)})"
             )
         return path
     known = ", ".join(sorted(REGISTRY))
@@ -102,8 +103,13 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 
 def load_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(
+            f"{model_dir} has no *.safetensors file: give a directory with the model's weights, or --random-weights for speed runs"
+        )
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
+    for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 tensors[name] = handle.get_tensor(name).to(dtype)

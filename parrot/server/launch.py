@@ -16,6 +16,13 @@ import uvicorn
 log = logging.getLogger(__name__)
 
 
+def gpu_count() -> int:
+    """GPUs this machine's engines may use (CUDA_VISIBLE_DEVICES counts), without starting CUDA here."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -79,12 +86,19 @@ def serve(args) -> None:
             app.state.ray_fleet = asyncio.create_task(fleet.watch(manager))
     port = args.port or free_port(args.host)
     manager_url = f"http://127.0.0.1:{port}" if args.host in ("0.0.0.0", "127.0.0.1", "localhost") else f"http://{args.host}:{port}"
+    # on a GPU machine the engines go round the GPUs (engine i on GPU i mod count); engines
+    # sharing a GPU split its memory
+    gpus = gpu_count() if args.device == "cuda" else 0
+    per_gpu = -(-local_processes // gpus) if gpus else 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else None
+    gpu_ids = (visible or [str(g) for g in range(gpus)])[:gpus]
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--name", f"engine-{i}",
-             "--parent-pid", str(os.getpid()), *engine_flags(args)],
+             "--parent-pid", str(os.getpid()), *engine_flags(args, engines_per_gpu=per_gpu)],
             # OMP_NUM_THREADS too: torch.set_num_threads alone does not hold in the engine's step thread
-            env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})},
+            env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+                 **({"CUDA_VISIBLE_DEVICES": gpu_ids[i % gpus]} if gpus else {})},
         )
         for i in range(local_processes)
     ]
