@@ -110,8 +110,8 @@ class RayEngineFleet:
         threads = config.threads or 1
         actor_class = ray.remote(EngineReplica).options(
             # a replica that dies is started again (it loads the model anew); its calls are re-run elsewhere.
-            # CPU replicas: the built-in engine has no CUDA path yet, so a GPU would sit idle
-            max_restarts=-1, max_task_retries=0, num_cpus=threads,
+            # --device cuda: one GPU per replica (Ray sets CUDA_VISIBLE_DEVICES in the actor)
+            max_restarts=-1, max_task_retries=0, num_cpus=threads, num_gpus=1 if config.device == "cuda" else 0,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         )
         replicas = [RayEngineBackend(f"ray-{i}", config.model, actor_class.remote(f"ray-{i}", config)) for i in range(count)]
