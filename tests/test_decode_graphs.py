@@ -23,14 +23,27 @@ def static_engine() -> LLMEngine:
                                   decode_graphs=True, max_seqs_per_step=4))
 
 
+@pytest.fixture(scope="module")
+def split_engine(static_engine) -> LLMEngine:
+    """The same, each sequence's KV read as 3 block-aligned chunks merged by log-sum-exp (as small
+    buckets do on a GPU), chunks past a short sequence's end empty."""
+    engine = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+                                    decode_graphs=True, max_seqs_per_step=4))
+    graphs = engine.runner.graphs
+    engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, graphs.scratch_block, 4, graphs.min_shared_tokens, splits=3)
+    return engine
+
+
 async def _all(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     runs = [fill_and_generate(engine, f"c{i}", ids, greedy(max_tokens)) for i, ids in enumerate(prompts)]
     return [token_ids(tokens) for tokens in await asyncio.gather(*runs)]
 
 
 @pytest.mark.parametrize("count", [1, 3, 5])
-def test_static_decode_gives_the_eager_engines_tokens(engine, static_engine, tokenizer, count):
+@pytest.mark.parametrize("variant", ["static_engine", "split_engine"])
+def test_static_decode_gives_the_eager_engines_tokens(engine, variant, tokenizer, count, request):
     # 3 rows run in the 4-row bucket with a padding row; 5 rows exceed the largest bucket: eager steps
+    static_engine = request.getfixturevalue(variant)
     prompts = [tokenizer.encode(p) for p in PROMPTS[:count]]
     replays_before = static_engine.runner.graphs.replays
     expected = run(_all(engine, prompts, 12))
@@ -82,7 +95,8 @@ def test_the_gpu_engines_attention_and_graphs_together_on_the_cpu(engine, tokeni
     gpu_like = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
                                       decode_graphs=True, max_seqs_per_step=4))
     gpu_like.model.attention = TritonSharedPrefixAttention(min_shared_tokens=16, chunk_tokens=32)
-    gpu_like.runner.graphs.min_shared_tokens = 16  # steps of forks sharing a block run eagerly, grouped
+    # steps of forks sharing a block run eagerly, grouped; static steps read each KV as 2 chunks
+    gpu_like.runner.graphs = DecodeGraphs(gpu_like.model, gpu_like.kv, gpu_like.runner.graphs.scratch_block, 4, 16, splits=2)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     assert run(_all(gpu_like, prompts, 10)) == run(_all(engine, prompts, 10))
 

@@ -42,7 +42,7 @@ class WorkItems:
     q_start: torch.Tensor  # [I] int32
     q_count: torch.Tensor  # [I] int32
     tables: torch.Tensor  # [I, W] int32 block ids; the item's tokens are the first lengths[i] of these blocks
-    lengths: torch.Tensor  # [I] int32 tokens (>= 1)
+    lengths: torch.Tensor  # [I] int32 tokens; 0: an empty part (output 0, log-sum-exp -inf: weight 0 in a merge)
     max_q: int  # most query rows of one item (sizes the launch grid)
 
 
@@ -91,8 +91,6 @@ def run_items_torch(
     outs, lses = [], []
     for i in range(items.q_start.numel()):
         start, count, n = int(items.q_start[i]), int(items.q_count[i]), int(items.lengths[i])
-        if count == 0:  # a padding item (static decode batches)
-            continue
         rows = items.q_rows[start : start + count].long()
         blocks = items.tables[i, : -(-n // bs)].long()
         keys = k_cache[:, blocks].reshape(hkv, -1, d)[:, :n]  # [Hkv, n, D]
@@ -161,7 +159,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty item: 0, and its lse below is -inf
         tl.store(Out + part_row[:, None] * stride_ob + head[:, None] * stride_oh + d[None, :], out, mask=valid_r[:, None])
         tl.store(Lse + part_row * stride_lb + head, m_i + tl.log(l_i), mask=valid_r)
 
