@@ -61,6 +61,8 @@ def test_bad_device_settings_are_refused_with_what_to_do(capsys):
             resolve_device("cuda")
         assert main(["generate", "hi", "--device", "cuda"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+        assert main(["serve", "--device", "cuda", "--engines", "1"]) == 2  # refused before any engine process starts
+        assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -47,6 +47,10 @@ def serve(args) -> None:
                         "a simulated engine (--engine sim:PRESET) takes its settings from its preset")
     # the engine flags are checked here, once, not in each engine process
     engine_settings = None if args.engine.startswith("sim:") else engine_config(args)
+    if engine_settings is not None and args.engines and not args.ray:
+        from parrot.engine.device import resolve_device
+
+        resolve_device(engine_settings.device)  # engines on this machine: refuse --device cuda here, not in each of them
     engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
     keys = KeyStore.load(args.api_keys, engine_key=engine_key)
     if keys.empty:
