@@ -106,3 +106,15 @@ def test_gpu_decode_from_cuda_graphs_equals_eager_decode():
     outputs = [[run(e.complete(p, greedy(16))) for p in PROMPTS] for e in (graphs, eager)]
     assert outputs[0] == outputs[1]
     assert graphs.runner.graphs.replays > 0
+
+
+def test_serve_hands_engines_their_flags_and_a_split_of_the_gpu():
+    from parrot.cli import build_parser, engine_config, engine_flags
+
+    args = build_parser().parse_args(["serve", "--device", "cuda", "--gpu-memory-utilization", "0.8", "--no-cuda-graphs",
+                                      "--random-weights", "--config", "tiny"])
+    flags = engine_flags(args, engines_per_gpu=2)
+    engine_args = build_parser().parse_args(["engine", "--manager", "http://m", *flags])
+    config = engine_config(engine_args)
+    assert (config.device, config.gpu_memory_utilization, config.decode_graphs, config.random_weights) == ("cuda", 0.4, False, "tiny")
+    assert config.kv_memory_gb is None  # sized from the GPU unless given

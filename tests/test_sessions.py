@@ -87,6 +87,15 @@ def test_sessions_per_tenant_are_bounded_and_other_tenants_are_not_affected() ->
     manager.create_session("alice")  # room again
 
 
+def test_an_expired_session_makes_room_for_its_tenant() -> None:
+    manager = Manager([SimulatedEngineBackend("sim")], limits=SessionLimits(max_sessions_per_tenant=1, idle_timeout_s=60))
+    first = manager.create_session("alice")
+    with pytest.raises(LimitExceededError):
+        manager.create_session("alice")
+    assert manager.expire_idle_sessions(time.monotonic() + 120) == [first]
+    manager.create_session("alice")
+
+
 def test_calls_and_variables_per_session_are_bounded() -> None:
     manager = Manager([SimulatedEngineBackend("sim")], limits=SessionLimits(max_calls_per_session=1, max_variables_per_session=3))
     session = manager.create_session()

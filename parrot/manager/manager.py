@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -97,6 +98,9 @@ def _waiting(session: Session):
 class Manager:
     def __init__(self, engines: list[EngineBackend], policy: SchedulingPolicy | None = None, limits: SessionLimits | None = None):
         self.sessions: dict[str, Session] = {}
+        # open sessions per tenant, kept in step by create_session and _close (the only places
+        # sessions come and go): the limit check is O(1) for every OpenAI request
+        self._tenant_sessions: Counter[str] = Counter()
         self.limits = limits or SessionLimits()
         self.expired_sessions = 0
         self.executor = Executor(engines, on_dispatch=self._record_dispatch, policy=policy)
@@ -105,12 +109,13 @@ class Manager:
     # ---- sessions ----------------------------------------------------------
 
     def create_session(self, tenant: str = "local") -> str:
-        held = sum(1 for s in self.sessions.values() if s.tenant == tenant)
+        held = self._tenant_sessions[tenant]
         if held >= self.limits.max_sessions_per_tenant:
             raise LimitExceededError(f"tenant {tenant!r} has {held} open sessions, the most allowed; close some "
                                      f"(DELETE /api/v1/sessions/ID) or wait for idle ones to expire")
         session_id = "s-" + secrets.token_hex(8)
         self.sessions[session_id] = Session(session_id, tenant, SVGraph(session_id))
+        self._tenant_sessions[tenant] += 1
         return session_id
 
     def session(self, session_id: str, tenant: str = "local") -> Session:
@@ -127,6 +132,9 @@ class Manager:
     def _close(self, session: Session, reason: str) -> None:
         """Forgets the session; its unfinished calls stop and free what they hold on engines."""
         del self.sessions[session.session_id]
+        self._tenant_sessions[session.tenant] -= 1
+        if not self._tenant_sessions[session.tenant]:
+            del self._tenant_sessions[session.tenant]
         unfinished = [c for c in session.graph.calls.values() if c.state not in (CallState.DONE, CallState.FAILED)]
         if unfinished:
             self.executor.cancel(unfinished, f"the call was stopped: {reason}")
