@@ -18,7 +18,6 @@ from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import UserError
 from parrot.errors import NotFoundError
 from parrot.manager.manager import Manager
-from parrot.manager.spec import Perf
 from parrot.protocol.openai_api import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
@@ -27,6 +26,11 @@ from parrot.server.auth import KeyStore
 from parrot.server.common import require
 
 DEFAULT_MAX_TOKENS = 256
+# A plain OpenAI request says nothing of its app, so it declares no objective: it runs at the
+# engines' normal class, as request-level serving runs everything. Latency-critical treatment
+# (small steps beside other work, placement on lightly loaded engines) is for what an app
+# declares with get(perf=LATENCY); if every request claimed it, none would get it.
+OPENAI_OBJECTIVE = None
 
 
 def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str, tokenizer) -> None:
@@ -47,7 +51,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             raise
         if not stream:
             try:
-                text = await manager.get_variable(session, var_id, Perf.LATENCY, tenant)
+                text = await manager.get_variable(session, var_id, OPENAI_OBJECTIVE, tenant)
                 var = manager.sessions[session].graph.variable(var_id)
                 return text, var.finish_reason or "stop", var.num_tokens
             finally:
@@ -55,7 +59,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
 
         async def events():
             try:
-                async for delta in manager.stream_variable(session, var_id, Perf.LATENCY, tenant):
+                async for delta in manager.stream_variable(session, var_id, OPENAI_OBJECTIVE, tenant):
                     if delta:
                         yield render(delta, None)
                 var = manager.sessions[session].graph.variable(var_id)
