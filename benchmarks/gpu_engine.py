@@ -37,7 +37,8 @@ from gpu_attention import copy_gbps  # noqa: E402
 
 from parrot.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from parrot.engine.loader import DEFAULT_MODEL, load_config, resolve_model_dir  # noqa: E402
-from parrot.engine.random_weights import SHAPES  # noqa: E402
+from parrot.engine.model_runner import KVCacheTensors  # noqa: E402
+from parrot.engine.random_weights import SHAPES, shape_config  # noqa: E402
 from parrot.engine.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -54,8 +55,7 @@ def _sync(device: torch.device) -> None:
 
 
 def kv_bytes_per_token(shape_name: str, dtype: torch.dtype) -> int:
-    s = SHAPES[shape_name]
-    return 2 * torch.tensor([], dtype=dtype).element_size() * s.num_layers * s.num_kv_heads * (s.hidden_size // s.num_heads)
+    return KVCacheTensors.bytes_per_block(shape_config(shape_name, vocab_size=1), 1, dtype)
 
 
 def run_parrot(args, pool: PromptPool, device: torch.device, dtype: torch.dtype) -> Rates:
@@ -77,10 +77,10 @@ def run_parrot(args, pool: PromptPool, device: torch.device, dtype: torch.dtype)
 def run_transformers(args, pool: PromptPool, device: torch.device, dtype: torch.dtype, vocab: int) -> Rates:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = SHAPES[args.config]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                         num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
-                         max_position_embeddings=shape.max_position_embeddings, attn_implementation="sdpa")
+    c = shape_config(args.config, vocab)  # the shape our engine runs, in transformers' names
+    config = LlamaConfig(vocab_size=vocab, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                         max_position_embeddings=c.max_position_embeddings, attn_implementation="sdpa")
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
     rates = Rates("transformers")
@@ -91,7 +91,6 @@ def run_transformers(args, pool: PromptPool, device: torch.device, dtype: torch.
         return model(torch.tensor(ids, device=device), use_cache=True, logits_to_keep=1)
 
     with torch.inference_mode():
-
         prefill(pool.take(1))  # warm-up
         times = []
         for prompt in pool.take(3):
@@ -118,9 +117,10 @@ def run_transformers(args, pool: PromptPool, device: torch.device, dtype: torch.
 
 def roofline(args, vocab: int, dtype: torch.dtype, copy_rate_gbps: float) -> Rates:
     """Decode tok/s if a step only read the weights and the batch's KV once at the copy rate."""
-    s = SHAPES[args.config]
+    c = shape_config(args.config, vocab)
     element = torch.tensor([], dtype=dtype).element_size()
-    weights = element * (s.num_layers * (4 * s.hidden_size**2 + 3 * s.hidden_size * s.intermediate_size) + 2 * vocab * s.hidden_size)
+    attention = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
+    weights = element * (c.num_layers * (attention + 3 * c.hidden_size * c.intermediate_size) + 2 * vocab * c.hidden_size)
     kv_per_token = kv_bytes_per_token(args.config, dtype)
     context = args.prompt_len + args.output_len // 2
     rates = Rates("roofline")

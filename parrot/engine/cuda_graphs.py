@@ -23,7 +23,7 @@ import torch
 from parrot.engine.attention import AttentionBackend, AttentionMetadata, write_kv
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.model_runner import KVCacheTensors
-from parrot.engine.prefix_plan import plan_prefix_groups
+from parrot.engine.prefix_plan import min_shared_blocks, plan_prefix_groups
 from parrot.engine.shared_prefix_attention import merge_partials
 from parrot.engine.triton_attention import WorkItems, run_items
 
@@ -95,7 +95,7 @@ class DecodeGraphs:
         if self.min_shared_tokens is None:
             return True
         bs = self.kv.block_size
-        return not plan_prefix_groups(tables, lengths, max(1, -(-self.min_shared_tokens // bs)), bs).segments
+        return not plan_prefix_groups(tables, lengths, min_shared_blocks(self.min_shared_tokens, bs), bs).segments
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
             lengths: list[int]) -> torch.Tensor:

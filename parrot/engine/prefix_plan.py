@@ -56,6 +56,11 @@ class PrefixPlan:
         return [i for i, s in enumerate(self.sequences) if not s.segments]
 
 
+def min_shared_blocks(min_shared_tokens: int, block_size: int) -> int:
+    """The fewest whole blocks a group must share for a threshold given in tokens (at least 1)."""
+    return max(1, -(-min_shared_tokens // block_size))
+
+
 def plan_prefix_groups(
     block_tables: Sequence[Sequence[int]], context_lens: Sequence[int], min_shared_blocks: int, block_size: int
 ) -> PrefixPlan:

@@ -42,31 +42,36 @@ def shape_named(name: str) -> ModelShape:
     return SHAPES[name]
 
 
+def shape_config(name: str, vocab_size: int, eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
+    """The model config of the named shape (LLaMA's layout: untied embeddings, no biases)."""
+    shape = shape_named(name)
+    return ModelConfig(
+        model_type="llama", vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.hidden_size // shape.num_heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=shape.max_position_embeddings, tie_word_embeddings=False, attention_bias=False,
+        eos_token_ids=eos_token_ids,
+    )
+
+
 def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dtype: torch.dtype,
                  seed: int = 0, device: torch.device | str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and a state dict (Hugging Face names) of a random model of the named shape, drawn
     on device (a 7B model takes a minute to draw on a CPU, a second on a GPU). One seed gives one
     model per device type; a CPU copy of a GPU draw is how the GPU path is checked against the CPU's."""
-    shape = shape_named(name)
-    head_dim = shape.hidden_size // shape.num_heads
-    config = ModelConfig(
-        model_type="llama", vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=head_dim,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=False, attention_bias=False, eos_token_ids=eos_token_ids,
-    )
+    config = shape_config(name, vocab_size, eos_token_ids)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def weight(rows: int, cols: int) -> torch.Tensor:
         return (torch.randn(rows, cols, generator=generator, device=device) * INIT_STD).to(dtype)  # [out, in]
 
-    hidden, kv = shape.hidden_size, shape.num_kv_heads * head_dim
+    hidden, kv, inter = config.hidden_size, config.num_kv_heads * config.head_dim, config.intermediate_size
     state = {
         "model.embed_tokens.weight": weight(vocab_size, hidden),
         "lm_head.weight": weight(vocab_size, hidden),
         "model.norm.weight": torch.ones(hidden, dtype=dtype, device=device),
     }
-    for i in range(shape.num_layers):
+    for i in range(config.num_layers):
         p = f"model.layers.{i}."
         state |= {
             p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype, device=device),
@@ -75,8 +80,8 @@ def random_model(name: str, vocab_size: int, eos_token_ids: tuple[int, ...], dty
             p + "self_attn.k_proj.weight": weight(kv, hidden),
             p + "self_attn.v_proj.weight": weight(kv, hidden),
             p + "self_attn.o_proj.weight": weight(hidden, hidden),
-            p + "mlp.gate_proj.weight": weight(shape.intermediate_size, hidden),
-            p + "mlp.up_proj.weight": weight(shape.intermediate_size, hidden),
-            p + "mlp.down_proj.weight": weight(hidden, shape.intermediate_size),
+            p + "mlp.gate_proj.weight": weight(inter, hidden),
+            p + "mlp.up_proj.weight": weight(inter, hidden),
+            p + "mlp.down_proj.weight": weight(hidden, inter),
         }
     return config, state

@@ -26,7 +26,7 @@ from parrot.engine.attention import (
     gather_kv,
     write_kv,
 )
-from parrot.engine.prefix_plan import PrefixPlan, plan_prefix_groups
+from parrot.engine.prefix_plan import PrefixPlan, min_shared_blocks, plan_prefix_groups
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class SharedPrefixCpuAttention(AttentionBackend):
         self.plain = plain if plain is not None else CpuPagedAttention()
 
     def min_shared_blocks(self, block_size: int) -> int:
-        return max(1, -(-self.min_shared_tokens // block_size))
+        return min_shared_blocks(self.min_shared_tokens, block_size)
 
     def forward(self, q, k, v, k_cache, v_cache, meta):
         step = meta.scratch.get(self._KEY)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from parrot.engine.attention import AttentionBackend, AttentionMetadata, write_kv
-from parrot.engine.prefix_plan import PrefixPlan, plan_prefix_groups
+from parrot.engine.prefix_plan import PrefixPlan, min_shared_blocks, plan_prefix_groups
 from parrot.engine.shared_prefix_attention import PartialAttention, SubBatch, merge_partials, sub_batch
 
 try:
@@ -239,8 +239,7 @@ class TritonSharedPrefixAttention(AttentionBackend):
     def _prepare(self, meta: AttentionMetadata, block_size: int, device) -> _Step:
         decode = [meta.sequences[i] for i in meta.decode_rows]
         tables = [s.block_table for s in decode]
-        min_blocks = max(1, -(-self.min_shared_tokens // block_size))
-        plan = plan_prefix_groups(tables, [s.context_len for s in decode], min_blocks, block_size)
+        plan = plan_prefix_groups(tables, [s.context_len for s in decode], min_shared_blocks(self.min_shared_tokens, block_size), block_size)
         shared, own = plan_items(plan, tables, max(1, self.chunk_tokens // block_size), device)
         rows = torch.tensor([s.query_start for s in decode], dtype=torch.int64, device=device)
         prefill = prefill_sub = None

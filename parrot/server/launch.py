@@ -94,8 +94,8 @@ def serve(args) -> None:
     # sharing a GPU split its memory
     gpus = gpu_count() if args.device == "cuda" else 0
     per_gpu = -(-local_processes // gpus) if gpus else 1
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else None
-    gpu_ids = (visible or [str(g) for g in range(gpus)])[:gpus]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # already narrowed: engine i takes the i-th of those
+    gpu_ids = (visible.split(",") if visible else [str(g) for g in range(gpus)])[:gpus]
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--name", f"engine-{i}",
