@@ -165,7 +165,8 @@ def cmd_bench(args) -> None:
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
                    **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engines per policy"
                       for name, (c, _) in MIXED_WORKLOADS.items()},
-                   **dict.fromkeys(MULTI_AGENT_WORKLOADS, "one built-in engine per policy"), **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
+                   **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine per policy"
+                      for name, (c, _) in MULTI_AGENT_WORKLOADS.items()}, **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats and --rtt-ms")
     if args.workload in SOAK_WORKLOADS:
@@ -243,13 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
     bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "mixed-sim",
-                                            "multi-agent", "soak"],
+                                            "multi-agent", "multi-agent-sim", "soak"],
                        help="app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce) compare parrot with request-level "
                             "serving; prefix-sharing workloads (shared-prompt, gpts) compare parrot, parrot without sharing and "
                             "prefix caching alone, each on its own server; mixed (chats beside map-reduce jobs; mixed-sim: the same at the "
                             "paper's scale on simulated A100 engines) compares the "
                             "scheduling policies parrot, latency-centric and throughput-centric; so does multi-agent (the "
-                            "snake-game coding team); soak runs many clients' mixed apps for minutes on two engines and "
+                            "snake-game coding team; multi-agent-sim: the paper's prompt lengths on a simulated A100); soak runs many clients' mixed apps for minutes on two engines and "
                             "reports errors, latency and what the server holds before and after (nothing may leak)")
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")

@@ -45,3 +45,16 @@ def test_quick_mixed_run_on_simulated_engines_is_labelled_simulated(tmp_path):
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
     assert all(text.strip() for r in result["results"] for text in r["chat_outputs"] + r["map_reduce_outputs"])
     assert "SIMULATED" in (tmp_path / "mixed-sim.md").read_text()
+
+
+def test_quick_multi_agent_on_a_simulated_engine_is_labelled_and_holds_shared_prefixes_once(tmp_path):
+    from parrot.bench.multi_agent_harness import run_multi_agent_bench
+
+    run_multi_agent_bench("multi-agent-sim", True, tmp_path, "smollm2-135m", Console(quiet=True))
+    result = json.loads((tmp_path / "multi-agent-sim.json").read_text())
+    assert "SIMULATED" in (tmp_path / "multi-agent-sim.md").read_text()
+    rows = {row["policy"]: row for row in result["rows"]}
+    assert all(row["program"].strip() for row in rows.values())
+    # parrot forks every role from one prefilled copy of the guidelines and the design; the
+    # baselines' simulated engine (no static prefix hints) holds a copy per call
+    assert 0 < rows["parrot"]["peak_batch_blocks"] < rows["throughput-centric"]["peak_batch_blocks"]

@@ -181,3 +181,36 @@ def test_a_task_group_goes_whole_to_one_engine_only_where_it_fits(capacity, engi
         assert reduced.get(perf=P.LATENCY).strip()
         engines_used = {engine_of(backends, part, runtime) for part in parts}
     assert len(engines_used) == engines_for_the_group
+
+
+def test_a_task_group_spreads_over_idle_engines_but_one_which_stays_free_for_latency_work():
+    def program(runtime, backends):
+        parts, reduced = map_reduce("doc")
+        worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
+        worker.start()
+        while sum(1 for b in backends if b.running) < 3:
+            time.sleep(0.005)
+        answer = chat(P.variable("question", "hello?"))
+        answer.get(perf=P.LATENCY)
+        worker.join()
+        return engine_of(backends, answer, runtime), [engine_of(backends, p, runtime) for p in parts]
+
+    backends, (chat_engine, map_engines) = run_with("parrot", 4, program)
+    assert sorted(map_engines.count(b.name) for b in backends) == [0, 2, 2, 2]
+    assert chat_engine not in map_engines
+
+
+def test_a_second_task_group_arriving_at_busy_engines_stays_on_one():
+    def program(runtime, backends):
+        first_parts, first = map_reduce("first")
+        worker = threading.Thread(target=first.get, kwargs={"perf": P.LATENCY})
+        worker.start()
+        while sum(1 for b in backends if b.running) < 3:
+            time.sleep(0.005)
+        second_parts, second = map_reduce("second")
+        second.get(perf=P.LATENCY)
+        worker.join()
+        return {engine_of(backends, p, runtime) for p in second_parts}
+
+    _, engines_used = run_with("parrot", 4, program)
+    assert len(engines_used) == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from parrot.bench.mixed_harness import run_per_policy
-from parrot.bench.multi_agent import MULTI_AGENT_POLICIES, quick_or_full, run_multi_agent
+from parrot.bench.multi_agent import quick_or_full, run_multi_agent
 from parrot.bench.report import markdown_table, print_rows, result_header, save_report
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -18,14 +18,16 @@ def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str,
     config = quick_or_full(workload, quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
-    results = run_per_policy(workload, MULTI_AGENT_POLICIES, config.engines, out_dir, model, console,
+    policy_flags = config.policy_flags()
+    results = run_per_policy(workload, policy_flags, config.engines, out_dir, model, console,
                              lambda policy, server: run_multi_agent(config, policy, server, tokenizer))
     parrot = {run.programmers: run.latency_s for r in results if r.policy == "parrot" for run in r.runs}
     rows = [{**asdict(run), "policy": r.policy, "slower_than_parrot": run.latency_s / parrot[run.programmers]}
             for r in results for run in r.runs]
-    result = {**result_header(workload, quick, model), "config": asdict(config), "policy_flags": MULTI_AGENT_POLICIES, "rows": rows}
+    result = {**result_header(workload, quick, model), "config": asdict(config), "policy_flags": policy_flags, "rows": rows}
     save_report(result, out_dir, write_multi_agent_markdown, plot_multi_agent)
-    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {model})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
+    engines = f"{config.engines} SIMULATED {config.engine} engine" if config.engine.startswith("sim:") else f"{model}, {config.engines} engine"
+    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {engines})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
     console.print(multi_agent_summary(result))
     return result
 
@@ -43,14 +45,17 @@ def write_multi_agent_markdown(result: dict, path: Path) -> None:
     lines = [
         f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
         "",
-        f"Model {result['model']} on {c['engines']} engine, one server per policy (serve flags: "
+        (f"**SIMULATED** {c['engine']} engine ({c['engines']}: cost-model steps and KV capacity, the real manager and policies; "
+         "without static prefix hints a simulated engine shares no prefix), one server per policy (serve flags: "
+         if c["engine"].startswith("sim:") else f"Model {result['model']} on {c['engines']} engine, one server per policy (serve flags: ")
         + "; ".join(f"{p} `{' '.join(f) or 'defaults'}`" for p, f in result["policy_flags"].items())
         + f"). Team guidelines {c['guidelines_tokens']} tokens (every role's constant prefix); outputs: design {c['design_tokens']}, "
         f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. Paper: {c['paper'] or '-'}.",
         "",
         *markdown_table(MULTI_AGENT_COLUMNS, multi_agent_rows(result)),
     ]
-    lines += ["", "Peak batch KV blocks: the most distinct KV blocks one forward step's batch read, cumulative over the server's run."]
+    lines += ["", "Peak batch KV blocks: the most distinct KV blocks one forward step's batch read (on a simulated engine: the most "
+              "KV held at once, in 16-token blocks), cumulative over the server's run."]
     path.write_text("\n".join(lines) + "\n")
 
 

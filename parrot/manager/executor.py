@@ -109,9 +109,11 @@ class Executor:
         if engine is not None:
             self.engines.remove(engine)
             self.prefixes.forget_engine(name)
-            groups = self.view.group_engine
-            for group in [g for g, e in groups.items() if e == name]:
-                del groups[group]
+            groups = self.view.group_engines
+            for group in [g for g, names in groups.items() if name in names]:
+                groups[group] = [n for n in groups[group] if n != name]
+                if not groups[group]:
+                    del groups[group]
             for running in self._running.values():
                 if running.engine is engine:
                     running.engine_lost = True
@@ -154,7 +156,7 @@ class Executor:
             self._held.append(call)
             return
         self.prefixes.record(engine.name, demand.prompt_hashes)
-        self.view.group_engine.pop(call.call_id, None)  # a consumer that starts ends the task group it named
+        self.view.group_engines.pop(call.call_id, None)  # a consumer that starts ends the task group it named
         self._tokens[call.call_id] = demand.tokens
         call.engine = engine.name
         call.state = CallState.RUNNING

@@ -65,7 +65,7 @@ class ClusterView:
     engines: Sequence[EngineBackend]
     load: dict[str, EngineLoad]
     prefixes: PrefixIndex
-    group_engine: dict[str, str] = field(default_factory=dict)  # task group -> engine it runs on
+    group_engines: dict[str, list[str]] = field(default_factory=dict)  # task group -> the engines it runs on
 
 
 class SchedulingPolicy(ABC):
@@ -102,8 +102,9 @@ class ParrotPolicy(SchedulingPolicy):
 
     def place(self, call, demand, view):
         by_name = {e.name: e for e in view.engines}
-        if call.task_group is not None and view.group_engine.get(call.task_group) in by_name:
-            return by_name[view.group_engine[call.task_group]]
+        group_engines = [by_name[n] for n in view.group_engines.get(call.task_group or "", []) if n in by_name]
+        if group_engines:
+            return _least_loaded(group_engines, view)
         # capacity in KV tokens (less the prefix an engine already holds, which forks share):
         # a task group goes whole to an engine where the whole group fits
         granules, holders = view.prefixes.longest_match(demand.prompt_hashes)
@@ -128,8 +129,10 @@ class ParrotPolicy(SchedulingPolicy):
             best_holder = _least_loaded(holding, view)
             if view.load[best_holder.name].calls <= view.load[engine.name].calls + AFFINITY_SLACK:
                 engine = best_holder
-        if call.task_group is not None and fits(engine, view, new_tokens(engine, demand.group_size)):
-            view.group_engine[call.task_group] = engine.name  # its siblings follow it
+        if call.task_group is not None:
+            spread = _idle_engines_for_group(engine, candidates, view, demand.group_size, new_tokens)
+            if spread or fits(engine, view, new_tokens(engine, demand.group_size)):
+                view.group_engines[call.task_group] = [e.name for e in spread] or [engine.name]  # its siblings follow
         return engine
 
     def priority(self, call):
@@ -138,6 +141,21 @@ class ParrotPolicy(SchedulingPolicy):
     def order(self, held):
         # App-FIFO: later stages of apps in flight first, then arrival
         return sorted(held, key=lambda c: (c.objective is not Objective.LATENCY, -c.depth, c.arrival))
+
+
+def _idle_engines_for_group(first: EngineBackend, candidates: list[EngineBackend], view: ClusterView, group_size: int,
+                            new_tokens) -> list[EngineBackend]:
+    """The idle engines a task group spreads over, `first` among them; empty: keep it on one engine.
+
+    A group's completion time is what matters, and its prefill is compute-bound, so engines
+    with nothing to do share it. One idle engine is kept out of it, free for latency-critical
+    calls that may come, so a group spreads only where at least three engines are idle."""
+    idle = [e for e in candidates if view.load[e.name].calls == 0]
+    if first not in idle or len(idle) < 3:
+        return []
+    spread = [first, *[e for e in idle if e is not first][: len(idle) - 2]]
+    share = -(-group_size // len(spread))
+    return spread if all(fits(e, view, new_tokens(e, share)) for e in spread) else []
 
 
 class FifoPolicy(SchedulingPolicy):

@@ -133,7 +133,11 @@ class SimulatedEngineBackend(EngineBackend):
         tree, counts = self.tree, self.core.counts
         total = (tree.capacity or 0) // STATS_BLOCK_SIZE
         free = (tree.capacity - tree.kv_used) // STATS_BLOCK_SIZE if tree.capacity is not None else 0
-        return BackendStats(self.name, self.model, self._active, len(tree.live), total, free, counts.prefill + counts.decode)
+        # every live context's KV is read by the steps of the call that holds it, so the most KV
+        # held at once stands for the built-in engine's "most KV blocks one step's batch read"
+        peak = math.ceil(tree.kv_peak / STATS_BLOCK_SIZE)
+        return BackendStats(self.name, self.model, self._active, len(tree.live), total, free, counts.prefill + counts.decode,
+                            peak_batch_blocks=peak)
 
     def sim_stats(self) -> SimulatedStats:
         return self.core.stats()
