@@ -37,7 +37,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py --quick
 
 # every paper workload at full size, one after another (run on a quiet machine: about two hours here)
-APP_WORKLOADS = chain-summary chain-summary-bg multi-chain map-reduce shared-prompt gpts mixed mixed-sim multi-agent
+APP_WORKLOADS = chain-summary chain-summary-bg multi-chain map-reduce shared-prompt gpts mixed mixed-sim multi-agent multi-agent-sim
 bench-apps: $(STAMP)
 	for workload in $(APP_WORKLOADS); do $(PY) -m parrot.cli bench $$workload --out benchmarks/results || exit 1; done
 

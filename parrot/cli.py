@@ -167,8 +167,12 @@ def cmd_bench(args) -> None:
                       for name, (c, _) in MIXED_WORKLOADS.items()},
                    **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine per policy"
                       for name, (c, _) in MULTI_AGENT_WORKLOADS.items()}, **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
-    if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None):
-        raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats and --rtt-ms")
+    if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None
+                                         or args.background_rate is not None):
+        raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
+                        "--rtt-ms and --background-rate")
+    if args.background_rate is not None and args.background_rate < 0:
+        raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
     if args.workload in SOAK_WORKLOADS:
         run_soak_bench(args.workload, args.quick, Path(args.out), args.model, Console())
         return
@@ -183,7 +187,7 @@ def cmd_bench(args) -> None:
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
-              engine=args.engine, engines=args.engines)
+              engine=args.engine, engines=args.engines, background_rate=args.background_rate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--rtt-ms", type=float, default=None, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
     bench.add_argument("--peers", action="store_true", help="include vLLM when installed (bash benchmarks/setup_vllm.sh)")
+    bench.add_argument("--background-rate", type=float, default=None, metavar="REQ_PER_S",
+                       help="background requests per second (Poisson, plain completions of one chunk) beside the apps: "
+                            "chain-summary-bg's is 0.5 at full size; the paper's Fig. 12a used 1 to 3.5")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")

@@ -88,7 +88,9 @@ def test_quick_run_compares_every_system(workload, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["bench", "gpts", "--rtt-ms", "100"], "drop --engine, --engines, --repeats and --rtt-ms"),
+    (["bench", "gpts", "--rtt-ms", "100"], "drop --engine, --engines, --repeats, --rtt-ms and --background-rate"),
+    (["bench", "multi-agent-sim", "--background-rate", "1"], "1 simulated sim:a100-13b engine per policy"),
+    (["bench", "chain-summary-bg", "--background-rate", "-1"], "--background-rate is requests per second"),
     (["bench", "mixed", "--engines", "2"], "2 built-in engines per policy"),
     (["bench", "mixed-sim", "--engines", "8"], "4 simulated sim:a100-7b engines per policy"),
     (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),

@@ -74,6 +74,16 @@ def run_with(policy: str, engines: int, program):
     return backends, result
 
 
+def start_map_reduce(backends: list[CountingBackend], tag: str, engines_running: int) -> tuple[list[P.SemanticVariable], threading.Thread]:
+    """Gets a map-reduce in a thread; returns once that many engines run its maps."""
+    parts, reduced = map_reduce(tag)
+    worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
+    worker.start()
+    while sum(1 for b in backends if b.running) < engines_running:
+        time.sleep(0.005)
+    return parts, worker
+
+
 @pytest.mark.parametrize("policy", ["parrot", "fifo"])
 def test_parrot_keeps_a_task_group_on_one_engine_while_fifo_spreads_it(policy):
     def program(runtime, backends):
@@ -87,11 +97,7 @@ def test_parrot_keeps_a_task_group_on_one_engine_while_fifo_spreads_it(policy):
 
 def test_parrot_sends_latency_work_to_the_engine_without_throughput_work():
     def program(runtime, backends):
-        parts, reduced = map_reduce("doc")
-        worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
-        worker.start()
-        while not any(b.running for b in backends):
-            time.sleep(0.005)
+        parts, worker = start_map_reduce(backends, "doc", engines_running=1)
         answer = chat(P.variable("question", "hello?"))
         answer.get(perf=P.LATENCY)
         worker.join()
@@ -185,11 +191,7 @@ def test_a_task_group_goes_whole_to_one_engine_only_where_it_fits(capacity, engi
 
 def test_a_task_group_spreads_over_idle_engines_but_one_which_stays_free_for_latency_work():
     def program(runtime, backends):
-        parts, reduced = map_reduce("doc")
-        worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
-        worker.start()
-        while sum(1 for b in backends if b.running) < 3:
-            time.sleep(0.005)
+        parts, worker = start_map_reduce(backends, "doc", engines_running=3)
         answer = chat(P.variable("question", "hello?"))
         answer.get(perf=P.LATENCY)
         worker.join()
@@ -202,11 +204,7 @@ def test_a_task_group_spreads_over_idle_engines_but_one_which_stays_free_for_lat
 
 def test_a_second_task_group_arriving_at_busy_engines_stays_on_one():
     def program(runtime, backends):
-        first_parts, first = map_reduce("first")
-        worker = threading.Thread(target=first.get, kwargs={"perf": P.LATENCY})
-        worker.start()
-        while sum(1 for b in backends if b.running) < 3:
-            time.sleep(0.005)
+        _, worker = start_map_reduce(backends, "first", engines_running=3)
         second_parts, second = map_reduce("second")
         second.get(perf=P.LATENCY)
         worker.join()

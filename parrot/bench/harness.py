@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -16,9 +16,12 @@ from parrot.engine.tokenizer import Tokenizer
 
 
 def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
-              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1) -> dict:
-    """Runs and reports one workload; a given server is used as is (and left running)."""
+              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, background_rate: float | None = None) -> dict:
+    """Runs and reports one workload; a given server is used as is (and left running).
+    `background_rate` replaces the workload's own rate of background requests."""
     config: WorkloadConfig = quick_or_full(workload, quick)
+    if background_rate is not None:
+        config = replace(config, background_rate=background_rate)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
     servers: list[RunningServer] = []
