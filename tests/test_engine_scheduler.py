@@ -177,6 +177,19 @@ def test_a_latency_job_beside_throughput_work_gets_short_steps_and_goes_first():
     assert plan.num_tokens == 96 and plan.chunks[0].length == 40  # the chat prompt whole, the bulk fills the rest
 
 
+def test_a_latency_prompt_is_prefilled_in_one_step_while_other_work_keeps_to_the_cap():
+    contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
+    scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))
+    bulk = _queued(scheduler, contexts, "background", 600, priority=1)
+    chunk = _queued(scheduler, contexts, "chain-step", 300, priority=0)
+    plan = scheduler.schedule()
+    assert [(c.job, c.length) for c in plan.chunks] == [(chunk, 300)]  # not 96-token pieces; the bulk waits
+    ahead = _queued(scheduler, contexts, "short-chat", 10, priority=-1)
+    chunk.ctx.num_computed = 300  # the chain step decodes now (nothing pending)
+    plan = scheduler.schedule()
+    assert [(c.job, c.length) for c in plan.chunks] == [(ahead, 10), (bulk, 86)]
+
+
 def test_latency_jobs_alone_use_the_whole_budget():
     contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))

@@ -302,6 +302,12 @@ def test_steps_shrink_while_a_latency_job_waits_beside_other_work() -> None:
     assert scheduler.schedule().chunks[0].length == 512  # alone: the full budget
     chat = tree.create("chat", None)
     chat.own_tokens = 40
-    scheduler.submit(SimJobKind.FILL, chat, 0)
+    chat_job = scheduler.submit(SimJobKind.FILL, chat, 0)
     plan = scheduler.schedule()
     assert [c.length for c in plan.chunks] == [40, 88]  # the chat first, the bulk fills the rest of 128
+    scheduler.remove(chat_job)  # its prompt is in
+    long_prompt = tree.create("long", None)
+    long_prompt.own_tokens = 300
+    scheduler.submit(SimJobKind.FILL, long_prompt, 0)
+    plan = scheduler.schedule()
+    assert [c.length for c in plan.chunks] == [300]  # a latency prompt whole; the bulk is past the cap

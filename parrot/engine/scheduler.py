@@ -75,8 +75,8 @@ class StepPlan:
 class SchedulerConfig:
     max_tokens_per_step: int = 512
     max_seqs_per_step: int = 64
-    # while a latency-class job waits beside other work, steps stay this small, so its tokens
-    # come quickly (the other work fills what is left of the budget)
+    # while a latency-class job waits beside other work, the other work fills steps only up
+    # to this many tokens, so the latency job's tokens come quickly (StepBudget)
     latency_max_tokens_per_step: int = 128
 
     def __post_init__(self) -> None:
@@ -84,11 +84,39 @@ class SchedulerConfig:
             raise ValueError("the step budget needs at least one token and one sequence")
 
 
-def step_token_budget(max_tokens: int, latency_max_tokens: int, priorities: list[int]) -> int:
-    """The token budget of a step whose waiting jobs have these priorities: small while a
-    latency-class job waits beside other work, so its tokens come quickly."""
-    latency = sum(1 for priority in priorities if priority <= PRIORITY_LATENCY)
-    return min(max_tokens, latency_max_tokens) if 0 < latency < len(priorities) else max_tokens
+@dataclass
+class StepBudget:
+    """The tokens one step may still take.
+
+    While a latency-class job waits beside other work, the other work fills a step only up
+    to `capped` tokens (less what latency-class jobs took), so a latency job's decode never
+    rides in a step full of another job's prefill. Latency-class jobs themselves take what
+    they need up to `total`: a latency prompt is prefilled in one step, not in capped pieces.
+    """
+
+    total: int
+    capped: int | None  # None: no latency-class job waits beside other work
+
+    @classmethod
+    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int]) -> StepBudget:
+        """The budget of a step whose waiting jobs have these priorities."""
+        latency = sum(1 for priority in priorities if priority <= PRIORITY_LATENCY)
+        return cls(max_tokens, min(max_tokens, latency_max_tokens) if 0 < latency < len(priorities) else None)
+
+    @property
+    def spent(self) -> bool:
+        return self.total == 0
+
+    def grant(self, priority: int, wanted: int) -> int:
+        """Tokens a job of this priority gets of the `wanted`; the caller then `take`s what it used."""
+        if self.capped is None or priority <= PRIORITY_LATENCY:
+            return min(wanted, self.total)
+        return min(wanted, self.total, self.capped)
+
+    def take(self, tokens: int) -> None:
+        self.total -= tokens
+        if self.capped is not None:
+            self.capped = max(0, self.capped - tokens)
 
 
 class BatchScheduler:
@@ -110,18 +138,18 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = step_token_budget(self.config.max_tokens_per_step, self.config.latency_max_tokens_per_step,
-                                   [job.priority for job in self.jobs if job.ctx.num_pending > 0])
+        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.config.latency_max_tokens_per_step,
+                                     [job.priority for job in self.jobs if job.ctx.num_pending > 0])
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []
         for job in sorted(self.jobs, key=lambda j: j.sort_key):
-            if budget == 0 or len(plan.chunks) == self.config.max_seqs_per_step:
+            if budget.spent or len(plan.chunks) == self.config.max_seqs_per_step:
                 break
             ctx = job.ctx
-            if ctx.num_pending == 0:
-                continue
-            length = min(ctx.num_pending, budget)
+            length = budget.grant(job.priority, ctx.num_pending)
+            if length == 0:
+                continue  # nothing pending, or other work past the latency cap
             while self.contexts.blocks_needed(ctx, length) > pool.num_free:
                 # idle cached prefixes go before any running job is preempted
                 if self.reclaim is not None and self.reclaim(self.contexts.blocks_needed(ctx, length) - pool.num_free) > 0:
@@ -144,7 +172,7 @@ class BatchScheduler:
                 ScheduledChunk(job, ctx.num_computed, length, slots, reaches_end and job.kind is JobKind.GENERATE)
             )
             chosen.add(id(job))
-            budget -= length
+            budget.take(length)
         if not plan.chunks and blocked:
             # nothing can run and nothing running will free a block: only freeing contexts
             # would help. The first-ranked blocked job has evicted every job it outranks, so

@@ -18,7 +18,7 @@ from enum import Enum
 
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import StepShape
-from parrot.engine.scheduler import step_token_budget
+from parrot.engine.scheduler import StepBudget
 
 
 class JobKind(Enum):
@@ -89,24 +89,26 @@ class SimScheduler:
         """Plans one step and reserves its KV (computed by the step's end)."""
         plan = StepPlan()
         # every simulated job waits for its next chunk or token, as pending jobs do in the engine
-        budget = step_token_budget(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs])
+        budget = StepBudget.for_step(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs])
         chosen = set()
         for job in sorted(self.jobs, key=lambda j: j.sort_key):
-            if budget == 0 or len(plan.chunks) == self.max_seqs:
+            if budget.spent or len(plan.chunks) == self.max_seqs:
                 break
             pending = job.ctx.pending
+            if budget.grant(job.priority, pending or 1) == 0:
+                continue  # other work past the latency cap
             need = pending or 1  # a prefill's whole remainder; a decode's one token
             if not self._make_room(job, need, chosen):
                 plan.blocked.append(job)
                 continue
-            length = min(pending, budget) if pending else 1
+            length = budget.grant(job.priority, pending) if pending else 1
             if pending:
                 self.tree.compute(job.ctx, length)
             else:
                 self._grow(job.ctx)
             plan.chunks.append(Chunk(job, length, is_decode=not pending))
             chosen.add(job)
-            budget -= length
+            budget.take(length)
         plan.shape = self._shape(plan.chunks)
         return plan
 
