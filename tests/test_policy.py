@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -95,16 +96,29 @@ def test_parrot_keeps_a_task_group_on_one_engine_while_fifo_spreads_it(policy):
     assert len(engines_used) == (1 if policy == "parrot" else 2)
 
 
-def test_parrot_sends_latency_work_to_the_engine_without_throughput_work():
+@dataclass
+class ChatBesideMapReduce:
+    backends: list[CountingBackend]
+    chat_engine: str
+    map_engines: list[str]  # the engine of each map call
+
+
+def chat_beside_map_reduce(engines: int, engines_running: int) -> ChatBesideMapReduce:
+    """A latency-critical chat asked once a map-reduce's maps run on that many engines."""
     def program(runtime, backends):
-        parts, worker = start_map_reduce(backends, "doc", engines_running=1)
+        parts, worker = start_map_reduce(backends, "doc", engines_running)
         answer = chat(P.variable("question", "hello?"))
         answer.get(perf=P.LATENCY)
         worker.join()
-        return engine_of(backends, answer, runtime), {engine_of(backends, p, runtime) for p in parts}
+        return engine_of(backends, answer, runtime), [engine_of(backends, p, runtime) for p in parts]
 
-    _, (chat_engine, map_engines) = run_with("parrot", 2, program)
-    assert map_engines == {"sim-0"} and chat_engine == "sim-1"
+    backends, (chat_engine, map_engines) = run_with("parrot", engines, program)
+    return ChatBesideMapReduce(backends, chat_engine, map_engines)
+
+
+def test_parrot_sends_latency_work_to_the_engine_without_throughput_work():
+    run = chat_beside_map_reduce(engines=2, engines_running=1)
+    assert set(run.map_engines) == {"sim-0"} and run.chat_engine == "sim-1"
 
 
 @pytest.mark.parametrize("policy,most", [("latency-centric", SMALL_BATCH), ("parrot", 6), ("throughput-centric", 6)])
@@ -190,16 +204,9 @@ def test_a_task_group_goes_whole_to_one_engine_only_where_it_fits(capacity, engi
 
 
 def test_a_task_group_spreads_over_idle_engines_but_one_which_stays_free_for_latency_work():
-    def program(runtime, backends):
-        parts, worker = start_map_reduce(backends, "doc", engines_running=3)
-        answer = chat(P.variable("question", "hello?"))
-        answer.get(perf=P.LATENCY)
-        worker.join()
-        return engine_of(backends, answer, runtime), [engine_of(backends, p, runtime) for p in parts]
-
-    backends, (chat_engine, map_engines) = run_with("parrot", 4, program)
-    assert sorted(map_engines.count(b.name) for b in backends) == [0, 2, 2, 2]
-    assert chat_engine not in map_engines
+    run = chat_beside_map_reduce(engines=4, engines_running=3)
+    assert sorted(run.map_engines.count(b.name) for b in run.backends) == [0, 2, 2, 2]
+    assert run.chat_engine not in run.map_engines
 
 
 def test_a_second_task_group_arriving_at_busy_engines_stays_on_one():
