@@ -163,10 +163,10 @@ def cmd_bench(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     use_engine_flags(["--device", args.device, *(["--random-weights", "--config", args.random_weights] if args.random_weights else [])])
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
-                   **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engines per policy"
-                      for name, (c, _) in MIXED_WORKLOADS.items()},
-                   **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine per policy"
-                      for name, (c, _) in MULTI_AGENT_WORKLOADS.items()}, **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
+                   **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine"
+                            f"{'' if c.engines == 1 else 's'} per policy"
+                      for name, (c, _) in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}.items()},
+                   **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None
                                          or args.background_rate is not None):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "

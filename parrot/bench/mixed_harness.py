@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
-from parrot.bench.report import markdown_table, print_rows, result_header, save_report
+from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report
 from parrot.bench.systems import RunningServer, start_parrot
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
                     for r in results],
     }
     save_report(result, out_dir, write_mixed_markdown, plot_mixed)
-    engines = f"{config.engines} SIMULATED {config.engine} engines" if config.engine.startswith("sim:") else f"{model}, {config.engines} engines"
+    engines = engines_title(model, config.engine, config.engines)
     print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {engines})", MIXED_COLUMNS, mixed_rows(result))
     console.print(mixed_summary(result))
     return result

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from parrot.bench.mixed_harness import run_per_policy
 from parrot.bench.multi_agent import quick_or_full, run_multi_agent
-from parrot.bench.report import markdown_table, print_rows, result_header, save_report
+from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
@@ -26,7 +26,7 @@ def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str,
             for r in results for run in r.runs]
     result = {**result_header(workload, quick, model), "config": asdict(config), "policy_flags": policy_flags, "rows": rows}
     save_report(result, out_dir, write_multi_agent_markdown, plot_multi_agent)
-    engines = f"{config.engines} SIMULATED {config.engine} engine" if config.engine.startswith("sim:") else f"{model}, {config.engines} engine"
+    engines = engines_title(model, config.engine, config.engines)
     print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {engines})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
     console.print(multi_agent_summary(result))
     return result

@@ -38,6 +38,12 @@ def save_report(result: dict, out_dir: Path, write_markdown: Callable[[dict, Pat
     plot(result, out_dir / f"{name}.png")
 
 
+def engines_title(model: str, engine: str, engines: int) -> str:
+    """What a policy workload ran on, for its table's title."""
+    plural = "" if engines == 1 else "s"
+    return f"{engines} SIMULATED {engine} engine{plural}" if engine.startswith("sim:") else f"{model}, {engines} engine{plural}"
+
+
 def print_rows(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     table = Table(title=title)
     for column in columns:

@@ -84,6 +84,10 @@ class SchedulerConfig:
             raise ValueError("the step budget needs at least one token and one sequence")
 
 
+def is_latency_class(priority: int) -> bool:
+    return priority <= PRIORITY_LATENCY
+
+
 @dataclass
 class StepBudget:
     """The tokens one step may still take.
@@ -100,7 +104,7 @@ class StepBudget:
     @classmethod
     def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int]) -> StepBudget:
         """The budget of a step whose waiting jobs have these priorities."""
-        latency = sum(1 for priority in priorities if priority <= PRIORITY_LATENCY)
+        latency = sum(1 for priority in priorities if is_latency_class(priority))
         return cls(max_tokens, min(max_tokens, latency_max_tokens) if 0 < latency < len(priorities) else None)
 
     @property
@@ -109,7 +113,7 @@ class StepBudget:
 
     def grant(self, priority: int, wanted: int) -> int:
         """Tokens a job of this priority gets of the `wanted`; the caller then `take`s what it used."""
-        if self.capped is None or priority <= PRIORITY_LATENCY:
+        if self.capped is None or is_latency_class(priority):
             return min(wanted, self.total)
         return min(wanted, self.total, self.capped)
 

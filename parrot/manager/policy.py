@@ -10,7 +10,7 @@ large as they go).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
@@ -144,7 +144,7 @@ class ParrotPolicy(SchedulingPolicy):
 
 
 def _idle_engines_for_group(first: EngineBackend, candidates: list[EngineBackend], view: ClusterView, group_size: int,
-                            new_tokens) -> list[EngineBackend]:
+                            new_tokens: Callable[[EngineBackend, int], int]) -> list[EngineBackend]:
     """The idle engines a task group spreads over, `first` among them; empty: keep it on one engine.
 
     A group's completion time is what matters, and its prefill is compute-bound, so engines

@@ -95,13 +95,13 @@ class SimScheduler:
             if budget.spent or len(plan.chunks) == self.max_seqs:
                 break
             pending = job.ctx.pending
-            if budget.grant(job.priority, pending or 1) == 0:
+            length = budget.grant(job.priority, pending or 1)  # a decode's one token, or a prefill chunk
+            if length == 0:
                 continue  # other work past the latency cap
-            need = pending or 1  # a prefill's whole remainder; a decode's one token
-            if not self._make_room(job, need, chosen):
+            # a prefill needs room for its whole remainder, so a half-done prompt is never stranded
+            if not self._make_room(job, pending or 1, chosen):
                 plan.blocked.append(job)
                 continue
-            length = budget.grant(job.priority, pending) if pending else 1
             if pending:
                 self.tree.compute(job.ctx, length)
             else:
