@@ -171,6 +171,11 @@ def cmd_bench(args) -> None:
                                          or args.background_rate is not None):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
                         "--rtt-ms and --background-rate")
+    if args.paper_scale and (args.workload in own_servers or args.quick):
+        raise UserError("--paper-scale sizes the app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce); "
+                        "drop --quick with it")
+    if args.paper_scale and args.engine == "builtin" and args.device == "cpu":
+        raise UserError("--paper-scale runs take hours on a CPU engine: use it with --engine sim:PRESET or --device cuda")
     if args.background_rate is not None and args.background_rate < 0:
         raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
     if args.workload in SOAK_WORKLOADS:
@@ -187,7 +192,7 @@ def cmd_bench(args) -> None:
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
-              engine=args.engine, engines=args.engines, background_rate=args.background_rate)
+              engine=args.engine, engines=args.engines, background_rate=args.background_rate, paper_scale=args.paper_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "snake-game coding team; multi-agent-sim: the paper's prompt lengths on a simulated A100); soak runs many clients' mixed apps for minutes on two engines and "
                             "reports errors, latency and what the server holds before and after (nothing may leak)")
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
+    bench.add_argument("--paper-scale", action="store_true",
+                       help="the paper's sizes for the app workloads (chunks of 1024 tokens, 50 output tokens; chain-summary "
+                            "16 chunks, multi-chain 20 apps of 8 chunks, map-reduce 32 chunks, chain-summary-bg 4 req/s): "
+                            "for simulated engines (--engine sim:a100-13b) or a GPU")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--rtt-ms", type=float, default=None, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")

@@ -80,7 +80,10 @@ def start_map_reduce(backends: list[CountingBackend], tag: str, engines_running:
     parts, reduced = map_reduce(tag)
     worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
     worker.start()
+    deadline = time.monotonic() + 10
     while sum(1 for b in backends if b.running) < engines_running:
+        if time.monotonic() > deadline or not worker.is_alive():
+            raise AssertionError(f"the maps never ran on {engines_running} engines at once")
         time.sleep(0.005)
     return parts, worker
 
@@ -103,9 +106,12 @@ class ChatBesideMapReduce:
     map_engines: list[str]  # the engine of each map call
 
 
-def chat_beside_map_reduce(engines: int, engines_running: int) -> ChatBesideMapReduce:
-    """A latency-critical chat asked once a map-reduce's maps run on that many engines."""
+def chat_beside_map_reduce(engines: int, engines_running: int, chat_before: bool = False) -> ChatBesideMapReduce:
+    """A latency-critical chat asked once a map-reduce's maps run on that many engines
+    (and, with chat_before, one answered before the map-reduce starts)."""
     def program(runtime, backends):
+        if chat_before:
+            chat(P.variable("question", "are you there?")).get(perf=P.LATENCY)
         parts, worker = start_map_reduce(backends, "doc", engines_running)
         answer = chat(P.variable("question", "hello?"))
         answer.get(perf=P.LATENCY)
@@ -203,10 +209,27 @@ def test_a_task_group_goes_whole_to_one_engine_only_where_it_fits(capacity, engi
     assert len(engines_used) == engines_for_the_group
 
 
-def test_a_task_group_spreads_over_idle_engines_but_one_which_stays_free_for_latency_work():
-    run = chat_beside_map_reduce(engines=4, engines_running=3)
+def test_a_task_group_spreads_over_every_idle_engine_when_no_latency_work_came_lately():
+    run = chat_beside_map_reduce(engines=4, engines_running=4)
+    assert sorted(run.map_engines.count(b.name) for b in run.backends) == [1, 1, 2, 2]
+
+
+def test_a_task_group_leaves_one_idle_engine_free_while_latency_work_comes():
+    run = chat_beside_map_reduce(engines=4, engines_running=3, chat_before=True)
     assert sorted(run.map_engines.count(b.name) for b in run.backends) == [0, 2, 2, 2]
     assert run.chat_engine not in run.map_engines
+
+
+def test_a_map_reduce_own_reduce_does_not_make_the_next_group_keep_an_engine_free():
+    def program(runtime, backends):
+        _, first = map_reduce("first")
+        first.get(perf=P.LATENCY)  # its reduce is latency-critical
+        parts, worker = start_map_reduce(backends, "second", engines_running=4)
+        worker.join()
+        return [engine_of(backends, p, runtime) for p in parts]
+
+    backends, map_engines = run_with("parrot", 4, program)
+    assert {b.name for b in backends} == set(map_engines)
 
 
 def test_a_second_task_group_arriving_at_busy_engines_stays_on_one():

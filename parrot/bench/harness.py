@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import plot, print_rows, ratio_of, result_header, save_report, summary_line, write_markdown
+from parrot.bench.report import plot, size_of, print_rows, ratio_of, result_header, save_report, summary_line, write_markdown
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, WorkloadConfig, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
@@ -16,10 +16,12 @@ from parrot.engine.tokenizer import Tokenizer
 
 
 def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
-              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, background_rate: float | None = None) -> dict:
+              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, background_rate: float | None = None, paper_scale: bool = False) -> dict:
     """Runs and reports one workload; a given server is used as is (and left running).
-    `background_rate` replaces the workload's own rate of background requests."""
-    config: WorkloadConfig = quick_or_full(workload, quick)
+    `background_rate` replaces the workload's own rate of background requests; `paper_scale`
+    runs the paper's sizes instead of the full ones."""
+    config: WorkloadConfig = quick_or_full(workload, quick, paper_scale)
+    size = "paper-scale" if paper_scale else "quick" if quick else "full"
     if background_rate is not None:
         config = replace(config, background_rate=background_rate)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         total = len(settings) * len(systems) * repeats
         document_set = 1
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{workload}{' (quick)' if quick else ''}", total=total)
+            task = progress.add_task(f"{workload} ({size})", total=total)
             for rtt in settings:
                 for _ in range(repeats):
                     # systems alternate inside each repeat, so drift in the machine hits all alike
@@ -67,7 +69,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         for server in servers:
             server.stop()
     result = {
-        **result_header(workload, quick, model), "engine": engine, "engines": engines,
+        **result_header(workload, quick, model), "size": size, "engine": engine, "engines": engines,
         "simulated": engine.startswith("sim:"), "config": asdict(config),
         "rtt_settings_ms": sorted({0.0, rtt_ms}), "repeats": repeats, "notes": notes,
         "measurements": [
@@ -101,5 +103,5 @@ def print_table(result: dict, console: Console) -> None:
     for m in result["measurements"]:
         ratio = ratio_of(result, m["rtt_ms"], m["system"])
         rows.append((m["system"], f"{m['rtt_ms']:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio:.2f}x"))
-    print_rows(console, f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']}, {engines})",
+    print_rows(console, f"{result['workload']} ({size_of(result)}, {result['model']}, {engines})",
                ("system", "added RTT", "mean latency s", "p90 s", "vs parrot"), rows)

@@ -66,13 +66,18 @@ def _best(result: dict) -> dict[tuple[float, str], dict]:
     return best
 
 
+def size_of(result: dict) -> str:
+    """quick, full or paper-scale (results written before paper-scale existed say only quick or not)."""
+    return result.get("size") or ("quick" if result["quick"] else "full")
+
+
 def ratio_of(result: dict, rtt_ms: float, system: str) -> float:
     return result["ratios"][f"{rtt_ms:.0f}ms"][system]
 
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
-        f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
+        f"### {result['workload']} ({size_of(result)})",
         "",
         f"Model {result['model']} on {result['engines']} x {result['engine']} engine(s)"
         f"{' (SIMULATED: a cost model, not the real engine)' if result['simulated'] else ''}; settings {result['config']}; {result['repeats']} repeat(s), best mean shown. "

@@ -9,6 +9,7 @@ large as they go).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ LATENCY_BATCH_BOUND = 4
 SMALL_BATCH = 4
 LARGE_BATCH = 64
 CHARS_PER_TOKEN = 4  # for estimates of KV tokens from text
+# A task group spreading over idle engines leaves one of them free for latency-critical
+# calls while such calls have come within this many seconds; otherwise it takes them all.
+LATENCY_RESERVE_WINDOW_S = 60.0
 
 
 @dataclass
@@ -66,6 +70,11 @@ class ClusterView:
     load: dict[str, EngineLoad]
     prefixes: PrefixIndex
     group_engines: dict[str, list[str]] = field(default_factory=dict)  # task group -> the engines it runs on
+    last_latency_call_s: float | None = None  # clock() when a latency-critical call was last placed
+    clock: Callable[[], float] = time.monotonic
+
+    def latency_work_is_recent(self) -> bool:
+        return self.last_latency_call_s is not None and self.clock() - self.last_latency_call_s <= LATENCY_RESERVE_WINDOW_S
 
 
 class SchedulingPolicy(ABC):
@@ -116,6 +125,9 @@ class ParrotPolicy(SchedulingPolicy):
         candidates = [e for e in view.engines if fits(e, view, new_tokens(e, demand.group_size))]
         candidates = candidates or [e for e in view.engines if fits(e, view, new_tokens(e, 1))] or list(view.engines)
         if call.objective is Objective.LATENCY:
+            if not any(p.task_group == call.call_id for p in call.producers):
+                # a group's own consumer runs after the group, never beside it: no reason to keep an engine free
+                view.last_latency_call_s = view.clock()
             # engines kept at small batches serve latency-critical calls first
             small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
             candidates = small or candidates
@@ -148,12 +160,14 @@ def _idle_engines_for_group(first: EngineBackend, candidates: list[EngineBackend
     """The idle engines a task group spreads over, `first` among them; empty: keep it on one engine.
 
     A group's completion time is what matters, and its prefill is compute-bound, so engines
-    with nothing to do share it. One idle engine is kept out of it, free for latency-critical
-    calls that may come, so a group spreads only where at least three engines are idle."""
+    with nothing to do share it, where at least three are idle (with one or two engines the
+    group keeps to one and leaves the other to latency work). While latency-critical calls
+    have come lately, one idle engine is kept out of the group, free for the next of them."""
     idle = [e for e in candidates if view.load[e.name].calls == 0]
     if first not in idle or len(idle) < 3:
         return []
-    spread = [first, *[e for e in idle if e is not first][: len(idle) - 2]]
+    kept_free = 1 if view.latency_work_is_recent() else 0
+    spread = [first, *[e for e in idle if e is not first][: len(idle) - 1 - kept_free]]
     share = -(-group_size // len(spread))
     return spread if all(fits(e, view, new_tokens(e, share)) for e in spread) else []
 
