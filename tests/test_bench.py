@@ -10,7 +10,8 @@ from rich.console import Console
 
 from parrot.bench.harness import run_bench
 from parrot.bench.systems import start_parrot
-from parrot.bench.workloads import WORKLOADS
+from parrot.bench.workloads import PAPER_SIZES, WORKLOADS, check_documents_suffice
+from parrot.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +42,10 @@ def test_quick_run_reports_every_figure(workload, server, tmp_path):
     assert all(text.strip() for outputs in result["check_outputs"].values() for text in outputs)
     if config["background_rate"]:
         assert any(m["background_requests"] > 0 for m in result["measurements"])
+
+
+def test_a_run_that_would_run_out_of_documents_is_refused_before_it_starts(tokenizer):
+    multi_chain = PAPER_SIZES["multi-chain"]
+    check_documents_suffice(tokenizer, multi_chain, 4)  # the default: two systems at two RTT settings
+    with pytest.raises(UserError, match="use fewer --repeats"):
+        check_documents_suffice(tokenizer, multi_chain, 8)

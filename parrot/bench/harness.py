@@ -8,9 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import plot, size_of, print_rows, ratio_of, result_header, save_report, summary_line, write_markdown
+from parrot.bench.report import plot, print_rows, ratio_of, size_of, result_header, save_report, summary_line, write_markdown
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
-from parrot.bench.workloads import Measurement, WorkloadConfig, quick_or_full, run_workload
+from parrot.bench.workloads import Measurement, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
@@ -26,6 +26,8 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         config = replace(config, background_rate=background_rate)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
+    settings = sorted({0.0, rtt_ms})
+    check_documents_suffice(tokenizer, config, len(settings) * (3 if peers else 2) * repeats)
     servers: list[RunningServer] = []
     measurements: list[Measurement] = []
     notes: list[str] = []
@@ -45,7 +47,6 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
             else:
                 servers.append(vllm)
                 systems.append(("vllm", vllm))
-        settings = sorted({0.0, rtt_ms})
         # warm-up, not measured: both paths once on the same documents, whose outputs
         # must agree (sharing and batching never change what greedy decoding says)
         warmup = quick_or_full(workload, True)

@@ -15,6 +15,7 @@ from parrot.bench import apps
 from parrot.bench.config import pick_size
 from parrot.bench.documents import chunks as make_chunks
 from parrot.bench.systems import CompletionClient, DelayedTransport, RunningServer
+from parrot.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,17 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
         if client is not None:
             client.close()
     return Measurement(system, rtt_s * 1e3, [r[0] for r in results], [r[1] for r in results], load.sent)
+
+
+def check_documents_suffice(tokenizer, config: WorkloadConfig, measured_runs: int) -> None:
+    """Fails before any server starts when the measured runs (each on documents of its own,
+    after the warm-up's set 0) would run out of document text part-way through."""
+    chunks_per_run = config.apps * config.chunks + 1  # the background prompt is the +1
+    try:
+        make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=(measured_runs + 1) * chunks_per_run - 1)
+    except UserError:
+        raise UserError(f"{measured_runs} measured runs of {chunks_per_run * config.chunk_tokens} document tokens each do not fit "
+                        "the benchmark's documents (about 1M tokens): use fewer --repeats") from None
 
 
 def quick_or_full(name: str, quick: bool, paper_scale: bool = False) -> WorkloadConfig:
