@@ -360,6 +360,21 @@ def test_a_template_may_read_an_input_twice_and_have_several_outputs(server: Ser
     server.submit("Task: {{task}}. Code: {{code}}. Tests for {{task}}: {{test}}. End.", ["task"], ["code", "test"])
 
 
+def test_literal_double_braces_are_refused_with_the_way_to_send_them() -> None:
+    with pytest.raises(TemplateError, match="gets that text through an input"):
+        @P.semantic_function()
+        def as_json(task: P.Input, answer: P.Output(max_tokens=4)):
+            """Answer {{task}} as {{"answer": "..."}}: {{answer}}"""
+
+    @P.semantic_function()
+    def as_json_by_input(task: P.Input, shape: P.Input, answer: P.Output(max_tokens=4)):
+        """Answer {{task}} as {{shape}}: {{answer}}"""
+
+    with P.Runtime(backends=[SimulatedEngineBackend("sim-0")]):
+        answer = as_json_by_input(task=P.variable("task", "2+2"), shape=P.variable("shape", '{{"answer": "..."}}'))
+        assert answer.get().strip()
+
+
 # ---- parser properties -----------------------------------------------------
 
 NO_BRACES = st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), max_size=200)

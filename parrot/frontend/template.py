@@ -16,6 +16,8 @@ from parrot.errors import UserError
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_TEMPLATE_CHARS = 1_000_000
 MAX_PLACEHOLDERS = 1_000
+# templates have no escape for double braces; text holding them travels as an input's value
+_LITERAL_BRACES = "(a prompt that needs literal '{{' or '}}' gets that text through an input)"
 
 
 class TemplateError(UserError):
@@ -61,7 +63,7 @@ def parse_template(template: str, function: str = "<template>") -> list[Segment]
         open_at = template.find("{{", pos)
         close_at = template.find("}}", pos)
         if close_at != -1 and (open_at == -1 or close_at < open_at):
-            raise TemplateError(f"unbalanced braces: '}}}}' with no '{{{{' before it {_where(template, close_at, function)}")
+            raise TemplateError(f"unbalanced braces: '}}}}' with no '{{{{' before it {_LITERAL_BRACES} {_where(template, close_at, function)}")
         if open_at == -1:
             segments.append(TextSegment(template[pos:]))
             break
@@ -70,7 +72,7 @@ def parse_template(template: str, function: str = "<template>") -> list[Segment]
         close_at = template.find("}}", open_at + 2)
         nested = template.find("{{", open_at + 2)
         if close_at == -1 or (nested != -1 and nested < close_at):
-            raise TemplateError(f"unbalanced braces: '{{{{' is never closed with '}}}}' {_where(template, open_at, function)}")
+            raise TemplateError(f"unbalanced braces: '{{{{' is never closed with '}}}}' {_LITERAL_BRACES} {_where(template, open_at, function)}")
         segments.append(_placeholder(template[open_at + 2 : close_at].strip(), open_at, template, function))
         if sum(isinstance(s, Placeholder) for s in segments) > MAX_PLACEHOLDERS:
             raise TemplateError(f"the template of {function} has more than {MAX_PLACEHOLDERS} placeholders")
@@ -83,6 +85,8 @@ def _placeholder(body: str, offset: int, template: str, function: str) -> Placeh
     name = body
     if ":" in body:
         kind_text, name = (part.strip() for part in body.split(":", 1))
+        if not _NAME.match(kind_text):
+            raise TemplateError(f"{{{{{body}}}}} is not a placeholder {_LITERAL_BRACES} {_where(template, offset, function)}")
         try:
             kind = PlaceholderKind(kind_text)
         except ValueError:
@@ -91,7 +95,8 @@ def _placeholder(body: str, offset: int, template: str, function: str) -> Placeh
                 f"{_where(template, offset, function)}"
             ) from None
     if not _NAME.match(name):
-        raise TemplateError(f"placeholder {{{{{body}}}}} needs a Python identifier as its name {_where(template, offset, function)}")
+        raise TemplateError(f"placeholder {{{{{body}}}}} needs a Python identifier as its name {_LITERAL_BRACES} "
+                            f"{_where(template, offset, function)}")
     return Placeholder(name, kind, offset)
 
 
