@@ -154,3 +154,30 @@ def test_a_cancelled_fill_stops_its_job_and_leaves_a_usable_context(engine, smal
         return tokens
 
     assert token_ids(run(scenario())) == token_ids(run(fill_and_generate(engine, "whole", ids, greedy(8))))
+
+
+def test_text_after_a_stopped_output_follows_the_kept_text_not_the_stop_string(engine, baseline):
+    """A stop string cut inside a token: the context keeps the prompt and the kept text only,
+    so what is generated after more text equals a fresh context given that text in full."""
+    ids, tokens = baseline
+    pieces = [engine.tokenizer.decode([t]) for t in token_ids(tokens)]
+    text = text_of(tokens)
+    k = next(i for i in range(2, len(pieces)) if len(pieces[i]) >= 3)
+    stop = text[len("".join(pieces[:k])) + 1 :][:2]  # starts one character into token k
+    follow = engine.tokenizer.encode(" Next:")
+
+    async def continued() -> tuple[str, list[int], list[int]]:
+        kept = text_of(await fill_and_generate(engine, "cut", ids, greedy(MAX_TOKENS, stop=(stop,)), free=False))
+        try:
+            context_tokens = list(engine.contexts.get("cut").token_ids)
+            await engine.fill("cut", None, follow)
+            return kept, context_tokens, token_ids(await collect(engine, "cut", greedy(6)))
+        finally:
+            engine.free_context("cut")
+
+    kept, context_tokens, after = run(continued())
+    assert kept == text[: text.index(stop)] and stop not in kept
+    assert engine.tokenizer.decode(context_tokens) == engine.tokenizer.decode(ids) + kept
+    rendered = engine.tokenizer.encode(engine.tokenizer.decode(ids) + kept + " Next:")
+    fresh = run(fill_and_generate(engine, "fresh", rendered, greedy(6)))
+    assert after == token_ids(fresh)

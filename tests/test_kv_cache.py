@@ -162,7 +162,7 @@ def test_fork_of_a_context_being_filled_is_refused():
 
 
 class ContextTableMachine(RuleBasedStateMachine):
-    """Random create / fork / append / compute / evict / free; the books always balance."""
+    """Random create / fork / append / compute / evict / truncate / free; the books always balance."""
 
     contexts = Bundle("contexts")
 
@@ -247,6 +247,22 @@ class ContextTableMachine(RuleBasedStateMachine):
             assert self.table.pool.num_free - free_before == freed, "every dropped block was private"
             assert self.table.private_from(ctx) == len(ctx.block_table), "no private block is left"
             assert ctx.num_computed <= computed_before
+
+    @rule(context_id=contexts, keep=st.floats(0.0, 1.0))
+    def truncate(self, context_id, keep):
+        """A generation cut by a stop string: the tokens past the cut are forgotten."""
+        if context_id not in self.live:
+            return
+        ctx = self.table.get(context_id)
+        length = ctx.fork_point + int((len(ctx.token_ids) - ctx.fork_point) * keep)
+        if ctx.children:
+            with pytest.raises(ContextError):
+                self.table.truncate(ctx, length)
+            return
+        kept = ctx.token_ids[:length]
+        self.table.truncate(ctx, length)
+        assert ctx.token_ids == kept and ctx.num_computed <= length
+        assert len(ctx.block_table) == -(-ctx.num_computed // self.table.pool.block_size), "no block past the computed KV"
 
     @rule(context_id=consumes(contexts))
     def free(self, context_id):

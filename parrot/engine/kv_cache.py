@@ -178,6 +178,19 @@ class ContextTable:
         ctx.num_computed = min(ctx.num_computed, keep * self.pool.block_size)
         return len(dropped)
 
+    def truncate(self, ctx: Context, length: int) -> None:
+        """Forgets ctx's tokens from `length` on (a generation cut by a stop string); the
+        blocks past its computed KV go back to the pool. The cut lies in ctx's own tokens
+        and no fork reads them."""
+        if ctx.children or not ctx.fork_point <= length <= len(ctx.token_ids):
+            raise ContextError(f"context {ctx.context_id!r} cannot be cut at token {length}")
+        del ctx.token_ids[length:]
+        ctx.num_computed = min(ctx.num_computed, length)
+        keep = -(-ctx.num_computed // self.pool.block_size)
+        for block in ctx.block_table[keep:]:
+            self.pool.release(block)
+        ctx.block_table = ctx.block_table[:keep]
+
     def free(self, context_id: str) -> None:
         ctx = self.get(context_id)
         for block in ctx.block_table:

@@ -464,11 +464,35 @@ class LLMEngine:
         job.ctx.token_ids.append(token)
         text = job.stop_checker.feed(job.detokenizer.push(token))
         if job.stop_checker.stopped:
+            self._cut_at_stop(job)
             self._emit(job, GeneratedToken(token, text, FinishReason.STOP))
         elif job.num_generated >= sampling.max_tokens or len(job.ctx.token_ids) >= self.model_config.max_position_embeddings:
             self._emit(job, GeneratedToken(token, text + job.stop_checker.flush(), FinishReason.LENGTH))
         else:
             self._channels[id(job)].queue.put_nowait(GeneratedToken(token, text))
+
+    def _cut_at_stop(self, job: Job) -> None:
+        """Cuts the context back to its prompt and the output's kept text: text filled after
+        this output then follows what the output's variable says, not the stop string (the
+        prompt a request-level client would send next)."""
+        kept = job.stop_checker.text
+        ctx = job.ctx
+        if ctx.children:  # a fork reads these tokens' KV: leave them
+            log.info("context %s has forks; its stop string stays in it", ctx.context_id)
+            return
+        generated = ctx.token_ids[len(ctx.token_ids) - job.num_generated :]
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        text = whole_text = ""
+        whole = 0  # generated tokens whose text lies wholly inside `kept`
+        for index, token in enumerate(generated):
+            text += detokenizer.push(token)
+            if not kept.startswith(text):
+                break
+            if detokenizer.read_offset == len(detokenizer.token_ids):  # no partial character held back
+                whole, whole_text = index + 1, text
+        self.contexts.truncate(ctx, len(ctx.token_ids) - len(generated) + whole)
+        # the kept text's tail inside the token that held the stop string, to be prefilled with what comes next
+        ctx.token_ids.extend(self.tokenizer.encode(kept[len(whole_text) :]))
 
     def _emit(self, job: Job, last: GeneratedToken) -> None:
         self._channels[id(job)].queue.put_nowait(last)
