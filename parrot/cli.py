@@ -158,6 +158,7 @@ def cmd_bench(args) -> None:
     from parrot.bench.soak import SOAK_WORKLOADS
     from parrot.bench.soak_harness import run_soak_bench
     from parrot.bench.systems import use_engine_flags
+    from parrot.bench.workloads import SizeOverrides
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -167,10 +168,11 @@ def cmd_bench(args) -> None:
                             f"{'' if c.engines == 1 else 's'} per policy"
                       for name, (c, _) in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}.items()},
                    **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
+    overrides = SizeOverrides(apps=args.apps, chunks=args.chunks, background_rate=args.background_rate)
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None
-                                         or args.background_rate is not None):
+                                         or overrides != SizeOverrides()):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
-                        "--rtt-ms and --background-rate")
+                        "--rtt-ms, --background-rate, --apps and --chunks")
     if args.paper_scale and (args.workload in own_servers or args.quick):
         raise UserError("--paper-scale sizes the app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce); "
                         "drop --quick with it")
@@ -178,6 +180,9 @@ def cmd_bench(args) -> None:
         raise UserError("--paper-scale runs take hours on a CPU engine: use it with --engine sim:PRESET or --device cuda")
     if args.background_rate is not None and args.background_rate < 0:
         raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
+    for flag, value in (("--apps", args.apps), ("--chunks", args.chunks)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}")
     if args.workload in SOAK_WORKLOADS:
         run_soak_bench(args.workload, args.quick, Path(args.out), args.model, Console())
         return
@@ -192,7 +197,7 @@ def cmd_bench(args) -> None:
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
-              engine=args.engine, engines=args.engines, background_rate=args.background_rate, paper_scale=args.paper_scale)
+              engine=args.engine, engines=args.engines, overrides=overrides, paper_scale=args.paper_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--background-rate", type=float, default=None, metavar="REQ_PER_S",
                        help="background requests per second (Poisson, plain completions of one chunk) beside the apps: "
                             "chain-summary-bg's is 0.5 at full size; the paper's Fig. 12a used 1 to 3.5")
+    bench.add_argument("--apps", type=int, default=None, metavar="N",
+                       help="apps running at once (multi-chain's is 8 at full size, 20 at --paper-scale; the others' 1)")
+    bench.add_argument("--chunks", type=int, default=None, metavar="N",
+                       help="chunks per document: a chain's steps, or map-reduce's maps")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")

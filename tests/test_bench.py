@@ -10,7 +10,7 @@ from rich.console import Console
 
 from parrot.bench.harness import run_bench
 from parrot.bench.systems import start_parrot
-from parrot.bench.workloads import PAPER_SIZES, WORKLOADS, check_documents_suffice
+from parrot.bench.workloads import PAPER_SIZES, WORKLOADS, SizeOverrides, check_documents_suffice
 from parrot.errors import UserError
 
 
@@ -49,3 +49,10 @@ def test_a_run_that_would_run_out_of_documents_is_refused_before_it_starts(token
     check_documents_suffice(tokenizer, multi_chain, 4)  # the default: two systems at two RTT settings
     with pytest.raises(UserError, match="use fewer --repeats"):
         check_documents_suffice(tokenizer, multi_chain, 8)
+
+
+def test_size_overrides_replace_only_what_was_given():
+    paper = PAPER_SIZES["multi-chain"]
+    sized = SizeOverrides(apps=40, chunks=4).apply(paper)
+    assert (sized.apps, sized.chunks, sized.chunk_tokens, sized.output_tokens) == (40, 4, paper.chunk_tokens, paper.output_tokens)
+    assert SizeOverrides().apply(paper) == paper

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -10,20 +10,18 @@ from rich.progress import Progress
 
 from parrot.bench.report import plot, print_rows, ratio_of, size_of, result_header, save_report, summary_line, write_markdown
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
-from parrot.bench.workloads import Measurement, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
+from parrot.bench.workloads import Measurement, SizeOverrides, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
 
 def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
-              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, background_rate: float | None = None, paper_scale: bool = False) -> dict:
+              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, overrides: SizeOverrides = SizeOverrides(), paper_scale: bool = False) -> dict:
     """Runs and reports one workload; a given server is used as is (and left running).
-    `background_rate` replaces the workload's own rate of background requests; `paper_scale`
-    runs the paper's sizes instead of the full ones."""
-    config: WorkloadConfig = quick_or_full(workload, quick, paper_scale)
+    `paper_scale` runs the paper's sizes instead of the full ones; `overrides` replace some
+    of the size's parameters (apps, chunks, background rate)."""
+    config: WorkloadConfig = overrides.apply(quick_or_full(workload, quick, paper_scale))
     size = "paper-scale" if paper_scale else "quick" if quick else "full"
-    if background_rate is not None:
-        config = replace(config, background_rate=background_rate)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
     settings = sorted({0.0, rtt_ms})

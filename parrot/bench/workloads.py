@@ -47,6 +47,19 @@ WORKLOADS: dict[str, tuple[WorkloadConfig, WorkloadConfig]] = {  # name -> (full
     ),
 }
 
+@dataclass(frozen=True)
+class SizeOverrides:
+    """Workload parameters given on the command line; None keeps the size's own."""
+
+    apps: int | None = None
+    chunks: int | None = None
+    background_rate: float | None = None
+
+    def apply(self, config: WorkloadConfig) -> WorkloadConfig:
+        given = {name: value for name, value in vars(self).items() if value is not None}
+        return replace(config, **given)
+
+
 # The paper's sizes (DESIGN.md section 4: chunks of 512-2048 tokens, outputs of 25-100,
 # 10-25 chain apps at once, background at 1-3.5 req/s), for engines that run them in
 # minutes: simulated A100s or a GPU. On this machine's CPU one run would take hours.
