@@ -7,6 +7,8 @@ import functools
 import importlib.metadata
 import re
 import sqlite3
+import weakref
+from dataclasses import dataclass
 
 from parrot.errors import UserError
 
@@ -27,12 +29,33 @@ def bible_text() -> str:
     return " ".join(_VERSE_NUMBER.sub("", passage) for (passage,) in rows)
 
 
+@dataclass
+class _EncodedText:
+    chars: int  # how much of the text is tokenized
+    token_ids: list[int]
+
+
+# tokenizer -> its tokens of the text so far: a workload of many apps asks for passages
+# app by app, and tokenizing the text from its start for each would cost minutes
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _text_tokens(tokenizer, needed: int) -> list[int]:
+    """At least `needed` tokens of the text from its start (fewer only if the text ends)."""
+    text = bible_text()
+    encoded = _ENCODED.get(tokenizer)
+    if encoded is None or (len(encoded.token_ids) < needed and encoded.chars < len(text)):
+        # about 4 characters per token: a generous slice, growing by at least half each time
+        chars = max(needed * 6 + 1000, (encoded.chars * 3) // 2 if encoded else 0)
+        encoded = _EncodedText(min(chars, len(text)), tokenizer.encode(text[:chars]))
+        _ENCODED[tokenizer] = encoded
+    return encoded.token_ids
+
+
 def passages(tokenizer, lengths: list[int], skip_tokens: int = 0) -> list[str]:
     """Consecutive passages of the given lengths in tokens, starting skip_tokens in."""
     needed = skip_tokens + sum(lengths)
-    text = bible_text()
-    # about 4 characters per token; take a generous slice and tokenize once
-    token_ids = tokenizer.encode(text[: needed * 6 + 1000])
+    token_ids = _text_tokens(tokenizer, needed)
     if len(token_ids) < needed:
         raise UserError(f"the document is too short for {len(lengths)} passages of {sum(lengths)} tokens after {skip_tokens}")
     out, start = [], skip_tokens
