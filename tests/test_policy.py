@@ -242,3 +242,35 @@ def test_a_second_task_group_arriving_at_busy_engines_stays_on_one():
 
     _, engines_used = run_with("parrot", 4, program)
     assert len(engines_used) == 1
+
+
+@P.semantic_function()
+def long_answer(question: P.Input, answer: P.Output(max_tokens=300)):
+    """Q: {{question}} A long answer: {{answer}}"""
+
+
+def test_throughput_work_avoids_a_chat_engine_but_not_by_piling_onto_a_busy_one():
+    """Two engines: maps run on one, a long chat on the other. A second map-reduce (throughput
+    work, as mixed asks for it) goes beside the chat too (the latency class keeps its steps
+    short) rather than all onto the first engine, doubling its load."""
+    def program(runtime, backends):
+        first_parts = [long_answer(P.variable("question", f"part {i}")) for i in range(6)]  # maps that run for a while
+        first = threading.Thread(target=combine(*first_parts).get, kwargs={"perf": P.LATENCY})
+        first.start()
+        answer = long_answer(P.variable("question", "why?"))
+        asker = threading.Thread(target=answer.get, kwargs={"perf": P.LATENCY})
+        asker.start()
+        deadline = time.monotonic() + 10
+        while sum(1 for b in backends if b.running) < 2:
+            assert time.monotonic() < deadline, "the chat never ran beside the maps"
+            time.sleep(0.005)
+        second_parts, second = map_reduce("second")
+        second.get(perf=P.THROUGHPUT)
+        first.join()
+        asker.join()
+        return ({engine_of(backends, p, runtime) for p in first_parts}, engine_of(backends, answer, runtime),
+                {engine_of(backends, p, runtime) for p in second_parts})
+
+    _, (first_engines, chat_engine, second_engines) = run_with("parrot", 2, program)
+    assert chat_engine not in first_engines
+    assert chat_engine in second_engines

@@ -24,6 +24,9 @@ from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex
 # An engine holding a call's prefix is preferred while its load stays within this
 # many calls of the least loaded engine; past that the prefix is replicated.
 AFFINITY_SLACK = 4
+# Throughput work avoids engines with latency-critical calls only while the quiet engine it
+# would take instead runs at most this many calls more than the least loaded one.
+QUIET_ENGINE_SLACK = 4
 # A latency-critical call goes to an engine running fewer calls than this, if there is one.
 LATENCY_BATCH_BOUND = 4
 # latency-centric keeps every engine's batch this small; throughput-centric fills up to this
@@ -132,8 +135,12 @@ class ParrotPolicy(SchedulingPolicy):
             small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
             candidates = small or candidates
         elif call.objective is Objective.THROUGHPUT:
-            # throughput work stays off engines serving latency-critical calls where it can
-            quiet = [e for e in candidates if view.load[e.name].latency_calls == 0]
+            # throughput work stays off engines serving latency-critical calls where it can, but
+            # not at any price: piling it onto a busy quiet engine beside an idle one with a chat
+            # slows the throughput work more than the chat gains (its steps stay short anyway)
+            fewest = min(view.load[e.name].calls for e in candidates)
+            quiet = [e for e in candidates
+                     if view.load[e.name].latency_calls == 0 and view.load[e.name].calls <= fewest + QUIET_ENGINE_SLACK]
             candidates = quiet or candidates
         engine = _least_loaded(candidates, view)
         holding = [e for e in candidates if e.name in holders]
