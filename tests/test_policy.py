@@ -80,12 +80,17 @@ def start_map_reduce(backends: list[CountingBackend], tag: str, engines_running:
     parts, reduced = map_reduce(tag)
     worker = threading.Thread(target=reduced.get, kwargs={"perf": P.LATENCY})
     worker.start()
+    wait_for_engines_running(backends, engines_running, worker)
+    return parts, worker
+
+
+def wait_for_engines_running(backends: list[CountingBackend], engines_running: int, worker: threading.Thread) -> None:
+    """Returns once that many engines generate at once; fails after 10 s or if the worker ends first."""
     deadline = time.monotonic() + 10
     while sum(1 for b in backends if b.running) < engines_running:
         if time.monotonic() > deadline or not worker.is_alive():
-            raise AssertionError(f"the maps never ran on {engines_running} engines at once")
+            raise AssertionError(f"the calls never ran on {engines_running} engines at once")
         time.sleep(0.005)
-    return parts, worker
 
 
 @pytest.mark.parametrize("policy", ["parrot", "fifo"])
@@ -260,10 +265,7 @@ def test_throughput_work_avoids_a_chat_engine_but_not_by_piling_onto_a_busy_one(
         answer = long_answer(P.variable("question", "why?"))
         asker = threading.Thread(target=answer.get, kwargs={"perf": P.LATENCY})
         asker.start()
-        deadline = time.monotonic() + 10
-        while sum(1 for b in backends if b.running) < 2:
-            assert time.monotonic() < deadline, "the chat never ran beside the maps"
-            time.sleep(0.005)
+        wait_for_engines_running(backends, 2, asker)
         second_parts, second = map_reduce("second")
         second.get(perf=P.THROUGHPUT)
         first.join()
