@@ -168,11 +168,12 @@ def cmd_bench(args) -> None:
                             f"{'' if c.engines == 1 else 's'} per policy"
                       for name, (c, _) in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}.items()},
                    **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
-    overrides = SizeOverrides(apps=args.apps, chunks=args.chunks, background_rate=args.background_rate)
+    overrides = SizeOverrides(apps=args.apps, chunks=args.chunks, chunk_tokens=args.chunk_tokens, output_tokens=args.output_tokens,
+                              background_rate=args.background_rate)
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None
                                          or overrides != SizeOverrides()):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
-                        "--rtt-ms, --background-rate, --apps and --chunks")
+                        "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens")
     if args.paper_scale and (args.workload in own_servers or args.quick):
         raise UserError("--paper-scale sizes the app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce); "
                         "drop --quick with it")
@@ -180,7 +181,8 @@ def cmd_bench(args) -> None:
         raise UserError("--paper-scale runs take hours on a CPU engine: use it with --engine sim:PRESET or --device cuda")
     if args.background_rate is not None and args.background_rate < 0:
         raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
-    for flag, value in (("--apps", args.apps), ("--chunks", args.chunks)):
+    for flag, value in (("--apps", args.apps), ("--chunks", args.chunks), ("--chunk-tokens", args.chunk_tokens),
+                        ("--output-tokens", args.output_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
     if args.workload in SOAK_WORKLOADS:
@@ -282,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="apps running at once (multi-chain's is 8 at full size, 20 at --paper-scale; the others' 1)")
     bench.add_argument("--chunks", type=int, default=None, metavar="N",
                        help="chunks per document: a chain's steps, or map-reduce's maps")
+    bench.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                       help="tokens per chunk (512 at full size, 1024 at --paper-scale; the paper's Fig. 11 used 512 to 2048)")
+    bench.add_argument("--output-tokens", type=int, default=None, metavar="N",
+                       help="tokens each call generates (ignore_eos; 32 at full size, 50 at --paper-scale; the paper's "
+                            "Fig. 11 used 25 to 100)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")

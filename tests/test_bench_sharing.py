@@ -88,9 +88,11 @@ def test_quick_run_compares_every_system(workload, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["bench", "gpts", "--rtt-ms", "100"], "drop --engine, --engines, --repeats, --rtt-ms, --background-rate, --apps and --chunks"),
-    (["bench", "mixed", "--apps", "4"], "drop --engine, --engines, --repeats, --rtt-ms, --background-rate, --apps and --chunks"),
+    (["bench", "gpts", "--rtt-ms", "100"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens"),
+    (["bench", "mixed", "--apps", "4"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens"),
     (["bench", "multi-chain", "--chunks", "0"], "--chunks must be at least 1, not 0"),
+    (["bench", "chain-summary", "--output-tokens", "0"], "--output-tokens must be at least 1, not 0"),
+    (["bench", "multi-agent", "--chunk-tokens", "64"], "--chunk-tokens and --output-tokens"),
     (["bench", "multi-agent-sim", "--background-rate", "1"], "1 simulated sim:a100-13b engine per policy"),
     (["bench", "chain-summary-bg", "--background-rate", "-1"], "--background-rate is requests per second"),
     (["bench", "mixed", "--engines", "2"], "2 built-in engines per policy"),

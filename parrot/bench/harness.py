@@ -19,7 +19,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
               server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, overrides: SizeOverrides = SizeOverrides(), paper_scale: bool = False) -> dict:
     """Runs and reports one workload; a given server is used as is (and left running).
     `paper_scale` runs the paper's sizes instead of the full ones; `overrides` replace some
-    of the size's parameters (apps, chunks, background rate)."""
+    of the size's parameters (apps, chunks, chunk and output tokens, background rate)."""
     config: WorkloadConfig = overrides.apply(quick_or_full(workload, quick, paper_scale))
     size = "paper-scale" if paper_scale else "quick" if quick else "full"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ class SizeOverrides:
 
     apps: int | None = None
     chunks: int | None = None
+    chunk_tokens: int | None = None
+    output_tokens: int | None = None
     background_rate: float | None = None
 
     def apply(self, config: WorkloadConfig) -> WorkloadConfig:
