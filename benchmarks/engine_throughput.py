@@ -166,8 +166,8 @@ def _best_rate(fn, work: float, min_seconds: float, max_reps: int = 50) -> float
     return best
 
 
-def measure_machine(quick: bool) -> MachineLimits:
-    load_before = os.getloadavg()
+def _matmul_rates(quick: bool) -> tuple[float, float, float]:
+    """GFLOP/s of fp32 mm, bf16 linear and bf16 mm (its operands are freed on return)."""
     n = 1024 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     fp32 = _best_rate(lambda: torch.mm(a, b), 2 * n**3 / 1e9, 0.5 if quick else 1.5)
@@ -177,7 +177,12 @@ def measure_machine(quick: bool) -> MachineLimits:
     bf16_linear = _best_rate(lambda: torch.nn.functional.linear(x, w), 2 * nb**3 / 1e9, 0.5 if quick else 1.5)
     xm = torch.randn(256, 256, dtype=torch.bfloat16)
     bf16_mm = _best_rate(lambda: torch.mm(xm, xm), 2 * 256**3 / 1e9, 0.3, max_reps=5)
-    del a, b, x, w
+    return fp32, bf16_linear, bf16_mm
+
+
+def measure_machine(quick: bool) -> MachineLimits:
+    load_before = os.getloadavg()
+    fp32, bf16_linear, bf16_mm = _matmul_rates(quick)
     size = (64 if quick else 256) * 2**20 // 4
     src, dst = torch.randn(size), torch.empty(size)
     copy_gb_s = _best_rate(lambda: dst.copy_(src), 2 * size * 4 / 1e9, 0.5 if quick else 1.5)
