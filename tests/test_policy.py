@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -276,3 +277,55 @@ def test_throughput_work_avoids_a_chat_engine_but_not_by_piling_onto_a_busy_one(
     _, (first_engines, chat_engine, second_engines) = run_with("parrot", 2, program)
     assert chat_engine not in first_engines
     assert chat_engine in second_engines
+
+
+@P.semantic_function()
+def combine_eight(a: P.Input, b: P.Input, c: P.Input, d: P.Input, e: P.Input, f: P.Input, g: P.Input, h: P.Input,
+                  summary: P.Output(max_tokens=4)):
+    """Combine {{a}} {{b}} {{c}} {{d}} {{e}} {{f}} {{g}} {{h}}: {{summary}}"""
+
+
+def test_latency_work_gathers_on_the_engine_already_serving_it():
+    """Two engines busy with four long throughput calls each: a first chat goes to one of them,
+    and a second chat joins it though it runs a call more than the other, so the latency
+    class (which caps the other work's steps) slows one engine's throughput work, not both."""
+    def program(runtime, backends):
+        parts = [long_answer(P.variable("question", f"part {i}")) for i in range(8)]
+        mapper = threading.Thread(target=combine_eight(*parts).get, kwargs={"perf": P.THROUGHPUT})
+        mapper.start()
+        wait_for_engines_running(backends, 2, mapper)
+        first = long_answer(P.variable("question", "why?"))
+        asker = threading.Thread(target=first.get, kwargs={"perf": P.LATENCY})
+        asker.start()
+        deadline = time.monotonic() + 10
+        while sum(b.running for b in backends) < 9:
+            assert time.monotonic() < deadline and asker.is_alive(), "the first chat never ran"
+            time.sleep(0.005)
+        second = long_answer(P.variable("question", "how?"))
+        second.get(perf=P.LATENCY)
+        asker.join()
+        mapper.join()
+        return sorted(engine_of(backends, p, runtime) for p in parts), engine_of(backends, first, runtime), engine_of(backends, second, runtime)
+
+    _, (map_engines, first_chat, second_chat) = run_with("parrot", 2, program)
+    assert map_engines == ["sim-0"] * 4 + ["sim-1"] * 4
+    assert second_chat == first_chat
+
+
+def test_an_engine_serving_a_chat_takes_about_half_a_quiet_engines_share_of_throughput_work():
+    """Four engines, a long chat on one; 36 maps of a map-reduce asked with THROUGHPUT are placed
+    one by one: the quiet engines take up to twice the chat engine's calls, plus 4."""
+    def program(runtime, backends):
+        answer = long_answer(P.variable("question", "why?"))
+        asker = threading.Thread(target=answer.get, kwargs={"perf": P.LATENCY})
+        asker.start()
+        wait_for_engines_running(backends, 1, asker)
+        parts = [summarize(P.variable("chunk", f"part {i}")) for i in range(36)]
+        partials = [combine(*parts[i:i + 6]) for i in range(0, 36, 6)]
+        combine(*partials).get(perf=P.THROUGHPUT)
+        asker.join()
+        return engine_of(backends, answer, runtime), Counter(engine_of(backends, p, runtime) for p in parts)
+
+    _, (chat_engine, maps_per_engine) = run_with("parrot", 4, program)
+    assert chat_engine == "sim-0"
+    assert maps_per_engine == {"sim-0": 3, "sim-1": 11, "sim-2": 11, "sim-3": 11}

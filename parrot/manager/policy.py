@@ -25,7 +25,12 @@ from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex
 # many calls of the least loaded engine; past that the prefix is replicated.
 AFFINITY_SLACK = 4
 # Throughput work avoids engines with latency-critical calls only while the quiet engine it
-# would take instead runs at most this many calls more than the least loaded one.
+# would take instead runs at most QUIET_ENGINE_FACTOR times the calls of the least loaded
+# one, plus QUIET_ENGINE_SLACK. An engine serving latency work prefills the rest in capped
+# steps (128 tokens while a latency job waits), at a fraction of its full rate, so its fair
+# share of throughput work is a fraction too: on a simulated A100 about half (5.3k against
+# 12.6k prompt tokens/s), which the factor 2 gives.
+QUIET_ENGINE_FACTOR = 2
 QUIET_ENGINE_SLACK = 4
 # A latency-critical call goes to an engine running fewer calls than this, if there is one.
 LATENCY_BATCH_BOUND = 4
@@ -131,16 +136,19 @@ class ParrotPolicy(SchedulingPolicy):
             if not any(p.task_group == call.call_id for p in call.producers):
                 # a group's own consumer runs after the group, never beside it: no reason to keep an engine free
                 view.last_latency_call_s = view.clock()
-            # engines kept at small batches serve latency-critical calls first
+            # engines kept at small batches serve latency-critical calls first; among them, and
+            # when none is small, engines already serving latency work with room for more: the
+            # latency class caps the other work's steps on its engine, so it is kept on few engines
             small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
-            candidates = small or candidates
+            serving = [e for e in candidates if 0 < view.load[e.name].latency_calls < LATENCY_BATCH_BOUND]
+            candidates = [e for e in small if e in serving] or small or serving or candidates
         elif call.objective is Objective.THROUGHPUT:
             # throughput work stays off engines serving latency-critical calls where it can, but
             # not at any price: piling it onto a busy quiet engine beside an idle one with a chat
             # slows the throughput work more than the chat gains (its steps stay short anyway)
             fewest = min(view.load[e.name].calls for e in candidates)
-            quiet = [e for e in candidates
-                     if view.load[e.name].latency_calls == 0 and view.load[e.name].calls <= fewest + QUIET_ENGINE_SLACK]
+            most = QUIET_ENGINE_FACTOR * fewest + QUIET_ENGINE_SLACK
+            quiet = [e for e in candidates if view.load[e.name].latency_calls == 0 and view.load[e.name].calls <= most]
             candidates = quiet or candidates
         engine = _least_loaded(candidates, view)
         holding = [e for e in candidates if e.name in holders]
