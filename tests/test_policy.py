@@ -24,8 +24,8 @@ SLOW = CostModel(seconds_per_step=0.01)
 class CountingBackend(RecordingBackend):
     """Records the most calls generating at once."""
 
-    def __init__(self, name: str, kv_capacity_tokens: int | None = None):
-        super().__init__(name, cost=SLOW, kv_capacity_tokens=kv_capacity_tokens)
+    def __init__(self, name: str, kv_capacity_tokens: int | None = None, cost: CostModel = SLOW):
+        super().__init__(name, cost=cost, kv_capacity_tokens=kv_capacity_tokens)
         self.running = 0
         self.most_running = 0
         self.shared_prefix_chars: list[int] = []
@@ -69,8 +69,8 @@ def engine_of(backends: list[CountingBackend], var: P.SemanticVariable, runtime:
     return next(b.name for b in backends if call_id in b.contexts_seen)
 
 
-def run_with(policy: str, engines: int, program):
-    backends = [CountingBackend(f"sim-{i}") for i in range(engines)]
+def run_with(policy: str, engines: int, program, cost: CostModel = SLOW):
+    backends = [CountingBackend(f"sim-{i}", cost=cost) for i in range(engines)]
     with P.Runtime(backends=backends, policy=policy) as runtime:
         result = program(runtime, backends)
     return backends, result
@@ -312,9 +312,17 @@ def test_latency_work_gathers_on_the_engine_already_serving_it():
     assert second_chat == first_chat
 
 
-def test_an_engine_serving_a_chat_takes_about_half_a_quiet_engines_share_of_throughput_work():
+# Engines of 512-token steps whose prompt rate in 128-token steps (beside latency work) is half
+# the full one (a GPU-like fixed cost per step), or all of it (a CPU-like cost per token).
+HALF_RATE_BESIDE_LATENCY = CostModel(seconds_per_step=0.01, seconds_per_prefill_token=0.01 / 256)
+FULL_RATE_BESIDE_LATENCY = CostModel(seconds_per_prefill_token=1e-4, seconds_per_decode_seq=0.01)
+
+
+@pytest.mark.parametrize("cost,share,maps_on_chat_engine", [(HALF_RATE_BESIDE_LATENCY, 0.5, 3), (FULL_RATE_BESIDE_LATENCY, 1.0, 5)])
+def test_an_engine_serving_a_chat_takes_throughput_work_in_proportion_to_its_prompt_rate_beside_it(cost, share, maps_on_chat_engine):
     """Four engines, a long chat on one; 36 maps of a map-reduce asked with THROUGHPUT are placed
-    one by one: the quiet engines take up to twice the chat engine's calls, plus 4."""
+    one by one: the quiet engines take up to the chat engine's calls over its prompt-rate share
+    beside latency work, plus 4 (twice its calls at half the rate; at the full rate, as many)."""
     def program(runtime, backends):
         answer = long_answer(P.variable("question", "why?"))
         asker = threading.Thread(target=answer.get, kwargs={"perf": P.LATENCY})
@@ -326,6 +334,8 @@ def test_an_engine_serving_a_chat_takes_about_half_a_quiet_engines_share_of_thro
         asker.join()
         return engine_of(backends, answer, runtime), Counter(engine_of(backends, p, runtime) for p in parts)
 
-    _, (chat_engine, maps_per_engine) = run_with("parrot", 4, program)
+    backends, (chat_engine, maps_per_engine) = run_with("parrot", 4, program, cost=cost)
+    assert backends[0].stats().prefill_share_beside_latency == pytest.approx(share)
     assert chat_engine == "sim-0"
-    assert maps_per_engine == {"sim-0": 3, "sim-1": 11, "sim-2": 11, "sim-3": 11}
+    assert maps_per_engine["sim-0"] == maps_on_chat_engine
+    assert sum(maps_per_engine.values()) == 36 and max(maps_per_engine.values()) - min(maps_per_engine[f"sim-{i}"] for i in (1, 2, 3)) <= 1

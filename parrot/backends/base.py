@@ -24,6 +24,9 @@ class BackendStats:
     peak_batch_blocks: int = 0  # most KV blocks one step's batch used (0: not reported)
     kv_block_size: int = 16  # tokens per KV block
     kv_blocks_cached: int = 0  # in use only by cached prefixes: reclaimable
+    # of its full prompt-token rate, what other work keeps while a latency-class job waits
+    # beside it (its steps capped); 1.0 when unknown (engine/step_profile.py)
+    prefill_share_beside_latency: float = 1.0
 
 
 class EngineBackend(ABC):

@@ -26,7 +26,8 @@ class BuiltinEngineBackend(EngineBackend):
     def stats(self) -> BackendStats:
         s = self.engine.stats()
         return BackendStats(self.name, self.model, s.num_jobs, s.num_contexts, s.blocks_total, s.blocks_free, s.tokens_processed,
-                            s.peak_batch_blocks, s.block_size, s.cached_blocks)
+                            s.peak_batch_blocks, s.block_size, s.cached_blocks,
+                            s.prefill_share_beside_latency)
 
     async def close(self):
         await self.engine.close()

@@ -58,7 +58,7 @@ MULTI_AGENT_WORKLOADS: dict[str, tuple[MultiAgentConfig, MultiAgentConfig]] = {
     # the paper's prompt and output lengths on one SIMULATED A100 with LLaMA-13B: the real
     # manager and policies, modelled steps and KV capacity
     "multi-agent-sim": (
-        MultiAgentConfig(team_sizes=(4, 8, 16), guidelines_tokens=2048, design_tokens=256, code_tokens=256, review_tokens=128,
+        MultiAgentConfig(team_sizes=(4, 8, 16, 32), guidelines_tokens=2048, design_tokens=256, code_tokens=256, review_tokens=128,
                          program_tokens=256, engine="sim:a100-13b",
                          paper="Fig. 17: 8.9x faster than latency-centric vLLM, 2.4x than throughput-centric; KV blocks 1258 vs 2844"),
         MultiAgentConfig(team_sizes=(2,), guidelines_tokens=64, design_tokens=4, code_tokens=4, review_tokens=4, program_tokens=4,

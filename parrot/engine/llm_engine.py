@@ -29,6 +29,7 @@ from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
+from parrot.engine.step_profile import StepCost, StepProfile, prefill_share_at_cap
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
 
@@ -110,6 +111,7 @@ class EngineStats:
     # most distinct KV blocks one forward step's batch read: the memory sharing saves
     peak_batch_blocks: int = 0
     cached_blocks: int = 0  # held only by cached prefixes (reclaimable, not leaked)
+    prefill_share_beside_latency: float = 1.0  # from the fitted step cost (engine/step_profile.py)
 
 
 @dataclass
@@ -168,6 +170,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, graphs)
         self._channels: dict[int, _JobChannel] = {}
         self._counters = _Counters()
+        self._step_profile = StepProfile()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
@@ -316,13 +319,19 @@ class LLMEngine:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    @property
+    def step_cost(self) -> StepCost | None:
+        """The cost of a forward step fitted from the steps run so far (None until they varied in size)."""
+        return self._step_profile.cost()
+
     def stats(self) -> EngineStats:
         pool = self.contexts.pool
         c = self._counters
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
         cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
+        share = prefill_share_at_cap(self.step_cost, self.config.latency_max_tokens_per_step, self.config.max_tokens_per_step)
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
-                           c.peak_batch_blocks, cached_blocks)
+                           c.peak_batch_blocks, cached_blocks, share)
 
     async def close(self) -> None:
         """Stops the step loop; jobs still queued fail."""
@@ -433,7 +442,9 @@ class LLMEngine:
                     for chunk in plan.chunks:
                         self._finish(chunk.job, exc)
                     continue
-                self._counters.busy += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self._counters.busy += elapsed
+                self._step_profile.record(plan.num_tokens, elapsed)
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})

@@ -9,6 +9,7 @@ large as they go).
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -25,13 +26,13 @@ from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex
 # many calls of the least loaded engine; past that the prefix is replicated.
 AFFINITY_SLACK = 4
 # Throughput work avoids engines with latency-critical calls only while the quiet engine it
-# would take instead runs at most QUIET_ENGINE_FACTOR times the calls of the least loaded
-# one, plus QUIET_ENGINE_SLACK. An engine serving latency work prefills the rest in capped
-# steps (128 tokens while a latency job waits), at a fraction of its full rate, so its fair
-# share of throughput work is a fraction too: on a simulated A100 about half (5.3k against
-# 12.6k prompt tokens/s), which the factor 2 gives.
-QUIET_ENGINE_FACTOR = 2
+# would take instead runs at most the least loaded one's calls over that engine's share of
+# its prompt rate beside latency work (BackendStats.prefill_share_beside_latency), plus
+# QUIET_ENGINE_SLACK. An engine serving latency work prefills the rest in capped steps, at
+# a fraction of its full rate (0.42 on a simulated A100, 0.94 on this CPU), so its fair
+# share of throughput work is that fraction; never less than MIN_PREFILL_SHARE of it.
 QUIET_ENGINE_SLACK = 4
+MIN_PREFILL_SHARE = 0.25
 # A latency-critical call goes to an engine running fewer calls than this, if there is one.
 LATENCY_BATCH_BOUND = 4
 # latency-centric keeps every engine's batch this small; throughput-centric fills up to this
@@ -147,7 +148,8 @@ class ParrotPolicy(SchedulingPolicy):
             # not at any price: piling it onto a busy quiet engine beside an idle one with a chat
             # slows the throughput work more than the chat gains (its steps stay short anyway)
             fewest = min(view.load[e.name].calls for e in candidates)
-            most = QUIET_ENGINE_FACTOR * fewest + QUIET_ENGINE_SLACK
+            share = min((e.stats().prefill_share_beside_latency for e in candidates if view.load[e.name].latency_calls), default=1.0)
+            most = math.ceil(fewest / max(share, MIN_PREFILL_SHARE)) + QUIET_ENGINE_SLACK
             quiet = [e for e in candidates if view.load[e.name].latency_calls == 0 and view.load[e.name].calls <= most]
             candidates = quiet or candidates
         engine = _least_loaded(candidates, view)

@@ -46,6 +46,7 @@ class EngineStatsBody(Strict):
     peak_batch_blocks: int = 0
     kv_block_size: int = 16
     kv_blocks_cached: int = 0
+    prefill_share_beside_latency: float = Field(1.0, gt=0, le=1)
 
 
 class EngineRegister(Strict):

@@ -27,6 +27,7 @@ def _stats_body(backend: BuiltinEngineBackend) -> EngineStatsBody:
         name=s.name, model=s.model, running_jobs=s.running_jobs, contexts=s.contexts,
         kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free, tokens_processed=s.tokens_processed,
         peak_batch_blocks=s.peak_batch_blocks, kv_block_size=s.kv_block_size, kv_blocks_cached=s.kv_blocks_cached,
+        prefill_share_beside_latency=s.prefill_share_beside_latency,
     )
 
 

@@ -1,0 +1,72 @@
+"""What a forward step costs, as the manager needs to know it: how much of an engine's
+prompt rate is left to other work while a latency-class job waits beside it.
+
+While a latency-class job waits, the other work's steps are capped at a few tokens
+(`StepBudget`), so each of its tokens carries a larger part of the step's fixed cost.
+Where that fixed cost is large (a GPU reads every weight once a step) capped steps
+prefill at a fraction of the full rate; where tokens cost most (this CPU) at nearly
+all of it. The scheduler gives an engine serving latency work a share of throughput
+work in proportion (`manager/policy.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# a fit needs steps of different sizes: their token counts must spread by this much
+MIN_TOKEN_SPREAD = 32.0
+MIN_STEPS = 8
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """seconds of one step = per_step_s + per_token_s * tokens computed in it"""
+
+    per_step_s: float
+    per_token_s: float
+
+
+def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens: int) -> float:
+    """Prompt tokens per second in steps of `capped_tokens`, over that in steps of `full_tokens`;
+    1.0 when the cost is unknown (no reason then to treat the engine differently)."""
+    if cost is None or capped_tokens >= full_tokens:
+        return 1.0
+    capped_rate = capped_tokens / (cost.per_step_s + capped_tokens * cost.per_token_s)
+    full_rate = full_tokens / (cost.per_step_s + full_tokens * cost.per_token_s)
+    return min(1.0, capped_rate / full_rate)
+
+
+@dataclass
+class StepProfile:
+    """A running least-squares fit of step seconds on step tokens. Older steps weigh less
+    (`decay` per step), so the fit follows an engine whose load changes."""
+
+    decay: float = 0.995
+    weight: float = 0.0
+    steps: int = 0
+    sum_x: float = 0.0
+    sum_y: float = 0.0
+    sum_xx: float = 0.0
+    sum_xy: float = 0.0
+
+    def record(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.weight = self.weight * d + 1.0
+        self.sum_x = self.sum_x * d + tokens
+        self.sum_y = self.sum_y * d + seconds
+        self.sum_xx = self.sum_xx * d + tokens * tokens
+        self.sum_xy = self.sum_xy * d + tokens * seconds
+        self.steps += 1
+
+    def cost(self) -> StepCost | None:
+        """The fitted cost, or None until steps of different sizes were seen."""
+        if self.steps < MIN_STEPS:
+            return None
+        mean_x, mean_y = self.sum_x / self.weight, self.sum_y / self.weight
+        variance = self.sum_xx / self.weight - mean_x * mean_x
+        if variance < MIN_TOKEN_SPREAD**2:
+            return None
+        per_token = (self.sum_xy / self.weight - mean_x * mean_y) / variance
+        if per_token <= 0:
+            return None  # noise, not a cost model: a step cannot get cheaper with more tokens
+        return StepCost(max(0.0, mean_y - per_token * mean_x), per_token)
