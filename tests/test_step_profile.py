@@ -41,6 +41,7 @@ def test_the_share_is_the_capped_rate_over_the_full_rate():
     assert prefill_share_at_cap(StepCost(0.0, 1e-4), 128, 512) == pytest.approx(1.0)  # tokens cost all: no loss
     assert prefill_share_at_cap(None, 128, 512) == 1.0  # unknown: treated as no loss
     assert prefill_share_at_cap(StepCost(0.01, 0.0), 512, 512) == 1.0  # no cap below the full step
+    assert prefill_share_at_cap(StepCost(0.0, 0.0), 128, 512) == 1.0  # steps that cost nothing lose nothing
 
 
 def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):

@@ -29,8 +29,8 @@ class StepCost:
 def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens: int) -> float:
     """Prompt tokens per second in steps of `capped_tokens`, over that in steps of `full_tokens`;
     1.0 when the cost is unknown (no reason then to treat the engine differently)."""
-    if cost is None or capped_tokens >= full_tokens:
-        return 1.0
+    if cost is None or capped_tokens >= full_tokens or cost.per_step_s + cost.per_token_s <= 0:
+        return 1.0  # unknown, no cap, or steps that cost nothing
     capped_rate = capped_tokens / (cost.per_step_s + capped_tokens * cost.per_token_s)
     full_rate = full_tokens / (cost.per_step_s + full_tokens * cost.per_token_s)
     return min(1.0, capped_rate / full_rate)
