@@ -318,11 +318,12 @@ HALF_RATE_BESIDE_LATENCY = CostModel(seconds_per_step=0.01, seconds_per_prefill_
 FULL_RATE_BESIDE_LATENCY = CostModel(seconds_per_prefill_token=1e-4, seconds_per_decode_seq=0.01)
 
 
-@pytest.mark.parametrize("cost,share,maps_on_chat_engine", [(HALF_RATE_BESIDE_LATENCY, 0.5, 3), (FULL_RATE_BESIDE_LATENCY, 1.0, 5)])
+@pytest.mark.parametrize("cost,share,maps_on_chat_engine", [(HALF_RATE_BESIDE_LATENCY, 0.5, 4), (FULL_RATE_BESIDE_LATENCY, 1.0, 8)])
 def test_an_engine_serving_a_chat_takes_throughput_work_in_proportion_to_its_prompt_rate_beside_it(cost, share, maps_on_chat_engine):
     """Four engines, a long chat on one; 36 maps of a map-reduce asked with THROUGHPUT are placed
     one by one: the quiet engines take up to the chat engine's calls over its prompt-rate share
-    beside latency work, plus 4 (twice its calls at half the rate; at the full rate, as many)."""
+    beside latency work (twice its calls, the chat counted, at half the rate; at the full rate,
+    as many)."""
     def program(runtime, backends):
         answer = long_answer(P.variable("question", "why?"))
         asker = threading.Thread(target=answer.get, kwargs={"perf": P.LATENCY})

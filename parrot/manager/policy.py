@@ -27,11 +27,10 @@ from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex
 AFFINITY_SLACK = 4
 # Throughput work avoids engines with latency-critical calls only while the quiet engine it
 # would take instead runs at most the least loaded one's calls over that engine's share of
-# its prompt rate beside latency work (BackendStats.prefill_share_beside_latency), plus
-# QUIET_ENGINE_SLACK. An engine serving latency work prefills the rest in capped steps, at
-# a fraction of its full rate (0.42 on a simulated A100, 0.94 on this CPU), so its fair
-# share of throughput work is that fraction; never less than MIN_PREFILL_SHARE of it.
-QUIET_ENGINE_SLACK = 4
+# its prompt rate beside latency work (BackendStats.prefill_share_beside_latency). An engine
+# serving latency work prefills the rest in capped steps, at a fraction of its full rate
+# (0.42 on a simulated A100, 0.94 on this CPU), so its fair share of throughput work is that
+# fraction; never less than MIN_PREFILL_SHARE of it.
 MIN_PREFILL_SHARE = 0.25
 # A latency-critical call goes to an engine running fewer calls than this, if there is one.
 LATENCY_BATCH_BOUND = 4
@@ -149,7 +148,7 @@ class ParrotPolicy(SchedulingPolicy):
             # slows the throughput work more than the chat gains (its steps stay short anyway)
             fewest = min(view.load[e.name].calls for e in candidates)
             share = min((e.stats().prefill_share_beside_latency for e in candidates if view.load[e.name].latency_calls), default=1.0)
-            most = math.ceil(fewest / max(share, MIN_PREFILL_SHARE)) + QUIET_ENGINE_SLACK
+            most = math.ceil(fewest / max(share, MIN_PREFILL_SHARE))
             quiet = [e for e in candidates if view.load[e.name].latency_calls == 0 and view.load[e.name].calls <= most]
             candidates = quiet or candidates
         engine = _least_loaded(candidates, view)
