@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from parrot.bench.harness import run_bench
-from parrot.bench.report import markdown_table, print_rows
+from parrot.bench.report import best_measurements, markdown_table, print_rows
 from parrot.bench.systems import use_engine_flags
 from parrot.bench.workloads import PAPER_SIZES, SizeOverrides
 
@@ -43,11 +43,7 @@ def run_point(chunk_tokens: int, output_tokens: int, args, console: Console) -> 
     out = Path(args.out) / f"chunk{chunk_tokens}-out{output_tokens}"
     result = run_bench("chain-summary", False, out, args.model, args.rtt_ms, False, 1, console, engine=args.engine,
                        engines=1, overrides=SizeOverrides(chunk_tokens=chunk_tokens, output_tokens=output_tokens), paper_scale=True)
-    parrot_s: dict[str, float] = {}
-    for m in result["measurements"]:
-        if m["system"] == "parrot":
-            setting = f"{m['rtt_ms']:.0f}ms"
-            parrot_s[setting] = min(parrot_s.get(setting, float("inf")), m["mean_s"])
+    parrot_s = {f"{rtt:.0f}ms": m["mean_s"] for (rtt, system), m in best_measurements(result).items() if system == "parrot"}
     return SweepPoint(chunk_tokens, output_tokens, parrot_s, {k: v["request-level"] for k, v in result["ratios"].items()})
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import plot, print_rows, ratio_of, size_of, result_header, save_report, summary_line, write_markdown
+from parrot.bench.report import (best_measurements, plot, print_rows, ratio_of, result_header, save_report, size_of, summary_line,
+                                 write_markdown)
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, SizeOverrides, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
@@ -75,7 +76,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
             {**asdict(m), "mean_s": m.mean_s, "p90_s": m.p90_s} for m in measurements
         ],
     }
-    result["ratios"] = ratios(measurements)
+    result["ratios"] = ratios(result)
     result["outputs_match"] = check[0].final_outputs == check[1].final_outputs
     result["check_outputs"] = {"parrot": check[0].final_outputs, "request-level": check[1].final_outputs}
     save_report(result, out_dir, write_markdown, plot)
@@ -84,15 +85,12 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     return result
 
 
-def ratios(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
+def ratios(result: dict) -> dict[str, dict[str, float]]:
     """Per RTT setting: each system's best mean latency divided by Parrot's."""
-    best: dict[tuple[float, str], float] = {}
-    for m in measurements:
-        key = (m.rtt_ms, m.system)
-        best[key] = min(best.get(key, float("inf")), m.mean_s)
+    best = best_measurements(result)
     out: dict[str, dict[str, float]] = {}
-    for (rtt, system), value in best.items():
-        out.setdefault(f"{rtt:.0f}ms", {})[system] = value / best[(rtt, "parrot")]
+    for (rtt, system), m in best.items():
+        out.setdefault(f"{rtt:.0f}ms", {})[system] = m["mean_s"] / best[(rtt, "parrot")]["mean_s"]
     return out
 
 

@@ -57,7 +57,8 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
     return [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns), *(f"| {' | '.join(row)} |" for row in rows)]
 
 
-def _best(result: dict) -> dict[tuple[float, str], dict]:
+def best_measurements(result: dict) -> dict[tuple[float, str], dict]:
+    """(added RTT in ms, system) -> the measurement with the lowest mean latency, in the order measured."""
     best: dict[tuple[float, str], dict] = {}
     for m in result["measurements"]:
         key = (m["rtt_ms"], m["system"])
@@ -85,7 +86,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         *markdown_table(("system", "added RTT", "mean latency (s)", "p90 (s)", "slower than parrot"), [
             (system, f"{rtt:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio_of(result, rtt, system):.2f}x")
-            for (rtt, system), m in sorted(_best(result).items())
+            for (rtt, system), m in sorted(best_measurements(result).items())
         ]),
     ]
     lines += ["", "Every measured run reads its own documents (engines cache prompt prefixes); a warm-up pair on the same "
@@ -100,7 +101,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = _best(result)
+    best = best_measurements(result)
     rtts = sorted({rtt for rtt, _ in best})
     systems = sorted({system for _, system in best}, key=lambda s: (s != "parrot", s))
     fig, ax = plt.subplots(figsize=(6, 3.5))
