@@ -9,7 +9,7 @@ for
   transformers    LlamaForCausalLM of the same shape on the same GPU, sdpa attention, a KV
                   cache, one forward per decode step (what its generate() runs)
   roofline        a decode step can be no faster than reading the weights and the batch's KV
-                  once at the device's copy rate (measured in the same run)
+                  once at the device's read rate (a sum over 1 GiB, measured in the same run)
 
     python benchmarks/gpu_engine.py                          # on a CUDA GPU (RESULTS.md)
     python benchmarks/gpu_engine.py --quick --device cpu     # smoke run (tiny shape, float32)
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_throughput import PromptPool, _engine_decode, _engine_prefill, make_prompts  # noqa: E402
-from gpu_attention import copy_gbps  # noqa: E402
+from gpu_attention import read_gbps  # noqa: E402
 
 from parrot.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from parrot.engine.loader import DEFAULT_MODEL, load_config, resolve_model_dir  # noqa: E402
@@ -115,8 +115,8 @@ def run_transformers(args, pool: PromptPool, device: torch.device, dtype: torch.
     return rates
 
 
-def roofline(args, vocab: int, dtype: torch.dtype, copy_rate_gbps: float) -> Rates:
-    """Decode tok/s if a step only read the weights and the batch's KV once at the copy rate."""
+def roofline(args, vocab: int, dtype: torch.dtype, read_rate_gbps: float) -> Rates:
+    """Decode tok/s if a step only read the weights and the batch's KV once at the read rate."""
     c = shape_config(args.config, vocab)
     element = torch.tensor([], dtype=dtype).element_size()
     attention = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
@@ -125,7 +125,7 @@ def roofline(args, vocab: int, dtype: torch.dtype, copy_rate_gbps: float) -> Rat
     context = args.prompt_len + args.output_len // 2
     rates = Rates("roofline")
     for batch in args.batches:
-        step_s = (weights + batch * context * kv_per_token) / (copy_rate_gbps * 1e9 / 2)  # copy rate counts read + write
+        step_s = (weights + batch * context * kv_per_token) / (read_rate_gbps * 1e9)
         rates.decode_tok_s[batch] = batch / step_s
     return rates
 
@@ -153,21 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer(model_dir)
     vocab = max(load_config(model_dir).vocab_size, tokenizer.vocab_size)
     pool = PromptPool(make_prompts(tokenizer, 16 + 2 * sum(args.batches), args.prompt_len))
-    copy_rate = copy_gbps(device, 10)
+    read_rate = read_gbps(device, 10)
     systems = [] if args.no_transformers else [run_transformers(args, pool, device, dtype, vocab)]
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the transformers model is gone: its memory goes back before the engine sizes its pool
-    systems = [run_parrot(args, pool, device, dtype), *systems, roofline(args, vocab, dtype, copy_rate)]
+    systems = [run_parrot(args, pool, device, dtype), *systems, roofline(args, vocab, dtype, read_rate)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "shape": args.config, "dtype": str(dtype), "prompt_len": args.prompt_len, "output_len": args.output_len,
-              "copy_gbps": copy_rate, "systems": [asdict(s) for s in systems]}
+              "read_gbps": read_rate, "systems": [asdict(s) for s in systems]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_engine.json").write_text(json.dumps(result, indent=2))
     head = "| system | prefill tok/s | " + " | ".join(f"decode b{b} tok/s" for b in args.batches) + " |"
     rows = [f"| {s.name} | {s.prefill_tok_s:.0f} | " + " | ".join(f"{s.decode_tok_s[b]:.0f}" for b in args.batches) + " |" for s in systems]
     (args.out / "gpu_engine.md").write_text(
-        f"{args.config} (random weights), {dtype}, on {name}; prompts {args.prompt_len}, outputs {args.output_len}; copy rate "
-        f"{copy_rate:.0f} GB/s.\n\n{head}\n|{'---|' * (2 + len(args.batches))}\n" + "\n".join(rows) + "\n")
+        f"{args.config} (random weights), {dtype}, on {name}; prompts {args.prompt_len}, outputs {args.output_len}; read rate "
+        f"{read_rate:.0f} GB/s.\n\n{head}\n|{'---|' * (2 + len(args.batches))}\n" + "\n".join(rows) + "\n")
     ours, roof = systems[0], systems[-1]
     parts = [f"batch{b} {ours.decode_tok_s[b]:.0f} tok/s ({ours.decode_tok_s[b] / roof.decode_tok_s[b]:.0%} of roofline"
              + (f", {ours.decode_tok_s[b] / systems[1].decode_tok_s[b]:.2f}x transformers)" if len(systems) == 3 else ")")

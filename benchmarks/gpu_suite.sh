@@ -3,13 +3,18 @@
 # correctness first (the GPU tests), then the kernel, the engine and the app benchmarks with
 # LLaMA-7B's shape. Prepare here with `bash benchmarks/gpu_prepare.sh`, then:
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu"], timeout_s=600)
-# STAGES picks parts (default "tests kernel engine apps"); results land in $OUT (or bench-out/gpu).
+# STAGES picks parts (default "tests kernel engine apps"); each stage is cut at its own limit
+# (TESTS_S, KERNEL_S, ENGINE_S, APP_S per app workload) so one hang cannot spend the lease.
+# $OUT (or bench-out/gpu) receives device.txt, suite.log and results.tgz, re-packed after
+# every stage: the device tool brings back at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/gpu}
+WORK=bench-out/gpu-work
 STAGES=${STAGES:-tests kernel engine apps}
 APPS=${APPS:-chain-summary map-reduce gpts mixed}
-mkdir -p "$OUT"
+TESTS_S=${TESTS_S:-120} KERNEL_S=${KERNEL_S:-90} ENGINE_S=${ENGINE_S:-150} APP_S=${APP_S:-300}
+mkdir -p "$OUT" "$WORK"
 if [ -d .gpu/wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -18,15 +23,30 @@ else
 fi
 export PYTHONUNBUFFERED=1 PARROT_TEST_MODEL=${PARROT_TEST_MODEL:-$PWD/.gpu/model}
 MODEL=${MODEL:-$PWD/.gpu/model}
+exec > >(tee -a "$OUT/suite.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-for stage in $STAGES; do
-  case $stage in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_attention.py tests/test_device.py 2>&1 | tee "$OUT/gpu-tests.log" ;;
-    kernel) python3 benchmarks/gpu_attention.py --out "$OUT" ;;
-    engine) python3 benchmarks/gpu_engine.py --model "$MODEL" --out "$OUT" ;;
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit, say how it ended, pack the results
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@"
+  echo "=== $name: exit $? after $((SECONDS - start))s"
+  tar czf "$OUT/results.tgz" -C "$WORK" .
+}
+for stage_name in $STAGES; do
+  case $stage_name in
+    tests) stage tests "$TESTS_S" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_attention.py tests/test_device.py ;;
+    kernel) stage kernel "$KERNEL_S" python3 benchmarks/gpu_attention.py --out "$WORK" ;;
+    engine) stage engine "$ENGINE_S" python3 benchmarks/gpu_engine.py --model "$MODEL" --out "$WORK" ;;
     apps) for workload in $APPS; do
-            python3 -m parrot.cli bench "$workload" --device cuda --random-weights llama-7b --model "$MODEL" --out "$OUT" 2>&1 | tail -3
+            case $workload in  # the app workloads take the paper's sizes; the others run their own servers at one size
+              chain-summary|chain-summary-bg|multi-chain|map-reduce) size=--paper-scale ;;
+              *) size= ;;
+            esac
+            stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $size \
+              --device cuda --random-weights llama-7b --model "$MODEL" --out "$WORK"
           done ;;
-    *) echo "unknown stage $stage (tests, kernel, engine, apps)"; exit 2 ;;
+    *) echo "unknown stage $stage_name (tests, kernel, engine, apps)"; exit 2 ;;
   esac
 done

@@ -13,7 +13,7 @@ from parrot.engine.cuda_graphs import DecodeGraphs
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 
-from conftest import PROMPTS, assert_clean, fill_and_generate, greedy, run, token_ids
+from conftest import PROMPTS, assert_clean, collect, fill_and_generate, greedy, run, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,26 @@ def test_static_decode_gives_the_eager_engines_tokens(engine, variant, tokenizer
     got = run(_all(static_engine, prompts, 12))
     assert got == expected
     assert static_engine.runner.graphs.replays > replays_before
+    assert_clean(static_engine)
+
+
+def test_a_one_token_fill_runs_through_the_static_path_and_samples_nothing(engine, static_engine, tokenizer):
+    # the GPU suite's first app run failed here: a step of one-token fills has no row to sample
+    ids = tokenizer.encode(PROMPTS[0])
+
+    async def fill_then_extend(target: LLMEngine) -> list[int]:
+        await target.fill("base", None, ids[:-1])
+        replays = target.runner.graphs.replays if target.runner.graphs is not None else 0
+        await target.fill("base", None, ids[-1:])
+        extended = target.runner.graphs.replays if target.runner.graphs is not None else 0
+        try:
+            return [extended - replays, *token_ids(await collect(target, "base", greedy(6)))]
+        finally:
+            target.free_context("base")
+
+    static_replays, *got = run(fill_then_extend(static_engine))
+    assert static_replays == 1
+    assert got == run(fill_then_extend(engine))[1:]
     assert_clean(static_engine)
 
 
