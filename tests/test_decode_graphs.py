@@ -1,6 +1,6 @@
 """Decode steps from static buffers (the CUDA-graph path; on the CPU it runs without capture):
 the same tokens as the eager engine, padding rows that touch no context's KV, and steps with a
-shared prefix left to the eager path."""
+shared prefix read once per segment from buckets of their own."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import asyncio
 import pytest
 import torch
 
-from parrot.engine.cuda_graphs import DecodeGraphs
+from parrot.engine.cuda_graphs import MAX_SHARED_ITEMS, DecodeGraphs
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.prefix_plan import plan_prefix_groups
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 
 from conftest import PROMPTS, assert_clean, collect, fill_and_generate, greedy, run, token_ids
@@ -95,17 +96,52 @@ def test_padding_rows_write_only_the_scratch_block(static_engine, tokenizer):
     assert_clean(static_engine)
 
 
-def test_steps_sharing_a_long_prefix_stay_eager(static_engine):
+def test_steps_sharing_a_long_prefix_replay_the_shared_buckets(static_engine):
     graphs: DecodeGraphs = static_engine.runner.graphs
     assert graphs.buckets == [1, 2, 4]
     bs = static_engine.kv.block_size
-    assert graphs.takes([[1, 2], [3, 4]], [2 * bs, 2 * bs])  # no static buffers' sharing: different blocks
+    plain = graphs.plan([[1, 2], [3, 4]], [2 * bs, 2 * bs])
+    assert plain is not None and not plain.segments  # different blocks: a plain bucket
     scratch = static_engine.contexts.pool.num_blocks
     grouping = DecodeGraphs(static_engine.model, static_engine.kv, scratch, 4, min_shared_tokens=2 * bs)
     shared = list(range(10, 12))
-    assert not grouping.takes([shared + [1], shared + [2]], [3 * bs, 3 * bs])
-    assert grouping.takes([shared[:1] + [1], shared[:1] + [2]], [2 * bs, 2 * bs])  # one shared block: below the bar
-    assert not graphs.takes([[b] for b in range(5)], [1] * 5)  # more rows than the largest bucket
+    grouped = grouping.plan([shared + [1], shared + [2]], [3 * bs, 3 * bs])
+    assert grouped is not None and [s.block_ids for s in grouped.segments] == [shared]
+    below = grouping.plan([shared[:1] + [1], shared[:1] + [2]], [2 * bs, 2 * bs])  # one shared block: below the bar
+    assert below is not None and not below.segments
+    assert graphs.plan([[b] for b in range(5)], [1] * 5) is None  # more rows than the largest bucket
+    # more segments than the shared items hold: eager (pairs of rows, each pair its own two blocks)
+    many = [[100 + 2 * (i // 2), 101 + 2 * (i // 2), 500 + i] for i in range(2 * (MAX_SHARED_ITEMS + 1))]
+    wide = DecodeGraphs(static_engine.model, static_engine.kv, scratch, len(many), min_shared_tokens=2 * bs)
+    assert len(plan_prefix_groups(many, [3 * bs] * len(many), 2, bs).segments) == MAX_SHARED_ITEMS + 1
+    assert wide.plan(many, [3 * bs] * len(many)) is None
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_forks_of_a_long_prefix_decode_from_the_shared_buckets_with_the_eager_engines_tokens(engine, tokenizer, splits):
+    # a 3-block parent, three children (one bucket of 4 with a padding row), nested: two of them
+    # fork a common middle context, so the step holds a segment inside a segment
+    static = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+                                    decode_graphs=True, max_seqs_per_step=4))
+    bs = static.kv.block_size
+    static.runner.graphs = DecodeGraphs(static.model, static.kv, static.runner.graphs.scratch_block, 4, bs, splits=splits)
+    parent = (tokenizer.encode(" ".join(PROMPTS)) * 4)[: 3 * bs]
+    middle = tokenizer.encode(" and then, much later, after a long and winding road that went on")[:bs]
+
+    async def forks(target: LLMEngine) -> list[list[int]]:
+        await target.fill("parent", None, parent)
+        await target.fill("middle", "parent", middle)
+        try:
+            runs = [fill_and_generate(target, f"k{i}", tokenizer.encode(s), greedy(8), parent=base)
+                    for i, (s, base) in enumerate([(" First,", "parent"), (" Second,", "middle"), (" Third,", "middle")])]
+            return [token_ids(t) for t in await asyncio.gather(*runs)]
+        finally:
+            target.free_context("middle")
+            target.free_context("parent")
+
+    assert run(forks(static)) == run(forks(engine))
+    assert static.runner.graphs.shared_replays >= 6  # most of the 8 decode steps ran from the shared buckets
+    assert_clean(static)
 
 
 def test_the_gpu_engines_attention_and_graphs_together_on_the_cpu(engine, tokenizer):
@@ -115,7 +151,7 @@ def test_the_gpu_engines_attention_and_graphs_together_on_the_cpu(engine, tokeni
     gpu_like = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
                                       decode_graphs=True, max_seqs_per_step=4))
     gpu_like.model.attention = TritonSharedPrefixAttention(min_shared_tokens=16, chunk_tokens=32)
-    # steps of forks sharing a block run eagerly, grouped; static steps read each KV as 2 chunks
+    # steps of forks sharing a block replay the shared buckets; static steps read each KV as 2 chunks
     gpu_like.runner.graphs = DecodeGraphs(gpu_like.model, gpu_like.kv, gpu_like.runner.graphs.scratch_block, 4, 16, splits=2)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     assert run(_all(gpu_like, prompts, 10)) == run(_all(engine, prompts, 10))

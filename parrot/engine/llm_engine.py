@@ -164,7 +164,7 @@ class LLMEngine:
         self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached when freed)
         self._prefix_fills: dict[tuple[int, ...], asyncio.Future] = {}
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
-        # steps whose sequences the attention would group (a shared prefix this long) stay out of the graphs
+        # steps whose sequences the attention would group (a shared prefix this long) replay graphs of their own
         shared = self.model.attention.min_shared_tokens if config.shared_prefix_attention else None
         graphs = DecodeGraphs(self.model, self.kv, num_blocks, config.max_seqs_per_step, shared) if use_graphs else None
         self.runner = ModelRunner(self.model, self.kv, graphs)

@@ -67,10 +67,11 @@ class ModelRunner:
             if chunk.wants_logits:
                 logit_rows.append(len(tokens) - 1)
         tables, lengths = [s.block_table for s in sequences], [s.context_len for s in sequences]
-        if self.graphs is not None and len(tokens) == len(sequences) and self.graphs.takes(tables, lengths):
-            # a decode step: every row's logits come out, the sampled ones are kept
-            # a fill of one token per context samples nothing: its rows are an empty index, which must still be integers
-            logits = self.graphs.run(tokens, positions, slots, tables, lengths)[torch.tensor(logit_rows, dtype=torch.int64, device=self.device)]
+        static_plan = self.graphs.plan(tables, lengths) if self.graphs is not None and len(tokens) == len(sequences) else None
+        if static_plan is not None:
+            # a decode step: every row's logits come out, the sampled ones are kept; a fill of
+            # one token per context samples nothing: its rows are an empty index, which must still be integers
+            logits = self.graphs.run(tokens, positions, slots, tables, static_plan)[torch.tensor(logit_rows, dtype=torch.int64, device=self.device)]
         else:
             on = dict(dtype=torch.int64, device=self.device)
             batch = ForwardBatch(

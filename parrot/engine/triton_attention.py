@@ -102,8 +102,8 @@ def run_items_torch(
             scores = scores.masked_fill(torch.arange(n, device=q.device) >= limit.unsqueeze(1), float("-inf"))
         lse = scores.logsumexp(-1)
         out = (scores - lse.unsqueeze(-1)).exp() @ values.float()
-        outs.append(out.view(hkv, count, -1, d).transpose(0, 1).reshape(count, h, d))
-        lses.append(lse.view(hkv, count, -1).transpose(0, 1).reshape(count, h))
+        outs.append(out.view(hkv, count, h // hkv, d).transpose(0, 1).reshape(count, h, d))  # count may be 0: no rows
+        lses.append(lse.view(hkv, count, h // hkv).transpose(0, 1).reshape(count, h))
     empty = (torch.zeros((0, h, d), device=q.device), torch.zeros((0, h), device=q.device))
     return PartialAttention(items.q_rows.long(), torch.cat(outs) if outs else empty[0], torch.cat(lses) if lses else empty[1])
 
