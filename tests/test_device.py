@@ -42,11 +42,14 @@ def test_the_pool_takes_the_engines_share_of_the_gpu_less_weights_and_activation
         kv_pool_bytes(gpu, None, 0.25, 2 * GIB, alone)
 
 
-def test_activation_reserve_grows_with_the_step_and_the_vocabulary():
+def test_activation_reserve_grows_with_the_step_the_vocabulary_and_the_attention_parts():
     config, _ = random_model("tiny", 1000, (2,), torch.float32)
     small = step_activation_bytes(config, 128, 8, torch.bfloat16)
     assert step_activation_bytes(config, 512, 8, torch.bfloat16) > small
     assert step_activation_bytes(config, 128, 64, torch.bfloat16) > small
+    # a static decode bucket's float32 attention parts: out and log-sum-exp per head, three copies, twice
+    parts = step_activation_bytes(config, 128, 8, torch.bfloat16, attention_part_rows=100) - small
+    assert parts == 2 * 3 * 4 * 100 * config.num_heads * (config.head_dim + 1)
     assert default_dtype(torch.device("cuda")) == torch.bfloat16 and default_dtype(torch.device("cpu")) == torch.float32
     assert EngineConfig(device="cuda").torch_dtype == torch.bfloat16 and EngineConfig().torch_dtype == torch.float32
 
