@@ -40,8 +40,8 @@ for stage_name in $STAGES; do
     kernel) stage kernel "$KERNEL_S" python3 benchmarks/gpu_attention.py --out "$WORK" ;;
     engine) stage engine "$ENGINE_S" python3 benchmarks/gpu_engine.py --model "$MODEL" --out "$WORK" ;;
     apps) for workload in $APPS; do
-            case $workload in  # the app workloads take the paper's sizes; the others run their own servers at one size
-              chain-summary|chain-summary-bg|multi-chain|map-reduce) size=--paper-scale ;;
+            case $workload in  # the paper's sizes where the workload has them (not multi-agent, soak)
+              chain-summary|chain-summary-bg|multi-chain|map-reduce|gpts|shared-prompt|mixed) size=--paper-scale ;;
               *) size= ;;
             esac
             stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $size \

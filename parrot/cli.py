@@ -150,14 +150,17 @@ def cmd_bench(args) -> None:
 
     from parrot.bench.harness import run_bench
     from parrot.bench.mixed import MIXED_WORKLOADS
+    from parrot.bench.mixed import PAPER_SIZES as MIXED_PAPER_SIZES
     from parrot.bench.mixed_harness import run_mixed_bench
     from parrot.bench.multi_agent import MULTI_AGENT_WORKLOADS
     from parrot.bench.multi_agent_harness import run_multi_agent_bench
+    from parrot.bench.sharing import PAPER_SIZES as SHARING_PAPER_SIZES
     from parrot.bench.sharing import SHARING_WORKLOADS
     from parrot.bench.sharing_harness import run_sharing_bench
     from parrot.bench.soak import SOAK_WORKLOADS
     from parrot.bench.soak_harness import run_soak_bench
     from parrot.bench.systems import use_engine_flags
+    from parrot.bench.workloads import PAPER_SIZES as APP_PAPER_SIZES
     from parrot.bench.workloads import SizeOverrides
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
@@ -174,11 +177,13 @@ def cmd_bench(args) -> None:
                                          or overrides != SizeOverrides()):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
                         "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens")
-    if args.paper_scale and (args.workload in own_servers or args.quick):
-        raise UserError("--paper-scale sizes the app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce); "
+    paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES]
+    if args.paper_scale and (args.workload not in paper_sized or args.quick):
+        raise UserError(f"--paper-scale sizes {', '.join(paper_sized)} (the last three for built-in engines on a GPU); "
                         "drop --quick with it")
     if args.paper_scale and args.engine == "builtin" and args.device == "cpu":
-        raise UserError("--paper-scale runs take hours on a CPU engine: use it with --engine sim:PRESET or --device cuda")
+        raise UserError("--paper-scale runs take hours on a CPU engine: use it with --device cuda "
+                        "(or, for the app workloads, --engine sim:PRESET)")
     if args.background_rate is not None and args.background_rate < 0:
         raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
     for flag, value in (("--apps", args.apps), ("--chunks", args.chunks), ("--chunk-tokens", args.chunk_tokens),
@@ -189,13 +194,15 @@ def cmd_bench(args) -> None:
         run_soak_bench(args.workload, args.quick, Path(args.out), args.model, Console())
         return
     if args.workload in SHARING_WORKLOADS:
-        run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console())
+        run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console(), paper_scale=args.paper_scale)
         return
     if args.workload in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}:
         if args.peers:
             Console().print(f"[yellow]{args.workload} compares our own scheduling policies; --peers (vLLM) is not part of it yet")
-        run = run_mixed_bench if args.workload in MIXED_WORKLOADS else run_multi_agent_bench
-        run(args.workload, args.quick, Path(args.out), args.model, Console())
+        if args.workload in MIXED_WORKLOADS:
+            run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
+        else:
+            run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console())
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
@@ -271,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--paper-scale", action="store_true",
                        help="the paper's sizes for the app workloads (chunks of 1024 tokens, 50 output tokens; chain-summary "
-                            "16 chunks, multi-chain 20 apps of 8 chunks, map-reduce 32 chunks, chain-summary-bg 4 req/s): "
-                            "for simulated engines (--engine sim:a100-13b) or a GPU")
+                            "16 chunks, multi-chain 20 apps of 8 chunks, map-reduce 32 chunks, chain-summary-bg 4 req/s; "
+                            "gpts the paper's four system prompts of 1-7k tokens at 2-16 req/s, shared-prompt a 6000-token "
+                            "prompt, mixed mixed-sim's jobs and chats on two engines): for simulated engines "
+                            "(--engine sim:a100-13b; app workloads) or a GPU (--device cuda --random-weights llama-7b)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--rtt-ms", type=float, default=None, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")

@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import parrot as P
 from parrot.bench import apps
@@ -86,8 +86,15 @@ class MixedResult:
         return statistics.fmean(self.job_completion_s)
 
 
-def quick_or_full(name: str, quick: bool) -> MixedConfig:
-    return pick_size(MIXED_WORKLOADS, name, quick)
+# the paper's sizes (mixed-sim's) for built-in engines on one GPU (--paper-scale --device cuda): two 7B engines
+# share an H100 where the paper had four A6000s
+PAPER_SIZES: dict[str, MixedConfig] = {
+    "mixed": replace(MIXED_WORKLOADS["mixed-sim"][0], engines=2, engine="builtin"),
+}
+
+
+def quick_or_full(name: str, quick: bool, paper_scale: bool = False) -> MixedConfig:
+    return PAPER_SIZES[name] if paper_scale else pick_size(MIXED_WORKLOADS, name, quick)
 
 
 def run_mixed(config: MixedConfig, policy: str, server: RunningServer, tokenizer) -> MixedResult:

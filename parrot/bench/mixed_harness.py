@@ -38,8 +38,9 @@ def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, 
     return results
 
 
-def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console) -> dict:
-    config = quick_or_full(workload, quick)
+def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False) -> dict:
+    config = quick_or_full(workload, quick, paper_scale)
+    size = "paper-scale" if paper_scale else "quick" if quick else "full"
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
     engine_flags = ["--engine", config.engine] if config.engine.startswith("sim:") else ["--threads", str(config.threads_per_engine)]
@@ -49,14 +50,14 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
     best_chat = min(r.chat_s_per_token for r in results)
     best_jct = min(r.mean_jct_s for r in results)
     result = {
-        **result_header(workload, quick, model), "config": asdict(config),
+        **result_header(workload, quick, model), "size": size, "config": asdict(config),
         "results": [{**asdict(r), "chat_s_per_token": r.chat_s_per_token, "chat_p90_s_per_token": r.chat_p90_s_per_token,
                      "mean_jct_s": r.mean_jct_s, "chat_vs_best": r.chat_s_per_token / best_chat, "jct_vs_best": r.mean_jct_s / best_jct}
                     for r in results],
     }
     save_report(result, out_dir, write_mixed_markdown, plot_mixed)
     engines = engines_title(model, config.engine, config.engines)
-    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {engines})", MIXED_COLUMNS, mixed_rows(result))
+    print_rows(console, f"{workload} ({size}, {engines})", MIXED_COLUMNS, mixed_rows(result))
     console.print(mixed_summary(result))
     return result
 

@@ -24,8 +24,9 @@ def _start(system: SharingSystem, model: str, out_dir: Path, kv_memory_gb: float
     return start_parrot(model, 1, out_dir, ["--kv-memory-gb", str(kv_memory_gb), *system.serve_flags], log_name=f"{system.label}.log")
 
 
-def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, peers: bool, console: Console) -> dict:
-    config = quick_or_full(workload, quick)
+def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, peers: bool, console: Console,
+                      paper_scale: bool = False) -> dict:
+    config = quick_or_full(workload, quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
     prompts = system_prompts(config, tokenizer)
@@ -60,7 +61,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                 server.stop()
     reference = warmup_outputs.get("parrot")
     result = {
-        **result_header(workload, quick, model), "notes": notes,
+        **result_header(workload, quick, model), "size": "paper-scale" if paper_scale else "quick" if quick else "full", "notes": notes,
         "config": {**asdict(config), "load_kind": config.load_kind.value},
         "systems": {s.label: s.description for s in systems if s.label in results},
         "results": {label: [{**asdict(r), "s_per_output_token": r.s_per_output_token, "throughput_tokens_s": r.throughput_tokens_s}
