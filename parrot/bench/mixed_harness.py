@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
-from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report
+from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report, size_of
 from parrot.bench.systems import RunningServer, start_parrot
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -73,7 +73,7 @@ def mixed_rows(result: dict) -> list[tuple[str, ...]]:
 def write_mixed_markdown(result: dict, path: Path) -> None:
     c = result["config"]
     lines = [
-        f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
+        f"### {result['workload']} ({size_of(result)})",
         "",
         (f"**SIMULATED** {c['engine']} engines ({c['engines']}: cost-model steps, the real manager and policies), one server per policy. "
          if c["engine"].startswith("sim:") else

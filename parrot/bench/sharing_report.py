@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from parrot.bench.report import markdown_table, print_rows
+from parrot.bench.report import markdown_table, print_rows, size_of
 
 
 def sustained_load(rows: list[dict], slo_s_per_token: float) -> float:
@@ -62,14 +62,14 @@ def sharing_rows(result: dict) -> list[tuple[str, ...]]:
 
 
 def print_sharing_table(result: dict, console: Console) -> None:
-    print_rows(console, f"{result['workload']} ({'quick' if result['quick'] else 'full'}, {result['model']})",
+    print_rows(console, f"{result['workload']} ({size_of(result)}, {result['model']})",
                sharing_columns(result), sharing_rows(result))
 
 
 def write_sharing_markdown(result: dict, path: Path) -> None:
     config = result["config"]
     lines = [
-        f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
+        f"### {result['workload']} ({size_of(result)})",
         "",
         f"Model {result['model']}, one engine per system, each its own server fed the same requests. System prompts "
         f"{config['system_prompt_tokens']} tokens (mix {config['app_mix']}), queries {config['query_tokens']} tokens, "

@@ -79,7 +79,7 @@ class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv: KVCacheTensors, scratch_block: int, max_batch: int,
                  min_shared_tokens: int | None = None, splits: int | None = None):
         """scratch_block: a KV block no context holds. min_shared_tokens: the attention groups
-        sequences sharing at least this many tokens (steps with such a group run eagerly).
+        sequences sharing at least this many tokens (steps with such a group replay the shared buckets).
         splits: KV chunks per sequence in every bucket (default: by bucket, to fill the GPU; 1 on a CPU)."""
         self.model, self.kv, self.scratch_block = model, kv, scratch_block
         self.min_shared_tokens = min_shared_tokens
@@ -89,7 +89,9 @@ class DecodeGraphs:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0
         splits_of = {size: splits or (splits_for(size, model.config.num_kv_heads, sms) if sms else 1) for size in self.buckets}
         self._static = {size: self._buffers(size, splits_of[size]) for size in self.buckets}
-        self._shared = {} if min_shared_tokens is None else {size: self._buffers(size, splits_of[size], shared=True) for size in self.buckets}
+        # a segment has two members at least: no shared bucket of one row
+        self._shared = {} if min_shared_tokens is None else {
+            size: self._buffers(size, splits_of[size], shared=True) for size in self.buckets if size > 1}
         self.replays = 0
         self.shared_replays = 0
         if self.device.type == "cuda":
