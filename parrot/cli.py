@@ -184,6 +184,9 @@ def cmd_bench(args) -> None:
     if args.paper_scale and args.engine == "builtin" and args.device == "cpu":
         raise UserError("--paper-scale runs take hours on a CPU engine: use it with --device cuda "
                         "(or, for the app workloads, --engine sim:PRESET)")
+    if args.peers and (args.device == "cuda" or args.random_weights):
+        raise UserError("--peers runs vLLM's CPU build on --model's real weights, which would not be the model or the device "
+                        "the built-in engines measure with --device cuda or --random-weights: drop --peers")
     if args.background_rate is not None and args.background_rate < 0:
         raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
     for flag, value in (("--apps", args.apps), ("--chunks", args.chunks), ("--chunk-tokens", args.chunk_tokens),

@@ -101,6 +101,8 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     (["bench", "gpts", "--paper-scale"], "use it with --device cuda"),
     (["bench", "multi-agent", "--paper-scale"], "--paper-scale sizes chain-summary"),
     (["bench", "mixed", "--paper-scale", "--quick"], "drop --quick with it"),
+    (["bench", "map-reduce", "--peers", "--device", "cuda"], "drop --peers"),
+    (["bench", "gpts", "--peers", "--random-weights", "llama-7b"], "drop --peers"),
     (["bench", "mixed-sim", "--engines", "8"], "4 simulated sim:a100-7b engines per policy"),
     (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),
     (["serve", "--threads", "0"], "--threads must be at least 1"),

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from parrot.engine.cuda_graphs import MAX_SHARED_ITEMS, DecodeGraphs
+from parrot.engine.cuda_graphs import MAX_SHARED_ITEMS, MAX_SPLITS, DecodeGraphs, graph_memory
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.prefix_plan import plan_prefix_groups
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
@@ -115,6 +115,19 @@ def test_steps_sharing_a_long_prefix_replay_the_shared_buckets(static_engine):
     wide = DecodeGraphs(static_engine.model, static_engine.kv, scratch, len(many), min_shared_tokens=2 * bs)
     assert len(plan_prefix_groups(many, [3 * bs] * len(many), 2, bs).segments) == MAX_SHARED_ITEMS + 1
     assert wide.plan(many, [3 * bs] * len(many)) is None
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_kv_pools_reserve_covers_what_the_graphs_hold(static_engine, shared):
+    # the pool is sized before capture: a reserve short of the graphs' buffers fails the capture on a full GPU
+    bs, scratch = static_engine.kv.block_size, static_engine.contexts.pool.num_blocks
+    graphs = DecodeGraphs(static_engine.model, static_engine.kv, scratch, 6, 2 * bs if shared else None, splits=MAX_SPLITS)
+    buckets = [*graphs._static.values(), *graphs._shared.values()]
+    assert any(b.shared is not None for b in buckets) == shared
+    need = graph_memory(6, shared)
+    assert need.logits_rows == sum(b.size for b in buckets)  # every graph keeps its logits [size, V]
+    assert need.part_rows >= max(b.items.q_rows.numel() + (b.shared.q_rows.numel() if b.shared is not None else 0) for b in buckets)
+    assert graph_memory(6, False).part_rows < graph_memory(6, True).part_rows
 
 
 @pytest.mark.parametrize("splits", [1, 3])

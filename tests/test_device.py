@@ -50,6 +50,8 @@ def test_activation_reserve_grows_with_the_step_the_vocabulary_and_the_attention
     # a static decode bucket's float32 attention parts: out and log-sum-exp per head, three copies, twice
     parts = step_activation_bytes(config, 128, 8, torch.bfloat16, attention_part_rows=100) - small
     assert parts == 2 * 3 * 4 * 100 * config.num_heads * (config.head_dim + 1)
+    kept = step_activation_bytes(config, 128, 8, torch.bfloat16, kept_logits_rows=10) - small
+    assert kept == 4 * 10 * config.vocab_size  # captured graphs' float32 logits stay allocated
     assert default_dtype(torch.device("cuda")) == torch.bfloat16 and default_dtype(torch.device("cpu")) == torch.float32
     assert EngineConfig(device="cuda").torch_dtype == torch.bfloat16 and EngineConfig().torch_dtype == torch.float32
 

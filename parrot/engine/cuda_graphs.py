@@ -35,6 +35,28 @@ MAX_SPLITS = 16
 MAX_SHARED_ITEMS = 16  # shared-segment chunks a static step holds (a prefix of 8k tokens: chunks of 512)
 
 
+def bucket_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a graph is captured for: the standard ones below max_batch, and max_batch."""
+    return sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+
+
+@dataclass(frozen=True)
+class GraphMemory:
+    """What captured decode graphs keep or need beyond an eager step, for sizing the KV pool
+    before they are captured (the pool is sized first; a capture that finds no memory fails)."""
+
+    part_rows: int  # float32 attention parts of the largest static step: (shared items + splits) per sequence
+    logits_rows: int  # float32 logits rows the graphs keep: each graph's output outlives its capture
+
+
+def graph_memory(max_batch: int, shared: bool) -> GraphMemory:
+    """The GraphMemory of DecodeGraphs(max_batch) with shared buckets or without."""
+    sizes = bucket_sizes(max_batch)
+    per_row = MAX_SPLITS + (MAX_SHARED_ITEMS if shared else 0)
+    shared_rows = sum(size for size in sizes if size > 1) if shared else 0
+    return GraphMemory(per_row * max_batch, sum(sizes) + shared_rows)
+
+
 def splits_for(bucket: int, kv_heads: int, multiprocessors: int) -> int:
     """KV chunks per sequence in a bucket: enough items to fill the GPU, at most MAX_SPLITS."""
     return max(1, min(MAX_SPLITS, -(-PROGRAMS_PER_SM * multiprocessors // (bucket * kv_heads))))
@@ -84,7 +106,7 @@ class DecodeGraphs:
         self.model, self.kv, self.scratch_block = model, kv, scratch_block
         self.min_shared_tokens = min_shared_tokens
         self.width = -(-model.config.max_position_embeddings // kv.block_size)
-        self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+        self.buckets = bucket_sizes(max_batch)
         self.device = kv.layers[0][0].device
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0
         splits_of = {size: splits or (splits_for(size, model.config.num_kv_heads, sms) if sms else 1) for size in self.buckets}

@@ -45,17 +45,18 @@ class DeviceMemory:
 
 
 def step_activation_bytes(config: ModelConfig, max_tokens_per_step: int, max_seqs_per_step: int, dtype: torch.dtype,
-                          attention_part_rows: int = 0) -> int:
+                          attention_part_rows: int = 0, kept_logits_rows: int = 0) -> int:
     """A bound on one forward step's transient memory: the widest per-token tensors of a layer
     (qkv, gate/up, attention output) for every token of the step, plus float32 logits for the
     sampled rows, plus the float32 attention parts of split or shared decode (attention_part_rows
-    rows: out and log-sum-exp, and the merge's two copies), twice over for the allocator's slack."""
+    rows: out and log-sum-exp, and the merge's two copies), twice over for the allocator's slack;
+    plus kept_logits_rows float32 logits rows that stay allocated (captured graphs' outputs)."""
     element = torch.tensor([], dtype=dtype).element_size()
     qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     per_token = element * (qkv + 3 * config.intermediate_size + 4 * config.hidden_size) + 4 * (config.num_heads * config.head_dim)
     logits = 4 * max_seqs_per_step * config.vocab_size * 2  # the float32 logits and the sampler's copy
     parts = 3 * 4 * attention_part_rows * config.num_heads * (config.head_dim + 1)
-    return 2 * (max_tokens_per_step * per_token + logits + parts)
+    return 2 * (max_tokens_per_step * per_token + logits + parts) + 4 * kept_logits_rows * config.vocab_size
 
 
 def kv_pool_bytes(

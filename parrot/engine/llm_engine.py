@@ -17,7 +17,7 @@ from enum import Enum
 import torch
 
 from parrot.engine.attention import AttentionBackend, CpuPagedAttention
-from parrot.engine.cuda_graphs import MAX_SHARED_ITEMS, MAX_SPLITS, DecodeGraphs
+from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
 from parrot.engine.device import DEVICES, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
@@ -151,9 +151,9 @@ class LLMEngine:
         del state
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
-        # a static decode bucket holds up to (shared items + splits) parts per row
-        part_rows = (MAX_SHARED_ITEMS + MAX_SPLITS) * config.max_seqs_per_step if use_graphs else 0
-        activations = step_activation_bytes(self.model_config, config.max_tokens_per_step, config.max_seqs_per_step, dtype, part_rows)
+        graph_needs = graph_memory(config.max_seqs_per_step, config.shared_prefix_attention) if use_graphs else GraphMemory(0, 0)
+        activations = step_activation_bytes(self.model_config, config.max_tokens_per_step, config.max_seqs_per_step, dtype,
+                                            graph_needs.part_rows, graph_needs.logits_rows)
         num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
         # one block past the pool's: the slots of a static decode batch's padding rows
         self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, dtype, device)
