@@ -143,7 +143,8 @@ class DecodeGraphs:
         for i, (blocks, parts) in enumerate(zip(tables, plan.sequences)):
             # the sequence's own items read what no shared segment covers: its suffix, block-aligned
             blocks, length = blocks[parts.suffix_start // bs :], parts.suffix_len
-            chunk_blocks = -(-(-(-length // splits)) // bs)  # block-aligned chunk of ceil(length / splits) tokens
+            chunk_tokens = -(-length // splits)
+            chunk_blocks = -(-chunk_tokens // bs)  # block-aligned chunks of at least ceil(length / splits) tokens
             for j in range(splits):
                 first = j * chunk_blocks
                 item_lengths[i * splits + j] = max(0, min(chunk_blocks * bs, length - first * bs))
