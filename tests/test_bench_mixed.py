@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full
@@ -45,6 +46,28 @@ def test_quick_mixed_run_on_simulated_engines_is_labelled_simulated(tmp_path):
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
     assert all(text.strip() for r in result["results"] for text in r["chat_outputs"] + r["map_reduce_outputs"])
     assert "SIMULATED" in (tmp_path / "mixed-sim.md").read_text()
+    assert not (tmp_path / "mixed-sim.partial.jsonl").exists()  # the full report replaced it
+
+
+def test_a_run_cut_off_keeps_the_policies_it_measured(tmp_path, monkeypatch):
+    import parrot.bench.mixed_harness as harness
+
+    measured = []
+
+    def run_then_cut(config, policy, server, tokenizer):
+        if measured:
+            raise KeyboardInterrupt  # the run's time limit, after the first policy
+        measured.append(policy)
+        return real_run(config, policy, server, tokenizer)
+
+    real_run = harness.run_mixed
+    monkeypatch.setattr(harness, "run_mixed", run_then_cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_mixed_bench("mixed-sim", True, tmp_path, "smollm2-135m", Console(quiet=True))
+    lines = [json.loads(line) for line in (tmp_path / "mixed-sim.partial.jsonl").read_text().splitlines()]
+    assert [line["label"] for line in lines] == measured == [MIXED_POLICIES[0]]
+    assert len(lines[0]["measurement"]["chat_latencies_s"]) == quick_or_full("mixed-sim", True).chats
+    assert not (tmp_path / "mixed-sim.json").exists()
 
 
 def test_quick_multi_agent_on_a_simulated_engine_is_labelled_and_holds_shared_prefixes_once(tmp_path):

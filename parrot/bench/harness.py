@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import (best_measurements, plot, print_rows, ratio_of, result_header, save_report, size_of, summary_line,
+from parrot.bench.report import (PartialResults, best_measurements, plot, print_rows, ratio_of, result_header, save_report, size_of, summary_line,
                                  write_markdown)
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, SizeOverrides, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
@@ -24,6 +24,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     config: WorkloadConfig = overrides.apply(quick_or_full(workload, quick, paper_scale))
     size = "paper-scale" if paper_scale else "quick" if quick else "full"
     out_dir.mkdir(parents=True, exist_ok=True)
+    partial = PartialResults(out_dir, workload)
     tokenizer = Tokenizer(resolve_model_dir(model))
     settings = sorted({0.0, rtt_ms})
     check_documents_suffice(tokenizer, config, len(settings) * (3 if peers else 2) * repeats)
@@ -64,6 +65,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
                         document_set += 1
                         m.system = label
                         measurements.append(m)
+                        partial.add(label, m)
                         progress.advance(task)
     finally:
         for server in servers:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
-from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report, size_of
+from parrot.bench.report import PartialResults, engines_title, markdown_table, print_rows, result_header, save_report, size_of
 from parrot.bench.systems import RunningServer, start_parrot
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -23,6 +23,7 @@ def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, 
                    console: Console, run: Callable[[str, RunningServer], T]) -> list[T]:
     """Starts one server per policy (with its extra serve flags), warms it up, runs `run` on it, stops it."""
     results: list[T] = []
+    partial = PartialResults(out_dir, workload)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(workload, total=len(policies))
         for policy, flags in policies.items():
@@ -32,6 +33,7 @@ def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, 
                 warm_up(server)
                 progress.update(task, description=f"{workload}: {policy}")
                 results.append(run(policy, server))
+                partial.add(policy, results[-1])
             finally:
                 server.stop()
             progress.advance(task)

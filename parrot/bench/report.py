@@ -3,6 +3,7 @@ markdown table, plot and one-line summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -30,10 +31,31 @@ def result_header(workload: str, quick: bool, model: str) -> dict:
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def partial_path(out_dir: Path, workload: str) -> Path:
+    return out_dir / f"{workload}.partial.jsonl"
+
+
+class PartialResults:
+    """Each measurement of a run as it lands, one JSON line each in DIR/WORKLOAD.partial.jsonl,
+    so that a run cut off (a time limit, a lost machine) keeps what it had measured; the full
+    report replaces the file when the run ends."""
+
+    def __init__(self, out_dir: Path, workload: str):
+        self.path = partial_path(out_dir, workload)
+        self.path.unlink(missing_ok=True)  # an earlier run's lines are not this run's
+
+    def add(self, label: str, measurement: object) -> None:
+        """Appends one measurement (a dataclass) under `label` (the system or policy that gave it)."""
+        fields = dataclasses.asdict(measurement) if dataclasses.is_dataclass(measurement) else measurement
+        with self.path.open("a") as out:
+            out.write(json.dumps({"label": label, "at": time.strftime("%H:%M:%S"), "measurement": fields}, default=str) + "\n")
+
+
 def save_report(result: dict, out_dir: Path, write_markdown: Callable[[dict, Path], None], plot: Callable[[dict, Path], None]) -> None:
-    """Writes out_dir/WORKLOAD.json, .md and .png."""
+    """Writes out_dir/WORKLOAD.json, .md and .png (and drops the run's partial results)."""
     name = result["workload"]
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    partial_path(out_dir, name).unlink(missing_ok=True)
     write_markdown(result, out_dir / f"{name}.md")
     plot(result, out_dir / f"{name}.png")
 

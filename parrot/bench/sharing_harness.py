@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import result_header, save_report
+from parrot.bench.report import PartialResults, result_header, save_report
 from parrot.bench.sharing import (
     SHARING_SYSTEMS, LoadResult, Request, SharingSystem, plan_requests, quick_or_full, request_sender, run_level, system_prompts,
 )
@@ -28,6 +28,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                       paper_scale: bool = False) -> dict:
     config = quick_or_full(workload, quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
+    partial = PartialResults(out_dir, workload)
     tokenizer = Tokenizer(resolve_model_dir(model))
     prompts = system_prompts(config, tokenizer)
     levels = plan_requests(config, tokenizer)
@@ -55,6 +56,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                     results[system.label] = results.get(system.label, []) + [
                         run_level(sender.send, level, load, config.output_tokens, lambda: peak_batch_blocks(server))
                     ]
+                    partial.add(system.label, results[system.label][-1])
                     progress.advance(task)
             finally:
                 sender.close()
