@@ -58,9 +58,10 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from parrot.engine.device import DEFAULT_CPU_KV_GB
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL, cache_dir, resolve_model_dir
-from parrot.engine.model import SMALL_BATCH_ROWS, Linear
+from parrot.engine.model import Linear
 from parrot.engine.model_runner import KVCacheTensors
 from parrot.engine.sampler import SamplingParams
 
@@ -198,7 +199,7 @@ def engine_weight_bytes(engine: LLMEngine, rows: int) -> int:
     linears = [engine.model.lm_head] + [getattr(layer, name) for layer in engine.model.layers for name in ("qkv", "o_proj", "gate_up", "down")]
     for linear in linears:
         assert isinstance(linear, Linear)
-        weight = linear.small if linear.small is not None and rows <= SMALL_BATCH_ROWS else linear.weight
+        weight = linear.weight_for(rows)
         total += weight.numel() * weight.element_size()
     return total
 
@@ -246,7 +247,7 @@ def run_engine(args, pool: PromptPool, batches, progress) -> tuple[SystemResult,
     need_tokens = max(batches) * (args.prompt_len + args.output_len + 64)
     config = EngineConfig(model=args.model)
     per_token = KVCacheTensors.bytes_per_block(resolve_model_config(args.model), 1, config.torch_dtype)
-    kv_gb = max(config.kv_memory_gb, 1.25 * need_tokens * per_token / 2**30)
+    kv_gb = max(config.kv_memory_gb or DEFAULT_CPU_KV_GB, 1.25 * need_tokens * per_token / 2**30)
     engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=kv_gb))
     result = SystemResult("parrot")
     progress.update(task, advance=1, description="parrot engine: warm-up")

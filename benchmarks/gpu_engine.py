@@ -86,7 +86,7 @@ def run_forked(args, pool: PromptPool, device: torch.device, dtype: torch.dtype,
     tokens = args.shared_prefix + max(batches) * (8 + args.output_len + 32)
     engine = LLMEngine(EngineConfig(model=args.model, random_weights=args.config, device=device.type, dtype=str(dtype).removeprefix("torch."),
                                     kv_memory_gb=1.25 * tokens * kv_bytes_per_token(args.config, dtype) / 2**30,
-                                    max_seqs_per_step=max(batches), small_batch_bf16=False, shared_prefix_attention=sharing,
+                                    max_seqs_per_step=max(batches), cpu_bf16="off", shared_prefix_attention=sharing,
                                     prefix_caching=False))
     text = [t for prompt in pool.take(1 + args.shared_prefix // args.prompt_len) for t in prompt]
     rates = {}
@@ -105,7 +105,7 @@ def run_parrot(args, pool: PromptPool, device: torch.device, dtype: torch.dtype)
     tokens = max(args.batches) * (args.prompt_len + args.output_len + 32) + 4 * args.prompt_len
     kv_gb = 1.25 * tokens * kv_bytes_per_token(args.config, dtype) / 2**30
     engine = LLMEngine(EngineConfig(model=args.model, random_weights=args.config, device=device.type, dtype=str(dtype).removeprefix("torch."),
-                                    kv_memory_gb=kv_gb, max_seqs_per_step=max(args.batches), small_batch_bf16=False))
+                                    kv_memory_gb=kv_gb, max_seqs_per_step=max(args.batches), cpu_bf16="off"))
     rates = Rates("parrot")
     asyncio.run(_engine_decode(engine, pool.take(2), 4))  # warm-up
     rates.prefill_tok_s = statistics.median(asyncio.run(_engine_prefill(engine, pool.take(3))))

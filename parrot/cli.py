@@ -24,6 +24,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly on the GPU (to compare, or debug)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (auto: float32 on CPUs, bfloat16 on GPUs)")
+    parser.add_argument("--cpu-bf16", default="auto", choices=["auto", "off", "small-batches", "all"],
+                        help="CPU matmuls of float32 weights in bf16 where that is faster (default auto: every step on CPUs "
+                             "with AVX512-BF16 or AMX, else steps of at most 2 rows); off: every matmul in float32, exact")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine (default: torch's choice, all cores); with several engines on one machine, cores / engines")
     parser.add_argument("--no-prefix-caching", action="store_true",
@@ -43,7 +46,7 @@ def engine_config(args):
     if args.random_weights != (args.config is not None):
         raise UserError("--random-weights and --config go together: --random-weights --config llama-7b|llama-13b|tiny")
     return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype, threads=args.threads,
-                        random_weights=args.config, device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
+                        random_weights=args.config, device=args.device, cpu_bf16=args.cpu_bf16, gpu_memory_utilization=args.gpu_memory_utilization,
                         decode_graphs=False if args.no_cuda_graphs else None,
                         prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
 
@@ -52,7 +55,7 @@ def engine_flags(args, engines_per_gpu: int = 1) -> list[str]:
     """The engine flags of args again, for the engine processes `parrot serve` starts; engines
     sharing one GPU split --gpu-memory-utilization between them."""
     return [
-        "--model", args.model, "--dtype", args.dtype, "--device", args.device,
+        "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--cpu-bf16", args.cpu_bf16,
         "--gpu-memory-utilization", str(args.gpu_memory_utilization / engines_per_gpu),
         *(["--kv-memory-gb", str(args.kv_memory_gb)] if args.kv_memory_gb is not None else []),
         *(["--threads", str(args.threads)] if args.threads else []),

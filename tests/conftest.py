@@ -1,6 +1,6 @@
 """Shared fixtures: the model is loaded once per session, on the CPU.
 
-`engine` is float32 with every matmul in float32 (small_batch_bf16=False), so its
+`engine` is float32 with every matmul in float32 (cpu_bf16="off"), so its
 output is comparable token for token with transformers and across batch sizes.
 Every test that uses an engine must leave it clean: no contexts, no jobs, every
 block back in the pool, integrity intact (checked after the test).
@@ -105,7 +105,7 @@ def tokenizer(model_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def exact_engine_session() -> LLMEngine:
-    return LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False))
+    return LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=False))
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def small_engine_session(exact_engine_session: LLMEngine) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             dtype="float32",
-            small_batch_bf16=False,
+            cpu_bf16="off",
             kv_memory_gb=kv_gb_for_blocks(exact_engine_session, SMALL_POOL_BLOCKS, SMALL_BLOCK_SIZE),
             block_size=SMALL_BLOCK_SIZE,
             max_tokens_per_step=16,

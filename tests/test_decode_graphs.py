@@ -20,7 +20,7 @@ from conftest import PROMPTS, assert_clean, collect, fill_and_generate, greedy, 
 @pytest.fixture(scope="module")
 def static_engine() -> LLMEngine:
     """The exact engine's numerics, decode steps through the static buckets, a 4-row largest bucket."""
-    return LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+    return LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=False,
                                   decode_graphs=True, max_seqs_per_step=4))
 
 
@@ -28,7 +28,7 @@ def static_engine() -> LLMEngine:
 def split_engine(static_engine) -> LLMEngine:
     """The same, each sequence's KV read as 3 block-aligned chunks merged by log-sum-exp (as small
     buckets do on a GPU), chunks past a short sequence's end empty."""
-    engine = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+    engine = LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=False,
                                     decode_graphs=True, max_seqs_per_step=4))
     graphs = engine.runner.graphs
     engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, graphs.scratch_block, 4, graphs.min_shared_tokens, splits=3)
@@ -134,7 +134,7 @@ def test_the_kv_pools_reserve_covers_what_the_graphs_hold(static_engine, shared)
 def test_forks_of_a_long_prefix_decode_from_the_shared_buckets_with_the_eager_engines_tokens(engine, tokenizer, splits):
     # a 3-block parent, three children (one bucket of 4 with a padding row), nested: two of them
     # fork a common middle context, so the step holds a segment inside a segment
-    static = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+    static = LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=False,
                                     decode_graphs=True, max_seqs_per_step=4))
     bs = static.kv.block_size
     static.runner.graphs = DecodeGraphs(static.model, static.kv, static.runner.graphs.scratch_block, 4, bs, splits=splits)
@@ -161,7 +161,7 @@ def test_the_gpu_engines_attention_and_graphs_together_on_the_cpu(engine, tokeni
     """The composition --device cuda runs (every row through work items: causal prefill items,
     shared decode segments, static decode buckets), with the items run by their torch contract
     (or by the Triton interpreter under TRITON_INTERPRET=1): the exact engine's tokens."""
-    gpu_like = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=False,
+    gpu_like = LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=False,
                                       decode_graphs=True, max_seqs_per_step=4))
     gpu_like.model.attention = TritonSharedPrefixAttention(min_shared_tokens=16, chunk_tokens=32)
     # steps of forks sharing a block replay the shared buckets; static steps read each KV as 2 chunks

@@ -10,7 +10,9 @@ import torch
 
 from parrot.cli import main
 from parrot.engine.attention import AttentionMetadata, CpuPagedAttention, SequenceSlice
-from parrot.engine.device import DeviceMemory, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
+from parrot.engine.device import (
+    ALL_ROWS, SMALL_BATCH_ROWS, DeviceMemory, bf16_matmul_rows, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes,
+)
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL
 from parrot.engine.model import ForwardBatch, LlamaModel
@@ -77,7 +79,7 @@ def test_gpu_engine_matches_the_cpu_path_on_a_small_random_model():
     within tolerance, and the same greedy token wherever the top two are not a near-tie."""
     gpu = LLMEngine(EngineConfig(model=TOKENIZER_MODEL, random_weights="tiny", kv_memory_gb=0.05, dtype="float32", device="cuda"))
     config, state = random_model("tiny", gpu.model_config.vocab_size, gpu.model_config.eos_token_ids, torch.float32, device="cuda")
-    cpu_model = LlamaModel(config, {k: v.cpu() for k, v in state.items()}, CpuPagedAttention(), torch.float32, small_batch_bf16=False)
+    cpu_model = LlamaModel(config, {k: v.cpu() for k, v in state.items()}, CpuPagedAttention(), torch.float32)
     assert torch.equal(cpu_model.embed, gpu.model.embed.cpu())  # the engine drew the same weights
     cpu_kv = KVCacheTensors(config, 64, gpu.config.block_size, torch.float32)
     for ids in (gpu.tokenizer.encode(p) for p in PROMPTS):
@@ -123,3 +125,30 @@ def test_serve_hands_engines_their_flags_and_a_split_of_the_gpu():
     config = engine_config(engine_args)
     assert (config.device, config.gpu_memory_utilization, config.decode_graphs, config.random_weights) == ("cuda", 0.4, False, "tiny")
     assert config.kv_memory_gb is None  # sized from the GPU unless given
+
+
+def test_cpu_matmuls_go_bf16_by_what_the_cpu_multiplies_natively():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert bf16_matmul_rows("auto", cpu, has_bf16_dot=True) == ALL_ROWS
+    assert bf16_matmul_rows("auto", cpu, has_bf16_dot=False) == SMALL_BATCH_ROWS
+    assert bf16_matmul_rows("all", cpu, has_bf16_dot=False) == ALL_ROWS
+    assert bf16_matmul_rows("small-batches", cpu, has_bf16_dot=True) == SMALL_BATCH_ROWS
+    assert bf16_matmul_rows("off", cpu, has_bf16_dot=True) == 0
+    assert bf16_matmul_rows("auto", gpu, has_bf16_dot=True) == 0  # a GPU computes in its own dtype
+    with pytest.raises(UserError, match="cpu_bf16 must be one of auto, off, small-batches, all"):
+        EngineConfig(cpu_bf16="fast")
+
+
+def test_a_linear_keeps_one_weight_where_every_step_uses_bf16():
+    from parrot.engine.model import Linear
+
+    weight, x = torch.randn(64, 32), torch.randn(5, 32)
+    everywhere, small, exact = Linear.of(weight, None, ALL_ROWS), Linear.of(weight, None, 2), Linear.of(weight, None, 0)
+    assert everywhere.weight.dtype == torch.bfloat16 and everywhere.small is None  # no float32 copy kept
+    assert small.weight_for(2).dtype == torch.bfloat16 and small.weight_for(3).dtype == torch.float32
+    assert exact.small is None and exact.weight_for(1).dtype == torch.float32
+    for linear in (everywhere, small, exact):
+        out = linear(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, x @ weight.T, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(exact(x), x @ weight.T)

@@ -11,11 +11,11 @@ import asyncio
 import pytest
 import torch
 
-from parrot.engine.llm_engine import LLMEngine
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
-from conftest import PROMPTS, fill_and_generate, greedy, run, token_ids
+from conftest import PROMPTS, assert_clean, fill_and_generate, greedy, run, token_ids
 
 LOGITS_ATOL = 1e-3
 
@@ -95,3 +95,26 @@ def test_logits_agree_with_transformers(engine, reference_logits, split):
         diff = (ours - theirs).abs().max().item()
         assert diff < LOGITS_ATOL, f"{split}: logits differ by {diff:.2e} for {prompt!r}"
         assert int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.parametrize("setting", [{"cpu_bf16": "all"}, {"dtype": "bfloat16"}], ids=["bf16 matmuls", "bf16 engine"])
+def test_bf16_on_the_cpu_stays_near_transformers_and_decodes_batches(setting, reference_logits):
+    """bf16 matmuls (the default on CPUs with bf16 dot products) and a whole bf16 engine: logits
+    within bf16's precision of float32 transformers, and batched decode over KV that lies partly
+    out of place (a bf16 engine once failed there, merging float32 parts into bf16 ones)."""
+    engine = LLMEngine(EngineConfig(kv_memory_gb=0.05, prefix_caching=False, **setting))
+    for prompt in (PROMPTS[2], PROMPTS[4]):
+        ids = engine.tokenizer.encode(prompt)
+        ours = engine_logits(engine, ids, [len(ids) - 2, 1, 1]).float()
+        theirs = reference_logits(ids)[-1]
+        # 8 bits of mantissa through 30 layers: a few percent of the logits' range, the same top tokens
+        assert (ours - theirs).abs().max() < 0.05 * (theirs.max() - theirs.min())
+        assert int(ours.argmax()) in theirs.topk(3).indices.tolist()
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:4]]
+
+    async def batch():
+        return await asyncio.gather(*[fill_and_generate(engine, f"b-{i}", ids, greedy(40)) for i, ids in enumerate(prompts)])
+
+    outputs = run(batch())
+    assert all(len(tokens) == 40 for tokens in outputs)
+    assert_clean(engine)

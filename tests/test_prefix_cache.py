@@ -23,7 +23,7 @@ QUESTIONS = ["Who wrote Hamlet?", "When do you open?", "Do you have books about 
 
 @pytest.fixture(scope="module")
 def caching_engine():
-    engine = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=True))
+    engine = LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=True))
     yield engine
     run(engine.close())
 
@@ -118,7 +118,7 @@ def test_a_batch_behind_a_shared_prefix_reads_its_blocks_once():
     """The engine's peak batch KV blocks (what the benchmarks report) count a shared prefix once."""
     peaks, system_blocks = {}, 0
     for sharing in (True, False):
-        fresh = LLMEngine(EngineConfig(dtype="float32", small_batch_bf16=False, kv_memory_gb=0.1, prefix_caching=sharing))
+        fresh = LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.1, prefix_caching=sharing))
         try:
             answers(BuiltinEngineBackend(fresh), len(SYSTEM), f"peak-{sharing}")
             peaks[sharing] = fresh.stats().peak_batch_blocks

@@ -10,9 +10,9 @@ Two runtimes, each loaded once for the module:
 - `P.Runtime(model="smollm2-135m")`, the embedded default, for DAGs whose calls run
   one after another (a chain): the engine then sees the same jobs in the same order
   as the step-by-step client, so even its batch-size-dependent numerics agree.
-- the same model with `small_batch_bf16=False` (float32 at every batch size) for
-  DAGs whose calls run side by side (map-reduce, diamond). The default engine reads
-  weights as bf16 for batches of at most 3 rows, so a request batched with others
+- the same model with `cpu_bf16="off"` (float32 at every batch size) for
+  DAGs whose calls run side by side (map-reduce, diamond). The default engine may read
+  weights as bf16 for small batches only (by CPU), so a request batched with others
   is computed in another precision than the same request alone, and a greedy token
   may flip on a near tie; that is the engine's speed trade-off, not the serve core's
   doing, so the exact engine isolates what this file checks.
@@ -38,7 +38,7 @@ def default_module_runtime():
 
 @pytest.fixture(scope="module")
 def exact_module_runtime():
-    engine = LLMEngine(EngineConfig(model="smollm2-135m", small_batch_bf16=False))
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", cpu_bf16="off"))
     with P.Runtime(backends=[BuiltinEngineBackend(engine, "exact-0")]) as runtime:
         yield runtime
 

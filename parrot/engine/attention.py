@@ -289,7 +289,7 @@ class CpuPagedAttention(AttentionBackend):
             if len(plan.rest) == b:
                 main_out = merged
             else:
-                main_out[:, index] = merged
+                main_out[:, index] = merged.to(main_out.dtype)  # the merge computes in float32
         return main_out.transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
     @staticmethod

@@ -18,7 +18,7 @@ import torch
 
 from parrot.engine.attention import AttentionBackend, CpuPagedAttention
 from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
-from parrot.engine.device import DEVICES, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
+from parrot.engine.device import CPU_BF16_MODES, DEVICES, bf16_matmul_rows, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
@@ -55,9 +55,10 @@ class EngineConfig:
     # True on the CPU runs the same static-buffer path without capture (to test it)
     decode_graphs: bool | None = None
     threads: int | None = None
-    # float32 weights also keep a bf16 copy used for batches of at most SMALL_BATCH_ROWS
-    # rows (faster decode on CPUs); False keeps every matmul in float32 (exact, batch-invariant)
-    small_batch_bf16: bool = True
+    # CPU matmuls of float32 weights in bf16, where it is faster: auto (every step where the CPU
+    # has bf16 dot products, else steps of at most 2 rows), all, small-batches, or off (every
+    # matmul in float32: exact and batch-invariant, for reference checks)
+    cpu_bf16: str = "auto"
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
     # a shape name (llama-7b, llama-13b, tiny): random weights of that shape with the model's tokenizer, for speed runs
@@ -74,6 +75,8 @@ class EngineConfig:
             raise UserError("block_size must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be at least 1, not {self.threads}")
+        if self.cpu_bf16 not in CPU_BF16_MODES:
+            raise UserError(f"cpu_bf16 must be one of {', '.join(CPU_BF16_MODES)}, not {self.cpu_bf16!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.random_weights is not None:
@@ -147,7 +150,7 @@ class LLMEngine:
             self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype, device=device)
         else:
             state = {name: tensor.to(device) for name, tensor in load_state_dict(model_dir, dtype).items()}
-        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, config.small_batch_bf16)
+        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, bf16_matmul_rows(config.cpu_bf16, device))
         del state
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"

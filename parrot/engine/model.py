@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from parrot.engine.attention import AttentionBackend, AttentionMetadata
 from parrot.engine.config import ModelConfig, RopeScaling
+from parrot.engine.device import ALL_ROWS
 
 
 @dataclass(frozen=True)
@@ -26,33 +27,36 @@ class ForwardBatch:
     logit_rows: torch.Tensor  # [M] int64: rows whose next-token logits are wanted
 
 
-# Up to this many rows a float32 matmul on the CPU is bound by reading the weights, and
-# reading them as bf16 (half the bytes) is faster; but bf16 kernels without AMX/AVX512-BF16
-# are compute-bound (their time grows linearly with the rows), so from 3 rows on float32 wins
-# (2-core AVX2 EPYC, 2 threads: one row in bf16 takes 0.43x the float32 time).
-SMALL_BATCH_ROWS = 2
-
-
 @dataclass
 class Linear:
-    """A weight [out, in] in the compute dtype, plus a bf16 copy for tiny batches on the CPU."""
+    """A weight [out, in], and on the CPU maybe a bf16 copy that steps of at most `bf16_rows`
+    rows use (`bf16_matmul_rows` in device.py says when bf16 is the faster). Where every step
+    would use the copy, it is the only weight kept: `weight` is bf16, the activations stay float32."""
 
     weight: torch.Tensor  # [out, in]
     small: torch.Tensor | None = None  # [out, in] bf16
     bias: torch.Tensor | None = None  # [out]
+    bf16_rows: int = 0
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, small_batch_bf16: bool = True) -> "Linear":
-        use_small = small_batch_bf16 and weight.dtype == torch.float32 and weight.device.type == "cpu"
-        small = weight.to(torch.bfloat16) if use_small else None
-        return cls(weight, small, bias)
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_rows: int = 0) -> "Linear":
+        if not bf16_rows or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return cls(weight, None, bias)
+        if bf16_rows >= ALL_ROWS:
+            return cls(weight.to(torch.bfloat16), None, bias)
+        return cls(weight, weight.to(torch.bfloat16), bias, bf16_rows)
+
+    def weight_for(self, rows: int) -> torch.Tensor:
+        """The weight a step of `rows` rows multiplies by."""
+        return self.small if self.small is not None and rows <= self.bf16_rows else self.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in] -> [N, out]"""
-        if self.small is not None and x.shape[0] <= SMALL_BATCH_ROWS:
-            out = F.linear(x.to(torch.bfloat16), self.small).to(x.dtype)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
+        """x: [N, in] -> [N, out], in x's dtype"""
+        weight = self.weight_for(x.shape[0])
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight, self.bias)
+        out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
 @dataclass
@@ -99,10 +103,10 @@ class LlamaModel:
         state: dict[str, torch.Tensor],
         attention: AttentionBackend,
         dtype: torch.dtype,
-        small_batch_bf16: bool = True,  # False: exact float32 at every batch size (reference checks)
+        bf16_rows: int = 0,  # float32 matmuls of steps up to this many rows run in bf16 (0: exact float32)
     ):
         self.config = config
-        self.small_batch_bf16 = small_batch_bf16
+        self.bf16_rows = bf16_rows
         self.dtype = dtype
         self.attention = attention
         c = config
@@ -118,7 +122,7 @@ class LlamaModel:
         self.rope_sin = torch.cat((-sin, sin), dim=-1).to(device, dtype)  # [P, D], signed for apply_rope
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        return Linear.of(weight, bias, self.small_batch_bf16)
+        return Linear.of(weight, bias, self.bf16_rows)
 
     def _layer(self, state: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."

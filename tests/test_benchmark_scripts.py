@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end in their smoke sizes (their numbers are not checked:
+timings are never asserted), so a change in the engine's API cannot leave them broken."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_engine_throughput_quick_reports_the_engine(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine_throughput.py"), "--quick", "--no-transformers", "--threads", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "engine_throughput.json").read_text())
+    assert "parrot" in json.dumps(result)
+    assert (tmp_path / "engine_throughput.md").read_text().count("|") > 10
