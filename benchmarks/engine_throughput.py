@@ -58,7 +58,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from parrot.engine.device import DEFAULT_CPU_KV_GB
+from parrot.engine.device import CPU_BF16_MODES, DEFAULT_CPU_KV_GB, cpu_has_bf16_dot
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL, cache_dir, resolve_model_dir
 from parrot.engine.model import Linear
@@ -242,21 +242,21 @@ async def _engine_decode(engine: LLMEngine, prompts: list[list[int]], output_len
     return sum(counts) / elapsed, steps
 
 
-def run_engine(args, pool: PromptPool, batches, progress) -> tuple[SystemResult, LLMEngine]:
-    task = progress.add_task("parrot engine: load", total=2 + len(batches))
+def run_engine(args, pool: PromptPool, batches, progress, cpu_bf16: str = "auto", name: str = "parrot") -> tuple[SystemResult, LLMEngine]:
+    task = progress.add_task(f"{name}: load", total=2 + len(batches))
     need_tokens = max(batches) * (args.prompt_len + args.output_len + 64)
-    config = EngineConfig(model=args.model)
+    config = EngineConfig(model=args.model, cpu_bf16=cpu_bf16)
     per_token = KVCacheTensors.bytes_per_block(resolve_model_config(args.model), 1, config.torch_dtype)
     kv_gb = max(config.kv_memory_gb or DEFAULT_CPU_KV_GB, 1.25 * need_tokens * per_token / 2**30)
-    engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=kv_gb))
-    result = SystemResult("parrot")
-    progress.update(task, advance=1, description="parrot engine: warm-up")
+    engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=kv_gb, cpu_bf16=cpu_bf16))
+    result = SystemResult(name)
+    progress.update(task, advance=1, description=f"{name}: warm-up")
     asyncio.run(_engine_decode(engine, pool.take(2), 4))
-    progress.update(task, advance=1, description="parrot engine: prefill")
+    progress.update(task, advance=1, description=f"{name}: prefill")
     rates = asyncio.run(_engine_prefill(engine, pool.take(args.prefill_reps)))
     result.prefill_tok_s = statistics.median(rates)
     for batch in batches:
-        progress.update(task, description=f"parrot engine: decode batch {batch}")
+        progress.update(task, description=f"{name}: decode batch {batch}")
         rate, steps = asyncio.run(_engine_decode(engine, pool.take(batch), args.output_len))
         result.decode_tok_s[batch], result.decode_steps[batch] = rate, steps
         progress.advance(task)
@@ -570,20 +570,22 @@ def summary_line(systems: list[SystemResult], batches: list[int]) -> str:
     by_name = {s.name: s for s in systems}
     ours = by_name["parrot"]
     parts = []
+    peers = [(s.name, s.name.removeprefix("parrot ")) for s in systems if s.name.startswith("parrot cpu-bf16=")]
+    peers += [("transformers-float32", "transformers fp32"), ("transformers-bfloat16", "bf16"), ("vllm", "vLLM")]
     for batch in batches:
         rate = ours.decode_tok_s.get(batch)
         if rate is None:
             continue
         ratios = []
-        for name, label in (("transformers-float32", "transformers fp32"), ("transformers-bfloat16", "bf16"), ("vllm", "vLLM")):
+        for name, label in peers:
             peer = by_name.get(name)
             if peer and peer.decode_tok_s.get(batch):
                 ratios.append(f"{rate / peer.decode_tok_s[batch]:.2f}x {label}")
         parts.append(f"batch{batch} {rate:.1f} tok/s" + (f" ({', '.join(ratios)})" if ratios else ""))
     if ours.prefill_tok_s:
-        peer = by_name.get("transformers-float32")
-        ratio = f" ({ours.prefill_tok_s / peer.prefill_tok_s:.2f}x transformers fp32)" if peer and peer.prefill_tok_s else ""
-        parts.append(f"prefill {ours.prefill_tok_s:.0f} tok/s{ratio}")
+        ratios = [f"{ours.prefill_tok_s / by_name[name].prefill_tok_s:.2f}x {label}" for name, label in peers
+                  if name in by_name and by_name[name].prefill_tok_s]
+        parts.append(f"prefill {ours.prefill_tok_s:.0f} tok/s" + (f" ({', '.join(ratios)})" if ratios else ""))
     return "engine-throughput: " + ", ".join(parts)
 
 
@@ -601,6 +603,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: prompts of 64 tokens, 8 output tokens, batches 1,4")
     parser.add_argument("--peers", action="store_true", help="also vLLM, when benchmarks/setup_vllm.sh has installed it")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers")
+    parser.add_argument("--cpu-bf16", default="auto",
+                        help="the engine's --cpu-bf16 modes, comma-separated: the first is 'parrot', each other one more "
+                             "engine run in the same process, named by its mode (e.g. auto,small-batches,off; default %(default)s)")
     parser.add_argument("--hf-dtypes", default="bfloat16,float32", help="transformers dtypes (default %(default)s)")
     parser.add_argument("--hf-budget", type=float, default=60.0, help="seconds of decode per transformers generate at most (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for this process (default: torch's)")
@@ -613,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt_len, args.output_len, args.batches, args.prefill_reps, args.hf_budget = 64, 8, "1,4", 1, 10.0
     args.batches = [int(b) for b in str(args.batches).split(",") if b]
     args.hf_dtypes = [d for d in args.hf_dtypes.split(",") if d]
+    args.cpu_bf16 = [m for m in args.cpu_bf16.split(",") if m]
+    if not args.cpu_bf16 or any(m not in CPU_BF16_MODES for m in args.cpu_bf16):
+        parser.error(f"--cpu-bf16 takes modes among {', '.join(CPU_BF16_MODES)}")
     if min(args.batches) < 1 or args.prompt_len < 2 or args.output_len < 2:
         parser.error("batches must be positive, and prompts and outputs at least 2 tokens")
     return args
@@ -629,14 +637,15 @@ def main(argv: list[str] | None = None) -> int:
     from parrot.engine.tokenizer import Tokenizer
 
     per_system = 3 + args.prefill_reps + sum(batches)
-    prompts = make_prompts(Tokenizer(model_dir), 2 * per_system, args.prompt_len)
+    engines = len(args.cpu_bf16)
+    prompts = make_prompts(Tokenizer(model_dir), (engines + 1) * per_system, args.prompt_len)
     systems: list[SystemResult] = []
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("machine limits", total=1)
         limits = measure_machine(args.quick)
         progress.advance(task)
-        engine_result, engine = run_engine(args, PromptPool(prompts[:per_system]), batches, progress)
+        engine_result, engine = run_engine(args, PromptPool(prompts[:per_system]), batches, progress, args.cpu_bf16[0])
         systems.append(engine_result)
         shares = []
         for batch in batches:
@@ -652,10 +661,16 @@ def main(argv: list[str] | None = None) -> int:
                             flops / step_s / 1e9, flops / step_s / 1e9 / limits.fp32_matmul_gflops)  # fmt: skip
             )
         del engine
+        for i, mode in enumerate(args.cpu_bf16[1:], start=1):  # the same engine, other matmul precisions
+            other, engine = run_engine(args, PromptPool(prompts[i * per_system : (i + 1) * per_system]), batches, progress, mode,
+                                       f"parrot cpu-bf16={mode}")
+            systems.append(other)
+            del engine
+        peers_prompts = prompts[engines * per_system :]
         if not args.no_transformers:
-            systems += run_transformers(args, model_dir, prompts[per_system:], batches, progress)
+            systems += run_transformers(args, model_dir, peers_prompts, batches, progress)
         if args.peers:
-            vllm = run_vllm(args, model_dir, PromptPool(prompts[per_system:]), batches, progress)
+            vllm = run_vllm(args, model_dir, PromptPool(peers_prompts), batches, progress)
             if vllm is not None:
                 systems.append(vllm)
         limits.load_after = os.getloadavg()
@@ -674,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "output_len": args.output_len,
         "batches": batches,
         "torch": torch.__version__,
+        "cpu_bf16": {"modes": args.cpu_bf16, "cpu_has_bf16_dot": cpu_has_bf16_dot()},
         "machine": asdict(limits),
         "systems": [asdict(s) for s in systems],
         "engine_share": [asdict(s) for s in shares],
