@@ -233,6 +233,14 @@ def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server
             "temperature": (http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "temperature": -1}), 422, "temperature"),
             "cycle": (cycle(), 400, "cycle"),
             "too long": (http.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 9000, "max_tokens": 1}), 400, "tokens"),
+            # refused before a stream starts: a 400, not a 200 whose stream then carries an error
+            "too long, streamed": (http.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 9000, "stream": True}),
+                                   400, "shorten the prompt"),
+            "past the context": (http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1000,
+                                                                         "messages": [{"role": "user", "content": "word " * 7500}]}),
+                                 400, "lower max_tokens to"),
+            "list, streamed": (http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "stream": True}), 400, "one prompt"),
+            "empty in a list": (http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", ""]}), 400, "empty"),
             "engine model": (http.post("/api/v1/engines/register", headers={"authorization": f"Bearer {ENGINE_KEY}"},
                                        json={"name": "rogue", "url": "http://127.0.0.1:1", "model": "llama-70b"}), 400, "llama-70b"),
         }
@@ -305,3 +313,31 @@ def test_a_dropped_stream_stops_its_generation(server):
         time.sleep(0.5)
     else:
         raise AssertionError(f"the dropped stream's call still runs: {gauges}")
+
+
+def test_a_list_of_prompts_gets_one_choice_each_in_order(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"], timeout=120)
+    prompts = ["The capital of France is", "One, two, three,"]
+    both = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0).choices[0].text for p in prompts]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == alone
+    assert both.usage.completion_tokens == 8
+
+
+def test_a_client_that_hangs_up_before_its_answer_stops_its_generation(server):
+    """Not streamed: the server notices the closed connection while it waits, and stops the call."""
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", headers=auth("alice"), json=body, timeout=httpx.Timeout(60, read=3))
+    time.sleep(2.5)  # the engine reports its stats every 2 s
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        gauges = engine_gauges(server)
+        if gauges["parrot_engine_running_jobs"] == gauges["parrot_engine_contexts"] == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the abandoned request's call still runs: {gauges}")

@@ -8,6 +8,8 @@ import torch
 
 from parrot.errors import SamplingError
 
+MAX_TOKENS_LIMIT = 32768  # tokens one call may ask for; the model's context may allow fewer
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,8 +25,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
             object.__setattr__(self, "stop", (self.stop,))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise SamplingError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise SamplingError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {self.max_tokens!r}")
         if self.temperature < 0:
             raise SamplingError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:

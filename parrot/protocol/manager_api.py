@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parrot.engine.sampler import SamplingParams
+from parrot.engine.sampler import MAX_TOKENS_LIMIT, SamplingParams
 from parrot.frontend.template import MAX_TEMPLATE_CHARS
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
 
@@ -19,7 +19,7 @@ class Strict(BaseModel):
 
 
 class SamplingBody(Strict):
-    max_tokens: int = Field(128, ge=1, le=32768)
+    max_tokens: int = Field(128, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)

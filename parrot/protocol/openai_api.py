@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parrot.engine.sampler import SamplingParams
+from parrot.engine.sampler import MAX_TOKENS_LIMIT, SamplingParams
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
 
 
@@ -17,7 +17,7 @@ class Lenient(BaseModel):
 
 class SamplingFields(Lenient):
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
@@ -54,7 +54,7 @@ class ChatMessageBody(Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=1000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
 
 class Usage(BaseModel):

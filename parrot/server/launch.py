@@ -29,6 +29,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def builtin_context(args, engine_settings, model_dir) -> int | None:
+    """The context in tokens of the built-in engines' model, where every engine is one (simulated
+    engines and other servers' models say nothing of theirs)."""
+    if engine_settings is None or args.openai_backend:
+        return None
+    from parrot.engine.loader import load_config
+    from parrot.engine.random_weights import shape_named
+
+    if engine_settings.random_weights is not None:
+        return shape_named(engine_settings.random_weights).max_position_embeddings
+    return load_config(model_dir).max_position_embeddings
+
+
 def serve(args) -> None:
     from parrot.backends.openai_compat import OpenAICompatibleBackend
     from parrot.cli import engine_config, engine_flags
@@ -82,7 +95,8 @@ def serve(args) -> None:
         raise UserError("--address names a Ray cluster: use it with --ray")
     for i, url in enumerate(args.openai_backend):
         manager.add_engine(OpenAICompatibleBackend(f"openai-{i}", url, args.backend_model or args.model, args.backend_api_key))
-    app = create_manager_app(manager, keys, args.model, Tokenizer(model_dir), engine_key=engine_key,
+    app = create_manager_app(manager, keys, args.model, Tokenizer(model_dir), builtin_context(args, engine_settings, model_dir),
+                             engine_key=engine_key,
                              max_body_bytes=args.max_body_mb * 2**20, heartbeat_timeout_s=args.heartbeat_timeout)
     if fleet is not None:
         @app.on_event("startup")

@@ -42,7 +42,7 @@ PerfQuery = Query("latency", pattern="^(latency|throughput|none)$", description=
 
 
 def create_manager_app(
-    manager: Manager, keys: KeyStore, model: str, tokenizer=None,
+    manager: Manager, keys: KeyStore, model: str, tokenizer=None, max_context: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, heartbeat_timeout_s: float = 10.0, engine_key: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="parrot-serve manager", description="Sessions of semantic calls over engines; OpenAI-compatible API under /v1.")
@@ -209,5 +209,5 @@ def create_manager_app(
 
     from parrot.server.openai_routes import add_openai_routes
 
-    add_openai_routes(app, manager, keys, model, tokenizer)
+    add_openai_routes(app, manager, keys, model, tokenizer, max_context)
     return app

@@ -7,13 +7,18 @@ app-level clients share engines, scheduling and metrics.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
+from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import UserError
 from parrot.errors import NotFoundError
@@ -31,9 +36,41 @@ DEFAULT_MAX_TOKENS = 256
 # (small steps beside other work, placement on lightly loaded engines) is for what an app
 # declares with get(perf=LATENCY); if every request claimed it, none would get it.
 OPENAI_OBJECTIVE = None
+DISCONNECT_POLL_S = 1.0  # how often a waiting non-streamed request checks that its client is still there
+MAX_PROMPTS_PER_REQUEST = 64
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up: nobody reads it
+T = TypeVar("T")
 
 
-def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str, tokenizer) -> None:
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def unless_client_gone(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`; raises ClientGone (and cancels it) when the client hangs up first, so that
+    a request nobody waits for stops generating."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        task.cancel()
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str, tokenizer, max_context: int | None = None) -> None:
+    """max_context: the model's context in tokens, when known; prompt + max_tokens past it is refused up front."""
+
     def check_model(name: str) -> None:
         if name != model:
             raise NotFoundError(f"model {name!r} is not served here; this server serves {model!r}")
@@ -41,21 +78,41 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
     def count(text: str) -> int:
         return len(tokenizer.encode(text)) if tokenizer is not None else len(text.split())
 
-    async def run_prompt(tenant: str, prompt: str, sampling, stream: bool, render):
-        """render(delta, finish_reason) -> bytes of one SSE event, for streaming."""
+    def within_context(prompt_tokens: int, sampling: SamplingParams, asked: bool) -> SamplingParams:
+        """The sampling, checked against the context before any work starts (a stream cannot turn
+        into a 400 later): an asked-for max_tokens past it is refused, as vLLM refuses it; the
+        default one is shortened to fit."""
+        if max_context is None:
+            return sampling
+        room = max_context - prompt_tokens
+        if room < 1:
+            raise UserError(f"the prompt has {prompt_tokens} tokens; this model takes at most {max_context} in all: shorten the prompt")
+        if sampling.max_tokens <= room:
+            return sampling
+        if asked:
+            raise UserError(f"the prompt has {prompt_tokens} tokens and max_tokens asks for {sampling.max_tokens} more; this model "
+                            f"takes at most {max_context} in all: lower max_tokens to {room} or less, or shorten the prompt")
+        return dataclasses.replace(sampling, max_tokens=room)
+
+    async def answer(request: Request, tenant: str, prompt: str, sampling: SamplingParams) -> Answer:
+        """The whole answer to one prompt; its session closes (and its call stops) whatever happens."""
+        session = manager.create_session(tenant)
+        try:
+            var_id = manager.submit_prompt(session, prompt, sampling, tenant)
+            text = await unless_client_gone(request, manager.get_variable(session, var_id, OPENAI_OBJECTIVE, tenant))
+            var = manager.sessions[session].graph.variable(var_id)
+            return Answer(text, var.finish_reason or "stop", var.num_tokens)
+        finally:
+            manager.close_session(session, tenant)
+
+    def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render) -> StreamingResponse:
+        """render(delta, finish_reason) -> bytes of one SSE event."""
         session = manager.create_session(tenant)
         try:
             var_id = manager.submit_prompt(session, prompt, sampling, tenant)
         except BaseException:
             manager.close_session(session, tenant)
             raise
-        if not stream:
-            try:
-                text = await manager.get_variable(session, var_id, OPENAI_OBJECTIVE, tenant)
-                var = manager.sessions[session].graph.variable(var_id)
-                return text, var.finish_reason or "stop", var.num_tokens
-            finally:
-                manager.close_session(session, tenant)
 
         async def events():
             try:
@@ -66,11 +123,16 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
                 yield render("", var.finish_reason or "stop")
                 yield b"data: [DONE]\n\n"
             except Exception as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode()
+                kind = "invalid_request_error" if isinstance(exc, UserError) else "server_error"
+                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind}})}\n\n".encode()
             finally:
                 manager.close_session(session, tenant)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def usage(prompt_tokens: int, answers: list[Answer]) -> Usage:
+        generated = sum(a.completion_tokens for a in answers)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):
@@ -81,23 +143,36 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
     async def completions(body: CompletionRequest, request: Request):
         tenant = require(keys, request).tenant
         check_model(body.model)
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        if not prompt:
-            raise UserError("prompt must not be empty")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or not all(prompts):
+            raise UserError("prompt must not be empty (nor hold an empty string)")
+        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise UserError(f"a completion takes at most {MAX_PROMPTS_PER_REQUEST} prompts, not {len(prompts)}: split the list")
+        if body.stream and len(prompts) > 1:
+            raise UserError(f"a streamed completion takes one prompt, not a list of {len(prompts)}: send one request per prompt")
+        counts = [count(prompt) for prompt in prompts]
+        samplings = [within_context(n, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for n in counts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def render(delta, reason):
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(text=delta, finish_reason=reason)])
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
-        result = await run_prompt(tenant, prompt, body.sampling(DEFAULT_MAX_TOKENS), body.stream, render)
         if body.stream:
-            return result
-        text, reason, generated = result
-        prompt_tokens = count(prompt)
+            return stream_prompt(tenant, prompts[0], samplings[0], render)
+        # a list of prompts: one call each, side by side, one choice each in the list's order
+        calls = [asyncio.ensure_future(answer(request, tenant, p, s)) for p, s in zip(prompts, samplings)]
+        try:
+            answers = await asyncio.gather(*calls)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        finally:
+            for call in calls:  # one failed: the others' answers would go nowhere
+                call.cancel()
         return CompletionResponse(
-            id=rid, created=created, model=model, choices=[CompletionChoice(text=text, finish_reason=reason)],
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated),
+            id=rid, created=created, model=model,
+            choices=[CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason) for i, a in enumerate(answers)],
+            usage=usage(sum(counts), answers),
         )
 
     @app.post("/v1/chat/completions")
@@ -110,7 +185,9 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         sampling = body.sampling(DEFAULT_MAX_TOKENS)
         if body.max_completion_tokens and not body.max_tokens:
-            sampling = type(sampling)(**{**sampling.__dict__, "max_tokens": body.max_completion_tokens})
+            sampling = dataclasses.replace(sampling, max_tokens=body.max_completion_tokens)
+        prompt_tokens = count(prompt)
+        sampling = within_context(prompt_tokens, sampling, body.max_tokens is not None or body.max_completion_tokens is not None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = [True]
 
@@ -123,13 +200,14 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             )
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
-        result = await run_prompt(tenant, prompt, sampling, body.stream, render)
         if body.stream:
-            return result
-        text, reason, generated = result
-        prompt_tokens = count(prompt)
+            return stream_prompt(tenant, prompt, sampling, render)
+        try:
+            reply = await answer(request, tenant, prompt, sampling)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return ChatCompletionResponse(
             id=rid, created=created, model=model,
-            choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=reason)],
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated),
+            choices=[ChatChoice(message=ChatMessageOut(content=reply.text), finish_reason=reply.finish_reason)],
+            usage=usage(prompt_tokens, [reply]),
         )
