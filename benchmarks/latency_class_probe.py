@@ -5,7 +5,9 @@ output tokens each) runs while background requests (512-token prompts, 32 output
 normal class) arrive as a Poisson stream at --rate per second. The same chain runs at the
 latency class (what `get(perf=LATENCY)` gives it) and at the normal class (what a
 request-level client gets), with the same background arrivals (seeded), one after another
-in this process; each round prints both chain times and the engine's work during them.
+in this process. Each round prints the chain's time in each setting, how much of it went
+to its prompts and to its tokens, and how many requests were in flight (the background's
+and the chain's) at each of the chain's tokens, on average.
 
     python benchmarks/latency_class_probe.py --rate 1.5 --rounds 2
 """
@@ -17,6 +19,7 @@ import asyncio
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,16 +33,38 @@ from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_NORMAL  # noqa: E
 CHAIN_STEPS, PROMPT_TOKENS, OUTPUT_TOKENS = 6, 512, 32
 
 
-def chain_seconds(args, priority: int, latency_cap: int, seed: int) -> float:
+@dataclass
+class ChainRun:
+    seconds: float
+    fill_s: float  # waiting for its prompts' prefill
+    decode_s: float  # waiting for its tokens
+    in_flight: float  # requests in the engine at each chain token, on average
+
+    def __str__(self) -> str:
+        per_token = self.decode_s / (CHAIN_STEPS * OUTPUT_TOKENS) * 1e3
+        return f"{self.seconds:.1f} s (prompts {self.fill_s:.1f} s, {per_token:.0f} ms a token, {self.in_flight:.1f} in flight)"
+
+
+def chain_run(args, priority: int, latency_cap: int, seed: int) -> ChainRun:
     engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=1, latency_max_tokens_per_step=latency_cap, prefix_caching=False))
     prompts = make_prompts(engine.tokenizer, 60, PROMPT_TOKENS)
     sampling = SamplingParams(max_tokens=OUTPUT_TOKENS, ignore_eos=True)
 
-    async def call(context_id: str, tokens: list[int], call_priority: int) -> None:
+    in_flight, seen, split = [0], [], [0.0, 0.0]
+
+    async def call(context_id: str, tokens: list[int], call_priority: int, chain: bool = False) -> None:
+        in_flight[0] += 1
+        started = time.perf_counter()
         await engine.fill(context_id, None, tokens, priority=call_priority)
+        filled = time.perf_counter()
         async for _ in engine.generate(context_id, sampling, priority=call_priority):
-            pass
+            if chain:
+                seen.append(in_flight[0])
         engine.free_context(context_id)
+        in_flight[0] -= 1
+        if chain:
+            split[0] += filled - started
+            split[1] += time.perf_counter() - filled
 
     async def background(stop: asyncio.Event) -> None:
         arrivals, calls = random.Random(seed), []
@@ -48,18 +73,18 @@ def chain_seconds(args, priority: int, latency_cap: int, seed: int) -> float:
             calls.append(asyncio.create_task(call(f"bg{len(calls)}", prompts[10 + len(calls) % 50], PRIORITY_NORMAL)))
         await asyncio.gather(*calls)
 
-    async def main() -> float:
+    async def main() -> ChainRun:
         await call("warm-up", prompts[0][:64], PRIORITY_NORMAL)
         stop = asyncio.Event()
         load = asyncio.create_task(background(stop))
         await asyncio.sleep(args.lead_s)  # the background reaches its steady state first
         started = time.perf_counter()
         for step in range(CHAIN_STEPS):
-            await call(f"chain{step}", prompts[1 + step], priority)
+            await call(f"chain{step}", prompts[1 + step], priority, chain=True)
         elapsed = time.perf_counter() - started
         stop.set()
         await load
-        return elapsed
+        return ChainRun(elapsed, split[0], split[1], sum(seen) / len(seen))
 
     return asyncio.run(main())
 
@@ -74,11 +99,12 @@ def main() -> int:
     if args.rate <= 0 or args.rounds < 1:
         parser.error("--rate must be positive and --rounds at least 1")
     for seed in range(args.rounds):
-        latency = chain_seconds(args, PRIORITY_LATENCY, 128, seed)
-        normal = chain_seconds(args, PRIORITY_NORMAL, 128, seed)
-        uncapped = chain_seconds(args, PRIORITY_LATENCY, 512, seed)
-        print(f"round {seed}: chain at the latency class {latency:.1f} s (step cap 128), {uncapped:.1f} s (no cap); "
-              f"at the normal class {normal:.1f} s: latency class {normal / latency:.2f}x faster", flush=True)
+        latency = chain_run(args, PRIORITY_LATENCY, 128, seed)
+        uncapped = chain_run(args, PRIORITY_LATENCY, 512, seed)
+        normal = chain_run(args, PRIORITY_NORMAL, 128, seed)
+        print(f"round {seed}:\n  latency class, step cap 128: {latency}\n  latency class, no cap:       {uncapped}\n"
+              f"  normal class:                {normal}\n  latency class (cap) {normal.seconds / latency.seconds:.2f}x faster",
+              flush=True)
     return 0
 
 
