@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import (PartialResults, best_measurements, plot, print_rows, ratio_of, result_header, save_report, size_of, summary_line,
-                                 write_markdown)
+from parrot.bench.report import (PartialResults, best_measurements, plot, print_rows, ratio_of, result_header, save_report, size_name,
+                                 size_of, summary_line, write_markdown)
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, SizeOverrides, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
@@ -22,7 +22,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     `paper_scale` runs the paper's sizes instead of the full ones; `overrides` replace some
     of the size's parameters (apps, chunks, chunk and output tokens, background rate)."""
     config: WorkloadConfig = overrides.apply(quick_or_full(workload, quick, paper_scale))
-    size = "paper-scale" if paper_scale else "quick" if quick else "full"
+    size = size_name(quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = PartialResults(out_dir, workload)
     tokenizer = Tokenizer(resolve_model_dir(model))

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
-from parrot.bench.report import PartialResults, engines_title, markdown_table, print_rows, result_header, save_report, size_of
+from parrot.bench.report import PartialResults, engines_title, markdown_table, print_rows, result_header, save_report, size_name, size_of
 from parrot.bench.systems import RunningServer, start_parrot
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -42,7 +42,7 @@ def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, 
 
 def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False) -> dict:
     config = quick_or_full(workload, quick, paper_scale)
-    size = "paper-scale" if paper_scale else "quick" if quick else "full"
+    size = size_name(quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
     engine_flags = ["--engine", config.engine] if config.engine.startswith("sim:") else ["--threads", str(config.threads_per_engine)]

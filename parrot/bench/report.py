@@ -89,6 +89,11 @@ def best_measurements(result: dict) -> dict[tuple[float, str], dict]:
     return best
 
 
+def size_name(quick: bool, paper_scale: bool) -> str:
+    """The run's size as reports name it: quick, full or paper-scale."""
+    return "paper-scale" if paper_scale else "quick" if quick else "full"
+
+
 def size_of(result: dict) -> str:
     """quick, full or paper-scale (results written before paper-scale existed say only quick or not)."""
     return result.get("size") or ("quick" if result["quick"] else "full")

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import PartialResults, result_header, save_report
+from parrot.bench.report import PartialResults, result_header, save_report, size_name
 from parrot.bench.sharing import (
     SHARING_SYSTEMS, LoadResult, Request, SharingSystem, plan_requests, quick_or_full, request_sender, run_level, system_prompts,
 )
@@ -63,7 +63,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                 server.stop()
     reference = warmup_outputs.get("parrot")
     result = {
-        **result_header(workload, quick, model), "size": "paper-scale" if paper_scale else "quick" if quick else "full", "notes": notes,
+        **result_header(workload, quick, model), "size": size_name(quick, paper_scale), "notes": notes,
         "config": {**asdict(config), "load_kind": config.load_kind.value},
         "systems": {s.label: s.description for s in systems if s.label in results},
         "results": {label: [{**asdict(r), "s_per_output_token": r.s_per_output_token, "throughput_tokens_s": r.throughput_tokens_s}

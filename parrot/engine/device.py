@@ -8,9 +8,8 @@ the same flags serve a 24 GiB card and an 80 GiB one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -40,9 +39,7 @@ def cpu_has_bf16_dot() -> bool:
 def bf16_matmul_rows(mode: str, device: torch.device, has_bf16_dot: bool | None = None) -> int:
     """Up to how many rows a step's float32 matmuls run in bf16 (0: never; ALL_ROWS: always, and
     the float32 weights are not kept). auto: always where the CPU has bf16 dot products, else
-    small batches. GPUs compute in their own dtype: 0."""
-    if mode not in CPU_BF16_MODES:
-        raise UserError(f"cpu_bf16 must be one of {', '.join(CPU_BF16_MODES)}, not {mode!r}")
+    small batches. GPUs compute in their own dtype: 0. mode: one of CPU_BF16_MODES (EngineConfig checks it)."""
     if device.type != "cpu" or mode == "off":
         return 0
     if mode == "auto":
