@@ -20,6 +20,7 @@ from parrot.engine.llm_engine import EngineConfig, FinishReason, GeneratedToken,
 from parrot.engine.loader import DEFAULT_MODEL, resolve_model_dir
 from parrot.engine.model_runner import KVCacheTensors
 from parrot.engine.sampler import SamplingParams
+from parrot.engine.scheduler import PRIORITY_NORMAL
 from parrot.engine.tokenizer import Tokenizer
 
 # prompts of different lengths (in tokens: about 6, 5, 15, 4, 40)
@@ -42,7 +43,7 @@ def greedy(max_tokens: int, **kwargs: Any) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=kwargs.pop("ignore_eos", True), **kwargs)
 
 
-async def collect(engine: LLMEngine, context_id: str, sampling: SamplingParams, priority: int = 1) -> list[GeneratedToken]:
+async def collect(engine: LLMEngine, context_id: str, sampling: SamplingParams, priority: int = PRIORITY_NORMAL) -> list[GeneratedToken]:
     return [token async for token in engine.generate(context_id, sampling, priority)]
 
 

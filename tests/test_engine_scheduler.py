@@ -11,12 +11,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.sampler import SamplingParams
-from parrot.engine.scheduler import BatchScheduler, JobKind, SchedulerConfig
+from parrot.engine.scheduler import (
+    PRIORITY_LATENCY,
+    PRIORITY_NORMAL,
+    PRIORITY_THROUGHPUT,
+    BatchScheduler,
+    JobKind,
+    SchedulerConfig,
+    StepPlan,
+)
+from parrot.engine.step_profile import StepCost, cap_pays, prefill_share_at_cap
 
 MAX_STEPS = 2000
 
@@ -168,10 +178,10 @@ def _queued(scheduler: BatchScheduler, contexts: ContextTable, name: str, tokens
 def test_a_latency_job_beside_throughput_work_gets_short_steps_and_goes_first():
     contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))
-    bulk = _queued(scheduler, contexts, "map", 600, priority=2)
+    bulk = _queued(scheduler, contexts, "map", 600, priority=PRIORITY_THROUGHPUT)
     plan = scheduler.schedule()
     assert plan.num_tokens == 512  # throughput work alone: the whole budget
-    chat = _queued(scheduler, contexts, "chat", 40, priority=0)
+    chat = _queued(scheduler, contexts, "chat", 40, priority=PRIORITY_LATENCY)
     plan = scheduler.schedule()
     assert [c.job for c in plan.chunks] == [chat, bulk]
     assert plan.num_tokens == 96 and plan.chunks[0].length == 40  # the chat prompt whole, the bulk fills the rest
@@ -180,19 +190,49 @@ def test_a_latency_job_beside_throughput_work_gets_short_steps_and_goes_first():
 def test_a_latency_prompt_is_prefilled_in_one_step_while_other_work_keeps_to_the_cap():
     contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))
-    bulk = _queued(scheduler, contexts, "background", 600, priority=1)
-    chunk = _queued(scheduler, contexts, "chain-step", 300, priority=0)
+    bulk = _queued(scheduler, contexts, "background", 600, priority=PRIORITY_THROUGHPUT)
+    chunk = _queued(scheduler, contexts, "chain-step", 300, priority=PRIORITY_LATENCY)
     plan = scheduler.schedule()
     assert [(c.job, c.length) for c in plan.chunks] == [(chunk, 300)]  # not 96-token pieces; the bulk waits
-    ahead = _queued(scheduler, contexts, "short-chat", 10, priority=-1)
+    ahead = _queued(scheduler, contexts, "short-chat", 10, priority=PRIORITY_LATENCY - 1)
     chunk.ctx.num_computed = 300  # the chain step decodes now (nothing pending)
     plan = scheduler.schedule()
     assert [(c.job, c.length) for c in plan.chunks] == [(ahead, 10), (bulk, 86)]
 
 
+def _step_beside_a_chat(prompts: list[int], priority: int, cap_pays: bool = True) -> StepPlan:
+    contexts = ContextTable(BlockPool(1024, 16), lambda src, dst: None)
+    scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=16, latency_max_tokens_per_step=96))
+    scheduler.cap_pays = cap_pays
+    _queued(scheduler, contexts, "chat", 10, priority=PRIORITY_LATENCY)
+    for i, tokens in enumerate(prompts):
+        _queued(scheduler, contexts, f"request-{i}", tokens, priority=priority)
+    return scheduler.schedule()
+
+
+def test_the_cap_lifts_when_normal_class_work_waiting_passes_four_full_steps():
+    plan = _step_beside_a_chat([512] * 4, PRIORITY_NORMAL)
+    assert [(c.job.ctx.context_id, c.length) for c in plan.chunks] == [("chat", 10), ("request-0", 86)]  # 4 full steps wait
+    plan = _step_beside_a_chat([512] * 4 + [1], PRIORITY_NORMAL)
+    assert plan.chunks[0].job.ctx.context_id == "chat" and plan.num_tokens == 512  # one token more: full steps, no starving
+
+
+def test_the_cap_holds_only_where_the_step_cost_says_it_pays():
+    assert _step_beside_a_chat([600], PRIORITY_THROUGHPUT, cap_pays=True).num_tokens == 96
+    assert _step_beside_a_chat([600], PRIORITY_THROUGHPUT, cap_pays=False).num_tokens == 512
+    gpu, cpu = StepCost(per_step_s=0.0246, per_token_s=0.000139), StepCost(per_step_s=0.022, per_token_s=0.0008)
+    assert cap_pays(gpu, 128) and not cap_pays(cpu, 128) and cap_pays(None, 128)  # unknown: the cap holds
+    assert prefill_share_at_cap(cpu, 128, 512) == 1.0  # no cap there: the other work keeps its full rate
+    assert prefill_share_at_cap(gpu, 128, 2048) == pytest.approx(0.456, abs=0.01)
+
+
+def test_throughput_class_work_stays_under_the_cap_however_much_of_it_waits():
+    assert _step_beside_a_chat([600] * 8, PRIORITY_THROUGHPUT).num_tokens == 96
+
+
 def test_latency_jobs_alone_use_the_whole_budget():
     contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))
-    _queued(scheduler, contexts, "a", 300, priority=0)
-    _queued(scheduler, contexts, "b", 300, priority=-3)
+    _queued(scheduler, contexts, "a", 300, priority=PRIORITY_LATENCY)
+    _queued(scheduler, contexts, "b", 300, priority=PRIORITY_LATENCY - 3)
     assert scheduler.schedule().num_tokens == 512

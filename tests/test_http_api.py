@@ -196,6 +196,13 @@ def test_tenants_cannot_see_each_other(server):
         assert http.get(f"/api/v1/sessions/{sid}/dag").status_code == 401
         assert http.get(f"/api/v1/sessions/{sid}/dag", headers={"authorization": "Bearer nope"}).status_code == 401
         assert http.post("/api/v1/sessions", headers={"authorization": f"Bearer {ENGINE_KEY}"}).status_code == 403
+        # a tenant's key where an engine's is needed: refused as a permission, not as a bad request
+        refused = http.post("/api/v1/engines/register", headers=auth("alice"), json={"name": "e", "url": "http://127.0.0.1:9", "model": "m"})
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+        # no key and a bad body: the key is what the caller hears about first
+        keyless = http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": 7})
+        assert keyless.status_code == 401 and keyless.json()["error"]["type"] == "authentication_error"
+        assert http.post(f"/api/v1/sessions/{sid}/variables", headers=auth("alice"), json={"var_id": 7}).status_code == 422
 
 
 def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server):

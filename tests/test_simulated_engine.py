@@ -14,6 +14,7 @@ import pytest
 
 from parrot.backends.simulated import PRESETS, CostModel, SimulatedEngineBackend, StepShape, parse_engine_spec
 from parrot.engine.sampler import SamplingParams
+from parrot.engine.scheduler import PRIORITY_NORMAL, PRIORITY_THROUGHPUT
 from parrot.errors import ContextError, KVCacheExhaustedError, UserError
 from parrot.manager.manager import Manager
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding, Perf
@@ -32,7 +33,7 @@ class Done:
     finished_at: float
 
 
-async def request(b: SimulatedEngineBackend, cid: str, tokens: int, max_tokens: int, priority: int = 1,
+async def request(b: SimulatedEngineBackend, cid: str, tokens: int, max_tokens: int, priority: int = PRIORITY_NORMAL,
                   parent: str | None = None, shared_chars: int = 0, char: str = "x") -> Done:
     await b.fill(cid, parent, char * (4 * tokens), priority, shared_prefix_chars=shared_chars)  # 4 characters a token
     filled = b.simulated_seconds
@@ -131,7 +132,7 @@ def test_priorities_order_work_when_the_batch_is_full() -> None:
     b = sim(max_seqs_per_step=1)
 
     async def both():
-        return await asyncio.gather(request(b, "low", 10, 10, priority=2), request(b, "high", 10, 10, priority=0))
+        return await asyncio.gather(request(b, "low", 10, 10, priority=PRIORITY_THROUGHPUT), request(b, "high", 10, 10, priority=0))
 
     low, high = run(both())
     assert high.finished_at < low.finished_at
@@ -298,7 +299,7 @@ def test_steps_shrink_while_a_latency_job_waits_beside_other_work() -> None:
                              latency_max_tokens_per_step=128)
     bulk = tree.create("bulk", None)
     bulk.own_tokens = 2000
-    scheduler.submit(SimJobKind.FILL, bulk, 2000)
+    scheduler.submit(SimJobKind.FILL, bulk, PRIORITY_THROUGHPUT)  # throughput work: the cap holds however much waits
     assert scheduler.schedule().chunks[0].length == 512  # alone: the full budget
     chat = tree.create("chat", None)
     chat.own_tokens = 40

@@ -29,7 +29,7 @@ from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
-from parrot.engine.step_profile import StepCost, StepProfile, prefill_share_at_cap
+from parrot.engine.step_profile import StepCost, StepProfile, cap_pays, prefill_share_at_cap
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
 
@@ -450,6 +450,7 @@ class LLMEngine:
                 elapsed = time.perf_counter() - started
                 self._counters.busy += elapsed
                 self._step_profile.record(plan.num_tokens, elapsed)
+                self.scheduler.cap_pays = cap_pays(self._step_profile.cost(), self.config.latency_max_tokens_per_step)
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})

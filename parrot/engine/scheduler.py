@@ -21,9 +21,16 @@ from parrot.engine.kv_cache import Context, ContextTable
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.tokenizer import IncrementalDetokenizer
 
+# A job's priority is its objective class's base less its DAG stage depth (App-FIFO: later
+# stages of the apps in flight first); depths past MAX_STAGE_DEPTH rank as that depth, so
+# the classes never overlap: latency-class priorities are <= 0, normal ones 1..1000,
+# throughput ones 1001..2000.
 PRIORITY_LATENCY = 0
-PRIORITY_NORMAL = 1
-PRIORITY_THROUGHPUT = 2
+PRIORITY_NORMAL = 1000
+PRIORITY_THROUGHPUT = 2000
+MAX_STAGE_DEPTH = 999
+# StepBudget's cap holds only while the normal-class prompts waiting fit in this many full steps
+BACKLOG_FULL_STEPS = 4
 
 
 class JobKind(Enum):
@@ -88,6 +95,14 @@ def is_latency_class(priority: int) -> bool:
     return priority <= PRIORITY_LATENCY
 
 
+def is_throughput_class(priority: int) -> bool:
+    return priority > PRIORITY_NORMAL
+
+
+def is_normal_class(priority: int) -> bool:
+    return not is_latency_class(priority) and not is_throughput_class(priority)
+
+
 @dataclass
 class StepBudget:
     """The tokens one step may still take.
@@ -96,16 +111,26 @@ class StepBudget:
     to `capped` tokens (less what latency-class jobs took), so a latency job's decode never
     rides in a step full of another job's prefill. Latency-class jobs themselves take what
     they need up to `total`: a latency prompt is prefilled in one step, not in capped pieces.
+
+    The cap holds only where the owner's step cost says it pays (`step_profile.cap_pays`:
+    a GPU's steps, whose fixed cost is large, not a CPU's), and only while the normal-class
+    work waiting (requests nobody marked as throughput work, such as other clients'
+    traffic) fits in BACKLOG_FULL_STEPS full steps, so that no stream of latency work
+    starves it; throughput-class work was declared to trade its latency away.
     """
 
     total: int
-    capped: int | None  # None: no latency-class job waits beside other work
+    capped: int | None  # None: no cap this step
 
     @classmethod
-    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int]) -> StepBudget:
-        """The budget of a step whose waiting jobs have these priorities."""
+    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], normal_backlog: int,
+                 cap_pays: bool = True) -> StepBudget:
+        """The budget of a step whose waiting jobs have these priorities, with `normal_backlog`
+        tokens pending in normal-class jobs."""
         latency = sum(1 for priority in priorities if is_latency_class(priority))
-        return cls(max_tokens, min(max_tokens, latency_max_tokens) if 0 < latency < len(priorities) else None)
+        if not 0 < latency < len(priorities) or not cap_pays or normal_backlog > BACKLOG_FULL_STEPS * max_tokens:
+            return cls(max_tokens, None)
+        return cls(max_tokens, min(max_tokens, latency_max_tokens))
 
     @property
     def spent(self) -> bool:
@@ -128,6 +153,7 @@ class BatchScheduler:
         self.contexts = contexts
         self.config = config
         self.reclaim = reclaim  # frees up to n idle cached blocks; returns how many it freed
+        self.cap_pays = True  # the owner's step_profile.cap_pays (StepBudget)
         self.jobs: list[Job] = []
         self._arrivals = itertools.count()
 
@@ -142,8 +168,10 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        waiting = [job for job in self.jobs if job.ctx.num_pending > 0]
         budget = StepBudget.for_step(self.config.max_tokens_per_step, self.config.latency_max_tokens_per_step,
-                                     [job.priority for job in self.jobs if job.ctx.num_pending > 0])
+                                     [job.priority for job in waiting],
+                                     sum(job.ctx.num_pending for job in waiting if is_normal_class(job.priority)), self.cap_pays)
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

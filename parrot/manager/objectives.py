@@ -9,11 +9,10 @@ throughput work. Depth orders work across apps (App-FIFO: deeper first).
 
 from __future__ import annotations
 
-from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_NORMAL, PRIORITY_THROUGHPUT
+from parrot.engine.scheduler import MAX_STAGE_DEPTH, PRIORITY_LATENCY, PRIORITY_NORMAL, PRIORITY_THROUGHPUT
 from parrot.manager.graph import Call, CallState, Objective, SVGraph, Variable
 from parrot.manager.spec import Perf
 
-_MAX_DEPTH = 999
 _STARTED = (CallState.RUNNING, CallState.DONE, CallState.FAILED)
 
 
@@ -79,4 +78,4 @@ def parallel_producers(consumer: Call) -> set[str]:
 def engine_priority(call: Call) -> int:
     """Engine-level priority (lower runs first): objective class, then deeper stages first."""
     base = {Objective.LATENCY: PRIORITY_LATENCY, Objective.THROUGHPUT: PRIORITY_THROUGHPUT}.get(call.objective, PRIORITY_NORMAL)
-    return base * (_MAX_DEPTH + 1) - min(call.depth, _MAX_DEPTH)
+    return base - min(call.depth, MAX_STAGE_DEPTH)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from parrot.engine.scheduler import PRIORITY_NORMAL
 from parrot.protocol.manager_api import MAX_VALUE_CHARS, Id, SamplingBody
 
 
@@ -15,14 +16,14 @@ class FillBody(Strict):
     context_id: str = Id
     parent_context_id: str | None = None
     text: str = Field(max_length=MAX_VALUE_CHARS)
-    priority: int = 1
+    priority: int = PRIORITY_NORMAL
     shared_prefix_chars: int = Field(0, ge=0)
 
 
 class GenerateBody(Strict):
     context_id: str = Id
     sampling: SamplingBody
-    priority: int = 1
+    priority: int = PRIORITY_NORMAL
 
 
 class FreeBody(Strict):

@@ -65,7 +65,7 @@ def _responder(status: int, kind: str):
     return respond
 
 
-def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+def install_error_handlers(app: FastAPI, keys: KeyStore, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     from parrot.errors import NotFoundError
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -81,7 +81,11 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_
         app.add_exception_handler(error_class, _responder(status, kind))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
+        # FastAPI validates a body before the route runs `require`: a caller without a key
+        # hears about the key first, not about the body
+        if keys.authenticate(bearer_key(request)) is None:
+            return error_json(401, MISSING_KEY, "authentication_error")
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
         )
@@ -89,7 +93,7 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        kind = {401: "authentication_error", 403: "permission_error"}.get(exc.status_code, "invalid_request_error")
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
             message = "invalid request body: it must be JSON encoded as UTF-8"
@@ -101,6 +105,9 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = DEFAULT_MAX_BODY_
         return error_json(500, f"internal error: {type(exc).__name__}; the server logged the details", "server_error")
 
 
+MISSING_KEY = "missing or unknown API key: send 'Authorization: Bearer <key>'"
+
+
 def bearer_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -110,7 +117,7 @@ def bearer_key(request: Request) -> str | None:
 def require(keys: KeyStore, request: Request, engine: bool = False) -> Principal:
     principal = keys.authenticate(bearer_key(request))
     if principal is None:
-        raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'")
+        raise HTTPException(401, MISSING_KEY)
     if principal.is_engine != engine:
         raise HTTPException(403, "this key is not allowed here" if engine else "engine keys cannot use the session API")
     return principal

@@ -35,7 +35,7 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
                       public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = 2.0,
                       parent_pid: int | None = None) -> FastAPI:
     app = FastAPI(title="parrot-serve engine", description="Primitives of one built-in engine.")
-    install_error_handlers(app)
+    install_error_handlers(app, keys)
 
     @app.get("/health")
     async def health():

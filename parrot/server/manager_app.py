@@ -46,7 +46,7 @@ def create_manager_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, heartbeat_timeout_s: float = 10.0, engine_key: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="parrot-serve manager", description="Sessions of semantic calls over engines; OpenAI-compatible API under /v1.")
-    install_error_handlers(app, max_body_bytes)
+    install_error_handlers(app, keys, max_body_bytes)
     metrics = ManagerMetrics(manager)
     liveness = EngineLiveness(heartbeat_timeout_s)
     app.state.manager = manager
