@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from parrot.bench.report import (PartialResults, best_measurements, plot, print_rows, ratio_of, result_header, save_report, size_name,
-                                 size_of, summary_line, write_markdown)
+from parrot.bench.report import (PartialResults, background_cell, best_measurements, has_background, plot, print_rows, ratio_of,
+                                 result_header, save_report, size_name, size_of, summary_line, write_markdown)
 from parrot.bench.systems import RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, SizeOverrides, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
@@ -75,7 +75,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         "simulated": engine.startswith("sim:"), "config": asdict(config),
         "rtt_settings_ms": sorted({0.0, rtt_ms}), "repeats": repeats, "notes": notes,
         "measurements": [
-            {**asdict(m), "mean_s": m.mean_s, "p90_s": m.p90_s} for m in measurements
+            {**asdict(m), "mean_s": m.mean_s, "p90_s": m.p90_s, "background_mean_s": m.background_mean_s} for m in measurements
         ],
     }
     result["ratios"] = ratios(result)
@@ -98,9 +98,11 @@ def ratios(result: dict) -> dict[str, dict[str, float]]:
 
 def print_table(result: dict, console: Console) -> None:
     engines = f"{result['engines']} x {result['engine']}" + (" (SIMULATED)" if result["simulated"] else "")
+    background = has_background(result)
     rows = []
     for m in result["measurements"]:
         ratio = ratio_of(result, m["rtt_ms"], m["system"])
-        rows.append((m["system"], f"{m['rtt_ms']:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio:.2f}x"))
+        rows.append((m["system"], f"{m['rtt_ms']:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio:.2f}x")
+                    + ((background_cell(m),) if background else ()))
     print_rows(console, f"{result['workload']} ({size_of(result)}, {result['model']}, {engines})",
-               ("system", "added RTT", "mean latency s", "p90 s", "vs parrot"), rows)
+               ("system", "added RTT", "mean latency s", "p90 s", "vs parrot") + (("background mean s",) if background else ()), rows)

@@ -108,6 +108,16 @@ DIFFERENT_OUTPUTS = ("DIFFERENT (in bfloat16 on a GPU a greedy choice between ne
                      "batch's shape, random weights tie often; in float32 on the CPU the texts must agree)")
 
 
+def has_background(result: dict) -> bool:
+    return result["config"].get("background_rate", 0) > 0
+
+
+def background_cell(measurement: dict) -> str:
+    """The background requests' mean latency: what the latency class cost the other clients."""
+    mean = measurement.get("background_mean_s")
+    return "-" if mean is None else f"{mean:.2f}"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"### {result['workload']} ({size_of(result)})",
@@ -116,8 +126,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{' (SIMULATED: a cost model, not the real engine)' if result['simulated'] else ''}; settings {result['config']}; {result['repeats']} repeat(s), best mean shown. "
         f"RTT is added in the benchmark's client only. Paper: {result['config'].get('paper') or '-'}.",
         "",
-        *markdown_table(("system", "added RTT", "mean latency (s)", "p90 (s)", "slower than parrot"), [
+        *markdown_table(("system", "added RTT", "mean latency (s)", "p90 (s)", "slower than parrot")
+                        + (("background requests' mean latency (s)",) if has_background(result) else ()), [
             (system, f"{rtt:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio_of(result, rtt, system):.2f}x")
+            + ((background_cell(m),) if has_background(result) else ())
             for (rtt, system), m in sorted(best_measurements(result).items())
         ]),
     ]

@@ -82,10 +82,16 @@ class Measurement:
     latencies_s: list[float]  # one per app
     final_outputs: list[str]
     background_requests: int = 0
+    background_latencies_s: list[float] = field(default_factory=list)
 
     @property
     def mean_s(self) -> float:
         return statistics.fmean(self.latencies_s)
+
+    @property
+    def background_mean_s(self) -> float | None:
+        """What the latency class costs the other clients: their requests' mean latency."""
+        return statistics.fmean(self.background_latencies_s) if self.background_latencies_s else None
 
     @property
     def p90_s(self) -> float:
@@ -118,6 +124,7 @@ class BackgroundLoad:
     output_tokens: int
     seed: int = 7
     sent: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # each request's, once it is answered
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -132,9 +139,14 @@ class BackgroundLoad:
         client = CompletionClient(self.server, 0.0)
         with ThreadPoolExecutor(max_workers=64) as pool:
             while not self._stop.wait(rng.expovariate(self.rate)):
-                pool.submit(client, self.prompt, self.output_tokens)
+                pool.submit(self._timed, client)
                 self.sent += 1
         client.close()
+
+    def _timed(self, client: CompletionClient) -> None:
+        started = time.perf_counter()
+        client(self.prompt, self.output_tokens)
+        self.latencies_s.append(time.perf_counter() - started)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -171,7 +183,7 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
     finally:
         if client is not None:
             client.close()
-    return Measurement(system, rtt_s * 1e3, [r[0] for r in results], [r[1] for r in results], load.sent)
+    return Measurement(system, rtt_s * 1e3, [r[0] for r in results], [r[1] for r in results], load.sent, load.latencies_s)
 
 
 def check_documents_suffice(tokenizer, config: WorkloadConfig, measured_runs: int) -> None:

@@ -29,8 +29,6 @@ PRIORITY_LATENCY = 0
 PRIORITY_NORMAL = 1000
 PRIORITY_THROUGHPUT = 2000
 MAX_STAGE_DEPTH = 999
-# StepBudget's cap holds only while the normal-class prompts waiting fit in this many full steps
-BACKLOG_FULL_STEPS = 4
 
 
 class JobKind(Enum):
@@ -95,14 +93,6 @@ def is_latency_class(priority: int) -> bool:
     return priority <= PRIORITY_LATENCY
 
 
-def is_throughput_class(priority: int) -> bool:
-    return priority > PRIORITY_NORMAL
-
-
-def is_normal_class(priority: int) -> bool:
-    return not is_latency_class(priority) and not is_throughput_class(priority)
-
-
 @dataclass
 class StepBudget:
     """The tokens one step may still take.
@@ -113,22 +103,19 @@ class StepBudget:
     they need up to `total`: a latency prompt is prefilled in one step, not in capped pieces.
 
     The cap holds only where the owner's step cost says it pays (`step_profile.cap_pays`:
-    a GPU's steps, whose fixed cost is large, not a CPU's), and only while the normal-class
-    work waiting (requests nobody marked as throughput work, such as other clients'
-    traffic) fits in BACKLOG_FULL_STEPS full steps, so that no stream of latency work
-    starves it; throughput-class work was declared to trade its latency away.
+    a GPU's steps, whose fixed cost is large, not a CPU's). It slows the other work down to
+    the capped steps' prompt rate (`prefill_share_at_cap`) while latency work waits; it
+    does not stop it.
     """
 
     total: int
     capped: int | None  # None: no cap this step
 
     @classmethod
-    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], normal_backlog: int,
-                 cap_pays: bool = True) -> StepBudget:
-        """The budget of a step whose waiting jobs have these priorities, with `normal_backlog`
-        tokens pending in normal-class jobs."""
+    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], cap_pays: bool = True) -> StepBudget:
+        """The budget of a step whose waiting jobs have these priorities."""
         latency = sum(1 for priority in priorities if is_latency_class(priority))
-        if not 0 < latency < len(priorities) or not cap_pays or normal_backlog > BACKLOG_FULL_STEPS * max_tokens:
+        if not 0 < latency < len(priorities) or not cap_pays:
             return cls(max_tokens, None)
         return cls(max_tokens, min(max_tokens, latency_max_tokens))
 
@@ -168,10 +155,8 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        waiting = [job for job in self.jobs if job.ctx.num_pending > 0]
         budget = StepBudget.for_step(self.config.max_tokens_per_step, self.config.latency_max_tokens_per_step,
-                                     [job.priority for job in waiting],
-                                     sum(job.ctx.num_pending for job in waiting if is_normal_class(job.priority)), self.cap_pays)
+                                     [job.priority for job in self.jobs if job.ctx.num_pending > 0], self.cap_pays)
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

@@ -18,7 +18,7 @@ from enum import Enum
 
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import StepShape
-from parrot.engine.scheduler import StepBudget, is_normal_class
+from parrot.engine.scheduler import StepBudget
 
 
 class JobKind(Enum):
@@ -90,8 +90,7 @@ class SimScheduler:
         """Plans one step and reserves its KV (computed by the step's end)."""
         plan = StepPlan()
         # every simulated job waits for its next chunk or token, as pending jobs do in the engine
-        budget = StepBudget.for_step(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs],
-                                     sum(job.ctx.pending or 1 for job in self.jobs if is_normal_class(job.priority)), self.cap_pays)
+        budget = StepBudget.for_step(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs], self.cap_pays)
         chosen = set()
         for job in sorted(self.jobs, key=lambda j: j.sort_key):
             if budget.spent or len(plan.chunks) == self.max_seqs:
