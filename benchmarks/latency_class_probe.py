@@ -6,8 +6,8 @@ normal class) arrive as a Poisson stream at --rate per second. The same chain ru
 latency class (what `get(perf=LATENCY)` gives it) and at the normal class (what a
 request-level client gets), with the same background arrivals (seeded), one after another
 in this process. At the latency class it runs twice: with the engine's rule for the 128-token
-step cap (StepBudget: the cap holds only where capped steps prefill well below the full
-rate, which the engine fits from its steps and prints) and with no cap at all. Each round prints the chain's time in each setting, how much of it went
+step cap (StepBudget: normal-class work like this background keeps to the cap only where
+the engine's fitted step cost says it pays, `step_profile.cap_pays`) and with no cap at all. Each round prints the chain's time in each setting, how much of it went
 to its prompts and to its tokens, and how many requests were in flight (the background's
 and the chain's) at each of the chain's tokens, on average.
 

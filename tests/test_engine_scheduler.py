@@ -210,18 +210,25 @@ def _step_beside_a_chat(prompts: list[int], priority: int, cap_pays: bool = True
     return scheduler.schedule()
 
 
-def test_the_cap_holds_only_where_the_step_cost_says_it_pays():
-    assert _step_beside_a_chat([600], PRIORITY_THROUGHPUT, cap_pays=True).num_tokens == 96
-    assert _step_beside_a_chat([600], PRIORITY_THROUGHPUT, cap_pays=False).num_tokens == 512
+def test_normal_class_work_keeps_to_the_cap_only_where_the_step_cost_says_it_pays():
+    assert _step_beside_a_chat([600], PRIORITY_NORMAL, cap_pays=True).num_tokens == 96
+    assert _step_beside_a_chat([600], PRIORITY_NORMAL, cap_pays=False).num_tokens == 512
     gpu, cpu = StepCost(per_step_s=0.0246, per_token_s=0.000139), StepCost(per_step_s=0.022, per_token_s=0.0008)
     assert cap_pays(gpu, 128) and not cap_pays(cpu, 128) and cap_pays(None, 128)  # unknown: the cap holds
-    assert prefill_share_at_cap(cpu, 128, 512) == 1.0  # no cap there: the other work keeps its full rate
     assert prefill_share_at_cap(gpu, 128, 2048) == pytest.approx(0.456, abs=0.01)
 
 
-def test_other_work_stays_under_the_cap_however_much_of_it_waits():
-    assert _step_beside_a_chat([600] * 8, PRIORITY_THROUGHPUT).num_tokens == 96
-    assert _step_beside_a_chat([600] * 8, PRIORITY_NORMAL).num_tokens == 96
+def test_throughput_class_work_keeps_to_the_cap_whatever_the_step_cost():
+    assert _step_beside_a_chat([600] * 8, PRIORITY_THROUGHPUT, cap_pays=True).num_tokens == 96
+    assert _step_beside_a_chat([600] * 8, PRIORITY_THROUGHPUT, cap_pays=False).num_tokens == 96
+    # normal-class work past the cap takes what it needs; throughput work gets what is left under it
+    contexts = ContextTable(BlockPool(1024, 16), lambda src, dst: None)
+    scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=16, latency_max_tokens_per_step=96))
+    scheduler.cap_pays = False
+    chat = _queued(scheduler, contexts, "chat", 10, priority=PRIORITY_LATENCY)
+    request = _queued(scheduler, contexts, "request", 50, priority=PRIORITY_NORMAL)
+    bulk = _queued(scheduler, contexts, "map", 600, priority=PRIORITY_THROUGHPUT)
+    assert [(c.job, c.length) for c in scheduler.schedule().chunks] == [(chat, 10), (request, 50), (bulk, 36)]
 
 
 def test_latency_jobs_alone_use_the_whole_budget():

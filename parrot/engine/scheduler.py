@@ -93,6 +93,10 @@ def is_latency_class(priority: int) -> bool:
     return priority <= PRIORITY_LATENCY
 
 
+def is_throughput_class(priority: int) -> bool:
+    return priority > PRIORITY_NORMAL
+
+
 @dataclass
 class StepBudget:
     """The tokens one step may still take.
@@ -102,22 +106,27 @@ class StepBudget:
     rides in a step full of another job's prefill. Latency-class jobs themselves take what
     they need up to `total`: a latency prompt is prefilled in one step, not in capped pieces.
 
-    The cap holds only where the owner's step cost says it pays (`step_profile.cap_pays`:
-    a GPU's steps, whose fixed cost is large, not a CPU's). It slows the other work down to
-    the capped steps' prompt rate (`prefill_share_at_cap`) while latency work waits; it
-    does not stop it.
+    Throughput-class work (declared deferrable) always keeps to the cap. Normal-class work
+    (requests with no objective, such as other clients' traffic) keeps to it only where the
+    owner's step cost says that pays (`step_profile.cap_pays`: a GPU's steps, whose fixed
+    cost is large, not a CPU's). Against a stream of such requests the cap gains the latency
+    job something only by deferring them past its end: on a CPU a capped step is 4-5 decode
+    steps long, so the job waits through the same background tokens in smaller pieces,
+    and the lost rate piles requests up (benchmarks/latency_class_probe.py). Against a
+    throughput job's long backlog every step would be full, and the cap shortens each.
     """
 
     total: int
     capped: int | None  # None: no cap this step
+    caps_normal_class: bool = True
 
     @classmethod
     def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], cap_pays: bool = True) -> StepBudget:
         """The budget of a step whose waiting jobs have these priorities."""
         latency = sum(1 for priority in priorities if is_latency_class(priority))
-        if not 0 < latency < len(priorities) or not cap_pays:
+        if not 0 < latency < len(priorities):
             return cls(max_tokens, None)
-        return cls(max_tokens, min(max_tokens, latency_max_tokens))
+        return cls(max_tokens, min(max_tokens, latency_max_tokens), cap_pays)
 
     @property
     def spent(self) -> bool:
@@ -125,7 +134,7 @@ class StepBudget:
 
     def grant(self, priority: int, wanted: int) -> int:
         """Tokens a job of this priority gets of the `wanted`; the caller then `take`s what it used."""
-        if self.capped is None or is_latency_class(priority):
+        if self.capped is None or is_latency_class(priority) or not (self.caps_normal_class or is_throughput_class(priority)):
             return min(wanted, self.total)
         return min(wanted, self.total, self.capped)
 

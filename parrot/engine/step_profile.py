@@ -27,21 +27,18 @@ class StepCost:
 
 
 def cap_pays(cost: StepCost | None, capped_tokens: int) -> bool:
-    """Whether capping the other work's steps at `capped_tokens` while a latency-class job
-    waits is worth it: only where the capped tokens cost at most the step's fixed cost, so a
-    capped step is at most twice a step of decodes alone (a GPU reading its weights: 0.6-0.7
-    of it on the simulated A100s). Where tokens cost most (a CPU: 2-5 times it) the latency
-    job waits through each capped step nearly as long as through the other work's full
-    steps, and the capped steps cost the other work rate it cannot spare near capacity
-    (benchmarks/latency_class_probe.py). True while the cost is unknown."""
+    """Whether capping normal-class work's steps at `capped_tokens` while a latency-class job
+    waits is worth it (StepBudget): only where the capped tokens cost at most the step's
+    fixed cost, so a capped step is at most twice a step of decodes alone (a GPU reading its
+    weights: 0.6-0.7 of it on the simulated A100s; a CPU: 2-5 times it). True while the cost
+    is unknown."""
     return cost is None or capped_tokens * cost.per_token_s <= cost.per_step_s
 
 
 def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens: int) -> float:
     """Prompt tokens per second in steps of `capped_tokens`, over that in steps of `full_tokens`;
-    1.0 when the cost is unknown (no reason then to treat the engine differently) or the cap
-    does not pay (the engine then runs full steps)."""
-    if cost is None or capped_tokens >= full_tokens or cost.per_step_s + cost.per_token_s <= 0 or not cap_pays(cost, capped_tokens):
+    1.0 when the cost is unknown (no reason then to treat the engine differently)."""
+    if cost is None or capped_tokens >= full_tokens or cost.per_step_s + cost.per_token_s <= 0:
         return 1.0  # unknown, no cap, or steps that cost nothing
     capped_rate = capped_tokens / (cost.per_step_s + capped_tokens * cost.per_token_s)
     full_rate = full_tokens / (cost.per_step_s + full_tokens * cost.per_token_s)
