@@ -14,7 +14,7 @@ import pytest
 
 from parrot.backends.simulated import PRESETS, CostModel, SimulatedEngineBackend, StepShape, parse_engine_spec
 from parrot.engine.sampler import SamplingParams
-from parrot.engine.scheduler import PRIORITY_NORMAL, PRIORITY_THROUGHPUT
+from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_NORMAL, PRIORITY_THROUGHPUT
 from parrot.errors import ContextError, KVCacheExhaustedError, UserError
 from parrot.manager.manager import Manager
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding, Perf
@@ -111,12 +111,12 @@ def test_higher_priority_preempts_when_kv_is_full() -> None:
     b = sim(kv_capacity_tokens=500)
 
     async def scenario():
-        await b.fill("low", None, "x" * 4 * 300, 2)
+        await b.fill("low", None, "x" * 4 * 300, PRIORITY_THROUGHPUT)
         words, high = [], None
-        async for token in b.generate("low", SamplingParams(max_tokens=30), 2):
+        async for token in b.generate("low", SamplingParams(max_tokens=30), PRIORITY_THROUGHPUT):
             words.append(token.text)
             if high is None:  # low holds 301 of 500 tokens and decodes: a prompt of 300 needs its room
-                high = asyncio.ensure_future(request(b, "high", 300, 5, priority=0))
+                high = asyncio.ensure_future(request(b, "high", 300, 5, priority=PRIORITY_LATENCY))
         low_finished = b.simulated_seconds
         await b.free_context("low")
         return await high, low_finished, "".join(words)
@@ -132,7 +132,7 @@ def test_priorities_order_work_when_the_batch_is_full() -> None:
     b = sim(max_seqs_per_step=1)
 
     async def both():
-        return await asyncio.gather(request(b, "low", 10, 10, priority=PRIORITY_THROUGHPUT), request(b, "high", 10, 10, priority=0))
+        return await asyncio.gather(request(b, "low", 10, 10, priority=PRIORITY_THROUGHPUT), request(b, "high", 10, 10, priority=PRIORITY_LATENCY))
 
     low, high = run(both())
     assert high.finished_at < low.finished_at

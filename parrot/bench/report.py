@@ -114,8 +114,8 @@ def has_background(result: dict) -> bool:
 
 def background_cell(measurement: dict) -> str:
     """The background requests' mean latency: what the latency class cost the other clients."""
-    mean = measurement.get("background_mean_s")
-    return "-" if mean is None else f"{mean:.2f}"
+    mean, failed = measurement.get("background_mean_s"), measurement.get("background_failures", 0)
+    return ("-" if mean is None else f"{mean:.2f}") + (f" ({failed} failed)" if failed else "")
 
 
 def write_markdown(result: dict, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import statistics
 import threading
@@ -16,6 +17,9 @@ from parrot.bench.config import pick_size
 from parrot.bench.documents import chunks as make_chunks
 from parrot.bench.systems import CompletionClient, DelayedTransport, RunningServer
 from parrot.errors import UserError
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Measurement:
     final_outputs: list[str]
     background_requests: int = 0
     background_latencies_s: list[float] = field(default_factory=list)
+    background_failures: int = 0
 
     @property
     def mean_s(self) -> float:
@@ -125,6 +130,7 @@ class BackgroundLoad:
     seed: int = 7
     sent: int = 0
     latencies_s: list[float] = field(default_factory=list)  # each request's, once it is answered
+    failures: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -145,7 +151,13 @@ class BackgroundLoad:
 
     def _timed(self, client: CompletionClient) -> None:
         started = time.perf_counter()
-        client(self.prompt, self.output_tokens)
+        try:
+            client(self.prompt, self.output_tokens)
+        except Exception:
+            # counted, so that a mean over the answered ones cannot hide the failed ones
+            log.exception("a background request failed")
+            self.failures += 1
+            return
         self.latencies_s.append(time.perf_counter() - started)
 
     def __exit__(self, *exc):
@@ -183,7 +195,7 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
     finally:
         if client is not None:
             client.close()
-    return Measurement(system, rtt_s * 1e3, [r[0] for r in results], [r[1] for r in results], load.sent, load.latencies_s)
+    return Measurement(system, rtt_s * 1e3, [r[0] for r in results], [r[1] for r in results], load.sent, load.latencies_s, load.failures)
 
 
 def check_documents_suffice(tokenizer, config: WorkloadConfig, measured_runs: int) -> None:

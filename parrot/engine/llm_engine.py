@@ -450,7 +450,9 @@ class LLMEngine:
                 elapsed = time.perf_counter() - started
                 self._counters.busy += elapsed
                 self._step_profile.record(plan.num_tokens, elapsed)
-                self.scheduler.cap_pays = cap_pays(self._step_profile.cost(), self.config.latency_max_tokens_per_step)
+                cost = self._step_profile.cost()
+                if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
+                    self.scheduler.cap_pays = cap_pays(cost, self.config.latency_max_tokens_per_step)
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})
