@@ -114,7 +114,7 @@ def serve(args) -> None:
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--name", f"engine-{i}",
              "--parent-pid", str(os.getpid()), *engine_flags(args, engines_per_gpu=per_gpu)],
-            # OMP_NUM_THREADS too: torch.set_num_threads alone does not hold in the engine's step thread
+            # OMP_NUM_THREADS too: it also bounds the threads of the process's other parallel work
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
                  **({"CUDA_VISIBLE_DEVICES": gpu_ids[i % gpus]} if gpus else {})},
         )
