@@ -104,3 +104,28 @@ def test_generated_text_is_the_decoded_tokens(engine):
     assert text_of(tokens) == engine.tokenizer.decode(token_ids(tokens))
     completion = run(engine.complete(PROMPTS[2], greedy(MAX_TOKENS)))
     assert completion == text_of(tokens)
+
+
+def test_every_forward_step_runs_in_the_engines_own_thread(engine):
+    """One thread for the model's loading and every step: a second thread running torch work
+    starts a second OpenMP team, and then every step's matmuls wait for their threads to wake."""
+    import threading
+
+    seen = set()
+    step = engine.runner.run
+
+    def recording(plan):
+        seen.add(threading.current_thread().name)
+        return step(plan)
+
+    engine.runner.run = recording
+    try:
+        async def two_at_once():
+            prompts = encode_all(engine)[:2]
+            await asyncio.gather(*[fill_and_generate(engine, f"thr-{i}", ids, greedy(4)) for i, ids in enumerate(prompts)])
+
+        run(two_at_once())
+        run(two_at_once())  # a second event loop, as a restarted server would have
+    finally:
+        engine.runner.run = step
+    assert len(seen) == 1 and seen.pop().startswith("parrot-step")

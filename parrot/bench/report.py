@@ -119,6 +119,7 @@ def background_cell(measurement: dict) -> str:
 
 
 def write_markdown(result: dict, path: Path) -> None:
+    background = has_background(result)
     lines = [
         f"### {result['workload']} ({size_of(result)})",
         "",
@@ -127,9 +128,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"RTT is added in the benchmark's client only. Paper: {result['config'].get('paper') or '-'}.",
         "",
         *markdown_table(("system", "added RTT", "mean latency (s)", "p90 (s)", "slower than parrot")
-                        + (("background requests' mean latency (s)",) if has_background(result) else ()), [
+                        + (("background requests' mean latency (s)",) if background else ()), [
             (system, f"{rtt:.0f} ms", f"{m['mean_s']:.2f}", f"{m['p90_s']:.2f}", f"{ratio_of(result, rtt, system):.2f}x")
-            + ((background_cell(m),) if has_background(result) else ())
+            + ((background_cell(m),) if background else ())
             for (rtt, system), m in sorted(best_measurements(result).items())
         ]),
     ]

@@ -134,9 +134,12 @@ class StepBudget:
 
     def grant(self, priority: int, wanted: int) -> int:
         """Tokens a job of this priority gets of the `wanted`; the caller then `take`s what it used."""
-        if self.capped is None or is_latency_class(priority) or not (self.caps_normal_class or is_throughput_class(priority)):
+        if self.capped is None or not self._keeps_to_cap(priority):
             return min(wanted, self.total)
         return min(wanted, self.total, self.capped)
+
+    def _keeps_to_cap(self, priority: int) -> bool:
+        return is_throughput_class(priority) or (self.caps_normal_class and not is_latency_class(priority))
 
     def take(self, tokens: int) -> None:
         self.total -= tokens
