@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import inspect
 import json
 import statistics
@@ -78,6 +79,14 @@ async def _forked_decode(engine: LLMEngine, prefix: list[int], suffixes: list[li
     for cid in [*ids, "bench-parent"]:
         engine.free_context(cid)
     return sum(counts) / elapsed
+
+
+def release_memory(device: torch.device) -> None:
+    # an engine and its step-loop task refer to each other, so only the cycle collector frees
+    # its KV pool and weights; torch's allocator then hands the memory back
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_forked(args, pool: PromptPool, device: torch.device, dtype: torch.dtype, sharing: bool) -> dict[int, float]:
@@ -200,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     pool = PromptPool(make_prompts(tokenizer, 16 + 2 * sum(args.batches) + forked_prompts, args.prompt_len))
     read_rate = read_gbps(device, 10)
     systems = [] if args.no_transformers else [run_transformers(args, pool, device, dtype, vocab)]
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the transformers model is gone: its memory goes back before the engine sizes its pool
+    release_memory(device)  # the transformers model is gone: its memory goes back before the engine sizes its pool
     systems = [run_parrot(args, pool, device, dtype), *systems, roofline(args, vocab, dtype, read_rate)]
     forked = {}
     if args.shared_prefix:
-        forked = {sharing: run_forked(args, pool, device, dtype, sharing) for sharing in (True, False)}
+        for sharing in (True, False):
+            release_memory(device)
+            forked[sharing] = run_forked(args, pool, device, dtype, sharing)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"forked_decode": {"prefix_tokens": args.shared_prefix, "sharing_tok_s": forked.get(True, {}),
                                 "no_sharing_tok_s": forked.get(False, {})},

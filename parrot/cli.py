@@ -272,12 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["engine"]).engine(a))
 
     bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
-    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "mixed-sim",
+    bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "mixed-one-engine", "mixed-sim",
                                             "multi-agent", "multi-agent-sim", "soak"],
                        help="app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce) compare parrot with request-level "
                             "serving; prefix-sharing workloads (shared-prompt, gpts) compare parrot, parrot without sharing and "
-                            "prefix caching alone, each on its own server; mixed (chats beside map-reduce jobs; mixed-sim: the same at the "
-                            "paper's scale on simulated A100 engines) compares the "
+                            "prefix caching alone, each on its own server; mixed (chats beside map-reduce jobs; mixed-one-engine: 128 map calls "
+                            "at once on one engine; mixed-sim: the same at the paper's scale on simulated A100 engines) compares the "
                             "scheduling policies parrot, latency-centric and throughput-centric; so does multi-agent (the "
                             "snake-game coding team; multi-agent-sim: the paper's prompt lengths on a simulated A100); soak runs many clients' mixed apps for minutes on two engines and "
                             "reports errors, latency and what the server holds before and after (nothing may leak)")
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--paper-scale", action="store_true",
                        help="the paper's sizes for the app workloads (chunks of 1024 tokens, 50 output tokens; chain-summary "
                             "16 chunks, multi-chain 20 apps of 8 chunks, map-reduce 32 chunks, chain-summary-bg 4 req/s; "
-                            "gpts the paper's four system prompts of 1-7k tokens at 2-16 req/s, shared-prompt a 6000-token "
-                            "prompt, mixed mixed-sim's jobs and chats on two engines): for simulated engines "
+                            "gpts the paper's four system prompts of 1-7k tokens at 2-64 req/s, shared-prompt a 6000-token "
+                            "prompt, mixed mixed-sim's jobs and chats on one engine): for simulated engines "
                             "(--engine sim:a100-13b; app workloads) or a GPU (--device cuda --random-weights llama-7b)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")

@@ -12,11 +12,13 @@ from parrot.bench.mixed import MIXED_POLICIES, quick_or_full
 from parrot.bench.mixed_harness import run_mixed_bench
 
 
-def test_quick_mixed_run_reports_every_policy(tmp_path):
-    run_mixed_bench("mixed", True, tmp_path, "smollm2-135m", Console(quiet=True))
-    result = json.loads((tmp_path / "mixed.json").read_text())
-    config = quick_or_full("mixed", True)
-    assert (tmp_path / "mixed.md").read_text().count("|") > 20 and (tmp_path / "mixed.png").stat().st_size > 1000
+@pytest.mark.parametrize("workload", ["mixed", "mixed-one-engine"])
+def test_quick_mixed_run_reports_every_policy(tmp_path, workload):
+    run_mixed_bench(workload, True, tmp_path, "smollm2-135m", Console(quiet=True))
+    result = json.loads((tmp_path / f"{workload}.json").read_text())
+    config = quick_or_full(workload, True)
+    assert result["config"]["engines"] == config.engines
+    assert (tmp_path / f"{workload}.md").read_text().count("|") > 20 and (tmp_path / f"{workload}.png").stat().st_size > 1000
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
     for r in result["results"]:
         assert len(r["chat_latencies_s"]) == config.chats and all(t > 0 for t in r["chat_latencies_s"])

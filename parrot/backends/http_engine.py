@@ -14,6 +14,17 @@ from parrot.protocol.engine_api import EngineStatsBody, FillBody, FreeBody, Gene
 from parrot.protocol.manager_api import SamplingBody
 
 
+def engine_link(base_url: str, headers: dict[str, str]) -> httpx.AsyncClient:
+    """The manager's HTTP client to one engine server.
+
+    No cap on connections: each placed call holds one while its fill or stream runs, and a
+    capped pool would queue the rest in arrival order, under the engine's priorities. On an
+    H100, 128 map-reduce calls held httpx's default 100, and chats placed beside them waited
+    5-10 s for a connection before the engine saw them. The policy bounds what is placed."""
+    return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600.0, connect=10.0),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
 class EngineRequestError(UserError):
     """The engine rejected a request as bad input (4xx)."""
 
@@ -24,7 +35,7 @@ class HttpEngineBackend(EngineBackend):
         self.url = url.rstrip("/")
         self.model = model
         headers = {"authorization": f"Bearer {engine_key}"} if engine_key else {}
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self._http = engine_link(self.url, headers)
         self._stats = BackendStats(name, model, 0, 0, 0, 0, 0)
 
     @staticmethod

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 
 from parrot.backends.base import BackendStats, EngineBackend
+from parrot.backends.http_engine import engine_link
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
 from parrot.errors import ContextError, UserError
 
@@ -21,7 +21,7 @@ class OpenAICompatibleBackend(EngineBackend):
         self.name = name
         self.model = model
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
+        self._http = engine_link(base_url, headers)
         self._contexts: dict[str, str] = {}
         self._running = 0
         self._tokens = 0

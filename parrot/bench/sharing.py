@@ -114,7 +114,7 @@ class LoadResult:
 PAPER_SIZES: dict[str, SharingConfig] = {
     "shared-prompt": SharingConfig(LoadKind.BURST, (6000,), (1.0,), loads=(16, 32, 64), query_tokens=64, output_tokens=64,
                                    kv_memory_gb=24.0, paper=SHARING_WORKLOADS["shared-prompt"][0].paper),
-    "gpts": SharingConfig(LoadKind.RATE, (7437, 1116, 1694, 2031), (0.19, 0.40, 0.28, 0.13), loads=(2, 4, 8, 16), query_tokens=64,
+    "gpts": SharingConfig(LoadKind.RATE, (7437, 1116, 1694, 2031), (0.19, 0.40, 0.28, 0.13), loads=(2, 4, 8, 16, 32, 64), query_tokens=64,
                           output_tokens=50, requests_per_load=32, kv_memory_gb=24.0, slo_s_per_token=0.05,
                           paper=SHARING_WORKLOADS["gpts"][0].paper),
 }

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import logging
 import os
+import resource
 import secrets
 import socket
 import subprocess
@@ -21,6 +22,19 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def raise_open_file_limit() -> None:
+    """Lets this process hold as many sockets as the system allows: the manager keeps one
+    connection to an engine per call in flight there (no pool cap, see HttpEngineBackend), and
+    an engine serves them, so a soft limit of 1024 would fail calls under a large batch."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as error:
+            log.warning("could not raise the open-file limit from %d to %d (%s): large batches may fail to connect", soft, wanted, error)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,6 +150,7 @@ def serve(args) -> None:
     kind = "Ray-actor" if args.ray else args.engine
     print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {kind} engine(s), "
           f"policy {args.policy})", flush=True)
+    raise_open_file_limit()
     try:
         uvicorn.run(app, host=args.host, port=port, log_level="warning")
     finally:
@@ -161,4 +176,5 @@ def engine(args) -> None:
     app = create_engine_app(backend, KeyStore.load(env={}, engine_key=engine_key), args.manager, public_url, engine_key,
                             parent_pid=args.parent_pid)
     print(f"parrot engine {name} on {public_url}, registering with {args.manager}", flush=True)
+    raise_open_file_limit()
     uvicorn.run(app, host=args.host, port=port, log_level="warning")
