@@ -152,3 +152,20 @@ def test_a_linear_keeps_one_weight_where_every_step_uses_bf16():
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, x @ weight.T, atol=0.1, rtol=0.02)
     torch.testing.assert_close(exact(x), x @ weight.T)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-layout", "plain-layout"])
+def test_a_bf16_linear_gives_the_plain_bf16_product_in_either_weight_layout(monkeypatch, onednn):
+    from parrot.engine import model
+    from parrot.engine.device import onednn_packs_bf16
+
+    if onednn and not onednn_packs_bf16():
+        pytest.skip("this CPU does not multiply bf16 natively (no AVX512-BF16 or AMX): weights keep the plain layout")
+    monkeypatch.setattr(model, "onednn_packs_bf16", lambda: onednn)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    linear = model.Linear.of(weight, bias, ALL_ROWS)
+    assert linear.packed is onednn
+    for rows in (1, 3, 64):  # one layout serves every step size
+        x = torch.randn(rows, 32)
+        expected = torch.nn.functional.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).float() + bias
+        torch.testing.assert_close(linear(x), expected, atol=1e-2, rtol=1e-2)

@@ -8,6 +8,7 @@ the same flags serve a 24 GiB card and an 80 GiB one.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -34,6 +35,15 @@ def cpu_has_bf16_dot() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as torch's kernels see it."""
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in checks)
+
+
+@functools.cache
+def onednn_packs_bf16() -> bool:
+    """Whether bf16 weights go into oneDNN's blocked layout: where the CPU multiplies bf16
+    natively (elsewhere oneDNN's bf16 path is no faster) and this torch has the ops."""
+    ops = torch.ops.mkldnn
+    return (cpu_has_bf16_dot() and torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
 def bf16_matmul_rows(mode: str, device: torch.device, has_bf16_dot: bool | None = None) -> int:

