@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             step_s = batch * args.output_len / rate / max(step, 1) if step else batch / rate
             context = args.prompt_len + args.output_len // 2
             weights = engine_weight_bytes(engine, batch)
-            kv = batch * context * KVCacheTensors.bytes_per_block(engine.model_config, 1, engine.config.torch_dtype)
+            kv = batch * context * KVCacheTensors.bytes_per_block(engine.model_config, 1, engine.kv.dtype)
             flops = engine_matmul_flops(engine, batch, context)
             shares.append(
                 EngineShare(batch, 1e3 * step_s, weights, kv, (weights + kv) / step_s / 1e9, (weights + kv) / step_s / 1e9 / limits.copy_gb_s,
