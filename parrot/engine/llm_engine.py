@@ -19,7 +19,7 @@ import torch
 
 from parrot.engine.attention import AttentionBackend, CpuPagedAttention
 from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
-from parrot.engine.device import ALL_ROWS, CPU_BF16_MODES, DEVICES, bf16_matmul_rows, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
+from parrot.engine.device import CPU_BF16_MODES, DEVICES, bf16_matmul_rows, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
@@ -58,8 +58,7 @@ class EngineConfig:
     threads: int | None = None
     # CPU matmuls of float32 weights in bf16, where it is faster: auto (every step where the CPU
     # has bf16 dot products, else steps of at most 2 rows), all, small-batches, or off (every
-    # matmul in float32: exact and batch-invariant, for reference checks). Where every step's
-    # matmuls are bf16 (all, or auto on such a CPU), the KV cache is bf16 as well
+    # matmul in float32: exact and batch-invariant, for reference checks)
     cpu_bf16: str = "auto"
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
@@ -173,20 +172,16 @@ class LLMEngine:
             self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype, device=device)
         else:
             state = {name: tensor.to(device) for name, tensor in load_state_dict(model_dir, dtype).items()}
-        bf16_rows = bf16_matmul_rows(config.cpu_bf16, device)
-        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, bf16_rows)
+        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, bf16_matmul_rows(config.cpu_bf16, device))
         del state
-        # where every matmul is bf16 the attention's are too: the KV cache is kept in bf16, so a
-        # decode step reads half the bytes (at batch 32 on the CPU its float32 KV was 3x the weights)
-        kv_dtype = torch.bfloat16 if bf16_rows == ALL_ROWS else dtype
-        per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, kv_dtype)
+        per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
         graph_needs = graph_memory(config.max_seqs_per_step, config.shared_prefix_attention) if use_graphs else GraphMemory(0, 0)
         activations = step_activation_bytes(self.model_config, config.max_tokens_per_step, config.max_seqs_per_step, dtype,
                                             graph_needs.part_rows, graph_needs.logits_rows)
         num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
         # one block past the pool's: the slots of a static decode batch's padding rows
-        self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, kv_dtype, device)
+        self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, dtype, device)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(
