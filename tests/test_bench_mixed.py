@@ -17,7 +17,6 @@ def test_quick_mixed_run_reports_every_policy(tmp_path, workload):
     run_mixed_bench(workload, True, tmp_path, "smollm2-135m", Console(quiet=True))
     result = json.loads((tmp_path / f"{workload}.json").read_text())
     config = quick_or_full(workload, True)
-    assert result["config"]["engines"] == config.engines
     assert (tmp_path / f"{workload}.md").read_text().count("|") > 20 and (tmp_path / f"{workload}.png").stat().st_size > 1000
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
     for r in result["results"]:

@@ -53,7 +53,9 @@ def test_a_call_reaches_the_engine_while_more_streams_run_there_than_a_default_p
     server = uvicorn.Server(uvicorn.Config(engine.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
     while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the stub engine server did not start"
         time.sleep(0.01)
 
     async def scenario() -> tuple[int, int]:
@@ -73,6 +75,7 @@ def test_a_call_reaches_the_engine_while_more_streams_run_there_than_a_default_p
         finally:
             engine.release.set()
             await asyncio.gather(*streams)
+            await backend.close()
         return seen_streams, engine.fills
 
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-
 from parrot.backends.base import BackendStats, EngineBackend
 from parrot.backends.http_engine import engine_link
 from parrot.engine.llm_engine import FinishReason, GeneratedToken

@@ -164,9 +164,6 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         dtype = config.torch_dtype
         self.device = device = resolve_device(config.device)
-        if device.type == "cuda" and device.index is not None:
-            # the current device is per thread, and Triton launches on the current one
-            torch.cuda.set_device(device)
         if config.random_weights is not None:
             vocab = max(self.model_config.vocab_size, self.tokenizer.vocab_size)
             self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype, device=device)
