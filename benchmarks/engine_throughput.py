@@ -41,6 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# the caller's own settings, before --threads set ours: vLLM's server gets these, not ours
+CALLER_THREADS = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+
+
 def _preset_threads(argv: list[str]) -> None:
     """--threads must hold in every thread (the engine steps in a worker thread, where
     torch.set_num_threads from the main thread does not reach): set it before torch loads."""
@@ -372,13 +377,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def vllm_env(threads: int | None) -> dict[str, str]:
+    """vLLM's environment: --vllm-threads, else the caller's thread settings. Never our
+    --threads: vLLM binds its engine to the cores it picks (one of two here), and two OpenMP
+    threads spinning on one core made its decode 0.4 tok/s at batch 1."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
+    for name, value in CALLER_THREADS.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 class VllmServer:
     def __init__(self, model_dir: Path, max_len: int, log_path: Path, threads: int | None, dtype: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+        env = vllm_env(threads)
         cmd = [
             str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", "bench",

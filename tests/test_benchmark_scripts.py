@@ -4,6 +4,7 @@ timings are never asserted), so a change in the engine's API cannot leave them b
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,14 @@ def test_engine_throughput_quick_reports_the_engine(tmp_path):
     assert [s["name"] for s in result["systems"]] == ["parrot", "parrot cpu-bf16=off"]
     assert all(s["decode_tok_s"] and s["prefill_tok_s"] > 0 for s in result["systems"])
     assert (tmp_path / "engine_throughput.md").read_text().count("|") > 10
+
+
+def test_engine_throughputs_threads_setting_stays_out_of_vllms_server():
+    probe = ("import sys; sys.argv = ['engine_throughput.py', '--threads', '2']; sys.path.insert(0, 'benchmarks'); "
+             "import engine_throughput as bench; import os; "
+             "print(os.environ['OMP_NUM_THREADS'], bench.vllm_env(None).get('OMP_NUM_THREADS'), bench.vllm_env(3)['OMP_NUM_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # ours for our engine; vLLM gets the caller's (none) unless --vllm-threads says
+    assert out.stdout.split() == ["2", "None", "3"]

@@ -8,14 +8,14 @@ import json
 import threading
 import time
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from parrot.backends.http_engine import HttpEngineBackend
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_THROUGHPUT
-from parrot.server.launch import free_port
+
+from loopback import serve_on_loopback
 
 # more streams than httpx's default pool (100) holds
 LONG_STREAMS = 120
@@ -49,17 +49,9 @@ class HeldEngine:
 
 def test_a_call_reaches_the_engine_while_more_streams_run_there_than_a_default_pool_holds():
     engine = HeldEngine()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(engine.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the stub engine server did not start"
-        time.sleep(0.01)
 
-    async def scenario() -> tuple[int, int]:
-        backend = HttpEngineBackend("held", f"http://127.0.0.1:{port}", "model")
+    async def scenario(url: str) -> tuple[int, int]:
+        backend = HttpEngineBackend("held", url, "model")
 
         async def drain(index: int) -> None:
             async for _ in backend.generate(f"long-{index}", SamplingParams(max_tokens=1), PRIORITY_THROUGHPUT):
@@ -79,10 +71,9 @@ def test_a_call_reaches_the_engine_while_more_streams_run_there_than_a_default_p
         return seen_streams, engine.fills
 
     try:
-        seen_streams, fills = asyncio.run(scenario())
+        with serve_on_loopback(engine.app) as url:
+            seen_streams, fills = asyncio.run(scenario(url))
     finally:
         engine.release.set()
-        server.should_exit = True
-        thread.join(timeout=10)
     assert seen_streams == LONG_STREAMS, f"only {seen_streams} of {LONG_STREAMS} streams reached the engine"
     assert fills == 1

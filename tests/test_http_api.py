@@ -199,6 +199,9 @@ def test_tenants_cannot_see_each_other(server):
         # a tenant's key where an engine's is needed: refused as a permission, not as a bad request
         refused = http.post("/api/v1/engines/register", headers=auth("alice"), json={"name": "e", "url": "http://127.0.0.1:9", "model": "m"})
         assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+        # ... whatever the body: the key is checked before the body is
+        malformed = http.post("/api/v1/engines/register", headers=auth("alice"), json={"name": 7})
+        assert malformed.status_code == 403 and malformed.json()["error"]["type"] == "permission_error"
         # no key and a bad body: the key is what the caller hears about first
         keyless = http.post(f"/api/v1/sessions/{sid}/variables", json={"var_id": 7})
         assert keyless.status_code == 401 and keyless.json()["error"]["type"] == "authentication_error"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -112,6 +112,16 @@ def bearer_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     return key.strip() if scheme.lower() == "bearer" else None
+
+
+def engine_key_required(keys: KeyStore):
+    """A route dependency: only an engine's key may call it. FastAPI resolves dependencies
+    before it validates the body, so a tenant's key hears 403, whatever the body."""
+
+    def check(request: Request) -> None:
+        require(keys, request, engine=True)
+
+    return Depends(check)
 
 
 def require(keys: KeyStore, request: Request, engine: bool = False) -> Principal:

@@ -10,13 +10,13 @@ import os
 import signal
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from parrot.backends.builtin import BuiltinEngineBackend
 from parrot.protocol.engine_api import EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
 from parrot.server.auth import KeyStore
-from parrot.server.common import install_error_handlers, require
+from parrot.server.common import engine_key_required, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +36,23 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
                       parent_pid: int | None = None) -> FastAPI:
     app = FastAPI(title="parrot-serve engine", description="Primitives of one built-in engine.")
     install_error_handlers(app, keys)
+    engine_only = [engine_key_required(keys)]
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "name": backend.name, "model": backend.model}
 
-    @app.get("/stats", response_model=EngineStatsBody)
-    async def stats(request: Request):
-        require(keys, request, engine=True)
+    @app.get("/stats", response_model=EngineStatsBody, dependencies=engine_only)
+    async def stats():
         return _stats_body(backend)
 
-    @app.post("/fill")
-    async def fill(body: FillBody, request: Request):
-        require(keys, request, engine=True)
+    @app.post("/fill", dependencies=engine_only)
+    async def fill(body: FillBody):
         await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority, body.shared_prefix_chars)
         return {"ok": True}
 
-    @app.post("/generate")
-    async def generate(body: GenerateBody, request: Request):
-        require(keys, request, engine=True)
+    @app.post("/generate", dependencies=engine_only)
+    async def generate(body: GenerateBody):
         stream = backend.generate(body.context_id, body.sampling.to_params(), body.priority)
         first = await anext(stream)  # errors before the first token become a proper HTTP error
 
@@ -73,9 +71,8 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @app.post("/free")
-    async def free(body: FreeBody, request: Request):
-        require(keys, request, engine=True)
+    @app.post("/free", dependencies=engine_only)
+    async def free(body: FreeBody):
         await backend.free_context(body.context_id)
         return {"ok": True}
 

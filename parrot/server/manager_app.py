@@ -20,7 +20,7 @@ from parrot.protocol.manager_api import (
     Batch, BatchResult, CallSubmit, DagBody, WaitRequest, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
 )
 from parrot.server.auth import KeyStore
-from parrot.server.common import DEFAULT_MAX_BODY_BYTES, install_error_handlers, require
+from parrot.server.common import DEFAULT_MAX_BODY_BYTES, engine_key_required, install_error_handlers, require
 from parrot.server.metrics import ManagerMetrics
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,8 @@ def create_manager_app(
 
     # ---- engines -------------------------------------------------------------
 
-    @app.post("/api/v1/engines/register")
-    async def register_engine(body: EngineRegister, request: Request):
-        require(keys, request, engine=True)
+    @app.post("/api/v1/engines/register", dependencies=[engine_key_required(keys)])
+    async def register_engine(body: EngineRegister):
         if body.model != model:
             from parrot.errors import UserError
 
@@ -169,9 +168,8 @@ def create_manager_app(
         log.info("engine %s registered at %s", body.name, body.url)
         return {"registered": body.name}
 
-    @app.post("/api/v1/engines/{name}/heartbeat")
-    async def heartbeat(name: str, body: Heartbeat, request: Request):
-        require(keys, request, engine=True)
+    @app.post("/api/v1/engines/{name}/heartbeat", dependencies=[engine_key_required(keys)])
+    async def heartbeat(name: str, body: Heartbeat):
         engine = next((e for e in manager.engines if e.name == name), None)
         if engine is None:
             from parrot.errors import NotFoundError

@@ -1,0 +1,30 @@
+"""Who may call an engine server's routes: only the manager's engine key, whatever the body."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import httpx
+
+from parrot.server.auth import KeyStore
+from parrot.server.engine_app import create_engine_app
+
+from loopback import serve_on_loopback
+
+ENGINE_KEY, TENANT_KEY = "engine-secret", "alice-secret"
+
+
+def test_an_engine_server_refuses_other_keys_before_it_reads_the_body():
+    keys = KeyStore.load(env={"PARROT_API_KEYS": f"alice={TENANT_KEY}"}, engine_key=ENGINE_KEY)
+    backend = SimpleNamespace(name="engine-0", model="m")  # no route below reaches the backend
+    bad_fill = {"context_id": 7}
+    with serve_on_loopback(create_engine_app(backend, keys)) as url, httpx.Client(base_url=url, timeout=10) as http:
+        assert http.get("/health").json()["name"] == "engine-0"  # open: liveness probes carry no key
+        for path, body in (("/fill", bad_fill), ("/generate", {}), ("/free", {})):
+            keyless = http.post(path, json=body)
+            assert keyless.status_code == 401 and keyless.json()["error"]["type"] == "authentication_error"
+            tenant = http.post(path, json=body, headers={"authorization": f"Bearer {TENANT_KEY}"})
+            assert tenant.status_code == 403 and tenant.json()["error"]["type"] == "permission_error", path
+        assert http.get("/stats", headers={"authorization": f"Bearer {TENANT_KEY}"}).status_code == 403
+        engine = http.post("/fill", json=bad_fill, headers={"authorization": f"Bearer {ENGINE_KEY}"})
+        assert engine.status_code == 422 and "context_id" in engine.json()["error"]["message"]
