@@ -63,6 +63,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from parrot.bench import systems
 from parrot.engine.device import CPU_BF16_MODES, DEFAULT_CPU_KV_GB, cpu_has_bf16_dot
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL, cache_dir, resolve_model_dir
@@ -381,15 +382,11 @@ def vllm_env(threads: int | None) -> dict[str, str]:
     """vLLM's environment: --vllm-threads, else the caller's thread settings. Never our
     --threads: vLLM binds its engine to the cores it picks (one of two here), and two OpenMP
     threads spinning on one core made its decode 0.4 tok/s at batch 1."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
-    for name, value in CALLER_THREADS.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
+    env = {name: value for name, value in os.environ.items() if name not in CALLER_THREADS}
+    env.update({name: value for name, value in CALLER_THREADS.items() if value is not None})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return env
+    return systems.vllm_env(env)
 
 
 class VllmServer:
@@ -672,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             step_s = batch * args.output_len / rate / max(step, 1) if step else batch / rate
             context = args.prompt_len + args.output_len // 2
             weights = engine_weight_bytes(engine, batch)
-            kv = batch * context * KVCacheTensors.bytes_per_block(engine.model_config, 1, engine.kv.dtype)
+            kv = batch * context * KVCacheTensors.bytes_per_block(engine.model_config, 1, engine.config.torch_dtype)
             flops = engine_matmul_flops(engine, batch, context)
             shares.append(
                 EngineShare(batch, 1e3 * step_s, weights, kv, (weights + kv) / step_s / 1e9, (weights + kv) / step_s / 1e9 / limits.copy_gb_s,

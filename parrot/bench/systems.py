@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def vllm_python() -> Path:
     return cache_dir() / "vllm-venv" / "bin" / "python"
 
 
+def vllm_env(base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment vLLM's CPU server starts in: `base`, with a 4 GiB KV space unless it sets one."""
+    return {**base, "VLLM_CPU_KVCACHE_SPACE": base.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+
+
 def start_vllm(model: str, out_dir: Path) -> RunningServer | None:
     """The real vLLM OpenAI server on the same model, when its venv is installed."""
     python = vllm_python()
@@ -102,7 +108,7 @@ def start_vllm(model: str, out_dir: Path) -> RunningServer | None:
         [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(model)),
          "--served-model-name", model, "--port", str(port), "--host", "127.0.0.1", "--enable-prefix-caching",
          "--dtype", "bfloat16", "--max-model-len", "8192"],
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")},
+        env=vllm_env(),
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -28,7 +28,6 @@ class KVCacheTensors:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         self.block_size = block_size
-        self.dtype = dtype
         shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
