@@ -43,6 +43,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def listening_socket(host: str, port: int | None) -> socket.socket:
+    """A socket bound to host:port (a free port where None), held from here on: a port picked
+    free and bound only after the model loads can be taken meanwhile (two engines that
+    `parrot serve` started together once picked the same one, and the second failed to bind)."""
+    from parrot.errors import UserError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port or 0))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port or 0}: {exc.strerror}; pick another --port") from exc
+    return sock
+
+
+def serve_app(app, sock: socket.socket) -> None:
+    """Serves the app on the socket until the process is told to stop."""
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
 def builtin_context(args, engine_settings, model_dir) -> int | None:
     """The context in tokens of the built-in engines' model, where every engine is one (simulated
     engines and other servers' models say nothing of theirs)."""
@@ -116,7 +137,8 @@ def serve(args) -> None:
         @app.on_event("startup")
         async def watch_ray_engines():
             app.state.ray_fleet = asyncio.create_task(fleet.watch(manager))
-    port = args.port or free_port(args.host)
+    sock = listening_socket(args.host, args.port)
+    port = sock.getsockname()[1]
     manager_url = f"http://127.0.0.1:{port}" if args.host in ("0.0.0.0", "127.0.0.1", "localhost") else f"http://{args.host}:{port}"
     # on a GPU machine the engines go round the GPUs (engine i on GPU i mod count); engines
     # sharing a GPU split its memory
@@ -152,7 +174,7 @@ def serve(args) -> None:
           f"policy {args.policy})", flush=True)
     raise_open_file_limit()
     try:
-        uvicorn.run(app, host=args.host, port=port, log_level="warning")
+        serve_app(app, sock)
     finally:
         stop_children()
 
@@ -168,7 +190,8 @@ def engine(args) -> None:
     engine_key = args.engine_key or os.environ.get("PARROT_ENGINE_KEY")
     if not engine_key:
         raise UserError("an engine needs the manager's engine key: set PARROT_ENGINE_KEY or pass --engine-key")
-    port = args.port or free_port(args.host)
+    sock = listening_socket(args.host, args.port)
+    port = sock.getsockname()[1]
     public_url = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{port}"
     name = args.name or f"{socket.gethostname()}-{port}"
     llm = LLMEngine(engine_config(args))
@@ -177,4 +200,4 @@ def engine(args) -> None:
                             parent_pid=args.parent_pid)
     print(f"parrot engine {name} on {public_url}, registering with {args.manager}", flush=True)
     raise_open_file_limit()
-    uvicorn.run(app, host=args.host, port=port, log_level="warning")
+    serve_app(app, sock)
