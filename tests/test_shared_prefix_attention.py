@@ -37,7 +37,7 @@ class Batch:
     v_cache: torch.Tensor
 
     def meta(self) -> AttentionMetadata:
-        return AttentionMetadata.build(self.sequences, self.slots, self.k_cache.shape[2])
+        return AttentionMetadata.build(self.sequences, self.slots)
 
 
 def random_batch(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: int, prefill: bool = True) -> Batch:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from parrot.engine.cpu_kernels import kernel_decodes, paged_decode
+
 
 @dataclass(frozen=True)
 class SequenceSlice:
@@ -63,7 +65,6 @@ class DecodePlan:
     attention results through their log-sum-exp.
     """
 
-    rows: torch.Tensor | None  # [B] query rows of the decode sequences; None when they are rows 0..B-1 of the batch
     context_lens: list[int]  # per decode sequence
     main: list[tuple[int, int]]  # per decode sequence: (first block, tokens read in place); 0 tokens: none
     rest: list[int]  # decode sequences with gathered KV, in order
@@ -73,8 +74,7 @@ class DecodePlan:
     rest_index: torch.Tensor | None  # [R] int64: the rest sequences' positions among the decode sequences
 
     @classmethod
-    def build(cls, seqs: list[SequenceSlice], in_order: bool, block_size: int) -> "DecodePlan":
-        rows = None if in_order else torch.tensor([s.query_start for s in seqs], dtype=torch.int64)
+    def build(cls, seqs: list[SequenceSlice], block_size: int) -> "DecodePlan":
         lens = [s.context_len for s in seqs]
         main: list[tuple[int, int]] = []
         rest: list[int] = []
@@ -107,7 +107,7 @@ class DecodePlan:
             if any(n != rest_lens[0] for n in rest_lens):
                 visible = torch.arange(span).unsqueeze(0) < torch.tensor(rest_lens).unsqueeze(1)  # [R, W*bs]
                 mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).view(1, len(rest), 1, span)
-        return cls(rows, lens, main, rest, table, rest_lens, mask, index)
+        return cls(lens, main, rest, table, rest_lens, mask, index)
 
 
 @dataclass(frozen=True)
@@ -118,27 +118,32 @@ class AttentionMetadata:
     prefill_rows: list[int]
     decode_block_tables: torch.Tensor | None  # [B_decode, max_blocks] int64, padded
     decode_context_lens: torch.Tensor | None  # [B_decode] int64
-    decode_plan: DecodePlan | None = None
     # per-step scratch of the backend (gather buffers, masks), reused by every layer of the step
     scratch: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, sequences: list[SequenceSlice], slots: list[int], block_size: int | None = None) -> "AttentionMetadata":
+    def build(cls, sequences: list[SequenceSlice], slots: list[int]) -> "AttentionMetadata":
         decode = [i for i, s in enumerate(sequences) if s.query_len == 1]
         prefill = [i for i, s in enumerate(sequences) if s.query_len != 1]
-        tables = lens = plan = None
+        tables = lens = None
         if decode:
-            # without the block size the backend derives the plan at run time
             width = max(len(sequences[i].block_table) for i in decode)
             tables = torch.tensor(
                 [sequences[i].block_table + [0] * (width - len(sequences[i].block_table)) for i in decode],
                 dtype=torch.int64,
             )
             lens = torch.tensor([sequences[i].context_len for i in decode], dtype=torch.int64)
-            seqs = [sequences[i] for i in decode]
-            in_order = len(decode) == len(sequences) and all(s.query_start == i for i, s in enumerate(seqs))
-            plan = DecodePlan.build(seqs, in_order, block_size) if block_size else None
-        return cls(sequences, torch.tensor(slots, dtype=torch.int64), decode, prefill, tables, lens, plan)
+        return cls(sequences, torch.tensor(slots, dtype=torch.int64), decode, prefill, tables, lens)
+
+    def decode_query_rows(self) -> torch.Tensor | None:
+        """[B_decode] int64: the decode sequences' rows of the batch; None when the step is
+        decode only, in order (row i is sequence i)."""
+        if "decode_query_rows" not in self.scratch:
+            seqs = [self.sequences[i] for i in self.decode_rows]
+            in_order = not self.prefill_rows and all(s.query_start == i for i, s in enumerate(seqs))
+            rows = None if in_order else torch.tensor([s.query_start for s in seqs], dtype=torch.int64)
+            self.scratch["decode_query_rows"] = rows
+        return self.scratch["decode_query_rows"]
 
 
 class AttentionBackend(ABC):
@@ -219,24 +224,39 @@ def _scratch(meta: AttentionMetadata, name: str, shape: tuple[int, ...], like: t
 
 
 class CpuPagedAttention(AttentionBackend):
-    """Decode rows: one unmasked product over gathered KV when they share a length, else one
-    product per sequence over a slice of the cache (or of the gathered KV). Prefill chunks:
-    causal attention over the chunk's own k/v when nothing is cached before it, else a masked
-    product over the sequence's KV."""
+    """Decode rows: our compiled kernel (cpu_kernels.paged_decode), which reads each sequence's
+    blocks in place, where it builds; else one unmasked product over gathered KV when they share
+    a length, else one product per sequence over a slice of the cache (or of the gathered KV).
+    Prefill chunks: causal attention over the chunk's own k/v when nothing is cached before it,
+    else a masked product over the sequence's KV."""
+
+    def __init__(self, decode_kernel: bool | None = None):
+        self.decode_kernel = decode_kernel  # None: the kernel where it builds for this head size
+
+    def uses_kernel(self, head_dim: int, device: torch.device) -> bool:
+        return kernel_decodes(head_dim, device) if self.decode_kernel is None else self.decode_kernel
 
     def forward(self, q, k, v, k_cache, v_cache, meta):
         assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches are read in place: they must be contiguous"
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        plan = meta.decode_plan or meta.scratch.get("decode_plan")
-        if plan is None and meta.decode_rows:  # built without the block size: derive the plan once per step
-            seqs = [meta.sequences[i] for i in meta.decode_rows]
-            in_order = not meta.prefill_rows and all(s.query_start == i for i, s in enumerate(seqs))
-            plan = meta.scratch["decode_plan"] = DecodePlan.build(seqs, in_order, k_cache.shape[2])
-        if plan is not None and plan.rows is None:  # a decode-only step
-            return self._decode(q, k_cache, v_cache, plan, meta)
-        out = torch.empty(q.shape, dtype=q.dtype)
-        if plan is not None:
-            out[plan.rows] = self._decode(q[plan.rows], k_cache, v_cache, plan, meta)
+        out = None
+        if meta.decode_rows:
+            rows = meta.decode_query_rows()
+            if self.uses_kernel(q.shape[-1], q.device):
+                decoded = paged_decode(q if rows is None else q[rows], k_cache, v_cache, meta.decode_block_tables,
+                                       meta.decode_context_lens).out.to(q.dtype)
+            else:
+                plan = meta.scratch.get("decode_plan")
+                if plan is None:  # derived once per step, used by every layer
+                    seqs = [meta.sequences[i] for i in meta.decode_rows]
+                    plan = meta.scratch["decode_plan"] = DecodePlan.build(seqs, k_cache.shape[2])
+                decoded = self._decode(q if rows is None else q[rows], k_cache, v_cache, plan, meta)
+            if rows is None:  # a decode-only step
+                return decoded
+            out = torch.empty(q.shape, dtype=q.dtype)
+            out[rows] = decoded
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
         for i in meta.prefill_rows:
             seq = meta.sequences[i]
             span = slice(seq.query_start, seq.query_start + seq.query_len)

@@ -8,7 +8,9 @@ the same flags serve a 24 GiB card and an 80 GiB one.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -16,6 +18,8 @@ import torch
 
 from parrot.engine.config import ModelConfig
 from parrot.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda")
 DEFAULT_CPU_KV_GB = 1.0
@@ -29,6 +33,26 @@ ALL_ROWS = sys.maxsize
 # With AVX512-BF16 or AMX it is 3-4x faster than float32 from 2 rows on (2-core AVX512-BF16
 # EPYC, one thread: prefill 392 -> 1021 tok/s, decode at batch 8 65 -> 117 tok/s).
 SMALL_BATCH_ROWS = 2
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # Linux
+
+
+def cpu_zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose memory the kernel backs with 2 MiB pages where it can (Linux,
+    transparent huge pages on "madvise" or "always"). Decode reads blocks scattered over the
+    KV cache; with 4 KiB pages nearly every block read misses the TLB (measured: scattered
+    decode attention 1.4-1.6x faster on 2 MiB pages)."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if sys.platform == "linux":
+        start = tensor.data_ptr()
+        begin = -(-start // HUGE_PAGE) * HUGE_PAGE
+        end = (start + tensor.numel() * tensor.element_size()) // HUGE_PAGE * HUGE_PAGE
+        # advised before the first touch, so the zeroing below faults in huge pages
+        if end > begin and ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_HUGEPAGE):
+            logger.debug("madvise(MADV_HUGEPAGE) refused: errno %d", ctypes.get_errno())
+    return tensor.zero_()
 
 
 def cpu_has_bf16_dot() -> bool:

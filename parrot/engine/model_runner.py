@@ -9,6 +9,7 @@ import torch
 
 from parrot.engine.attention import AttentionMetadata, SequenceSlice
 from parrot.engine.config import ModelConfig
+from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.sampler import sample_batch
 from parrot.engine.scheduler import StepPlan
@@ -29,10 +30,12 @@ class KVCacheTensors:
                  device: torch.device | str = "cpu"):
         self.block_size = block_size
         shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+
+        def zeros() -> torch.Tensor:
+            on_cpu = torch.device(device).type == "cpu"
+            return cpu_zeros_on_huge_pages(shape, dtype) if on_cpu else torch.zeros(shape, dtype=dtype, device=device)
+
+        self.layers = [(zeros(), zeros()) for _ in range(config.num_layers)]
 
     def copy_block(self, src: int, dst: int) -> None:
         for k, v in self.layers:
@@ -77,7 +80,7 @@ class ModelRunner:
             batch = ForwardBatch(
                 token_ids=torch.tensor(tokens, **on),
                 positions=torch.tensor(positions, **on),
-                attention=AttentionMetadata.build(sequences, slots, self.kv.block_size),
+                attention=AttentionMetadata.build(sequences, slots),
                 logit_rows=torch.tensor(logit_rows, **on),
             )
             logits = self.model.forward(batch, self.kv.layers)  # [M, V]

@@ -129,7 +129,7 @@ class SubBatch:
     meta: AttentionMetadata
 
 
-def sub_batch(meta: AttentionMetadata, keep: list[int], block_size: int) -> SubBatch | None:
+def sub_batch(meta: AttentionMetadata, keep: list[int]) -> SubBatch | None:
     """The sequences keep (indices into meta.sequences, in order) with their queries renumbered."""
     if not keep:
         return None
@@ -140,7 +140,7 @@ def sub_batch(meta: AttentionMetadata, keep: list[int], block_size: int) -> SubB
         sub.append(SequenceSlice(len(rows), s.query_len, s.context_len, s.block_table))
         rows.extend(range(s.query_start, s.query_start + s.query_len))
     index = torch.tensor(rows, dtype=torch.int64)
-    return SubBatch(index, AttentionMetadata.build(sub, meta.slot_mapping[index].tolist(), block_size))
+    return SubBatch(index, AttentionMetadata.build(sub, meta.slot_mapping[index].tolist()))
 
 
 @dataclass(frozen=True)
@@ -233,5 +233,5 @@ class SharedPrefixCpuAttention(AttentionBackend):
             lengths,
             suffix_mask(lengths, width * block_size),
         )
-        rest = sub_batch(meta, sorted(meta.prefill_rows + [meta.decode_rows[i] for i in plan.ungrouped]), block_size)
+        rest = sub_batch(meta, sorted(meta.prefill_rows + [meta.decode_rows[i] for i in plan.ungrouped]))
         return _Step(plan, grouped, rest, rest is None and grouped.rows.equal(grouped.query_rows))

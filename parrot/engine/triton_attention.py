@@ -244,7 +244,7 @@ class TritonSharedPrefixAttention(AttentionBackend):
         rows = torch.tensor([s.query_start for s in decode], dtype=torch.int64, device=device)
         prefill = prefill_sub = None
         if meta.prefill_rows and self.prefill is not None:
-            prefill_sub = sub_batch(meta, meta.prefill_rows, block_size)
+            prefill_sub = sub_batch(meta, meta.prefill_rows)
         elif meta.prefill_rows:
             chunks = [meta.sequences[i] for i in meta.prefill_rows]
             prefill = build_items(

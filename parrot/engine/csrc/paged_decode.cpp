@@ -1,0 +1,199 @@
+// Decode attention over the paged KV cache, read in place (no gather), for the CPU.
+//
+// One query row per sequence attends to the sequence's first context_len KV entries, found
+// through its block table. Work is split into (sequence, KV head, partition of the context)
+// tasks; each task reads its blocks once for all G query heads of its KV head and keeps an
+// unnormalized output with its max score and sum of exponentials, and a second pass merges a
+// row's partitions. Caches in float32 or bfloat16; math in float32; the result of a row depends
+// only on that row (batch-invariant, so greedy decoding repeats).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kPartitionTokens = 512;
+
+inline float as_float(float x) { return x; }
+inline float as_float(at::BFloat16 x) {
+  uint32_t bits = uint32_t(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The hardware prefetcher stops at page edges and the next block is elsewhere: ask for it
+// while this one is computed.
+template <typename KV>
+inline void prefetch_block(const KV* block, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(block);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+struct Shape {
+  int64_t B, H, Hkv, NB, bs, W, P, span;
+  float scale;
+};
+
+// part: [B, Hkv, P, G, D + 2] floats: the unnormalized output, then max score, then sum of exp
+template <typename KV, int D>
+void attend_partitions(const float* __restrict q, const KV* __restrict kc, const KV* __restrict vc, const int64_t* tables,
+                       const int64_t* lens, float* __restrict part, const Shape& s) {
+  const int64_t G = s.H / s.Hkv, block_bytes = s.bs * D * int64_t(sizeof(KV));
+  at::parallel_for(0, s.B * s.Hkv * s.P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc;
+    alignas(64) float row[D];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (s.Hkv * s.P), h = (task / s.P) % s.Hkv, p = task % s.P;
+      const int64_t lo = p * s.span, hi = std::min(lens[b], lo + s.span);
+      float* slot = part + task * G * (D + 2);
+      if (lo >= hi) {
+        for (int64_t g = 0; g < G; ++g) {
+          slot[g * (D + 2) + D] = kNegInf;
+          slot[g * (D + 2) + D + 1] = 0.f;
+        }
+        continue;
+      }
+      const int64_t n = hi - lo;
+      scores.resize(G * n);
+      const float* qb = q + (b * s.H + h * G) * D;
+      const KV* kh = kc + h * s.NB * s.bs * D;
+      const KV* vh = vc + h * s.NB * s.bs * D;
+      const int64_t* table = tables + b * s.W;
+      for (int64_t start = lo, blk = lo / s.bs; start < hi; start += s.bs, ++blk) {
+        const int64_t count = std::min(s.bs, hi - start);
+        const KV* rows = kh + table[blk] * s.bs * D;
+        if (start + s.bs < hi) prefetch_block(kh + table[blk + 1] * s.bs * D, block_bytes);
+        for (int64_t i = 0; i < count; ++i) {
+          for (int d = 0; d < D; ++d) row[d] = as_float(rows[i * D + d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qb + g * D;
+            float dot = 0.f;
+            for (int d = 0; d < D; ++d) dot += qg[d] * row[d];
+            scores[g * n + (start - lo) + i] = dot * s.scale;
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * n;
+        const float top = *std::max_element(sg, sg + n);
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          sg[i] = std::exp(sg[i] - top);
+          sum += sg[i];
+        }
+        slot[g * (D + 2) + D] = top;
+        slot[g * (D + 2) + D + 1] = sum;
+      }
+      acc.assign(G * D, 0.f);
+      for (int64_t start = lo, blk = lo / s.bs; start < hi; start += s.bs, ++blk) {
+        const int64_t count = std::min(s.bs, hi - start);
+        const KV* rows = vh + table[blk] * s.bs * D;
+        if (start + s.bs < hi) prefetch_block(vh + table[blk + 1] * s.bs * D, block_bytes);
+        for (int64_t i = 0; i < count; ++i) {
+          for (int d = 0; d < D; ++d) row[d] = as_float(rows[i * D + d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = scores[g * n + (start - lo) + i];
+            float* ag = acc.data() + g * D;
+            for (int d = 0; d < D; ++d) ag[d] += w * row[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) std::memcpy(slot + g * (D + 2), acc.data() + g * D, D * sizeof(float));
+    }
+  });
+}
+
+// out [B, H, D], lse [B, H]: a row with no KV gets zeros and -inf
+template <int D>
+void merge_partitions(const float* part, float* out, float* lse, const Shape& s) {
+  const int64_t G = s.H / s.Hkv, stride = G * (D + 2);
+  at::parallel_for(0, s.B * s.H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / s.H, head = r % s.H, h = head / G, g = head % G;
+      const float* base = part + (b * s.Hkv + h) * s.P * stride + g * (D + 2);
+      float top = kNegInf;
+      for (int64_t p = 0; p < s.P; ++p) top = std::max(top, base[p * stride + D]);
+      float* o = out + r * D;
+      std::fill(o, o + D, 0.f);
+      if (top == kNegInf) {
+        lse[r] = kNegInf;
+        continue;
+      }
+      float total = 0.f;
+      for (int64_t p = 0; p < s.P; ++p) {
+        const float* slot = base + p * stride;
+        if (slot[D + 1] == 0.f) continue;
+        const float w = std::exp(slot[D] - top);
+        total += w * slot[D + 1];
+        for (int d = 0; d < D; ++d) o[d] += w * slot[d];
+      }
+      const float inv = 1.f / total;
+      for (int d = 0; d < D; ++d) o[d] *= inv;
+      lse[r] = top + std::log(total);
+    }
+  });
+}
+
+template <typename KV, int D>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
+         const at::Tensor& lens, at::Tensor& part, at::Tensor& out, at::Tensor& lse, const Shape& s) {
+  attend_partitions<KV, D>(q.data_ptr<float>(), k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(), tables.data_ptr<int64_t>(),
+                           lens.data_ptr<int64_t>(), part.data_ptr<float>(), s);
+  merge_partitions<D>(part.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), s);
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
+              "caches: contiguous [Hkv, num_blocks, block_size, D], K and V alike");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches of one dtype");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(),
+              "block tables: contiguous int64 [B, W]");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(),
+              "context lens: contiguous int64 [B]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), bs = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head counts or sizes of q and the caches disagree");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "one block table and length per query row");
+  const int64_t longest = B ? context_lens.max().item<int64_t>() : 0;
+  TORCH_CHECK(longest <= block_tables.size(1) * bs, "a context is longer than its block table");
+  // Long contexts are split so that a small batch keeps every thread busy. The split points are
+  // fixed positions, not a function of the batch: a row's sums then run in the same order
+  // whatever else is in the step.
+  const int64_t span = (kPartitionTokens + bs - 1) / bs * bs;
+  const int64_t P = std::max<int64_t>(1, (longest + span - 1) / span);
+  const Shape s{B, H, Hkv, k_cache.size(1), bs, block_tables.size(1), P, span, 1.f / std::sqrt(float(D))};
+  auto out = at::empty({B, H, D}, q.options());
+  auto lse = at::empty({B, H}, q.options());
+  auto part = at::empty({B, Hkv, P, H / Hkv, D + 2}, q.options());
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || k_cache.scalar_type() == at::kFloat, "caches: float32 or bfloat16");
+  switch (D) {
+    case 64:
+      bf16 ? run<at::BFloat16, 64>(q, k_cache, v_cache, block_tables, context_lens, part, out, lse, s)
+           : run<float, 64>(q, k_cache, v_cache, block_tables, context_lens, part, out, lse, s);
+      break;
+    case 128:
+      bf16 ? run<at::BFloat16, 128>(q, k_cache, v_cache, block_tables, context_lens, part, out, lse, s)
+           : run<float, 128>(q, k_cache, v_cache, block_tables, context_lens, part, out, lse, s);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode: head_dim ", D, " is not compiled in (64 or 128)");
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(parrot_kernels, m) {
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens) -> (Tensor, Tensor)");
+  m.impl("paged_decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
+}

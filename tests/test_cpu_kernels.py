@@ -1,0 +1,129 @@
+"""The compiled CPU decode kernel: exact against a float64 reference and against the PyTorch
+path on random paged batches, batch-invariant (greedy decoding repeats), right on empty rows,
+long contexts split across threads and bfloat16 caches; a machine that cannot build it runs
+the PyTorch path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from parrot.engine import cpu_kernels
+from parrot.engine.attention import CpuPagedAttention
+from parrot.engine.cpu_kernels import cpu_kernels_available, paged_decode
+from test_shared_prefix_attention import ATOL, random_batch, reference
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels did not build here (see the log)")
+
+
+def _decode_only(heads: int, kv_heads: int, head_dim: int, lens: list[int], block_size: int, seed: int = 0):
+    """q [B, H, D], caches with each row's blocks scattered, tables [B, W], lengths [B]."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(1, max(-(-n // block_size) for n in lens))
+    num_blocks = len(lens) * width + 3
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = order[: len(lens) * width].view(len(lens), width).contiguous()
+    cache = (kv_heads, num_blocks, block_size, head_dim)
+    q = torch.randn((len(lens), heads, head_dim), generator=gen)
+    return q, torch.randn(cache, generator=gen), torch.randn(cache, generator=gen), tables, torch.tensor(lens)
+
+
+def _reference_rows(q, k_cache, v_cache, tables, lens):
+    """Float64 attention of each row over its first lens[b] entries -> out [B, H, D], lse [B, H]."""
+    hkv, _, bs, d = k_cache.shape
+    g = q.shape[1] // hkv
+    outs, lses = [], []
+    for b, n in enumerate(lens.tolist()):
+        slots = torch.tensor([tables[b, p // bs].item() * bs + p % bs for p in range(n)], dtype=torch.int64)
+        keys = k_cache.reshape(hkv, -1, d)[:, slots].double().repeat_interleave(g, 0)  # [H, n, D]
+        values = v_cache.reshape(hkv, -1, d)[:, slots].double().repeat_interleave(g, 0)
+        scores = (q[b].double().unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / d**0.5  # [H, n]
+        outs.append((scores.softmax(-1).unsqueeze(1) @ values).squeeze(1))
+        lses.append(torch.logsumexp(scores, -1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 8, 128, 4), (6, 2, 64, 1)])
+def test_kernel_equals_the_pytorch_path_and_a_float64_reference(seed, heads, kv_heads, head_dim, block_size):
+    """Whole steps (decode rows among prefill chunks, forked and scattered blocks): the kernel's
+    backend and the PyTorch backend write the same cache and give the same rows."""
+    batch = random_batch(seed, heads, kv_heads, head_dim, block_size)
+    kernel_k, kernel_v = batch.k_cache.clone(), batch.v_cache.clone()
+    torch_k, torch_v = batch.k_cache.clone(), batch.v_cache.clone()
+    out = CpuPagedAttention(decode_kernel=True).forward(batch.q, batch.k, batch.v, kernel_k, kernel_v, batch.meta())
+    plain = CpuPagedAttention(decode_kernel=False).forward(batch.q, batch.k, batch.v, torch_k, torch_v, batch.meta())
+    assert torch.equal(kernel_k, torch_k) and torch.equal(kernel_v, torch_v)
+    torch.testing.assert_close(out, plain, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.double(), reference(batch, kernel_k, kernel_v), atol=ATOL, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lens", [[1], [5000], [3, 0, 700, 17], [300] * 40])
+def test_kernel_rows_and_log_sum_exps(lens):
+    """Single tokens, one long context (split across threads and merged), empty rows (zeros and
+    -inf, so they weigh nothing in a merge) and wide batches."""
+    q, k_cache, v_cache, tables, lengths = _decode_only(9, 3, 64, lens, 16)
+    got = paged_decode(q, k_cache, v_cache, tables, lengths)
+    want_out, want_lse = _reference_rows(q, k_cache, v_cache, tables, lengths)
+    empty = lengths == 0
+    assert torch.equal(got.out[empty], torch.zeros_like(got.out[empty]))
+    assert bool((got.lse[empty] == float("-inf")).all())
+    torch.testing.assert_close(got.out[~empty].double(), want_out[~empty], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.lse[~empty].double(), want_lse[~empty], atol=1e-4, rtol=0)
+
+
+@needs_kernels
+def test_a_row_does_not_depend_on_its_batch():
+    """Greedy decoding repeats only if a sequence's attention is the same whatever else is in the
+    step: bit-for-bit, alone or among others, at any position of the batch."""
+    q, k_cache, v_cache, tables, lengths = _decode_only(9, 3, 64, [900, 40, 333, 1200, 7], 16, seed=3)
+    together = paged_decode(q, k_cache, v_cache, tables, lengths).out
+    for b in range(len(lengths)):
+        alone = paged_decode(q[b : b + 1], k_cache, v_cache, tables[b : b + 1], lengths[b : b + 1]).out
+        assert torch.equal(alone[0], together[b])
+    reverse = torch.arange(len(lengths) - 1, -1, -1)
+    assert torch.equal(paged_decode(q[reverse], k_cache, v_cache, tables[reverse], lengths[reverse]).out, together[reverse])
+
+
+@needs_kernels
+def test_bfloat16_caches_are_read_in_float32():
+    """A bfloat16 cache is widened, not the math narrowed: the result is the float64 attention
+    over the cache's own bf16 values, to float32 accuracy."""
+    q, k_cache, v_cache, tables, lengths = _decode_only(9, 3, 64, [200, 31], 16, seed=5)
+    k16, v16 = k_cache.bfloat16(), v_cache.bfloat16()
+    got = paged_decode(q, k16, v16, tables, lengths)
+    want, _ = _reference_rows(q, k16.float(), v16.float(), tables, lengths)
+    assert got.out.dtype == torch.float32
+    torch.testing.assert_close(got.out.double(), want, atol=ATOL, rtol=0)
+
+
+def test_other_head_sizes_run_the_pytorch_path():
+    """Head sizes the kernel is not compiled for go through PyTorch operators, still exact."""
+    batch = random_batch(1, 4, 4, 32, 4)
+    assert not cpu_kernels.kernel_decodes(32, torch.device("cpu"))
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    out = CpuPagedAttention().forward(batch.q, batch.k, batch.v, k_cache, v_cache, batch.meta())
+    torch.testing.assert_close(out.double(), reference(batch, k_cache, v_cache), atol=ATOL, rtol=0)
+
+
+def test_a_failed_build_is_logged_and_falls_back(monkeypatch, caplog, tmp_path):
+    """No compiler (or no ninja): one warning that says so, and the engine runs without the kernel."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setenv("PARROT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="parrot.engine.cpu_kernels"):
+        assert cpu_kernels.cpu_kernels_available.__wrapped__() is False
+    assert "Ninja is required" in caplog.text and "PyTorch operators" in caplog.text
+
+
+def test_the_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("PARROT_CPU_KERNELS", "0")
+    assert cpu_kernels.cpu_kernels_available.__wrapped__() is False
