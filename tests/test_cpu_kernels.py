@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from parrot.engine import cpu_kernels
 from parrot.engine.attention import CpuPagedAttention
@@ -127,3 +128,78 @@ def test_a_failed_build_is_logged_and_falls_back(monkeypatch, caplog, tmp_path):
 def test_the_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("PARROT_CPU_KERNELS", "0")
     assert cpu_kernels.cpu_kernels_available.__wrapped__() is False
+
+
+# ---- the fused element-wise ops of a layer ------------------------------------------------
+
+BF16_ULP = 2**-7  # relative spacing of bf16: a rounding of a float32 value that lies near a tie may go either way
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_fused_rms_norm_is_the_norm_rounded_once(rows):
+    """With a residual to add first (in place, into the float32 stream) and without."""
+    hidden, weight = torch.randn(rows, 576), torch.rand(576) + 0.5
+    delta = torch.randn(rows, 576).bfloat16()
+    stream = hidden.clone()
+    got = torch.ops.parrot_kernels.rms_norm_bf16(stream, delta, weight, 1e-5)
+    expected_stream = hidden + delta.float()
+    torch.testing.assert_close(stream, expected_stream, atol=1e-6, rtol=0)
+    want = F.rms_norm(expected_stream, (576,), weight, 1e-5).bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=BF16_ULP)
+    plain = torch.ops.parrot_kernels.rms_norm_bf16(hidden.clone(), None, weight, 1e-5)
+    torch.testing.assert_close(plain.float(), F.rms_norm(hidden, (576,), weight, 1e-5).bfloat16().float(), atol=0, rtol=BF16_ULP)
+
+
+@needs_kernels
+def test_fused_rope_equals_the_model_rope():
+    from parrot.engine.model import apply_rope
+
+    heads, kv_heads, d, n = 9, 3, 64, 7
+    angles = torch.outer(torch.arange(100, dtype=torch.float32), torch.rand(d // 2))  # [P, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    positions = torch.tensor([0, 3, 99, 50, 50, 1, 2])
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d).bfloat16()
+    q, k, v = torch.ops.parrot_kernels.rope_qkv(qkv, cos, sin, positions, heads, kv_heads)
+    wide = qkv.float()
+    full_cos = torch.cat((cos, cos), -1)[positions].unsqueeze(1)
+    full_sin = torch.cat((-sin, sin), -1)[positions].unsqueeze(1)
+    qk = apply_rope(wide[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d), full_cos, full_sin)
+    torch.testing.assert_close(q, qk[:, :heads], atol=1e-6, rtol=0)
+    torch.testing.assert_close(k, qk[:, heads:], atol=1e-6, rtol=0)
+    assert torch.equal(v, wide[:, (heads + kv_heads) * d :].view(n, kv_heads, d))
+
+
+@needs_kernels
+def test_fused_silu_mul_is_the_product_rounded_once():
+    gate_up = (3 * torch.randn(6, 2 * 1536)).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    got = torch.ops.parrot_kernels.silu_mul_bf16(gate_up)
+    torch.testing.assert_close(got.float(), (F.silu(gate) * up).bfloat16().float(), atol=1e-30, rtol=BF16_ULP)
+
+
+@needs_kernels
+def test_the_fused_layer_path_gives_the_model_path_logits():
+    """The default engine on a CPU with bf16 dot products (packed bf16 weights): its fused
+    forward against the same model through PyTorch operators, same weights and cache."""
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    from test_device import PROMPTS, _prompt_logits
+
+    engine = LLMEngine(EngineConfig(kv_memory_gb=0.05))
+    if not engine.model.fused:
+        pytest.skip("this CPU does not multiply bf16 natively: the layers run unfused")
+    for ids in (engine.tokenizer.encode(p) for p in PROMPTS):
+        fused = _prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
+        engine.model.fused = False
+        try:
+            plain = _prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
+        finally:
+            engine.model.fused = True
+        # the lm_head's output is bf16 (a unit in the last place is 0.125 at logits of 16-32): the
+        # two paths differ in the order of the norms' sums, so roundings differ by an ulp here and there
+        torch.testing.assert_close(fused, plain, atol=0.5, rtol=0)
+        assert (fused - plain).abs().mean() < 0.1
+        top2 = plain.topk(2).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5
+        assert torch.equal(fused.argmax(-1)[clear], plain.argmax(-1)[clear])

@@ -26,7 +26,7 @@ from parrot.engine.loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "fused_layer_ops.cpp")]
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
 
 

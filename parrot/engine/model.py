@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) in plain PyTorch.
+"""Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) in PyTorch (and our fused CPU ops where they apply).
 
 Grouped-query attention, RoPE with the config's scaling, RMSNorm, SwiGLU, tied or
 untied embeddings, q/k/v bias where the config has it. Inputs are a flat batch of
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from parrot.engine.attention import AttentionBackend, AttentionMetadata
 from parrot.engine.config import ModelConfig, RopeScaling
+from parrot.engine.cpu_kernels import cpu_kernels_available
 from parrot.engine.device import ALL_ROWS, onednn_packs_bf16
 
 
@@ -56,6 +57,10 @@ class Linear:
             return cls(weight, None, bias)
         return cls(weight, weight.to(torch.bfloat16), bias, bf16_rows)
 
+    def packed_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, in] bf16, contiguous -> [N, out] bf16, on the packed weight (no bias)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
     def weight_for(self, rows: int) -> torch.Tensor:
         """The weight a step of `rows` rows multiplies by."""
         return self.small if self.small is not None and rows <= self.bf16_rows else self.weight
@@ -63,7 +68,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, in] -> [N, out], in x's dtype"""
         if self.packed:
-            out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), self.weight, None, "none", [], "").to(x.dtype)
+            out = self.packed_bf16(x.to(torch.bfloat16).contiguous()).to(x.dtype)
             return out if self.bias is None else out + self.bias
         weight = self.weight_for(x.shape[0])
         if weight.dtype == x.dtype:
@@ -133,6 +138,20 @@ class LlamaModel:
         device = self.embed.device
         self.rope_cos = torch.cat((cos, cos), dim=-1).to(device, dtype)  # [P, D]
         self.rope_sin = torch.cat((-sin, sin), dim=-1).to(device, dtype)  # [P, D], signed for apply_rope
+        self.fused = self._can_fuse()
+        if self.fused:
+            self.rope_half_cos, self.rope_half_sin = cos.contiguous(), sin.contiguous()  # [P, D/2] each
+
+    def _can_fuse(self) -> bool:
+        """Whether the layers' element-wise work runs through our fused CPU ops (cpu_kernels):
+        where every matmul is bf16 on packed weights, activations float32, no q/k/v bias."""
+        linears = [self.lm_head] + [getattr(layer, name) for layer in self.layers for name in ("qkv", "o_proj", "gate_up", "down")]
+        return (
+            self.dtype == torch.float32
+            and not self.config.attention_bias
+            and all(linear.packed for linear in linears)
+            and cpu_kernels_available()
+        )
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return Linear.of(weight, bias, self.bf16_rows)
@@ -162,6 +181,8 @@ class LlamaModel:
         """Runs all layers over the flat batch; returns float32 logits [M, V] for batch.logit_rows.
         attention: a backend for this call in place of the model's (a static decode batch's)."""
         attention = attention or self.attention
+        if self.fused:
+            return self._forward_fused(batch, kv_caches, attention)
         c = self.config
         n = batch.token_ids.shape[0]
         heads = c.num_heads + c.num_kv_heads
@@ -182,4 +203,26 @@ class LlamaModel:
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, inter] each
             hidden.add_(layer.down(F.silu(gate).mul_(up)))
         last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, eps)  # [M, hidden]
+        return self.lm_head(last).float()  # [M, V]
+
+    def _forward_fused(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       attention: AttentionBackend) -> torch.Tensor:
+        """forward() with the element-wise work in fused ops: the same math, the residual stream
+        in float32, each matmul's input rounded to bf16 once, as the packed matmuls need it."""
+        c = self.config
+        n = batch.token_ids.shape[0]
+        kernels = torch.ops.parrot_kernels
+        hidden = self.embed[batch.token_ids]  # [N, hidden] float32, updated in place
+        delta = None  # [N, hidden] bf16: the last MLP's output, added into hidden by the next norm
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = kernels.rms_norm_bf16(hidden, delta, layer.input_norm, c.rms_norm_eps)  # [N, hidden] bf16
+            q, k, v = kernels.rope_qkv(layer.qkv.packed_bf16(x), self.rope_half_cos, self.rope_half_sin, batch.positions,
+                                       c.num_heads, c.num_kv_heads)  # [N, H, D], [N, Hkv, D] x2, float32
+            attn = attention.forward(q, k, v, k_cache, v_cache, batch.attention)  # [N, H, D]
+            out = layer.o_proj.packed_bf16(attn.reshape(n, -1).to(torch.bfloat16))  # [N, hidden] bf16
+            x = kernels.rms_norm_bf16(hidden, out, layer.post_norm, c.rms_norm_eps)
+            delta = layer.down.packed_bf16(kernels.silu_mul_bf16(layer.gate_up.packed_bf16(x)))
+        if delta is not None:
+            hidden.add_(delta)
+        last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, c.rms_norm_eps)  # [M, hidden]
         return self.lm_head(last).float()  # [M, V]
