@@ -27,6 +27,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-bf16", default="auto", choices=["auto", "off", "small-batches", "all"],
                         help="CPU matmuls of float32 weights in bf16 where that is faster (default auto: every step on CPUs "
                              "with AVX512-BF16 or AMX, else steps of at most 2 rows); off: every matmul in float32, exact")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the KV cache's element type (default auto: the model's dtype). bfloat16 on the CPU: half the KV "
+                             "memory, decode 1.1-1.3x faster; a repeated greedy request that hits the prefix cache may then "
+                             "differ where the top two tokens nearly tie")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine (default: torch's choice, all cores); with several engines on one machine, cores / engines")
     parser.add_argument("--no-prefix-caching", action="store_true",
@@ -46,7 +50,8 @@ def engine_config(args):
     if args.random_weights != (args.config is not None):
         raise UserError("--random-weights and --config go together: --random-weights --config llama-7b|llama-13b|tiny")
     return EngineConfig(model=args.model, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype, threads=args.threads,
-                        random_weights=args.config, device=args.device, cpu_bf16=args.cpu_bf16, gpu_memory_utilization=args.gpu_memory_utilization,
+                        random_weights=args.config, device=args.device, cpu_bf16=args.cpu_bf16, kv_dtype=args.kv_dtype,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
                         decode_graphs=False if args.no_cuda_graphs else None,
                         prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
 
@@ -56,7 +61,7 @@ def engine_flags(args, engines_per_gpu: int = 1) -> list[str]:
     sharing one GPU split --gpu-memory-utilization between them."""
     return [
         "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--cpu-bf16", args.cpu_bf16,
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization / engines_per_gpu),
+        "--kv-dtype", args.kv_dtype, "--gpu-memory-utilization", str(args.gpu_memory_utilization / engines_per_gpu),
         *(["--kv-memory-gb", str(args.kv_memory_gb)] if args.kv_memory_gb is not None else []),
         *(["--threads", str(args.threads)] if args.threads else []),
         *(["--no-cuda-graphs"] if args.no_cuda_graphs else []),

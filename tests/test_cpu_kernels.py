@@ -203,3 +203,23 @@ def test_the_fused_layer_path_gives_the_model_path_logits():
         top2 = plain.topk(2).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.5
         assert torch.equal(fused.argmax(-1)[clear], plain.argmax(-1)[clear])
+
+
+def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_gives_the_same_logits():
+    """--kv-dtype bfloat16 on the CPU: half the bytes a token, twice the blocks in the same
+    memory; prompt logits within bf16 rounding of the float32 cache's, the math in float32."""
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    from parrot.errors import UserError
+    from test_device import PROMPTS, _prompt_logits
+
+    with pytest.raises(UserError, match="kv_dtype must be one of auto, float32, bfloat16"):
+        EngineConfig(kv_dtype="fp8")
+    wide, narrow = (LLMEngine(EngineConfig(kv_memory_gb=0.05, kv_dtype=kv)) for kv in ("float32", "bfloat16"))
+    assert narrow.runner.kv.layers[0][0].dtype == torch.bfloat16
+    assert narrow.stats().blocks_total >= 2 * wide.stats().blocks_total - 1
+    for ids in (wide.tokenizer.encode(p) for p in PROMPTS):
+        got = _prompt_logits(narrow.model, narrow.runner.kv, ids, torch.device("cpu"))
+        want = _prompt_logits(wide.model, wide.runner.kv, ids, torch.device("cpu"))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=0.75, rtol=0)
+        assert (got - want).abs().mean() < 0.1

@@ -269,7 +269,7 @@ class CpuPagedAttention(AttentionBackend):
         b, h, d = q.shape
         hkv, _, bs, _ = k_cache.shape
         g = h // hkv
-        queries = q.view(b, hkv, g, d).transpose(0, 1).to(k_cache.dtype)  # [Hkv, B, G, D]
+        queries = q.view(b, hkv, g, d).transpose(0, 1)  # [Hkv, B, G, D]; a bf16 cache is widened to q's dtype below
         rest_out = rest_lse = None
         if plan.rest:
             r, width = plan.rest_table.shape
@@ -278,6 +278,7 @@ class CpuPagedAttention(AttentionBackend):
             values = gather_kv(v_cache, plan.rest_table, _scratch(meta, "decode_v", shape, v_cache))
             if plan.rest_mask is None:
                 keys, values = keys[:, :, : plan.rest_lens[0]], values[:, :, : plan.rest_lens[0]]
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
             rest_q = queries if len(plan.rest) == b else queries[:, plan.rest_index]
             if len(plan.rest) == b and not any(n for _, n in plan.main):
                 # every sequence is gathered whole: one product, no merge
@@ -293,8 +294,8 @@ class CpuPagedAttention(AttentionBackend):
                 lses.append(queries.new_full((hkv, 1, g), float("-inf")))
                 continue
             size, strides, offset = (hkv, 1, length, d), (stride[0], 0, d, 1), first * stride[1]
-            seq_k = k_cache.as_strided(size, strides, k_cache.storage_offset() + offset)
-            seq_v = v_cache.as_strided(size, strides, v_cache.storage_offset() + offset)
+            seq_k = k_cache.as_strided(size, strides, k_cache.storage_offset() + offset).to(q.dtype)
+            seq_v = v_cache.as_strided(size, strides, v_cache.storage_offset() + offset).to(q.dtype)
             if rest_out is None:
                 outs.append(F.scaled_dot_product_attention(queries[:, i : i + 1], seq_k, seq_v))
             else:
@@ -320,16 +321,16 @@ class CpuPagedAttention(AttentionBackend):
         g = h // hkv
         cached = seq.context_len - L
         if cached == 0:
-            # nothing before the chunk: plain causal attention over its own k/v, GQA by broadcast
-            heads = q.transpose(0, 1).unsqueeze(0).to(k_cache.dtype)  # [1, H, L, D]
+            # nothing before the chunk: plain causal attention over its own k/v, GQA by broadcast,
+            # as the cache holds them (rounded to its dtype): a later prompt that forks from this
+            # one's cached KV then attends to the same values
+            def as_stored(x: torch.Tensor) -> torch.Tensor:  # [L, Hkv, D] -> [1, Hkv, L, D]
+                return x.transpose(0, 1).unsqueeze(0).to(k_cache.dtype).to(q.dtype)
+
             causal = F.scaled_dot_product_attention(
-                heads,
-                k.transpose(0, 1).unsqueeze(0).to(k_cache.dtype),
-                v.transpose(0, 1).unsqueeze(0).to(k_cache.dtype),
-                is_causal=True,
-                enable_gqa=True,
-            )
-            return causal[0].transpose(0, 1).to(q.dtype)
+                q.transpose(0, 1).unsqueeze(0), as_stored(k), as_stored(v), is_causal=True, enable_gqa=True
+            )  # [1, H, L, D]
+            return causal[0].transpose(0, 1)
         used = -(-seq.context_len // bs)
         if consecutive_run(seq.block_table, used) == used:
             first = seq.block_table[0]
@@ -338,12 +339,13 @@ class CpuPagedAttention(AttentionBackend):
             table = torch.tensor([seq.block_table[:used]], dtype=torch.int64)
             keys = gather_kv(k_cache, table)[:, 0, : seq.context_len]  # [Hkv, T, D]
             values = gather_kv(v_cache, table)[:, 0, : seq.context_len]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a bf16 cache is widened, the math stays in q's dtype
         # G query heads of one KV head become G*L query rows: [Hkv, G*L, D]
-        queries = q.reshape(L, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * L, d).to(keys.dtype)
+        queries = q.reshape(L, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * L, d)
         mask = meta.scratch.get(("prefill_mask", index))
         if mask is None:
             # query i sits at position cached + i and sees keys 0..cached + i
             visible = torch.arange(seq.context_len).unsqueeze(0) <= (torch.arange(L) + cached).unsqueeze(1)
             mask = meta.scratch[("prefill_mask", index)] = visible.repeat(g, 1)
         rows = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        return rows.view(hkv, g, L, d).permute(2, 0, 1, 3).reshape(L, h, d).to(q.dtype)
+        return rows.view(hkv, g, L, d).permute(2, 0, 1, 3).reshape(L, h, d)

@@ -19,7 +19,17 @@ import torch
 
 from parrot.engine.attention import AttentionBackend, CpuPagedAttention
 from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
-from parrot.engine.device import CPU_BF16_MODES, DEVICES, bf16_matmul_rows, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes
+from parrot.engine.device import (
+    CPU_BF16_MODES,
+    DEVICES,
+    KV_DTYPES,
+    bf16_matmul_rows,
+    default_dtype,
+    kv_cache_dtype,
+    kv_pool_bytes,
+    resolve_device,
+    step_activation_bytes,
+)
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
@@ -60,6 +70,7 @@ class EngineConfig:
     # has bf16 dot products, else steps of at most 2 rows), all, small-batches, or off (every
     # matmul in float32: exact and batch-invariant, for reference checks)
     cpu_bf16: str = "auto"
+    kv_dtype: str = "auto"  # the KV cache's element type: auto (the model's), float32 or bfloat16 (see device.kv_cache_dtype)
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
     # a shape name (llama-7b, llama-13b, tiny): random weights of that shape with the model's tokenizer, for speed runs
@@ -78,6 +89,8 @@ class EngineConfig:
             raise UserError(f"threads must be at least 1, not {self.threads}")
         if self.cpu_bf16 not in CPU_BF16_MODES:
             raise UserError(f"cpu_bf16 must be one of {', '.join(CPU_BF16_MODES)}, not {self.cpu_bf16!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise UserError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.random_weights is not None:
@@ -169,16 +182,18 @@ class LLMEngine:
             self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype, device=device)
         else:
             state = {name: tensor.to(device) for name, tensor in load_state_dict(model_dir, dtype).items()}
-        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, bf16_matmul_rows(config.cpu_bf16, device))
+        bf16_rows = bf16_matmul_rows(config.cpu_bf16, device)
+        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, bf16_rows)
         del state
-        per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, dtype)
+        kv_dtype = kv_cache_dtype(config.kv_dtype, dtype)
+        per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, kv_dtype)
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
         graph_needs = graph_memory(config.max_seqs_per_step, config.shared_prefix_attention) if use_graphs else GraphMemory(0, 0)
         activations = step_activation_bytes(self.model_config, config.max_tokens_per_step, config.max_seqs_per_step, dtype,
                                             graph_needs.part_rows, graph_needs.logits_rows)
         num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
         # one block past the pool's: the slots of a static decode batch's padding rows
-        self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, dtype, device)
+        self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, kv_dtype, device)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(

@@ -26,6 +26,7 @@ from parrot.engine.attention import (
     gather_kv,
     write_kv,
 )
+from parrot.engine.cpu_kernels import kernel_decodes, paged_decode
 from parrot.engine.prefix_plan import PrefixPlan, min_shared_blocks, plan_prefix_groups
 
 
@@ -51,7 +52,9 @@ def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
     g = h // hkv
     if t == 0:
         return _empty_part(m, h, d)
-    queries = q.view(m, hkv, g, d).transpose(0, 1).reshape(hkv, 1, m * g, d).to(keys.dtype)  # [Hkv, 1, M*G, D]
+    queries = q.view(m, hkv, g, d).transpose(0, 1).reshape(hkv, 1, m * g, d)  # [Hkv, 1, M*G, D]
+    # a bf16 cache is widened to q's dtype (its copy of the segment is made once for all members)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
     out, lse = attention_with_lse(queries, keys.unsqueeze(1), values.unsqueeze(1))  # [Hkv, 1, M*G, D], [Hkv, 1, M*G]
     out = out.view(hkv, m, g, d).transpose(0, 1).reshape(m, h, d)
     return out.float(), lse.view(hkv, m, g).transpose(0, 1).reshape(m, h).float()
@@ -70,7 +73,8 @@ def suffix_attention(
         return _empty_part(b, h, d)
     if mask is None:
         mask = suffix_mask(lengths, s)
-    queries = q.view(b, hkv, g, d).transpose(0, 1).to(keys.dtype)  # [Hkv, B, G, D]
+    queries = q.view(b, hkv, g, d).transpose(0, 1)  # [Hkv, B, G, D]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
     out, lse = attention_with_lse(queries, keys, values, mask)  # [Hkv, B, G, D], [Hkv, B, G]
     # a row with no suffix is fully masked, which the kernel reports as lse 0 (or nan): make it an empty part
     empty = (lengths == 0).view(1, b, 1)
@@ -191,8 +195,12 @@ class SharedPrefixCpuAttention(AttentionBackend):
     @staticmethod
     def _grouped(q, k_cache, v_cache, step: _GroupedStep) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] float32"""
-        keys, values = gather_kv(k_cache, step.suffix_table), gather_kv(v_cache, step.suffix_table)  # [Hkv, B, S, D]
-        parts = [PartialAttention(step.rows, *suffix_attention(q, keys, values, step.suffix_lens, step.suffix_mask))]
+        if kernel_decodes(q.shape[-1], q.device):  # each suffix read in place
+            suffix = paged_decode(q, k_cache, v_cache, step.suffix_table, step.suffix_lens)
+            parts = [PartialAttention(step.rows, suffix.out, suffix.lse)]
+        else:
+            keys, values = gather_kv(k_cache, step.suffix_table), gather_kv(v_cache, step.suffix_table)  # [Hkv, B, S, D]
+            parts = [PartialAttention(step.rows, *suffix_attention(q, keys, values, step.suffix_lens, step.suffix_mask))]
         for seg in step.segments:
             if seg.first_block is not None:
                 seg_k = cache_view(k_cache, seg.first_block, seg.length)  # [Hkv, T, D], no copy
