@@ -49,25 +49,28 @@ def _reference_rows(q, k_cache, v_cache, tables, lens):
 @needs_kernels
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 8, 128, 4), (6, 2, 64, 1)])
-def test_kernel_equals_the_pytorch_path_and_a_float64_reference(seed, heads, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_pytorch_path_and_a_float64_reference(seed, heads, kv_heads, head_dim, block_size, kv_dtype):
     """Whole steps (decode rows among prefill chunks, forked and scattered blocks): the kernel's
-    backend and the PyTorch backend write the same cache and give the same rows."""
+    backend and the PyTorch backend write the same cache and give the same rows; a bf16 cache
+    is read as the float32 values it holds, by every path."""
     batch = random_batch(seed, heads, kv_heads, head_dim, block_size)
-    kernel_k, kernel_v = batch.k_cache.clone(), batch.v_cache.clone()
-    torch_k, torch_v = batch.k_cache.clone(), batch.v_cache.clone()
+    kernel_k, kernel_v = batch.k_cache.to(kv_dtype), batch.v_cache.to(kv_dtype)
+    torch_k, torch_v = batch.k_cache.to(kv_dtype), batch.v_cache.to(kv_dtype)
     out = CpuPagedAttention(decode_kernel=True).forward(batch.q, batch.k, batch.v, kernel_k, kernel_v, batch.meta())
     plain = CpuPagedAttention(decode_kernel=False).forward(batch.q, batch.k, batch.v, torch_k, torch_v, batch.meta())
     assert torch.equal(kernel_k, torch_k) and torch.equal(kernel_v, torch_v)
     torch.testing.assert_close(out, plain, atol=ATOL, rtol=0)
-    torch.testing.assert_close(out.double(), reference(batch, kernel_k, kernel_v), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.double(), reference(batch, kernel_k.float(), kernel_v.float()), atol=ATOL, rtol=0)
 
 
 @needs_kernels
-@pytest.mark.parametrize("lens", [[1], [5000], [3, 0, 700, 17], [300] * 40])
-def test_kernel_rows_and_log_sum_exps(lens):
-    """Single tokens, one long context (split across threads and merged), empty rows (zeros and
-    -inf, so they weigh nothing in a merge) and wide batches."""
-    q, k_cache, v_cache, tables, lengths = _decode_only(9, 3, 64, lens, 16)
+@pytest.mark.parametrize("lens,block_size", [([1], 16), ([5000], 16), ([3, 0, 700, 17], 16), ([300] * 40, 16), ([1100, 513, 0], 48)])
+def test_kernel_rows_and_log_sum_exps(lens, block_size):
+    """Single tokens, long contexts (split at fixed points across threads and merged, also with
+    blocks that do not divide the split), empty rows (zeros and -inf, so they weigh nothing in a
+    merge) and wide batches."""
+    q, k_cache, v_cache, tables, lengths = _decode_only(9, 3, 64, lens, block_size)
     got = paged_decode(q, k_cache, v_cache, tables, lengths)
     want_out, want_lse = _reference_rows(q, k_cache, v_cache, tables, lengths)
     empty = lengths == 0
@@ -105,10 +108,31 @@ def test_bfloat16_caches_are_read_in_float32():
 def test_other_head_sizes_run_the_pytorch_path():
     """Head sizes the kernel is not compiled for go through PyTorch operators, still exact."""
     batch = random_batch(1, 4, 4, 32, 4)
-    assert not cpu_kernels.kernel_decodes(32, torch.device("cpu"))
+    assert not cpu_kernels.kernel_decodes(32, torch.float32, torch.device("cpu"))
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     out = CpuPagedAttention().forward(batch.q, batch.k, batch.v, k_cache, v_cache, batch.meta())
     torch.testing.assert_close(out.double(), reference(batch, k_cache, v_cache), atol=ATOL, rtol=0)
+
+
+def test_float16_caches_run_the_pytorch_path():
+    """A float16 model on the CPU (a cache the kernel does not read) still decodes."""
+    batch = random_batch(2, 9, 3, 64, 16)
+    q, k, v = batch.q.half(), batch.k.half(), batch.v.half()
+    k_cache, v_cache = batch.k_cache.half(), batch.v_cache.half()
+    assert not cpu_kernels.kernel_decodes(64, torch.float16, torch.device("cpu"))
+    out = CpuPagedAttention().forward(q, k, v, k_cache, v_cache, batch.meta())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), reference(batch, k_cache.float(), v_cache.float()), atol=5e-3, rtol=0)
+
+
+@needs_kernels
+def test_bf16_rounding_keeps_nan_and_infinity():
+    """A NaN from the model stays visible (a bare round-to-nearest carries some NaNs into zeros or infinities)."""
+    nan_payloads = torch.tensor([0x7FFFFFFF, 0x7F800001, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    gate_up = torch.cat([torch.ones(4), nan_payloads]).view(1, 8).bfloat16()
+    assert torch.isnan(torch.ops.parrot_kernels.silu_mul_bf16(gate_up).float()).all()
+    hidden = torch.stack([nan_payloads[:2], nan_payloads[2:]])  # NaNs with low payload bits set, as float32 math leaves them
+    assert torch.isnan(torch.ops.parrot_kernels.rms_norm_bf16(hidden, None, torch.ones(2), 1e-5).float()).all()
 
 
 def test_a_failed_build_is_logged_and_falls_back(monkeypatch, caplog, tmp_path):
@@ -197,11 +221,12 @@ def test_the_fused_layer_path_gives_the_model_path_logits():
         finally:
             engine.model.fused = True
         # the lm_head's output is bf16 (a unit in the last place is 0.125 at logits of 16-32): the
-        # two paths differ in the order of the norms' sums, so roundings differ by an ulp here and there
-        torch.testing.assert_close(fused, plain, atol=0.5, rtol=0)
+        # two paths differ in the order of the norms' sums, so roundings differ by an ulp here and
+        # there and compound over 30 layers: a few ulps at most, a fraction of one on average
+        torch.testing.assert_close(fused, plain, atol=1.0, rtol=0)
         assert (fused - plain).abs().mean() < 0.1
         top2 = plain.topk(2).values
-        clear = (top2[:, 0] - top2[:, 1]) > 0.5
+        clear = (top2[:, 0] - top2[:, 1]) > 1.0
         assert torch.equal(fused.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 

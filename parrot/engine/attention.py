@@ -233,8 +233,8 @@ class CpuPagedAttention(AttentionBackend):
     def __init__(self, decode_kernel: bool | None = None):
         self.decode_kernel = decode_kernel  # None: the kernel where it builds for this head size
 
-    def uses_kernel(self, head_dim: int, device: torch.device) -> bool:
-        return kernel_decodes(head_dim, device) if self.decode_kernel is None else self.decode_kernel
+    def uses_kernel(self, head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> bool:
+        return kernel_decodes(head_dim, kv_dtype, device) if self.decode_kernel is None else self.decode_kernel
 
     def forward(self, q, k, v, k_cache, v_cache, meta):
         assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches are read in place: they must be contiguous"
@@ -242,7 +242,7 @@ class CpuPagedAttention(AttentionBackend):
         out = None
         if meta.decode_rows:
             rows = meta.decode_query_rows()
-            if self.uses_kernel(q.shape[-1], q.device):
+            if self.uses_kernel(q.shape[-1], k_cache.dtype, q.device):
                 decoded = paged_decode(q if rows is None else q[rows], k_cache, v_cache, meta.decode_block_tables,
                                        meta.decode_context_lens).out.to(q.dtype)
             else:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "fused_layer_ops.cpp")]
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
+KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches it reads
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,19 @@ class DecodeAttention:
     lse: torch.Tensor  # [B, H] float32 log-sum-exp of the scaled scores; -inf for a row with no KV
 
 
-def _cpu_signature() -> str:
-    """The build is for this CPU (-march=native): a different CPU flag set builds anew."""
-    flags = platform.processor()
+def _build_key() -> str:
+    """The build is for these sources and this CPU (-march=native): either changed builds anew
+    in a folder of its own (two checkouts of different sources do not rebuild each other's)."""
+    features = platform.processor()
     try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), flags)
+        with open("/proc/cpuinfo") as info:  # x86: "flags", ARM: "Features"
+            features = next((line for line in info if line.startswith(("flags", "Features"))), features)
     except OSError:
         pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(features.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @functools.cache
@@ -54,14 +59,14 @@ def cpu_kernels_available() -> bool:
     """Compiles (first time on this machine) and loads the kernels; False, with the reason
     logged once, where they cannot be built."""
     if os.environ.get("PARROT_CPU_KERNELS", "1") == "0":
-        logger.info("PARROT_CPU_KERNELS=0: CPU attention runs through PyTorch operators")
+        logger.warning("PARROT_CPU_KERNELS=0: CPU attention and layer ops run through PyTorch operators")
         return False
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:  # the ninja package's binary sits beside this interpreter, off PATH when not activated
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_signature()}"
     try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the ninja package's binary sits beside this interpreter, off PATH when not activated
+            os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        build = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_build_key()}"
         build.mkdir(parents=True, exist_ok=True)
         # processes that start together build once: the others wait on this lock, which the
         # kernel drops if its holder dies (torch's own lock file would then block them forever)
@@ -71,20 +76,22 @@ def cpu_kernels_available() -> bool:
             cpp_extension.load(
                 name="parrot_kernels",
                 sources=[str(s) for s in SOURCES],
+                # fast math: vectorized sums and exp (the kernels never test for infinities)
                 extra_cflags=["-O3", "-march=native", "-ffast-math"],
                 build_directory=str(build),
                 is_python_module=False,
                 verbose=False,
             )
     except Exception as error:  # no compiler, no ninja, a read-only cache: the PyTorch path serves
-        logger.warning("CPU kernels unavailable, decode attention runs through PyTorch operators (slower): %s", error)
+        logger.warning("CPU kernels unavailable, attention and layer ops run through PyTorch operators (slower): %s", error)
         return False
     return True
 
 
-def kernel_decodes(head_dim: int, device: torch.device) -> bool:
-    """Whether decode attention for this head size on this device goes through the kernel."""
-    return device.type == "cpu" and head_dim in HEAD_DIMS and cpu_kernels_available()
+def kernel_decodes(head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decode attention over a cache of this dtype and head size on this device goes
+    through the kernel (float32 or bfloat16 caches on the CPU)."""
+    return device.type == "cpu" and head_dim in HEAD_DIMS and kv_dtype in KV_DTYPES and cpu_kernels_available()
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

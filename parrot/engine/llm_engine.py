@@ -30,6 +30,7 @@ from parrot.engine.device import (
     resolve_device,
     step_activation_bytes,
 )
+from parrot.engine.cpu_kernels import cpu_kernels_available
 from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import DEFAULT_MODEL, load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
@@ -177,6 +178,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         dtype = config.torch_dtype
         self.device = device = resolve_device(config.device)
+        if device.type == "cpu":
+            cpu_kernels_available()  # built now (first start on this machine), not inside the first step
         if config.random_weights is not None:
             vocab = max(self.model_config.vocab_size, self.tokenizer.vocab_size)
             self.model_config, state = random_model(config.random_weights, vocab, self.model_config.eos_token_ids, dtype, device=device)

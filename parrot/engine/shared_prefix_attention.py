@@ -195,7 +195,7 @@ class SharedPrefixCpuAttention(AttentionBackend):
     @staticmethod
     def _grouped(q, k_cache, v_cache, step: _GroupedStep) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] float32"""
-        if kernel_decodes(q.shape[-1], q.device):  # each suffix read in place
+        if kernel_decodes(q.shape[-1], k_cache.dtype, q.device):  # each suffix read in place
             suffix = paged_decode(q, k_cache, v_cache, step.suffix_table, step.suffix_lens)
             parts = [PartialAttention(step.rows, suffix.out, suffix.lse)]
         else:

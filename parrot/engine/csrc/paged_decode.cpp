@@ -18,7 +18,10 @@
 
 namespace {
 
+// Built with -ffast-math, which lets the compiler assume no infinities: empty partitions and
+// rows are told by their zero sums, never by comparing with -inf (only stored, for callers).
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLowest = std::numeric_limits<float>::lowest();
 constexpr int64_t kPartitionTokens = 512;
 
 inline float as_float(float x) { return x; }
@@ -56,7 +59,7 @@ void attend_partitions(const float* __restrict q, const KV* __restrict kc, const
       float* slot = part + task * G * (D + 2);
       if (lo >= hi) {
         for (int64_t g = 0; g < G; ++g) {
-          slot[g * (D + 2) + D] = kNegInf;
+          slot[g * (D + 2) + D] = kLowest;
           slot[g * (D + 2) + D + 1] = 0.f;
         }
         continue;
@@ -119,11 +122,16 @@ void merge_partitions(const float* part, float* out, float* lse, const Shape& s)
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / s.H, head = r % s.H, h = head / G, g = head % G;
       const float* base = part + (b * s.Hkv + h) * s.P * stride + g * (D + 2);
-      float top = kNegInf;
-      for (int64_t p = 0; p < s.P; ++p) top = std::max(top, base[p * stride + D]);
+      float top = kLowest;
+      bool empty = true;
+      for (int64_t p = 0; p < s.P; ++p) {
+        if (base[p * stride + D + 1] == 0.f) continue;
+        top = std::max(top, base[p * stride + D]);
+        empty = false;
+      }
       float* o = out + r * D;
       std::fill(o, o + D, 0.f);
-      if (top == kNegInf) {
+      if (empty) {
         lse[r] = kNegInf;
         continue;
       }
