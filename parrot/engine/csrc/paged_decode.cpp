@@ -40,6 +40,22 @@ inline void prefetch_block(const KV* block, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
+// Walks the entries lo..hi of one KV head of a sequence, block by block through its table:
+// widens each entry into row[D] (float32) and calls visit(entry - lo).
+template <typename KV, int D, typename Visit>
+inline void for_each_row(const KV* head, const int64_t* table, int64_t lo, int64_t hi, int64_t bs, float* row, Visit&& visit) {
+  const int64_t block_bytes = bs * D * int64_t(sizeof(KV));
+  for (int64_t start = lo, blk = lo / bs; start < hi; start += bs, ++blk) {
+    const int64_t count = std::min(bs, hi - start);
+    const KV* rows = head + table[blk] * bs * D;
+    if (start + bs < hi) prefetch_block(head + table[blk + 1] * bs * D, block_bytes);
+    for (int64_t i = 0; i < count; ++i) {
+      for (int d = 0; d < D; ++d) row[d] = as_float(rows[i * D + d]);
+      visit(start - lo + i);
+    }
+  }
+}
+
 struct Shape {
   int64_t B, H, Hkv, NB, bs, W, P, span;
   float scale;
@@ -49,7 +65,7 @@ struct Shape {
 template <typename KV, int D>
 void attend_partitions(const float* __restrict q, const KV* __restrict kc, const KV* __restrict vc, const int64_t* tables,
                        const int64_t* lens, float* __restrict part, const Shape& s) {
-  const int64_t G = s.H / s.Hkv, block_bytes = s.bs * D * int64_t(sizeof(KV));
+  const int64_t G = s.H / s.Hkv;
   at::parallel_for(0, s.B * s.Hkv * s.P, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc;
     alignas(64) float row[D];
@@ -70,20 +86,14 @@ void attend_partitions(const float* __restrict q, const KV* __restrict kc, const
       const KV* kh = kc + h * s.NB * s.bs * D;
       const KV* vh = vc + h * s.NB * s.bs * D;
       const int64_t* table = tables + b * s.W;
-      for (int64_t start = lo, blk = lo / s.bs; start < hi; start += s.bs, ++blk) {
-        const int64_t count = std::min(s.bs, hi - start);
-        const KV* rows = kh + table[blk] * s.bs * D;
-        if (start + s.bs < hi) prefetch_block(kh + table[blk + 1] * s.bs * D, block_bytes);
-        for (int64_t i = 0; i < count; ++i) {
-          for (int d = 0; d < D; ++d) row[d] = as_float(rows[i * D + d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qb + g * D;
-            float dot = 0.f;
-            for (int d = 0; d < D; ++d) dot += qg[d] * row[d];
-            scores[g * n + (start - lo) + i] = dot * s.scale;
-          }
+      for_each_row<KV, D>(kh, table, lo, hi, s.bs, row, [&](int64_t i) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qb + g * D;
+          float dot = 0.f;
+          for (int d = 0; d < D; ++d) dot += qg[d] * row[d];
+          scores[g * n + i] = dot * s.scale;
         }
-      }
+      });
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * n;
         const float top = *std::max_element(sg, sg + n);
@@ -96,19 +106,13 @@ void attend_partitions(const float* __restrict q, const KV* __restrict kc, const
         slot[g * (D + 2) + D + 1] = sum;
       }
       acc.assign(G * D, 0.f);
-      for (int64_t start = lo, blk = lo / s.bs; start < hi; start += s.bs, ++blk) {
-        const int64_t count = std::min(s.bs, hi - start);
-        const KV* rows = vh + table[blk] * s.bs * D;
-        if (start + s.bs < hi) prefetch_block(vh + table[blk + 1] * s.bs * D, block_bytes);
-        for (int64_t i = 0; i < count; ++i) {
-          for (int d = 0; d < D; ++d) row[d] = as_float(rows[i * D + d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = scores[g * n + (start - lo) + i];
-            float* ag = acc.data() + g * D;
-            for (int d = 0; d < D; ++d) ag[d] += w * row[d];
-          }
+      for_each_row<KV, D>(vh, table, lo, hi, s.bs, row, [&](int64_t i) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = scores[g * n + i];
+          float* ag = acc.data() + g * D;
+          for (int d = 0; d < D; ++d) ag[d] += w * row[d];
         }
-      }
+      });
       for (int64_t g = 0; g < G; ++g) std::memcpy(slot + g * (D + 2), acc.data() + g * D, D * sizeof(float));
     }
   });
