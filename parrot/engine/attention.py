@@ -239,29 +239,26 @@ class CpuPagedAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta):
         assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches are read in place: they must be contiguous"
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = None
+        rows = meta.decode_query_rows() if meta.decode_rows else None
+        if meta.decode_rows and rows is None:  # a decode-only step
+            return self._decode_rows(q, k_cache, v_cache, meta)
+        out = torch.empty(q.shape, dtype=q.dtype)
         if meta.decode_rows:
-            rows = meta.decode_query_rows()
-            if self.uses_kernel(q.shape[-1], k_cache.dtype, q.device):
-                decoded = paged_decode(q if rows is None else q[rows], k_cache, v_cache, meta.decode_block_tables,
-                                       meta.decode_context_lens).out.to(q.dtype)
-            else:
-                plan = meta.scratch.get("decode_plan")
-                if plan is None:  # derived once per step, used by every layer
-                    seqs = [meta.sequences[i] for i in meta.decode_rows]
-                    plan = meta.scratch["decode_plan"] = DecodePlan.build(seqs, k_cache.shape[2])
-                decoded = self._decode(q if rows is None else q[rows], k_cache, v_cache, plan, meta)
-            if rows is None:  # a decode-only step
-                return decoded
-            out = torch.empty(q.shape, dtype=q.dtype)
-            out[rows] = decoded
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype)
+            out[rows] = self._decode_rows(q[rows], k_cache, v_cache, meta)
         for i in meta.prefill_rows:
             seq = meta.sequences[i]
             span = slice(seq.query_start, seq.query_start + seq.query_len)
             out[span] = self._prefill(q[span], k[span], v[span], k_cache, v_cache, seq, meta, i)
         return out
+
+    def _decode_rows(self, q, k_cache, v_cache, meta: AttentionMetadata):
+        """q: [B, H, D], the decode sequences' rows in order -> [B, H, D]"""
+        if self.uses_kernel(q.shape[-1], k_cache.dtype, q.device):
+            return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens).out.to(q.dtype)
+        plan = meta.scratch.get("decode_plan")
+        if plan is None:  # derived once per step, used by every layer
+            plan = meta.scratch["decode_plan"] = DecodePlan.build([meta.sequences[i] for i in meta.decode_rows], k_cache.shape[2])
+        return self._decode(q, k_cache, v_cache, plan, meta)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, plan: DecodePlan, meta: AttentionMetadata):

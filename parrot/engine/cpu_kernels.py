@@ -4,7 +4,8 @@ PyTorch's own operators cover everything the engine does, but decode attention o
 KV cache through them means a gather of every sequence's blocks or one small call per
 sequence per layer; the kernel reads the blocks in place. Building needs a C++ compiler and
 ninja (a dependency); where either is missing, or PARROT_CPU_KERNELS=0, the engine logs why
-once and runs the PyTorch path, which gives the same results.
+once and runs the PyTorch path: the same math, though not bit for bit (sums run in another
+order).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from parrot.engine.loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "fused_layer_ops.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_decode.cpp", "fused_layer_ops.cpp")]
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
 KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches it reads
 
@@ -49,7 +51,7 @@ def _build_key() -> str:
     except OSError:
         pass
     digest = hashlib.sha256(features.encode())
-    for source in SOURCES:
+    for source in sorted(CSRC.iterdir()):  # the headers too
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -31,8 +31,9 @@ class KVCacheTensors:
         self.block_size = block_size
         shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
 
+        on_cpu = torch.device(device).type == "cpu"
+
         def zeros() -> torch.Tensor:
-            on_cpu = torch.device(device).type == "cpu"
             return cpu_zeros_on_huge_pages(shape, dtype) if on_cpu else torch.zeros(shape, dtype=dtype, device=device)
 
         self.layers = [(zeros(), zeros()) for _ in range(config.num_layers)]

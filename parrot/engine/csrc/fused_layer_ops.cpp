@@ -8,30 +8,13 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
+
+#include "bf16.h"
 
 namespace {
 
-inline float widen(at::BFloat16 x) {
-  uint32_t bits = uint32_t(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// float32 -> bfloat16, round to nearest even, as torch's .to(torch.bfloat16) does
-inline at::BFloat16 narrow(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  at::BFloat16 out;
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN (the rounding would carry it into an infinity or zero)
-    out.x = uint16_t((bits >> 16) | 0x0040u);
-    return out;
-  }
-  bits += 0x7fff + ((bits >> 16) & 1);
-  out.x = uint16_t(bits >> 16);
-  return out;
-}
+using parrot_kernels::narrow;
+using parrot_kernels::widen;
 
 constexpr int64_t kRowsGrain = 8;
 

@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 // Built with -ffast-math, which lets the compiler assume no infinities: empty partitions and
@@ -24,13 +26,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLowest = std::numeric_limits<float>::lowest();
 constexpr int64_t kPartitionTokens = 512;
 
-inline float as_float(float x) { return x; }
-inline float as_float(at::BFloat16 x) {
-  uint32_t bits = uint32_t(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using parrot_kernels::widen;
 
 // The hardware prefetcher stops at page edges and the next block is elsewhere: ask for it
 // while this one is computed.
@@ -50,7 +46,7 @@ inline void for_each_row(const KV* head, const int64_t* table, int64_t lo, int64
     const KV* rows = head + table[blk] * bs * D;
     if (start + bs < hi) prefetch_block(head + table[blk + 1] * bs * D, block_bytes);
     for (int64_t i = 0; i < count; ++i) {
-      for (int d = 0; d < D; ++d) row[d] = as_float(rows[i * D + d]);
+      for (int d = 0; d < D; ++d) row[d] = widen(rows[i * D + d]);
       visit(start - lo + i);
     }
   }
