@@ -182,9 +182,9 @@ def cmd_bench(args) -> None:
     overrides = SizeOverrides(apps=args.apps, chunks=args.chunks, chunk_tokens=args.chunk_tokens, output_tokens=args.output_tokens,
                               background_rate=args.background_rate)
     if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None
-                                         or overrides != SizeOverrides()):
+                                         or overrides != SizeOverrides() or args.baseline_policy):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
-                        "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens")
+                        "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy")
     paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES]
     if args.paper_scale and (args.workload not in paper_sized or args.quick):
         raise UserError(f"--paper-scale sizes {', '.join(paper_sized)} (the last three for built-in engines on a GPU); "
@@ -217,7 +217,8 @@ def cmd_bench(args) -> None:
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
-              engine=args.engine, engines=args.engines, overrides=overrides, paper_scale=args.paper_scale)
+              engine=args.engine, engines=args.engines, overrides=overrides, paper_scale=args.paper_scale,
+              baseline_policy=args.baseline_policy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-tokens", type=int, default=None, metavar="N",
                        help="tokens each call generates (ignore_eos; 32 at full size, 50 at --paper-scale; the paper's "
                             "Fig. 11 used 25 to 100)")
+    bench.add_argument("--baseline-policy", default=None, choices=["latency-centric", "throughput-centric", "fifo"],
+                       help="app workloads: also run the request-level client against a server of its own that schedules "
+                            "every request by this policy (latency-centric: how the paper's request-level services were set, "
+                            "every batch kept small, since they cannot tell throughput work from latency work)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")

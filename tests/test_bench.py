@@ -61,3 +61,18 @@ def test_size_overrides_replace_only_what_was_given():
     sized = SizeOverrides(apps=40, chunks=4).apply(paper)
     assert (sized.apps, sized.chunks, sized.chunk_tokens, sized.output_tokens) == (40, 4, paper.chunk_tokens, paper.output_tokens)
     assert SizeOverrides().apply(paper) == paper
+
+
+def test_a_baseline_policy_adds_a_request_level_baseline_on_a_server_of_its_own(server, tmp_path):
+    run_bench("map-reduce", True, tmp_path, "smollm2-135m", 20.0, False, 1, Console(quiet=True), server=server,
+              baseline_policy="latency-centric")
+    result = json.loads((tmp_path / "map-reduce.json").read_text())
+    label = "request-level (latency-centric)"
+    assert {(m["system"], m["rtt_ms"]) for m in result["measurements"]} == {
+        (s, r) for s in ("parrot", "request-level", label) for r in (0.0, 20.0)}
+    assert all(label in ratios for ratios in result["ratios"].values())
+    assert all(text.strip() for m in result["measurements"] for text in m["final_outputs"])
+    # its own server, started with the policy and stopped with the run
+    log = (tmp_path / "parrot-serve-latency-centric.log").read_text()
+    assert "policy latency-centric" in log
+    assert label in (tmp_path / "map-reduce.md").read_text()

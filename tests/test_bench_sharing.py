@@ -88,14 +88,15 @@ def test_quick_run_compares_every_system(workload, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["bench", "gpts", "--rtt-ms", "100"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens"),
-    (["bench", "mixed", "--apps", "4"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens and --output-tokens"),
+    (["bench", "gpts", "--rtt-ms", "100"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy"),
+    (["bench", "mixed", "--apps", "4"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy"),
     (["bench", "multi-chain", "--chunks", "0"], "--chunks must be at least 1, not 0"),
     (["bench", "chain-summary", "--output-tokens", "0"], "--output-tokens must be at least 1, not 0"),
-    (["bench", "multi-agent", "--chunk-tokens", "64"], "--chunk-tokens and --output-tokens"),
+    (["bench", "multi-agent", "--chunk-tokens", "64"], "--output-tokens and --baseline-policy"),
     (["bench", "multi-agent-sim", "--background-rate", "1"], "1 simulated sim:a100-13b engine per policy"),
     (["bench", "chain-summary-bg", "--background-rate", "-1"], "--background-rate is requests per second"),
     (["bench", "mixed", "--engines", "2"], "2 built-in engines per policy"),
+    (["bench", "gpts", "--baseline-policy", "latency-centric"], "and --baseline-policy"),
     (["bench", "multi-chain", "--paper-scale"], "use it with --device cuda (or, for the app workloads, --engine sim:PRESET)"),
     (["bench", "map-reduce", "--paper-scale", "--quick", "--engine", "sim:a100-13b"], "drop --quick with it"),
     (["bench", "gpts", "--paper-scale"], "use it with --device cuda"),

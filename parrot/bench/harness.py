@@ -17,17 +17,22 @@ from parrot.engine.tokenizer import Tokenizer
 
 
 def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: float, peers: bool, repeats: int, console: Console,
-              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, overrides: SizeOverrides = SizeOverrides(), paper_scale: bool = False) -> dict:
+              server: RunningServer | None = None, engine: str = "builtin", engines: int = 1, overrides: SizeOverrides = SizeOverrides(),
+              paper_scale: bool = False, baseline_policy: str | None = None) -> dict:
     """Runs and reports one workload; a given server is used as is (and left running).
     `paper_scale` runs the paper's sizes instead of the full ones; `overrides` replace some
-    of the size's parameters (apps, chunks, chunk and output tokens, background rate)."""
+    of the size's parameters (apps, chunks, chunk and output tokens, background rate).
+    `baseline_policy` adds a second request-level baseline: the same client against a server of
+    its own that schedules every request by that policy (latency-centric is how the paper's
+    request-level services were set: one that cannot tell throughput work from latency work
+    keeps every batch small)."""
     config: WorkloadConfig = overrides.apply(quick_or_full(workload, quick, paper_scale))
     size = size_name(quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = PartialResults(out_dir, workload)
     tokenizer = Tokenizer(resolve_model_dir(model))
     settings = sorted({0.0, rtt_ms})
-    check_documents_suffice(tokenizer, config, len(settings) * (3 if peers else 2) * repeats)
+    check_documents_suffice(tokenizer, config, len(settings) * (2 + bool(peers) + bool(baseline_policy)) * repeats)
     servers: list[RunningServer] = []
     measurements: list[Measurement] = []
     notes: list[str] = []
@@ -38,6 +43,14 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
                 parrot_server = start_parrot(model, engines, out_dir, ["--engine", engine])
             servers.append(parrot_server)
         systems: list[tuple[str, RunningServer]] = [("parrot", parrot_server), ("request-level", parrot_server)]
+        if baseline_policy:
+            with console.status(f"starting parrot serve --policy {baseline_policy} (the second request-level baseline)"):
+                policy_server = start_parrot(model, engines, out_dir, ["--engine", engine, "--policy", baseline_policy],
+                                             log_name=f"parrot-serve-{baseline_policy}.log")
+            servers.append(policy_server)
+            systems.append((request_level_label(baseline_policy), policy_server))
+            # its engine warms up too (not measured), so the first measured run pays no first-call costs
+            run_workload(workload, quick_or_full(workload, True), "request-level", policy_server, 0.0, tokenizer, document_set=0)
         if peers:
             with console.status("starting vLLM (its own venv)"):
                 vllm = start_vllm(model, out_dir)
@@ -85,6 +98,11 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     print_table(result, console)
     console.print(summary_line(result))
     return result
+
+
+def request_level_label(policy: str) -> str:
+    """The name a request-level baseline on a server with `policy` has in reports."""
+    return f"request-level ({policy})"
 
 
 def ratios(result: dict) -> dict[str, dict[str, float]]:
