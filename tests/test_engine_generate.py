@@ -181,3 +181,21 @@ def test_text_after_a_stopped_output_follows_the_kept_text_not_the_stop_string(e
     rendered = engine.tokenizer.encode(engine.tokenizer.decode(ids) + kept + " Next:")
     fresh = run(fill_and_generate(engine, "fresh", rendered, greedy(6)))
     assert after == token_ids(fresh)
+
+
+def test_a_closed_engine_refuses_work_and_leaves_no_thread_behind():
+    import threading
+
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+
+    def step_threads() -> int:
+        return sum(t.name.startswith("parrot-step") for t in threading.enumerate())
+
+    before = step_threads()
+    fresh = LLMEngine(EngineConfig(dtype="float32", cpu_bf16="off", kv_memory_gb=0.05))
+    ids = fresh.tokenizer.encode(PROMPTS[1])
+    assert len(run(fill_and_generate(fresh, "before-close", ids, greedy(4)))) == 4
+    run(fresh.close())
+    assert step_threads() == before
+    with pytest.raises(ContextError, match="shut down"):
+        run(fill_and_generate(fresh, "after-close", ids, greedy(4)))

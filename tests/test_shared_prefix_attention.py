@@ -278,3 +278,18 @@ def test_engine_children_of_a_shared_prompt_decode_the_same_tokens(engine):
     assert len(system) >= 2 * engine.config.block_size
     assert shared == plain
     assert max(grouped_rows) == len(questions)  # the children did decode as one group
+
+
+def test_the_plain_backends_kernel_switch_holds_for_the_shared_sides_suffixes(monkeypatch):
+    import parrot.engine.shared_prefix_attention as shared_module
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernel was switched off")
+
+    monkeypatch.setattr(shared_module, "paged_decode", no_kernel)
+    batch = random_batch(3, 9, 3, 64, 16)
+    backend = SharedPrefixCpuAttention(min_shared_tokens=1, plain=CpuPagedAttention(decode_kernel=False))
+    out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta())
+    plain = CpuPagedAttention(decode_kernel=False).forward(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta())
+    assert backend.prepare(batch.meta(), 16).grouped is not None  # the shared side did run
+    torch.testing.assert_close(out, plain, atol=ATOL, rtol=0)

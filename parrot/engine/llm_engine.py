@@ -168,6 +168,7 @@ class LLMEngine:
         self._step_profile = StepProfile()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._closed = False
 
     def _build(self, threads: int) -> None:
         """Loads the model, sizes the KV pool, captures decode graphs: in the step thread."""
@@ -371,7 +372,8 @@ class LLMEngine:
                            c.peak_batch_blocks, cached_blocks, share)
 
     async def close(self) -> None:
-        """Stops the step loop; jobs still queued fail."""
+        """Stops the step loop and its thread; jobs still queued fail, and so does any job after."""
+        self._closed = True
         for job in list(self.scheduler.jobs):
             self._finish(job, ContextError("the engine is shutting down"))
         if self._loop_task is not None:
@@ -381,6 +383,9 @@ class LLMEngine:
             except asyncio.CancelledError:
                 pass
             self._loop_task = None
+        # a step the cancel cut short still runs in the thread: waiting for it (off the event
+        # loop) frees the thread, and with it the last references to the step's tensors
+        await asyncio.to_thread(self._step_thread.shutdown, wait=True)
 
     def check_integrity(self) -> None:
         self.contexts.check_integrity()
@@ -451,6 +456,9 @@ class LLMEngine:
 
     async def _run_job(self, job: Job, channel: _JobChannel) -> None:
         self._channels[id(job)] = channel
+        if self._closed:
+            self._finish(job, ContextError("the engine is shut down"))
+            return
         if self._wakeup is None or self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.create_task(self._step_loop())

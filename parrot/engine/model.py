@@ -180,9 +180,15 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Runs all layers over the flat batch; returns float32 logits [M, V] for batch.logit_rows.
         attention: a backend for this call in place of the model's (a static decode batch's)."""
-        attention = attention or self.attention
-        if self.fused:
-            return self._forward_fused(batch, kv_caches, attention)
+        layers = self._layers_fused if self.fused else self._layers
+        hidden = layers(batch, kv_caches, attention or self.attention)  # [N, hidden]
+        c = self.config
+        last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, c.rms_norm_eps)  # [M, hidden]
+        return self.lm_head(last).float()  # [M, V]
+
+    def _layers(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                attention: AttentionBackend) -> torch.Tensor:
+        """The residual stream [N, hidden] after the last layer."""
         c = self.config
         n = batch.token_ids.shape[0]
         heads = c.num_heads + c.num_kv_heads
@@ -202,12 +208,11 @@ class LlamaModel:
             x = F.rms_norm(hidden, (c.hidden_size,), layer.post_norm, eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [N, inter] each
             hidden.add_(layer.down(F.silu(gate).mul_(up)))
-        last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, eps)  # [M, hidden]
-        return self.lm_head(last).float()  # [M, V]
+        return hidden
 
-    def _forward_fused(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                       attention: AttentionBackend) -> torch.Tensor:
-        """forward() with the element-wise work in fused ops: the same math, the residual stream
+    def _layers_fused(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      attention: AttentionBackend) -> torch.Tensor:
+        """_layers() with the element-wise work in fused ops: the same math, the residual stream
         in float32, each matmul's input rounded to bf16 once, as the packed matmuls need it."""
         c = self.config
         n = batch.token_ids.shape[0]
@@ -224,5 +229,4 @@ class LlamaModel:
             delta = layer.down.packed_bf16(kernels.silu_mul_bf16(layer.gate_up.packed_bf16(x)))
         if delta is not None:
             hidden.add_(delta)
-        last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, c.rms_norm_eps)  # [M, hidden]
-        return self.lm_head(last).float()  # [M, V]
+        return hidden

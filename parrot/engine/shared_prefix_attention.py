@@ -192,10 +192,15 @@ class SharedPrefixCpuAttention(AttentionBackend):
             out[rows] = self.plain.forward(q[rows], k[rows], v[rows], k_cache, v_cache, step.rest.meta)
         return out
 
-    @staticmethod
-    def _grouped(q, k_cache, v_cache, step: _GroupedStep) -> torch.Tensor:
+    def _suffixes_through_kernel(self, head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> bool:
+        # the plain backend's choice holds for the suffixes too (a test may switch its kernel off)
+        if isinstance(self.plain, CpuPagedAttention):
+            return self.plain.uses_kernel(head_dim, kv_dtype, device)
+        return kernel_decodes(head_dim, kv_dtype, device)
+
+    def _grouped(self, q, k_cache, v_cache, step: _GroupedStep) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] float32"""
-        if kernel_decodes(q.shape[-1], k_cache.dtype, q.device):  # each suffix read in place
+        if self._suffixes_through_kernel(q.shape[-1], k_cache.dtype, q.device):  # each suffix read in place
             suffix = paged_decode(q, k_cache, v_cache, step.suffix_table, step.suffix_lens)
             parts = [PartialAttention(step.rows, suffix.out, suffix.lse)]
         else:
