@@ -3,7 +3,8 @@
 # correctness first (the GPU tests), then the kernel, the engine and the app benchmarks with
 # LLaMA-7B's shape. Prepare here with `bash benchmarks/gpu_prepare.sh`, then:
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu"], timeout_s=600)
-# STAGES picks parts (default "tests kernel engine apps"); each stage is cut at its own limit
+# STAGES picks parts (default "tests kernel engine apps"), APPS the app workloads, APP_FLAGS more flags
+# for each of them (e.g. "--baseline-policy latency-centric" for the chain and map-reduce workloads); each stage is cut at its own limit
 # (TESTS_S, KERNEL_S, ENGINE_S, APP_S per app workload) so one hang cannot spend the lease.
 # $OUT (or bench-out/gpu) receives device.txt, suite.log and results.tgz, re-packed after
 # every stage: the device tool brings back at most 8 files.
@@ -45,7 +46,7 @@ for stage_name in $STAGES; do
               *) size= ;;
             esac
             stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $size \
-              --device cuda --random-weights llama-7b --model "$MODEL" --out "$WORK"
+              --device cuda --random-weights llama-7b --model "$MODEL" --out "$WORK" ${APP_FLAGS:-}
           done ;;
     *) echo "unknown stage $stage_name (tests, kernel, engine, apps)"; exit 2 ;;
   esac
