@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -62,6 +63,43 @@ def test_sustained_rate_is_the_highest_within_the_slo():
     cmp = compare(result)
     assert cmp["parrot"]["sustained_load"] == 2 and cmp["other"]["sustained_load"] == 2
     assert cmp["other"]["by_load"]["2"] == {"throughput_x": 20 / 18, "latency_x": 2.0, "peak_batch_blocks": None}
+
+
+def test_a_high_rate_is_held_for_seconds_not_sent_as_one_burst(tokenizer):
+    config = replace(quick_or_full("gpts", True), loads=(1, 16), requests_per_load=4, seconds_per_load=2.0)
+    levels = plan_requests(config, tokenizer)
+    assert [len(level) for level in levels] == [4, 32]
+    assert 1.0 < levels[1][-1].arrival_s < 3.5  # 32 Poisson arrivals at 16 req/s span about two seconds
+
+
+def test_a_system_far_past_the_slo_skips_the_higher_rates(tokenizer, tmp_path, monkeypatch):
+    """The harness's climb on a fake server: latency per token grows with the rate, faster without sharing."""
+    import parrot.bench.sharing_harness as harness
+    from parrot.bench.sharing import LoadResult, RequestSender
+
+    config = replace(quick_or_full("gpts", True), loads=(1, 2, 4, 8), slo_s_per_token=0.25)
+    seconds_per_token = {"parrot": 0.05, "parrot-no-sharing": 0.2, "prefix-caching": 0.05}  # at 1 req/s, times the rate
+    serving: list[str] = []
+
+    def start(system, *args):
+        serving.append(system.label)
+        return type("FakeServer", (), {"stop": lambda self: None})()
+
+    def run_level(send, level, load, output_tokens, read_peak_blocks):
+        latency_s = seconds_per_token[serving[-1]] * load * output_tokens
+        return LoadResult(load, [latency_s] * len(level), output_tokens, 1.0, 10, ["text"] * len(level))
+
+    monkeypatch.setattr(harness, "quick_or_full", lambda *args, **kwargs: config)
+    monkeypatch.setattr(harness, "_start", start)
+    monkeypatch.setattr(harness, "request_sender", lambda *args: RequestSender(lambda request: "text", lambda: None))
+    monkeypatch.setattr(harness, "run_level", run_level)
+    result = run_sharing_bench("gpts", True, tmp_path, "smollm2-135m", False, Console(quiet=True))
+    loads = {label: [row["load"] for row in rows] for label, rows in result["results"].items()}
+    # 0.2 s/token at 1 req/s is within twice the SLO (0.5), 0.4 at 2 too, 0.8 at 4 is not: 8 is never sent
+    assert loads == {"parrot": [1, 2, 4, 8], "parrot-no-sharing": [1, 2, 4], "prefix-caching": [1, 2, 4, 8]}
+    assert any("parrot-no-sharing" in note and "(8) were not run" in note for note in result["notes"])
+    assert result["comparison"]["parrot-no-sharing"]["sustained_load"] == 1
+    assert result["comparison"]["parrot"]["sustained_load"] == 4
 
 
 # gpts runs the same harness as shared-prompt (its plans are tested above): slow, to keep make test short

@@ -8,6 +8,7 @@ same requests, so nothing one system cached helps another.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -20,6 +21,10 @@ from parrot.bench import apps
 from parrot.bench.config import pick_size
 from parrot.bench.documents import passages
 from parrot.bench.systems import CompletionClient, RunningServer
+
+
+# a system whose latency per token passed this many times the SLO at one rate skips the higher ones
+GIVE_UP_SLO_FACTOR = 2.0
 
 
 class LoadKind(Enum):
@@ -36,6 +41,9 @@ class SharingConfig:
     query_tokens: int
     output_tokens: int
     requests_per_load: int = 0  # RATE only; a burst sends one request per user
+    # RATE only: a level sends at least load x this many requests, so that a high rate is held
+    # long enough to be a rate (32 requests at 64 req/s are a half-second burst)
+    seconds_per_load: float = 0.0
     kv_memory_gb: float = 2.0
     # the latency per output token under which a system "sustains" a rate (RATE only)
     slo_s_per_token: float = 0.0
@@ -115,7 +123,7 @@ PAPER_SIZES: dict[str, SharingConfig] = {
     "shared-prompt": SharingConfig(LoadKind.BURST, (6000,), (1.0,), loads=(16, 32, 64), query_tokens=64, output_tokens=64,
                                    kv_memory_gb=24.0, paper=SHARING_WORKLOADS["shared-prompt"][0].paper),
     "gpts": SharingConfig(LoadKind.RATE, (7437, 1116, 1694, 2031), (0.19, 0.40, 0.28, 0.13), loads=(2, 4, 8, 16, 32, 64), query_tokens=64,
-                          output_tokens=50, requests_per_load=32, kv_memory_gb=24.0, slo_s_per_token=0.05,
+                          output_tokens=50, requests_per_load=32, seconds_per_load=8.0, kv_memory_gb=24.0, slo_s_per_token=0.05,
                           paper=SHARING_WORKLOADS["gpts"][0].paper),
 }
 
@@ -129,10 +137,20 @@ def system_prompts(config: SharingConfig, tokenizer) -> list[str]:
     return [text.strip() for text in passages(tokenizer, list(config.system_prompt_tokens))]
 
 
+def requests_at(config: SharingConfig, rate: float) -> int:
+    """How many requests a RATE level sends."""
+    return max(config.requests_per_load, math.ceil(rate * config.seconds_per_load))
+
+
+def past_the_slo(config: SharingConfig, result: LoadResult) -> bool:
+    """A RATE level this far over the SLO ends a system's climb: a higher rate only queues deeper."""
+    return config.load_kind is LoadKind.RATE and result.s_per_output_token > GIVE_UP_SLO_FACTOR * config.slo_s_per_token
+
+
 def plan_requests(config: SharingConfig, tokenizer) -> list[list[Request]]:
     """The requests of every load level, the same for every system (seeded)."""
     rng = random.Random(16)
-    sizes = [int(load) if config.load_kind is LoadKind.BURST else config.requests_per_load for load in config.loads]
+    sizes = [int(load) if config.load_kind is LoadKind.BURST else requests_at(config, load) for load in config.loads]
     queries = passages(tokenizer, [config.query_tokens] * sum(sizes), skip_tokens=sum(config.system_prompt_tokens))
     levels, taken = [], 0
     for load, size in zip(config.loads, sizes):

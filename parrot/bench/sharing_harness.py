@@ -10,7 +10,8 @@ from rich.progress import Progress
 
 from parrot.bench.report import PartialResults, result_header, save_report, size_name
 from parrot.bench.sharing import (
-    SHARING_SYSTEMS, LoadResult, Request, SharingSystem, plan_requests, quick_or_full, request_sender, run_level, system_prompts,
+    GIVE_UP_SLO_FACTOR, SHARING_SYSTEMS, LoadResult, Request, SharingSystem, past_the_slo, plan_requests, quick_or_full, request_sender,
+    run_level, system_prompts,
 )
 from parrot.bench.sharing_report import compare, plot_sharing, print_sharing_table, sharing_summary, write_sharing_markdown
 from parrot.bench.systems import RunningServer, peak_batch_blocks, start_parrot, start_vllm
@@ -51,13 +52,20 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
                 # not measured: each app once, one at a time (a deployed app's system prompt is hot);
                 # greedy outputs of every system are compared on these
                 warmup_outputs[system.label] = [sender.send(Request(app, levels[0][0].query, 0.0)) for app in range(len(prompts))]
-                for level, load in zip(levels, config.loads):
+                for index, (level, load) in enumerate(zip(levels, config.loads)):
                     progress.update(task, description=f"{workload}: {system.label}, {load:g} {config.load_kind.value}")
-                    results[system.label] = results.get(system.label, []) + [
-                        run_level(sender.send, level, load, config.output_tokens, lambda: peak_batch_blocks(server))
-                    ]
-                    partial.add(system.label, results[system.label][-1])
+                    measured = run_level(sender.send, level, load, config.output_tokens, lambda: peak_batch_blocks(server))
+                    results[system.label] = results.get(system.label, []) + [measured]
+                    partial.add(system.label, measured)
                     progress.advance(task)
+                    skipped = config.loads[index + 1:]
+                    if skipped and past_the_slo(config, measured):
+                        notes.append(f"{system.label}: {measured.s_per_output_token * 1e3:.0f} ms/token at {load:g} req/s, past "
+                                     f"{GIVE_UP_SLO_FACTOR:g}x the SLO; its higher rates ({', '.join(f'{x:g}' for x in skipped)}) "
+                                     "were not run")
+                        console.print(f"[yellow]{notes[-1]}")
+                        progress.advance(task, len(skipped))
+                        break
             finally:
                 sender.close()
                 server.stop()
