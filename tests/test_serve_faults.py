@@ -1,8 +1,10 @@
-"""A real engine process killed mid-generation: its request completes on the other engine.
+"""Engine processes that die.
 
+A real engine process killed mid-generation: its request completes on the other engine.
 `parrot serve --engines 0` with two `parrot engine` processes on loopback; the test
 kills the one generating, reads the stream to its end, and checks that the dead
 engine is dropped and that a restarted one registers again and takes work.
+And a manager whose own engine processes all fail to start stops with a message.
 """
 
 from __future__ import annotations
@@ -93,3 +95,18 @@ def test_killed_engine_its_request_completes_elsewhere_and_a_restarted_one_rejoi
             if child is not None and child.poll() is None:
                 stop(child)
         stop(proc)
+
+
+def test_a_manager_whose_engines_all_fail_to_start_stops_with_a_message(tmp_path):
+    import shutil
+
+    from parrot.engine.loader import resolve_model_dir
+
+    # a model directory the manager can read (config, tokenizer) but whose engine cannot load: no weights
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(resolve_model_dir(MODEL) / name, tmp_path / name)
+    done = subprocess.run([sys.executable, "-m", "parrot.cli", "serve", "--model", str(tmp_path), "--engines", "1", "--port", "0"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2
+    assert "has no *.safetensors file" in done.stderr  # the engine's own error, passed through
+    assert "engine-0" in done.stderr and "every engine process of this manager exited" in done.stderr

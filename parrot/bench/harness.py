@@ -10,7 +10,7 @@ from rich.progress import Progress
 
 from parrot.bench.report import (PartialResults, background_cell, best_measurements, has_background, plot, print_rows, ratio_of,
                                  result_header, save_report, size_name, size_of, summary_line, write_markdown)
-from parrot.bench.systems import RunningServer, start_parrot, start_vllm
+from parrot.bench.systems import ENGINE_FLAGS, RunningServer, start_parrot, start_vllm
 from parrot.bench.workloads import Measurement, SizeOverrides, WorkloadConfig, check_documents_suffice, quick_or_full, run_workload
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
@@ -32,20 +32,27 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     partial = PartialResults(out_dir, workload)
     tokenizer = Tokenizer(resolve_model_dir(model))
     settings = sorted({0.0, rtt_ms})
-    check_documents_suffice(tokenizer, config, len(settings) * (2 + bool(peers) + bool(baseline_policy)) * repeats)
+    # every server sees documents of its own in each run (a prefix cache would remember them), but
+    # servers reuse each other's: the parrot server, which holds two systems, needs the most
+    check_documents_suffice(tokenizer, config, len(settings) * 2 * repeats)
     servers: list[RunningServer] = []
     measurements: list[Measurement] = []
     notes: list[str] = []
+    shared_device_flags: list[str] = []
+    if baseline_policy and "cuda" in ENGINE_FLAGS:
+        # two servers' engines on one GPU: each sizes its KV pool from its share, not from what the other left
+        shared_device_flags = ["--gpu-memory-utilization", "0.45"]
+        notes.append("parrot's server and the request-level baseline's second server share the GPU: each engine may fill 45 % of it")
     try:
         parrot_server = server
         if parrot_server is None:
             with console.status(f"starting parrot serve ({engines} {engine} engine(s))"):
-                parrot_server = start_parrot(model, engines, out_dir, ["--engine", engine])
+                parrot_server = start_parrot(model, engines, out_dir, ["--engine", engine, *shared_device_flags])
             servers.append(parrot_server)
         systems: list[tuple[str, RunningServer]] = [("parrot", parrot_server), ("request-level", parrot_server)]
         if baseline_policy:
             with console.status(f"starting parrot serve --policy {baseline_policy} (the second request-level baseline)"):
-                policy_server = start_parrot(model, engines, out_dir, ["--engine", engine, "--policy", baseline_policy],
+                policy_server = start_parrot(model, engines, out_dir, ["--engine", engine, "--policy", baseline_policy, *shared_device_flags],
                                              log_name=f"parrot-serve-{baseline_policy}.log")
             servers.append(policy_server)
             systems.append((request_level_label(baseline_policy), policy_server))
@@ -65,7 +72,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
         warmup = quick_or_full(workload, True)
         check = [run_workload(workload, warmup, kind, parrot_server, 0.0, tokenizer, document_set=0) for kind in ("parrot", "request-level")]
         total = len(settings) * len(systems) * repeats
-        document_set = 1
+        next_document_set = {id(s): 1 for _, s in systems}  # per server
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"{workload} ({size})", total=total)
             for rtt in settings:
@@ -74,8 +81,8 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
                     for label, server in systems:
                         progress.update(task, description=f"{workload}: {label}, +{rtt:.0f} ms RTT")
                         m = run_workload(workload, config, "parrot" if label == "parrot" else "request-level", server, rtt / 1e3,
-                                         tokenizer, document_set=document_set)
-                        document_set += 1
+                                         tokenizer, document_set=next_document_set[id(server)])
+                        next_document_set[id(server)] += 1
                         m.system = label
                         measurements.append(m)
                         partial.add(label, m)

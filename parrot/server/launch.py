@@ -11,6 +11,7 @@ import secrets
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import uvicorn
 
@@ -59,9 +60,26 @@ def listening_socket(host: str, port: int | None) -> socket.socket:
     return sock
 
 
-def serve_app(app, sock: socket.socket) -> None:
-    """Serves the app on the socket until the process is told to stop."""
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+def serve_app(app, sock: socket.socket, server: uvicorn.Server | None = None) -> None:
+    """Serves the app on the socket until the process is told to stop (or `server.should_exit` is set)."""
+    (server or uvicorn.Server(uvicorn.Config(app, log_level="warning"))).run(sockets=[sock])
+
+
+async def watch_engine_processes(children: list[subprocess.Popen], has_other_engines: Callable[[], bool],
+                                 on_all_gone: Callable[[], None], period_s: float = 1.0) -> None:
+    """Logs each engine process of this manager that exits. Once all have, and no engine from
+    elsewhere serves the manager, calls `on_all_gone`: a manager without engines would hold every
+    call until its client gave up (an engine that fails as it starts, say out of GPU memory)."""
+    running = dict(enumerate(children))
+    while running:
+        await asyncio.sleep(period_s)
+        for index, child in list(running.items()):
+            code = child.poll()
+            if code is not None:
+                del running[index]
+                log.error("engine-%d (pid %d) exited with code %d; its output is above", index, child.pid, code)
+    if not has_other_engines():
+        on_all_gone()
 
 
 def builtin_context(args, engine_settings, model_dir) -> int | None:
@@ -173,10 +191,26 @@ def serve(args) -> None:
     print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {kind} engine(s), "
           f"policy {args.policy})", flush=True)
     raise_open_file_limit()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    engines_gone = asyncio.Event()
+    local_names = {f"engine-{i}" for i in range(len(children))}
+
+    def stop_without_engines() -> None:
+        engines_gone.set()
+        server.should_exit = True
+
+    if children:
+        @app.on_event("startup")
+        async def watch_local_engines():
+            app.state.engine_watch = asyncio.create_task(watch_engine_processes(
+                children, lambda: any(e.name not in local_names for e in manager.engines), stop_without_engines))
     try:
-        serve_app(app, sock)
+        serve_app(app, sock, server)
     finally:
         stop_children()
+    if engines_gone.is_set():
+        raise UserError("every engine process of this manager exited (their output is above) and no other engine serves it: "
+                        "stopping. Fix what their output names (e.g. --gpu-memory-utilization, --kv-memory-gb) and start again")
 
 
 def engine(args) -> None:
