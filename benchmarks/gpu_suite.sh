@@ -3,8 +3,9 @@
 # correctness first (the GPU tests), then the kernel, the engine and the app benchmarks with
 # LLaMA-7B's shape. Prepare here with `bash benchmarks/gpu_prepare.sh`, then:
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu"], timeout_s=600)
-# STAGES picks parts (default "tests kernel engine apps"), APPS the app workloads, APP_FLAGS more flags
-# for each of them (e.g. "--baseline-policy latency-centric" for the chain and map-reduce workloads); each stage is cut at its own limit
+# STAGES picks parts (default "tests kernel engine apps"), APPS the app workloads; the chain and
+# map-reduce workloads run with APP_FLAGS (default "--baseline-policy latency-centric": the paper's
+# request-level setting beside our own; "" to drop it); each stage is cut at its own limit
 # (TESTS_S, KERNEL_S, ENGINE_S, APP_S per app workload) so one hang cannot spend the lease.
 # $OUT (or bench-out/gpu) receives device.txt, suite.log and results.tgz, re-packed after
 # every stage: the device tool brings back at most 8 files.
@@ -42,11 +43,12 @@ for stage_name in $STAGES; do
     engine) stage engine "$ENGINE_S" python3 benchmarks/gpu_engine.py --model "$MODEL" --out "$WORK" ;;
     apps) for workload in $APPS; do
             case $workload in  # the paper's sizes where the workload has them (not multi-agent, soak)
-              chain-summary|chain-summary-bg|multi-chain|map-reduce|gpts|shared-prompt|mixed) size=--paper-scale ;;
-              *) size= ;;
+              chain-summary|chain-summary-bg|multi-chain|map-reduce) flags="--paper-scale ${APP_FLAGS---baseline-policy latency-centric}" ;;
+              gpts|shared-prompt|mixed) flags=--paper-scale ;;
+              *) flags= ;;
             esac
-            stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $size \
-              --device cuda --random-weights llama-7b --model "$MODEL" --out "$WORK" ${APP_FLAGS:-}
+            stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $flags \
+              --device cuda --random-weights llama-7b --model "$MODEL" --out "$WORK"
           done ;;
     *) echo "unknown stage $stage_name (tests, kernel, engine, apps)"; exit 2 ;;
   esac
