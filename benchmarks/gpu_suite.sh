@@ -42,9 +42,9 @@ for stage_name in $STAGES; do
     kernel) stage kernel "$KERNEL_S" python3 benchmarks/gpu_attention.py --out "$WORK" ;;
     engine) stage engine "$ENGINE_S" python3 benchmarks/gpu_engine.py --model "$MODEL" --out "$WORK" ;;
     apps) for workload in $APPS; do
-            case $workload in  # the paper's sizes where the workload has them (not multi-agent, soak)
+            case $workload in  # the paper's sizes where the workload has them (not soak)
               chain-summary|chain-summary-bg|multi-chain|map-reduce) flags="--paper-scale ${APP_FLAGS---baseline-policy latency-centric}" ;;
-              gpts|shared-prompt|mixed) flags=--paper-scale ;;
+              gpts|shared-prompt|mixed|multi-agent) flags=--paper-scale ;;
               *) flags= ;;
             esac
             stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $flags \

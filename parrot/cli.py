@@ -161,6 +161,7 @@ def cmd_bench(args) -> None:
     from parrot.bench.mixed import PAPER_SIZES as MIXED_PAPER_SIZES
     from parrot.bench.mixed_harness import run_mixed_bench
     from parrot.bench.multi_agent import MULTI_AGENT_WORKLOADS
+    from parrot.bench.multi_agent import PAPER_SIZES as MULTI_AGENT_PAPER_SIZES
     from parrot.bench.multi_agent_harness import run_multi_agent_bench
     from parrot.bench.sharing import PAPER_SIZES as SHARING_PAPER_SIZES
     from parrot.bench.sharing import SHARING_WORKLOADS
@@ -185,9 +186,9 @@ def cmd_bench(args) -> None:
                                          or overrides != SizeOverrides() or args.baseline_policy):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
                         "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy")
-    paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES]
+    paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES, *MULTI_AGENT_PAPER_SIZES]
     if args.paper_scale and (args.workload not in paper_sized or args.quick):
-        raise UserError(f"--paper-scale sizes {', '.join(paper_sized)} (the last three for built-in engines on a GPU); "
+        raise UserError(f"--paper-scale sizes {', '.join(paper_sized)} (the last four for built-in engines on a GPU); "
                         "drop --quick with it")
     if args.paper_scale and args.engine == "builtin" and args.device == "cpu":
         raise UserError("--paper-scale runs take hours on a CPU engine: use it with --device cuda "
@@ -213,7 +214,7 @@ def cmd_bench(args) -> None:
         if args.workload in MIXED_WORKLOADS:
             run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
         else:
-            run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console())
+            run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
@@ -292,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's sizes for the app workloads (chunks of 1024 tokens, 50 output tokens; chain-summary "
                             "16 chunks, multi-chain 20 apps of 8 chunks, map-reduce 32 chunks, chain-summary-bg 4 req/s; "
                             "gpts the paper's four system prompts of 1-7k tokens at 2-64 req/s, shared-prompt a 6000-token "
-                            "prompt, mixed mixed-sim's jobs and chats on one engine): for simulated engines "
+                            "prompt, mixed mixed-sim's jobs and chats on one engine, multi-agent multi-agent-sim's prompt and output "
+                            "lengths for teams of 4-16): for simulated engines "
                             "(--engine sim:a100-13b; app workloads) or a GPU (--device cuda --random-weights llama-7b)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
     bench.add_argument("--model", default="smollm2-135m")

@@ -82,3 +82,13 @@ def test_quick_multi_agent_on_a_simulated_engine_is_labelled_and_holds_shared_pr
     # parrot forks every role from one prefilled copy of the guidelines and the design; the
     # baselines' simulated engine (no static prefix hints) holds a copy per call
     assert 0 < rows["parrot"]["peak_batch_blocks"] < rows["throughput-centric"]["peak_batch_blocks"]
+
+
+def test_multi_agent_at_the_papers_scale_runs_the_simulated_runs_lengths_on_built_in_engines():
+    from parrot.bench.multi_agent import MULTI_AGENT_WORKLOADS, quick_or_full
+
+    paper, sim = quick_or_full("multi-agent", False, paper_scale=True), MULTI_AGENT_WORKLOADS["multi-agent-sim"][0]
+    assert (paper.guidelines_tokens, paper.design_tokens, paper.code_tokens) == (sim.guidelines_tokens, sim.design_tokens, sim.code_tokens)
+    assert paper.engine == "builtin" and paper.team_sizes == (4, 8, 16)
+    # the baselines share prefixes the way vLLM does (a block cache), parrot with its shared-prefix attention too
+    assert paper.policy_flags()["latency-centric"] == ["--no-shared-attention"] and paper.policy_flags()["parrot"] == []

@@ -13,7 +13,7 @@ attention, no static prefix hints).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import parrot as P
 from parrot.bench import apps
@@ -81,8 +81,15 @@ class MultiAgentResult:
     runs: list[TeamRun]
 
 
-def quick_or_full(name: str, quick: bool) -> MultiAgentConfig:
-    return pick_size(MULTI_AGENT_WORKLOADS, name, quick)
+# the paper's prompt and output lengths (multi-agent-sim's) for a built-in engine on a GPU (--paper-scale
+# --device cuda): up to 16 programmers, so that a stage of the GPU suite holds all three policies
+PAPER_SIZES: dict[str, MultiAgentConfig] = {
+    "multi-agent": replace(MULTI_AGENT_WORKLOADS["multi-agent-sim"][0], team_sizes=(4, 8, 16), engine="builtin"),
+}
+
+
+def quick_or_full(name: str, quick: bool, paper_scale: bool = False) -> MultiAgentConfig:
+    return PAPER_SIZES[name] if paper_scale else pick_size(MULTI_AGENT_WORKLOADS, name, quick)
 
 
 def team(guidelines: str, config: MultiAgentConfig, programmers: int) -> P.SemanticVariable:

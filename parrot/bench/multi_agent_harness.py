@@ -9,13 +9,14 @@ from rich.console import Console
 
 from parrot.bench.mixed_harness import run_per_policy
 from parrot.bench.multi_agent import quick_or_full, run_multi_agent
-from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report
+from parrot.bench.report import engines_title, markdown_table, print_rows, result_header, save_report, size_name, size_of
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
 
-def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console) -> dict:
-    config = quick_or_full(workload, quick)
+def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False) -> dict:
+    config = quick_or_full(workload, quick, paper_scale)
+    size = size_name(quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
     policy_flags = config.policy_flags()
@@ -24,10 +25,10 @@ def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str,
     parrot = {run.programmers: run.latency_s for r in results if r.policy == "parrot" for run in r.runs}
     rows = [{**asdict(run), "policy": r.policy, "slower_than_parrot": run.latency_s / parrot[run.programmers]}
             for r in results for run in r.runs]
-    result = {**result_header(workload, quick, model), "config": asdict(config), "policy_flags": policy_flags, "rows": rows}
+    result = {**result_header(workload, quick, model), "size": size, "config": asdict(config), "policy_flags": policy_flags, "rows": rows}
     save_report(result, out_dir, write_multi_agent_markdown, plot_multi_agent)
     engines = engines_title(model, config.engine, config.engines)
-    print_rows(console, f"{workload} ({'quick' if quick else 'full'}, {engines})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
+    print_rows(console, f"{workload} ({size}, {engines})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
     console.print(multi_agent_summary(result))
     return result
 
@@ -43,7 +44,7 @@ def multi_agent_rows(result: dict) -> list[tuple[str, ...]]:
 def write_multi_agent_markdown(result: dict, path: Path) -> None:
     c = result["config"]
     lines = [
-        f"### {result['workload']} ({'quick' if result['quick'] else 'full'})",
+        f"### {result['workload']} ({size_of(result)})",
         "",
         (f"**SIMULATED** {c['engine']} engine ({c['engines']}: cost-model steps and KV capacity, the real manager and policies; "
          "without static prefix hints a simulated engine shares no prefix), one server per policy (serve flags: "
