@@ -98,15 +98,36 @@ def test_killed_engine_its_request_completes_elsewhere_and_a_restarted_one_rejoi
 
 
 def test_a_manager_whose_engines_all_fail_to_start_stops_with_a_message(tmp_path):
+    """Its waiting client hears 503 (or a closed connection), not silence, and the manager exits."""
     import shutil
+    import threading
 
     from parrot.engine.loader import resolve_model_dir
 
     # a model directory the manager can read (config, tokenizer) but whose engine cannot load: no weights
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(resolve_model_dir(MODEL) / name, tmp_path / name)
-    done = subprocess.run([sys.executable, "-m", "parrot.cli", "serve", "--model", str(tmp_path), "--engines", "1", "--port", "0"],
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 2
-    assert "has no *.safetensors file" in done.stderr  # the engine's own error, passed through
-    assert "engine-0" in done.stderr and "every engine process of this manager exited" in done.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "parrot.cli", "serve", "--model", str(tmp_path), "--engines", "1", "--port", "0"],
+                            env={**os.environ, "PARROT_API_KEYS": "t=fail-key"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "parrot manager on http://127.0.0.1:PORT (...)", printed before the engine loads
+        url = line.split(" on ", 1)[1].split(" ", 1)[0]
+        answer: list[object] = []
+
+        def ask() -> None:
+            try:
+                answer.append(httpx.post(f"{url}/v1/completions", json={"model": str(tmp_path), "prompt": "Hi", "max_tokens": 4},
+                                         headers={"Authorization": "Bearer fail-key"}, timeout=60).status_code)
+            except httpx.HTTPError as exc:  # the manager stopped before or while it answered
+                answer.append(type(exc).__name__)
+
+        client = threading.Thread(target=ask)
+        client.start()
+        _, stderr = proc.communicate(timeout=60)
+        client.join(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2
+    assert "has no *.safetensors file" in stderr  # the engine's own error, passed through
+    assert "engine-0" in stderr and "every engine process of this manager exited" in stderr
+    assert not client.is_alive() and answer and answer[0] in (503, "ConnectError", "RemoteProtocolError", "ReadError"), answer

@@ -165,6 +165,21 @@ def test_plan_pushes_short_runs_down_to_children_and_suffixes():
     assert plan_prefix_groups([[1, 2, 3, 4]], [16], 1, 4).ungrouped == [0]  # alone: nothing to share
 
 
+def test_plan_keeps_a_segment_only_where_members_times_blocks_pay():
+    few_long = [[1, 2, 3, 4, 5, 6, 7, 8, 10 + i] for i in range(2)]  # 2 members x 8 blocks = 16
+    many_short = [[20, 21, 30 + i] for i in range(8)]  # 8 members x 2 blocks = 16
+    lens = [len(t) * 4 for t in few_long + many_short]
+    assert len(plan_prefix_groups(few_long + many_short, lens, 1, 4).segments) == 2
+    assert plan_prefix_groups(few_long + many_short, lens, 1, 4, min_member_blocks=17).segments == []
+    kept = plan_prefix_groups(few_long + many_short, lens, 1, 4, min_member_blocks=16)
+    assert sorted(len(s.members) for s in kept.segments) == [2, 8]
+    # a run too small for all its members still pays for a larger share lower down
+    nested = [[1, 2, 3, 4, 5, 6, 40 + i] for i in range(2)] + [[1, 9, 40 + i] for i in range(2, 4)]
+    plan = plan_prefix_groups(nested, [28, 28, 12, 12], 1, 4, min_member_blocks=8)
+    assert [(s.first_block, len(s.block_ids), s.members) for s in plan.segments] == [(0, 6, [0, 1])]
+    assert plan.ungrouped == [2, 3]
+
+
 @st.composite
 def forked_tables(draw):
     """Tables that copy a prefix of an earlier one, then add new or reused ids (any block may repeat)."""
@@ -215,7 +230,7 @@ def test_merging_any_split_of_the_kv_is_exact(heads, kv_heads):
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 4), (9, 3, 16, 1)])
 def test_shared_prefix_equals_plain_attention(seed, heads, kv_heads, head_dim, block_size):
     batch = random_batch(seed, heads, kv_heads, head_dim, block_size)
-    backend = SharedPrefixCpuAttention(min_shared_tokens=1 + (seed % 2) * block_size)  # runs of 1 or 2 blocks
+    backend = SharedPrefixCpuAttention(min_shared_tokens=1 + (seed % 2) * block_size, min_member_tokens=0)  # runs of 1 or 2 blocks
     shared_k, shared_v = batch.k_cache.clone(), batch.v_cache.clone()
     plain_k, plain_v = batch.k_cache.clone(), batch.v_cache.clone()
     meta = batch.meta()
@@ -235,7 +250,7 @@ def test_random_batches_exercise_every_case():
     for seed in range(40):
         batch = random_batch(seed, 9, 3, 16, 4)
         meta = batch.meta()
-        backend = SharedPrefixCpuAttention(min_shared_tokens=1)
+        backend = SharedPrefixCpuAttention(min_shared_tokens=1, min_member_tokens=0)
         plan = backend.prepare(meta, 4).plan
         seen |= {"nested" for s in plan.segments if s.parent is not None}
         seen |= {"several groups" for _ in [0] if sum(s.parent is None for s in plan.segments) > 1}
@@ -271,7 +286,7 @@ def test_engine_children_of_a_shared_prompt_decode_the_same_tokens(engine):
 
     plain_backend = engine.model.attention
     try:
-        shared = run(generate(Spy(min_shared_tokens=1)))
+        shared = run(generate(Spy(min_shared_tokens=1, min_member_tokens=0)))
         plain = run(generate(plain_backend))
     finally:
         engine.model.attention = plain_backend
@@ -282,13 +297,17 @@ def test_engine_children_of_a_shared_prompt_decode_the_same_tokens(engine):
 
 def test_the_plain_backends_kernel_switch_holds_for_the_shared_sides_suffixes(monkeypatch):
     import parrot.engine.shared_prefix_attention as shared_module
+    from parrot.engine.cpu_kernels import cpu_kernels_available
+
+    if not cpu_kernels_available():
+        pytest.skip("the CPU kernels do not build here: the suffixes take the PyTorch path whatever the switch")
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("the kernel was switched off")
 
     monkeypatch.setattr(shared_module, "paged_decode", no_kernel)
     batch = random_batch(3, 9, 3, 64, 16)
-    backend = SharedPrefixCpuAttention(min_shared_tokens=1, plain=CpuPagedAttention(decode_kernel=False))
+    backend = SharedPrefixCpuAttention(min_shared_tokens=1, min_member_tokens=0, plain=CpuPagedAttention(decode_kernel=False))
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta())
     plain = CpuPagedAttention(decode_kernel=False).forward(batch.q, batch.k, batch.v, batch.k_cache.clone(), batch.v_cache.clone(), batch.meta())
     assert backend.prepare(batch.meta(), 16).grouped is not None  # the shared side did run

@@ -39,10 +39,11 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     measurements: list[Measurement] = []
     notes: list[str] = []
     shared_device_flags: list[str] = []
-    if baseline_policy and "cuda" in ENGINE_FLAGS:
+    if baseline_policy and engine == "builtin" and "cuda" in ENGINE_FLAGS:
         # two servers' engines on one GPU: each sizes its KV pool from its share, not from what the other left
         shared_device_flags = ["--gpu-memory-utilization", "0.45"]
-        notes.append("parrot's server and the request-level baseline's second server share the GPU: each engine may fill 45 % of it")
+        notes.append("the request-level baseline's second server shares the GPU: its engines, and those of a parrot "
+                     "server started here, may fill 45 % of it each")
     try:
         parrot_server = server
         if parrot_server is None:

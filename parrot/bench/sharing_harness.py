@@ -19,10 +19,12 @@ from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
 
-def _start(system: SharingSystem, model: str, out_dir: Path, kv_memory_gb: float) -> RunningServer | None:
+def _start(system: SharingSystem, model: str, out_dir: Path, kv_memory_gb: float, users: int) -> RunningServer | None:
+    """users: the most requests in flight at once; each parrot request is a session of its own."""
     if system.label == "vllm":
         return start_vllm(model, out_dir)
-    return start_parrot(model, 1, out_dir, ["--kv-memory-gb", str(kv_memory_gb), *system.serve_flags], log_name=f"{system.label}.log")
+    return start_parrot(model, 1, out_dir, ["--kv-memory-gb", str(kv_memory_gb), "--max-sessions-per-tenant", str(users + 16),
+                                            *system.serve_flags], log_name=f"{system.label}.log")
 
 
 def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, peers: bool, console: Console,
@@ -41,7 +43,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
         task = progress.add_task(workload, total=len(systems) * len(levels))
         for system in systems:
             progress.update(task, description=f"{workload}: starting {system.label}")
-            server = _start(system, model, out_dir, config.kv_memory_gb)
+            server = _start(system, model, out_dir, config.kv_memory_gb, max(len(level) for level in levels))
             if server is None:
                 notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
                 console.print(f"[yellow]{notes[-1]}")

@@ -24,8 +24,8 @@ class DelayedTransport(httpx.HTTPTransport):
     production path never sleeps.
     """
 
-    def __init__(self, rtt_s: float):
-        super().__init__()
+    def __init__(self, rtt_s: float, **options):
+        super().__init__(**options)
         self.rtt_s = rtt_s
 
     def handle_request(self, request):
@@ -142,7 +142,9 @@ class CompletionClient:
         self.server = server
         self._http = httpx.Client(
             base_url=server.url, headers={"authorization": f"Bearer {server.api_key}"},
-            timeout=600, transport=DelayedTransport(rtt_s), limits=httpx.Limits(max_connections=256),
+            # limits go to the transport (a client given one ignores its own): no cap, so that every call
+            # the app has in flight reaches the server, as separate users' calls would
+            timeout=600, transport=DelayedTransport(rtt_s, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)),
         )
 
     def __call__(self, prompt: str, max_tokens: int) -> str:

@@ -62,15 +62,17 @@ def min_shared_blocks(min_shared_tokens: int, block_size: int) -> int:
 
 
 def plan_prefix_groups(
-    block_tables: Sequence[Sequence[int]], context_lens: Sequence[int], min_shared_blocks: int, block_size: int
+    block_tables: Sequence[Sequence[int]], context_lens: Sequence[int], min_shared_blocks: int, block_size: int,
+    min_member_blocks: int = 0,
 ) -> PrefixPlan:
     """The tree of shared segments of a batch of sequences.
 
     A block is shared by sequences that hold the same block id at the same index, and
     only counts when it is full for all of them: the partly filled last block of a
-    sequence is its own (its new tokens land there). A segment has at least two members
-    and at least min_shared_blocks blocks; a shorter run is not worth a separate product
-    and merge, so its blocks go to the segments below it or to the members' suffixes.
+    sequence is its own (its new tokens land there). A segment has at least two members,
+    at least min_shared_blocks blocks, and members x blocks of at least min_member_blocks
+    (what it saves grows with both); a smaller run is not worth a separate product and
+    merge, so its blocks go to the segments below it or to the members' suffixes.
     """
     if min_shared_blocks < 1 or block_size < 1:
         raise ValueError("min_shared_blocks and block_size must be at least 1")
@@ -87,7 +89,7 @@ def plan_prefix_groups(
         end = depth
         while len(members) > 1 and all(full[i] > end for i in members) and len({tables[i][end] for i in members}) == 1:
             end += 1
-        if len(members) > 1 and end - start >= min_shared_blocks:
+        if len(members) > 1 and end - start >= min_shared_blocks and len(members) * (end - start) >= min_member_blocks:
             segments.append(PrefixSegment(start, tables[members[0]][start:end], members, parent))
             parent, start = len(segments) - 1, end
         branches: dict[int, list[int]] = defaultdict(list)

@@ -163,12 +163,14 @@ class SharedPrefixCpuAttention(AttentionBackend):
 
     _KEY = "shared_prefix_step"
 
-    def __init__(self, min_shared_tokens: int = 1024, plain: AttentionBackend | None = None):
-        # a shorter shared run costs more (one more product, a padded suffix batch and a merge per
-        # layer) than it saves. Measured on this 2-core CPU (benchmarks/shared_prefix_attention.py
-        # --suffix 100): 0.72-0.97x at 512-1024-token prefixes and batch 16-32, 1.35-2.2x at 2048;
-        # the multi-agent workload (512-token shared guidelines) ran 10-20% slower with sharing on
+    def __init__(self, min_shared_tokens: int = 256, min_member_tokens: int = 8192, plain: AttentionBackend | None = None):
+        # a segment saves reading its tokens once per member but costs one more product and a merge
+        # per layer, so it pays from a number of members x tokens on. Measured against our decode
+        # kernel on a 2-core CPU (benchmarks/shared_prefix_attention.py --suffix 100, RESULTS.md):
+        # 0.44-0.96x below 8192 member-tokens (e.g. 1024 tokens x 4 members 0.75x, 768 x 8 0.96x),
+        # 0.99-1.15x at it (256 x 32, 2048 x 4, 1024 x 8, 512 x 16), 1.3-2.1x above
         self.min_shared_tokens = min_shared_tokens
+        self.min_member_tokens = min_member_tokens
         self.plain = plain if plain is not None else CpuPagedAttention()
 
     def min_shared_blocks(self, block_size: int) -> int:
@@ -220,7 +222,8 @@ class SharedPrefixCpuAttention(AttentionBackend):
         seqs = meta.sequences
         decode = [seqs[i] for i in meta.decode_rows]
         plan = plan_prefix_groups(
-            [s.block_table for s in decode], [s.context_len for s in decode], self.min_shared_blocks(block_size), block_size
+            [s.block_table for s in decode], [s.context_len for s in decode], self.min_shared_blocks(block_size), block_size,
+            min_member_blocks=self.min_member_tokens // block_size
         )
         grouped_ids = plan.grouped
         if not grouped_ids:

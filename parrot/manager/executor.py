@@ -297,6 +297,13 @@ class Executor:
             elif call.state not in (CallState.DONE, CallState.FAILED):
                 self._fail(call, UserError(reason))
 
+    def fail_held(self, error: BaseException) -> None:
+        """Fails every call held back (no engine to take it, or the policy waits): they would
+        wait for an engine that will not come."""
+        held, self._held = self._held, []
+        for call in held:
+            self._fail(call, error)
+
     def _fail(self, call: Call, error: BaseException) -> None:
         call.state = CallState.FAILED
         call.error = error

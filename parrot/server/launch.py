@@ -17,6 +17,9 @@ import uvicorn
 
 log = logging.getLogger(__name__)
 
+# seconds a manager whose engines have all exited gives open connections before it stops
+GRACE_WITHOUT_ENGINES_S = 5
+
 
 def gpu_count() -> int:
     """GPUs this machine's engines may use (CUDA_VISIBLE_DEVICES counts), without starting CUDA here."""
@@ -66,13 +69,16 @@ def serve_app(app, sock: socket.socket, server: uvicorn.Server | None = None) ->
 
 
 async def watch_engine_processes(children: list[subprocess.Popen], has_other_engines: Callable[[], bool],
-                                 on_all_gone: Callable[[], None], period_s: float = 1.0) -> None:
+                                 on_all_gone: Callable[[], None], stopping: Callable[[], bool], period_s: float = 1.0) -> None:
     """Logs each engine process of this manager that exits. Once all have, and no engine from
     elsewhere serves the manager, calls `on_all_gone`: a manager without engines would hold every
-    call until its client gave up (an engine that fails as it starts, say out of GPU memory)."""
+    call until its client gave up (an engine that fails as it starts, say out of GPU memory).
+    Returns once the manager is `stopping` anyway: its engines then exit because they are told to."""
     running = dict(enumerate(children))
     while running:
         await asyncio.sleep(period_s)
+        if stopping():
+            return
         for index, child in list(running.items()):
             code = child.poll()
             if code is not None:
@@ -100,7 +106,7 @@ def serve(args) -> None:
     from parrot.cli import engine_config, engine_flags
     from parrot.engine.loader import resolve_model_dir
     from parrot.engine.tokenizer import Tokenizer
-    from parrot.errors import UserError
+    from parrot.errors import EngineUnavailableError, UserError
     from parrot.manager.manager import Manager, SessionLimits
     from parrot.manager.policy import policy_named
     from parrot.server.auth import KeyStore
@@ -197,13 +203,17 @@ def serve(args) -> None:
 
     def stop_without_engines() -> None:
         engines_gone.set()
+        # calls waiting for an engine fail now (503), and clients still streaming get at most a few seconds
+        manager.executor.fail_held(EngineUnavailableError("every engine of this manager has exited; the manager is stopping"))
+        server.config.timeout_graceful_shutdown = GRACE_WITHOUT_ENGINES_S
         server.should_exit = True
 
     if children:
         @app.on_event("startup")
         async def watch_local_engines():
             app.state.engine_watch = asyncio.create_task(watch_engine_processes(
-                children, lambda: any(e.name not in local_names for e in manager.engines), stop_without_engines))
+                children, lambda: any(e.name not in local_names for e in manager.engines), stop_without_engines,
+                lambda: server.should_exit))
     try:
         serve_app(app, sock, server)
     finally:
