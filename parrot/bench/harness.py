@@ -35,6 +35,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
     # every server sees documents of its own in each run (a prefix cache would remember them), but
     # servers reuse each other's: the parrot server, which holds two systems, needs the most
     check_documents_suffice(tokenizer, config, len(settings) * 2 * repeats)
+    warmup = quick_or_full(workload, True)  # the size every server warms up on, unmeasured
     servers: list[RunningServer] = []
     measurements: list[Measurement] = []
     notes: list[str] = []
@@ -58,7 +59,7 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
             servers.append(policy_server)
             systems.append((request_level_label(baseline_policy), policy_server))
             # its engine warms up too (not measured), so the first measured run pays no first-call costs
-            run_workload(workload, quick_or_full(workload, True), "request-level", policy_server, 0.0, tokenizer, document_set=0)
+            run_workload(workload, warmup, "request-level", policy_server, 0.0, tokenizer, document_set=0)
         if peers:
             with console.status("starting vLLM (its own venv)"):
                 vllm = start_vllm(model, out_dir)
@@ -70,7 +71,6 @@ def run_bench(workload: str, quick: bool, out_dir: Path, model: str, rtt_ms: flo
                 systems.append(("vllm", vllm))
         # warm-up, not measured: both paths once on the same documents, whose outputs
         # must agree (sharing and batching never change what greedy decoding says)
-        warmup = quick_or_full(workload, True)
         check = [run_workload(workload, warmup, kind, parrot_server, 0.0, tokenizer, document_set=0) for kind in ("parrot", "request-level")]
         total = len(settings) * len(systems) * repeats
         next_document_set = {id(s): 1 for _, s in systems}  # per server

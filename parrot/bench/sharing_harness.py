@@ -35,6 +35,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
     tokenizer = Tokenizer(resolve_model_dir(model))
     prompts = system_prompts(config, tokenizer)
     levels = plan_requests(config, tokenizer)
+    most_in_flight = max(len(level) for level in levels)
     systems = [s for s in SHARING_SYSTEMS if peers or s.label != "vllm"]
     results: dict[str, list[LoadResult]] = {}
     warmup_outputs: dict[str, list[str]] = {}
@@ -43,7 +44,7 @@ def run_sharing_bench(workload: str, quick: bool, out_dir: Path, model: str, pee
         task = progress.add_task(workload, total=len(systems) * len(levels))
         for system in systems:
             progress.update(task, description=f"{workload}: starting {system.label}")
-            server = _start(system, model, out_dir, config.kv_memory_gb, max(len(level) for level in levels))
+            server = _start(system, model, out_dir, config.kv_memory_gb, most_in_flight)
             if server is None:
                 notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
                 console.print(f"[yellow]{notes[-1]}")

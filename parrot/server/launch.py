@@ -198,11 +198,12 @@ def serve(args) -> None:
           f"policy {args.policy})", flush=True)
     raise_open_file_limit()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    engines_gone = asyncio.Event()
+    engines_gone = False
     local_names = {f"engine-{i}" for i in range(len(children))}
 
     def stop_without_engines() -> None:
-        engines_gone.set()
+        nonlocal engines_gone
+        engines_gone = True
         # calls waiting for an engine fail now (503), and clients still streaming get at most a few seconds
         manager.executor.fail_held(EngineUnavailableError("every engine of this manager has exited; the manager is stopping"))
         server.config.timeout_graceful_shutdown = GRACE_WITHOUT_ENGINES_S
@@ -218,7 +219,7 @@ def serve(args) -> None:
         serve_app(app, sock, server)
     finally:
         stop_children()
-    if engines_gone.is_set():
+    if engines_gone:
         raise UserError("every engine process of this manager exited (their output is above) and no other engine serves it: "
                         "stopping. Fix what their output names (e.g. --gpu-memory-utilization, --kv-memory-gb) and start again")
 
