@@ -9,14 +9,14 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from parrot.server.launch import free_port
+from parrot.server.launch import free_port, uvicorn_config
 
 
 @contextlib.contextmanager
 def serve_on_loopback(app) -> Iterator[str]:
     """Yields the server's base URL; stops the server on exit."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -6,6 +6,7 @@ clients are P.connect, the openai SDK, LangChain and plain httpx.
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
@@ -64,6 +65,22 @@ def server():
         yield url
     finally:
         stop(proc)
+
+
+def test_idle_connection_outlives_the_clients_keep_alive(server):
+    """A client's idle connection (httpx and the openai SDK keep one 5 s) is still open on the
+    server after 6 s, so a call sent on it cannot meet a server closing it at the same instant."""
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/health")
+        assert connection.getresponse().read() and connection.sock is not None
+        time.sleep(6)
+        connection.auto_open = False  # a closed socket must fail the request, not be replaced
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
 
 
 def auth(tenant: str) -> dict[str, str]:

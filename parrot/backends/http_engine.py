@@ -14,6 +14,17 @@ from parrot.protocol.engine_api import EngineStatsBody, FillBody, FreeBody, Gene
 from parrot.protocol.manager_api import SamplingBody
 
 
+# Idle connections are dropped after this many seconds, before servers drop theirs: vLLM and
+# SGLang, like uvicorn by default, close idle connections after 5 s, and a call sent on a
+# connection as its server closes it fails ("Server disconnected without sending a response").
+IDLE_CONNECTION_EXPIRY_S = 4.0
+
+
+def uncapped_limits() -> httpx.Limits:
+    """Connection limits for a client whose every call in flight must reach the server at once."""
+    return httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=IDLE_CONNECTION_EXPIRY_S)
+
+
 def engine_link(base_url: str, headers: dict[str, str]) -> httpx.AsyncClient:
     """The manager's HTTP client to one engine server.
 
@@ -22,7 +33,7 @@ def engine_link(base_url: str, headers: dict[str, str]) -> httpx.AsyncClient:
     H100, 128 map-reduce calls held httpx's default 100, and chats placed beside them waited
     5-10 s for a connection before the engine saw them. The policy bounds what is placed."""
     return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600.0, connect=10.0),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                             limits=uncapped_limits())
 
 
 class EngineRequestError(UserError):

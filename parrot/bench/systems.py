@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from parrot.backends.http_engine import uncapped_limits
 from parrot.engine.loader import cache_dir, resolve_model_dir
 from parrot.server.launch import free_port
 
@@ -144,7 +145,7 @@ class CompletionClient:
             base_url=server.url, headers={"authorization": f"Bearer {server.api_key}"},
             # limits go to the transport (a client given one ignores its own): no cap, so that every call
             # the app has in flight reaches the server, as separate users' calls would
-            timeout=600, transport=DelayedTransport(rtt_s, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)),
+            timeout=600, transport=DelayedTransport(rtt_s, limits=uncapped_limits()),
         )
 
     def __call__(self, prompt: str, max_tokens: int) -> str:

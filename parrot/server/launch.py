@@ -19,6 +19,16 @@ log = logging.getLogger(__name__)
 
 # seconds a manager whose engines have all exited gives open connections before it stops
 GRACE_WITHOUT_ENGINES_S = 5
+# seconds an idle keep-alive connection stays open. httpx (and so the openai SDK) drops its idle
+# connections after 5 s, uvicorn's own default: with both at 5 s a client can send a call on a
+# connection the server is closing that instant, and the call fails with "Server disconnected
+# without sending a response". A server that waits longer than its clients never races them.
+KEEP_ALIVE_S = 75
+
+
+def uvicorn_config(app, **options) -> uvicorn.Config:
+    """How every parrot server (manager, engine) runs under uvicorn."""
+    return uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S, **options)
 
 
 def gpu_count() -> int:
@@ -65,7 +75,7 @@ def listening_socket(host: str, port: int | None) -> socket.socket:
 
 def serve_app(app, sock: socket.socket, server: uvicorn.Server | None = None) -> None:
     """Serves the app on the socket until the process is told to stop (or `server.should_exit` is set)."""
-    (server or uvicorn.Server(uvicorn.Config(app, log_level="warning"))).run(sockets=[sock])
+    (server or uvicorn.Server(uvicorn_config(app))).run(sockets=[sock])
 
 
 async def watch_engine_processes(children: list[subprocess.Popen], has_other_engines: Callable[[], bool],
@@ -197,7 +207,7 @@ def serve(args) -> None:
     print(f"parrot manager on http://{args.host}:{port} (model {args.model}, {args.engines} {kind} engine(s), "
           f"policy {args.policy})", flush=True)
     raise_open_file_limit()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app))
     engines_gone = False
     local_names = {f"engine-{i}" for i in range(len(children))}
 
