@@ -131,3 +131,33 @@ def test_a_manager_whose_engines_all_fail_to_start_stops_with_a_message(tmp_path
     assert "has no *.safetensors file" in stderr  # the engine's own error, passed through
     assert "engine-0" in stderr and "every engine process of this manager exited" in stderr
     assert not client.is_alive() and answer and answer[0] in (503, "ConnectError", "RemoteProtocolError", "ReadError"), answer
+
+
+def test_an_engine_heard_from_after_the_last_exit_keeps_the_manager_up():
+    """An engine restarted by hand under a dead one's name ("engine-0") serves the manager: only
+    silence after the last local engine exited stops it, whatever the names."""
+    import asyncio
+
+    from parrot.server.launch import watch_engine_processes
+    from parrot.server.manager_app import EngineLiveness
+
+    def run_watch(restart_by_hand: bool) -> bool:
+        liveness = EngineLiveness(timeout_s=10)
+        liveness.last_seen["engine-0"] = time.monotonic()  # the local engine registered, then dies
+        child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        gone: list[bool] = []
+
+        async def scenario() -> None:
+            watch = asyncio.create_task(watch_engine_processes(
+                [child], liveness.any_seen_since, lambda: gone.append(True), lambda: False, period_s=0.05, settle_s=0.5))
+            if restart_by_hand:
+                child.wait()
+                await asyncio.sleep(0.2)
+                liveness.last_seen["engine-0"] = time.monotonic()  # the replacement registers under the same name
+            await watch
+
+        asyncio.run(scenario())
+        return bool(gone)
+
+    assert run_watch(restart_by_hand=False)
+    assert not run_watch(restart_by_hand=True)

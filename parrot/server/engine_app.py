@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from parrot.backends.builtin import BuiltinEngineBackend
-from parrot.protocol.engine_api import EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
+from parrot.protocol.engine_api import HEARTBEAT_S, EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
 from parrot.server.auth import KeyStore
 from parrot.server.common import engine_key_required, install_error_handlers
 
@@ -32,7 +32,7 @@ def _stats_body(backend: BuiltinEngineBackend) -> EngineStatsBody:
 
 
 def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url: str | None = None,
-                      public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = 2.0,
+                      public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = HEARTBEAT_S,
                       parent_pid: int | None = None) -> FastAPI:
     app = FastAPI(title="parrot-serve engine", description="Primitives of one built-in engine.")
     install_error_handlers(app, keys)

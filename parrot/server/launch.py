@@ -11,9 +11,12 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import uvicorn
+
+from parrot.protocol.engine_api import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +81,14 @@ def serve_app(app, sock: socket.socket, server: uvicorn.Server | None = None) ->
     (server or uvicorn.Server(uvicorn_config(app))).run(sockets=[sock])
 
 
-async def watch_engine_processes(children: list[subprocess.Popen], has_other_engines: Callable[[], bool],
-                                 on_all_gone: Callable[[], None], stopping: Callable[[], bool], period_s: float = 1.0) -> None:
-    """Logs each engine process of this manager that exits. Once all have, and no engine from
-    elsewhere serves the manager, calls `on_all_gone`: a manager without engines would hold every
-    call until its client gave up (an engine that fails as it starts, say out of GPU memory).
+async def watch_engine_processes(children: list[subprocess.Popen], engine_seen_since: Callable[[float], bool],
+                                 on_all_gone: Callable[[], None], stopping: Callable[[], bool], period_s: float = 1.0,
+                                 settle_s: float = 2 * HEARTBEAT_S + 0.5) -> None:
+    """Logs each engine process of this manager that exits. Once all have, and no engine has
+    been heard from since (waiting `settle_s`, two heartbeats, for one to speak), calls
+    `on_all_gone`: a manager without engines would hold every call until its client gave up
+    (an engine that fails as it starts, say out of GPU memory). An engine from elsewhere, or
+    one restarted by hand under a dead one's name, is heard from and keeps the manager up.
     Returns once the manager is `stopping` anyway: its engines then exit because they are told to."""
     running = dict(enumerate(children))
     while running:
@@ -94,7 +100,9 @@ async def watch_engine_processes(children: list[subprocess.Popen], has_other_eng
             if code is not None:
                 del running[index]
                 log.error("engine-%d (pid %d) exited with code %d; its output is above", index, child.pid, code)
-    if not has_other_engines():
+    last_exit = time.monotonic()
+    await asyncio.sleep(settle_s)
+    if not stopping() and not engine_seen_since(last_exit):
         on_all_gone()
 
 
@@ -209,7 +217,6 @@ def serve(args) -> None:
     raise_open_file_limit()
     server = uvicorn.Server(uvicorn_config(app))
     engines_gone = False
-    local_names = {f"engine-{i}" for i in range(len(children))}
 
     def stop_without_engines() -> None:
         nonlocal engines_gone
@@ -223,7 +230,7 @@ def serve(args) -> None:
         @app.on_event("startup")
         async def watch_local_engines():
             app.state.engine_watch = asyncio.create_task(watch_engine_processes(
-                children, lambda: any(e.name not in local_names for e in manager.engines), stop_without_engines,
+                children, app.state.liveness.any_seen_since, stop_without_engines,
                 lambda: server.should_exit))
     try:
         serve_app(app, sock, server)

@@ -33,6 +33,10 @@ class EngineLiveness:
     timeout_s: float
     last_seen: dict[str, float] = field(default_factory=dict)
 
+    def any_seen_since(self, moment: float) -> bool:
+        """Whether an engine registered or sent a heartbeat after `moment` (time.monotonic())."""
+        return any(seen > moment for seen in self.last_seen.values())
+
 
 def _perf(value: str | None) -> Perf | None:
     return None if value in (None, "", "none") else Perf(value)
