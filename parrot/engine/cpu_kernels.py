@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_decode.cpp", "fused_layer_ops.cpp")]
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
-KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches it reads
+CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the KV caches it reads
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def cpu_kernels_available() -> bool:
 def kernel_decodes(head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> bool:
     """Whether decode attention over a cache of this dtype and head size on this device goes
     through the kernel (float32 or bfloat16 caches on the CPU)."""
-    return device.type == "cpu" and head_dim in HEAD_DIMS and kv_dtype in KV_DTYPES and cpu_kernels_available()
+    return device.type == "cpu" and head_dim in HEAD_DIMS and kv_dtype in CACHE_DTYPES and cpu_kernels_available()
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -81,7 +81,7 @@ def bf16_matmul_rows(mode: str, device: torch.device, has_bf16_dot: bool | None 
     return ALL_ROWS if mode == "all" else SMALL_BATCH_ROWS
 
 
-KV_DTYPES = ("auto", "float32", "bfloat16")
+KV_DTYPE_SETTINGS = ("auto", "float32", "bfloat16")
 
 
 def kv_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -22,7 +22,7 @@ from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
 from parrot.engine.device import (
     CPU_BF16_MODES,
     DEVICES,
-    KV_DTYPES,
+    KV_DTYPE_SETTINGS,
     bf16_matmul_rows,
     default_dtype,
     kv_cache_dtype,
@@ -90,8 +90,8 @@ class EngineConfig:
             raise UserError(f"threads must be at least 1, not {self.threads}")
         if self.cpu_bf16 not in CPU_BF16_MODES:
             raise UserError(f"cpu_bf16 must be one of {', '.join(CPU_BF16_MODES)}, not {self.cpu_bf16!r}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise UserError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPE_SETTINGS:
+            raise UserError(f"kv_dtype must be one of {', '.join(KV_DTYPE_SETTINGS)}, not {self.kv_dtype!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.random_weights is not None:

@@ -26,7 +26,7 @@ from parrot.engine.attention import (
     gather_kv,
     write_kv,
 )
-from parrot.engine.cpu_kernels import kernel_decodes, paged_decode
+from parrot.engine.cpu_kernels import paged_decode
 from parrot.engine.prefix_plan import PrefixPlan, min_shared_blocks, plan_prefix_groups
 
 
@@ -163,7 +163,7 @@ class SharedPrefixCpuAttention(AttentionBackend):
 
     _KEY = "shared_prefix_step"
 
-    def __init__(self, min_shared_tokens: int = 256, min_member_tokens: int = 8192, plain: AttentionBackend | None = None):
+    def __init__(self, min_shared_tokens: int = 256, min_member_tokens: int = 8192, plain: CpuPagedAttention | None = None):
         # a segment saves reading its tokens once per member but costs one more product and a merge
         # per layer, so it pays from a number of members x tokens on. Measured against our decode
         # kernel on a 2-core CPU (benchmarks/shared_prefix_attention.py --suffix 100, RESULTS.md):
@@ -194,15 +194,9 @@ class SharedPrefixCpuAttention(AttentionBackend):
             out[rows] = self.plain.forward(q[rows], k[rows], v[rows], k_cache, v_cache, step.rest.meta)
         return out
 
-    def _suffixes_through_kernel(self, head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> bool:
-        # the plain backend's choice holds for the suffixes too (a test may switch its kernel off)
-        if isinstance(self.plain, CpuPagedAttention):
-            return self.plain.uses_kernel(head_dim, kv_dtype, device)
-        return kernel_decodes(head_dim, kv_dtype, device)
-
     def _grouped(self, q, k_cache, v_cache, step: _GroupedStep) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] float32"""
-        if self._suffixes_through_kernel(q.shape[-1], k_cache.dtype, q.device):  # each suffix read in place
+        if self.plain.uses_kernel(q.shape[-1], k_cache.dtype, q.device):  # each suffix read in place, as the plain rows are
             suffix = paged_decode(q, k_cache, v_cache, step.suffix_table, step.suffix_lens)
             parts = [PartialAttention(step.rows, suffix.out, suffix.lse)]
         else:

@@ -92,7 +92,11 @@ class Client(ABC):
 
 
 class Runtime(Client):
-    """The embedded default: a manager and built-in engines on a background event loop."""
+    """The embedded default: a manager and built-in engines on a background event loop.
+
+    The runtime owns its engines, those it builds and any given as `backends`: `close()`
+    shuts them down, and a closed engine refuses further work (build new ones for a second
+    runtime)."""
 
     def __init__(self, model: str = "smollm2-135m", engines: int = 1, kv_memory_gb: float = 1.0, backends: list | None = None,
                  policy: str = "parrot"):
