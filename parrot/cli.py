@@ -182,10 +182,13 @@ def cmd_bench(args) -> None:
                    **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
     overrides = SizeOverrides(apps=args.apps, chunks=args.chunks, chunk_tokens=args.chunk_tokens, output_tokens=args.output_tokens,
                               background_rate=args.background_rate)
-    if args.workload in own_servers and (args.engine != "builtin" or args.engines != 1 or args.repeats != 1 or args.rtt_ms is not None
+    engines_of_its_own = args.engines is not None and args.workload not in MIXED_WORKLOADS  # mixed takes --engines per policy
+    if args.workload in own_servers and (args.engine != "builtin" or engines_of_its_own or args.repeats != 1 or args.rtt_ms is not None
                                          or overrides != SizeOverrides() or args.baseline_policy):
         raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
                         "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy")
+    if args.engines is not None and args.engines < 1:
+        raise UserError(f"--engines must be at least 1, not {args.engines}")
     paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES, *MULTI_AGENT_PAPER_SIZES]
     if args.paper_scale and (args.workload not in paper_sized or args.quick):
         raise UserError(f"--paper-scale sizes {', '.join(paper_sized)} (the last four for built-in engines on a GPU); "
@@ -212,13 +215,14 @@ def cmd_bench(args) -> None:
         if args.peers:
             Console().print(f"[yellow]{args.workload} compares our own scheduling policies; --peers (vLLM) is not part of it yet")
         if args.workload in MIXED_WORKLOADS:
-            run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
+            run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale,
+                            engines=args.engines)
         else:
             run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
-              engine=args.engine, engines=args.engines, overrides=overrides, paper_scale=args.paper_scale,
+              engine=args.engine, engines=args.engines or 1, overrides=overrides, paper_scale=args.paper_scale,
               baseline_policy=args.baseline_policy)
 
 
@@ -318,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "every batch kept small, since they cannot tell throughput work from latency work)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
-    bench.add_argument("--engines", type=int, default=1, help="engines behind the server (default 1)")
+    bench.add_argument("--engines", type=int, default=None,
+                       help="engines behind the server (default 1); for mixed and mixed-sim, behind each policy's server "
+                            "(default the workload's: 1 for mixed, 4 for mixed-sim)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every built-in engine of the run computes (default cpu)")
     bench.add_argument("--random-weights", default=None, choices=["llama-7b", "llama-13b", "tiny"], metavar="SHAPE",
                        help="built-in engines with random weights of this shape (llama-7b, llama-13b) and --model's tokenizer: "

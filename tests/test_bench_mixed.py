@@ -41,9 +41,9 @@ def test_quick_multi_agent_run_reports_every_policy(tmp_path):
 
 
 def test_quick_mixed_run_on_simulated_engines_is_labelled_simulated(tmp_path):
-    run_mixed_bench("mixed-sim", True, tmp_path, "smollm2-135m", Console(quiet=True))
+    run_mixed_bench("mixed-sim", True, tmp_path, "smollm2-135m", Console(quiet=True), engines=1)  # as --engines 1
     result = json.loads((tmp_path / "mixed-sim.json").read_text())
-    assert result["config"]["engine"].startswith("sim:")
+    assert result["config"]["engine"].startswith("sim:") and result["config"]["engines"] == 1
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
     assert all(text.strip() for r in result["results"] for text in r["chat_outputs"] + r["map_reduce_outputs"])
     assert "SIMULATED" in (tmp_path / "mixed-sim.md").read_text()

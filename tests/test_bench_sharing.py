@@ -133,7 +133,7 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     (["bench", "multi-agent", "--chunk-tokens", "64"], "--output-tokens and --baseline-policy"),
     (["bench", "multi-agent-sim", "--background-rate", "1"], "1 simulated sim:a100-13b engine per policy"),
     (["bench", "chain-summary-bg", "--background-rate", "-1"], "--background-rate is requests per second"),
-    (["bench", "mixed", "--engines", "2"], "2 built-in engines per policy"),
+    (["bench", "shared-prompt", "--engines", "2"], "one built-in engine per system"),
     (["bench", "gpts", "--baseline-policy", "latency-centric"], "and --baseline-policy"),
     (["bench", "multi-chain", "--paper-scale"], "use it with --device cuda (or, for the app workloads, --engine sim:PRESET)"),
     (["bench", "map-reduce", "--paper-scale", "--quick", "--engine", "sim:a100-13b"], "drop --quick with it"),
@@ -143,7 +143,8 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     (["bench", "mixed", "--paper-scale", "--quick"], "drop --quick with it"),
     (["bench", "map-reduce", "--peers", "--device", "cuda"], "drop --peers"),
     (["bench", "gpts", "--peers", "--random-weights", "llama-7b"], "drop --peers"),
-    (["bench", "mixed-sim", "--engines", "8"], "4 simulated sim:a100-7b engines per policy"),
+    (["bench", "multi-agent-sim", "--engines", "2"], "1 simulated sim:a100-13b engine per policy"),
+    (["bench", "mixed-sim", "--engines", "0"], "--engines must be at least 1"),
     (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),
     (["serve", "--threads", "0"], "--threads must be at least 1"),
 ])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,8 +40,11 @@ def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, 
     return results
 
 
-def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False) -> dict:
+def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False,
+                    engines: int | None = None) -> dict:
     config = quick_or_full(workload, quick, paper_scale)
+    if engines is not None:
+        config = replace(config, engines=engines)
     size = size_name(quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
