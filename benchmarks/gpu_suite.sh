@@ -44,11 +44,15 @@ for stage_name in $STAGES; do
     apps) for workload in $APPS; do
             case $workload in  # the paper's sizes where the workload has them (not soak)
               chain-summary|chain-summary-bg|multi-chain|map-reduce) flags="--paper-scale ${APP_FLAGS---baseline-policy latency-centric}" ;;
-              gpts|shared-prompt|mixed|multi-agent) flags=--paper-scale ;;
+              mixed) flags="--paper-scale --step-trace" ;;  # where its chats' time goes, step by step
+              gpts|shared-prompt|multi-agent) flags=--paper-scale ;;
               *) flags= ;;
             esac
             stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $flags \
               --device cuda --random-weights llama-7b --model "$MODEL" --out "$WORK"
+            for steps in "$WORK"/"$workload"-*-steps; do  # the step traces, summed up into the log
+              [ -d "$steps" ] && python3 -m parrot.engine.step_trace "$steps"
+            done
           done ;;
     *) echo "unknown stage $stage_name (tests, kernel, engine, apps)"; exit 2 ;;
   esac

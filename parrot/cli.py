@@ -41,6 +41,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="random weights of the --config shape with --model's tokenizer: for speed measurements only (the text is noise)")
     parser.add_argument("--config", default=None, choices=["llama-7b", "llama-13b", "tiny"],
                         help="the model shape for --random-weights (the paper's LLaMA-7B or 13B; tiny for tests)")
+    parser.add_argument("--step-trace", default=None, metavar="PATH",
+                        help="append one JSON line a forward step (its time, decode rows, prompt tokens, KV read, CUDA graph or "
+                             "not) to this file; with parrot serve a folder, engine i writing engine-i.jsonl in it. Sum it up "
+                             "with: python -m parrot.engine.step_trace PATH")
 
 
 def engine_config(args):
@@ -53,7 +57,8 @@ def engine_config(args):
                         random_weights=args.config, device=args.device, cpu_bf16=args.cpu_bf16, kv_dtype=args.kv_dtype,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         decode_graphs=False if args.no_cuda_graphs else None,
-                        prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention)
+                        prefix_caching=not args.no_prefix_caching, shared_prefix_attention=not args.no_shared_attention,
+                        step_trace=args.step_trace)
 
 
 def engine_flags(args, engines_per_gpu: int = 1) -> list[str]:
@@ -174,7 +179,10 @@ def cmd_bench(args) -> None:
 
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    use_engine_flags(["--device", args.device, *(["--random-weights", "--config", args.random_weights] if args.random_weights else [])])
+    use_engine_flags(["--device", args.device, *(["--random-weights", "--config", args.random_weights] if args.random_weights else [])],
+                     trace_steps=args.step_trace)
+    if args.step_trace and args.engine != "builtin":
+        raise UserError("--step-trace traces built-in engines; a simulated engine (--engine sim:PRESET) has no steps to trace")
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
                    **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine"
                             f"{'' if c.engines == 1 else 's'} per policy"
@@ -329,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--random-weights", default=None, choices=["llama-7b", "llama-13b", "tiny"], metavar="SHAPE",
                        help="built-in engines with random weights of this shape (llama-7b, llama-13b) and --model's tokenizer: "
                             "the paper's model sizes for speed runs (the text is noise; outputs are still compared between systems)")
+    bench.add_argument("--step-trace", action="store_true",
+                       help="each parrot server's built-in engines trace their steps into OUT/<server log>-steps/ "
+                            "(see parrot serve --step-trace)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -58,8 +58,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc, url = start_server(["--engines", "1"])
+def step_traces(tmp_path_factory):
+    return tmp_path_factory.mktemp("step-traces")
+
+
+@pytest.fixture(scope="module")
+def server(step_traces):
+    proc, url = start_server(["--engines", "1", "--step-trace", str(step_traces)])
     try:
         wait_for_engines(url, 1, proc)
         yield url
@@ -81,6 +86,16 @@ def test_idle_connection_outlives_the_clients_keep_alive(server):
         assert connection.getresponse().status == 200
     finally:
         connection.close()
+
+
+def test_the_engine_process_traces_its_steps(server, step_traces):
+    from parrot.engine.step_trace import read_trace
+
+    response = httpx.post(f"{server}/v1/completions", headers=auth("alice"), timeout=120,
+                          json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    records = read_trace(step_traces / "engine-0.jsonl")  # each step is on disk as it ends
+    assert sum(r.decode_rows for r in records) >= 4 and sum(r.prefill_tokens for r in records) >= 4
 
 
 def auth(tenant: str) -> dict[str, str]:

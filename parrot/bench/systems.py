@@ -69,10 +69,13 @@ def _wait_ready(url: str, process: subprocess.Popen, ready, timeout: float, log:
 # engine flags every `parrot serve` of this benchmark run gets (`parrot bench --device cuda
 # --random-weights llama-7b`); set once by the command line, before any server starts
 ENGINE_FLAGS: list[str] = []
+_trace_steps = False  # `parrot bench --step-trace`: each server's built-in engines trace their steps
 
 
-def use_engine_flags(flags: list[str]) -> None:
+def use_engine_flags(flags: list[str], trace_steps: bool = False) -> None:
+    global _trace_steps
     ENGINE_FLAGS[:] = flags
+    _trace_steps = trace_steps
 
 
 def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str] | None = None,
@@ -80,8 +83,10 @@ def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str]
     key = secrets.token_urlsafe(16)
     port = free_port()
     log = out_dir / log_name
+    trace = ["--step-trace", str(out_dir / f"{log.stem}-steps")] if _trace_steps and "--engine" not in (policy_args or []) else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *ENGINE_FLAGS, *(policy_args or [])],
+        [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *ENGINE_FLAGS,
+         *trace, *(policy_args or [])],
         env={**os.environ, "PARROT_API_KEYS": f"bench={key}"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -42,6 +42,7 @@ from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
 from parrot.engine.step_profile import StepCost, StepProfile, cap_pays, prefill_share_at_cap
+from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
 
@@ -76,6 +77,7 @@ class EngineConfig:
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
     # a shape name (llama-7b, llama-13b, tiny): random weights of that shape with the model's tokenizer, for speed runs
     random_weights: str | None = None
+    step_trace: str | None = None  # a file to append one JSON line a forward step to (engine/step_trace.py)
 
     def __post_init__(self) -> None:
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
@@ -166,6 +168,8 @@ class LLMEngine:
         self._channels: dict[int, _JobChannel] = {}
         self._counters = _Counters()
         self._step_profile = StepProfile()
+        self._trace = StepTrace(self.config.step_trace) if self.config.step_trace else None
+        self._trace_start = time.perf_counter()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._closed = False
@@ -386,6 +390,9 @@ class LLMEngine:
         # a step the cancel cut short still runs in the thread: waiting for it (off the event
         # loop) frees the thread, and with it the last references to the step's tensors
         await asyncio.to_thread(self._step_thread.shutdown, wait=True)
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     def check_integrity(self) -> None:
         self.contexts.check_integrity()
@@ -488,6 +495,8 @@ class LLMEngine:
                         self._finish(chunk.job, exc)
                     continue
                 elapsed = time.perf_counter() - started
+                if self._trace is not None:
+                    self._trace.write(StepRecord.of(plan, started - self._trace_start, elapsed, result.replayed_graph))
                 self._counters.busy += elapsed
                 self._step_profile.record(plan.num_tokens, elapsed)
                 cost = self._step_profile.cost()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class StepResult:
     sampled: dict[int, int]  # id(job) -> next token, for chunks that wanted logits
+    replayed_graph: bool = False  # the step ran from the decode graphs' static buffers
 
 
 class KVCacheTensors:
@@ -87,6 +88,6 @@ class ModelRunner:
             logits = self.model.forward(batch, self.kv.layers)  # [M, V]
         sampling_jobs = [c.job for c in plan.chunks if c.wants_logits]
         if not sampling_jobs:
-            return StepResult({})
+            return StepResult({}, static_plan is not None)
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs])
-        return StepResult({id(job): token for job, token in zip(sampling_jobs, next_tokens)})
+        return StepResult({id(job): token for job, token in zip(sampling_jobs, next_tokens)}, static_plan is not None)

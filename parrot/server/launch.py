@@ -132,9 +132,12 @@ def serve(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, not {args.threads}")
-    if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention or args.random_weights):
-        raise UserError("--threads, --no-prefix-caching, --no-shared-attention and --random-weights set built-in engines; "
-                        "a simulated engine (--engine sim:PRESET) takes its settings from its preset")
+    if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention or args.random_weights
+                                           or args.step_trace):
+        raise UserError("--threads, --no-prefix-caching, --no-shared-attention, --random-weights and --step-trace set built-in "
+                        "engines; a simulated engine (--engine sim:PRESET) takes its settings from its preset")
+    if args.step_trace and args.ray:
+        raise UserError("--step-trace writes the traces of engine processes on this machine: drop it with --ray")
     # the engine flags are checked here, once, not in each engine process
     engine_settings = None if args.engine.startswith("sim:") else engine_config(args)
     if engine_settings is not None and args.engines and not args.ray:
@@ -191,7 +194,8 @@ def serve(args) -> None:
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "parrot.cli", "engine", "--manager", manager_url, "--name", f"engine-{i}",
-             "--parent-pid", str(os.getpid()), *engine_flags(args, engines_per_gpu=per_gpu)],
+             "--parent-pid", str(os.getpid()), *engine_flags(args, engines_per_gpu=per_gpu),
+             *(["--step-trace", os.path.join(args.step_trace, f"engine-{i}.jsonl")] if args.step_trace else [])],
             # OMP_NUM_THREADS too: it also bounds the threads of the process's other parallel work
             env={**os.environ, "PARROT_ENGINE_KEY": engine_key, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
                  **({"CUDA_VISIBLE_DEVICES": gpu_ids[i % gpus]} if gpus else {})},
