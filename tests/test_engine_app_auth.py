@@ -16,7 +16,10 @@ ENGINE_KEY, TENANT_KEY = "engine-secret", "alice-secret"
 
 def test_an_engine_server_refuses_other_keys_before_it_reads_the_body():
     keys = KeyStore.load(env={"PARROT_API_KEYS": f"alice={TENANT_KEY}"}, engine_key=ENGINE_KEY)
-    backend = SimpleNamespace(name="engine-0", model="m")  # no route below reaches the backend
+    async def close() -> None:  # the server closes its backend as it stops
+        pass
+
+    backend = SimpleNamespace(name="engine-0", model="m", close=close)  # no route below reaches the backend
     bad_fill = {"context_id": 7}
     with serve_on_loopback(create_engine_app(backend, keys)) as url, httpx.Client(base_url=url, timeout=10) as http:
         assert http.get("/health").json()["name"] == "engine-0"  # open: liveness probes carry no key

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from parrot.backends.builtin import BuiltinEngineBackend
 from parrot.protocol.engine_api import HEARTBEAT_S, EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
 from parrot.server.auth import KeyStore
+from parrot.server.background import on_stop, run_while_up, server_app
 from parrot.server.common import engine_key_required, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _stats_body(backend: BuiltinEngineBackend) -> EngineStatsBody:
 def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url: str | None = None,
                       public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = HEARTBEAT_S,
                       parent_pid: int | None = None) -> FastAPI:
-    app = FastAPI(title="parrot-serve engine", description="Primitives of one built-in engine.")
+    app = server_app(title="parrot-serve engine", description="Primitives of one built-in engine.")
     install_error_handlers(app, keys)
     engine_only = [engine_key_required(keys)]
 
@@ -77,18 +78,9 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
         return {"ok": True}
 
     if manager_url is not None:
-        @app.on_event("startup")
-        async def register_and_heartbeat():
-            app.state.heartbeat = asyncio.create_task(
-                _keep_registered(backend, manager_url, public_url, engine_key, heartbeat_s, parent_pid)
-            )
-
-    @app.on_event("shutdown")
-    async def stop():
-        task = getattr(app.state, "heartbeat", None)
-        if task is not None:
-            task.cancel()
-        await backend.close()
+        run_while_up(app, "register and heartbeat",
+                     lambda: _keep_registered(backend, manager_url, public_url, engine_key, heartbeat_s, parent_pid))
+    on_stop(app, backend.close)
 
     return app
 

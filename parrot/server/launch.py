@@ -128,6 +128,7 @@ def serve(args) -> None:
     from parrot.manager.manager import Manager, SessionLimits
     from parrot.manager.policy import policy_named
     from parrot.server.auth import KeyStore
+    from parrot.server.background import run_while_up
     from parrot.server.manager_app import create_manager_app
 
     if args.threads is not None and args.threads < 1:
@@ -179,9 +180,7 @@ def serve(args) -> None:
                              engine_key=engine_key,
                              max_body_bytes=args.max_body_mb * 2**20, heartbeat_timeout_s=args.heartbeat_timeout)
     if fleet is not None:
-        @app.on_event("startup")
-        async def watch_ray_engines():
-            app.state.ray_fleet = asyncio.create_task(fleet.watch(manager))
+        run_while_up(app, "watch Ray engines", lambda: fleet.watch(manager))
     sock = listening_socket(args.host, args.port)
     port = sock.getsockname()[1]
     manager_url = f"http://127.0.0.1:{port}" if args.host in ("0.0.0.0", "127.0.0.1", "localhost") else f"http://{args.host}:{port}"
@@ -231,11 +230,8 @@ def serve(args) -> None:
         server.should_exit = True
 
     if children:
-        @app.on_event("startup")
-        async def watch_local_engines():
-            app.state.engine_watch = asyncio.create_task(watch_engine_processes(
-                children, app.state.liveness.any_seen_since, stop_without_engines,
-                lambda: server.should_exit))
+        run_while_up(app, "watch engine processes", lambda: watch_engine_processes(
+            children, app.state.liveness.any_seen_since, stop_without_engines, lambda: server.should_exit))
     try:
         serve_app(app, sock, server)
     finally:

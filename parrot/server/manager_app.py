@@ -19,6 +19,7 @@ from parrot.protocol.engine_api import EngineRegister, Heartbeat
 from parrot.protocol.manager_api import (
     Batch, BatchResult, CallSubmit, DagBody, WaitRequest, SessionCreated, VariableCreate, VariableFail, VariableSet, VariableValue,
 )
+from parrot.server.background import run_while_up, server_app
 from parrot.server.auth import KeyStore
 from parrot.server.common import DEFAULT_MAX_BODY_BYTES, engine_key_required, install_error_handlers, require
 from parrot.server.metrics import ManagerMetrics
@@ -49,7 +50,7 @@ def create_manager_app(
     manager: Manager, keys: KeyStore, model: str, tokenizer=None, max_context: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, heartbeat_timeout_s: float = 10.0, engine_key: str | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="parrot-serve manager", description="Sessions of semantic calls over engines; OpenAI-compatible API under /v1.")
+    app = server_app(title="parrot-serve manager", description="Sessions of semantic calls over engines; OpenAI-compatible API under /v1.")
     install_error_handlers(app, keys, max_body_bytes)
     metrics = ManagerMetrics(manager)
     liveness = EngineLiveness(heartbeat_timeout_s)
@@ -183,31 +184,29 @@ def create_manager_app(
         liveness.last_seen[name] = time.monotonic()
         return {"ok": True}
 
-    @app.on_event("startup")
-    async def watch_engines():
-        async def reap():
-            while True:
-                await asyncio.sleep(max(liveness.timeout_s / 4, 0.2))
-                now = time.monotonic()
-                for name, seen in list(liveness.last_seen.items()):
-                    if now - seen > liveness.timeout_s:
-                        log.warning("engine %s missed its heartbeats for %.0fs; dropping it", name, now - seen)
-                        del liveness.last_seen[name]
-                        engine = manager.remove_engine(name)
-                        if engine is not None:
-                            await engine.close()
+    async def reap():
+        while True:
+            await asyncio.sleep(max(liveness.timeout_s / 4, 0.2))
+            now = time.monotonic()
+            for name, seen in list(liveness.last_seen.items()):
+                if now - seen > liveness.timeout_s:
+                    log.warning("engine %s missed its heartbeats for %.0fs; dropping it", name, now - seen)
+                    del liveness.last_seen[name]
+                    engine = manager.remove_engine(name)
+                    if engine is not None:
+                        await engine.close()
 
-        async def expire_sessions():
-            period = min(max((manager.limits.idle_timeout_s or 0) / 4, 0.5), 30.0)
-            while manager.limits.idle_timeout_s is not None:
-                await asyncio.sleep(period)
-                try:
-                    manager.expire_idle_sessions()
-                except Exception:
-                    log.exception("expiring idle sessions failed; trying again in %.0fs", period)
+    async def expire_sessions():
+        period = min(max((manager.limits.idle_timeout_s or 0) / 4, 0.5), 30.0)
+        while manager.limits.idle_timeout_s is not None:
+            await asyncio.sleep(period)
+            try:
+                manager.expire_idle_sessions()
+            except Exception:
+                log.exception("expiring idle sessions failed; trying again in %.0fs", period)
 
-        app.state.reaper = asyncio.create_task(reap())
-        app.state.session_sweeper = asyncio.create_task(expire_sessions())
+    run_while_up(app, "drop silent engines", reap)
+    run_while_up(app, "expire idle sessions", expire_sessions)
 
     from parrot.server.openai_routes import add_openai_routes
 
