@@ -181,8 +181,6 @@ def cmd_bench(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     use_engine_flags(["--device", args.device, *(["--random-weights", "--config", args.random_weights] if args.random_weights else [])],
                      trace_steps=args.step_trace)
-    if args.step_trace and args.engine != "builtin":
-        raise UserError("--step-trace traces built-in engines; a simulated engine (--engine sim:PRESET) has no steps to trace")
     own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
                    **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine"
                             f"{'' if c.engines == 1 else 's'} per policy"
@@ -190,11 +188,17 @@ def cmd_bench(args) -> None:
                    **dict.fromkeys(SOAK_WORKLOADS, "two built-in engines")}
     overrides = SizeOverrides(apps=args.apps, chunks=args.chunks, chunk_tokens=args.chunk_tokens, output_tokens=args.output_tokens,
                               background_rate=args.background_rate)
-    engines_of_its_own = args.engines is not None and args.workload not in MIXED_WORKLOADS  # mixed takes --engines per policy
-    if args.workload in own_servers and (args.engine != "builtin" or engines_of_its_own or args.repeats != 1 or args.rtt_ms is not None
-                                         or overrides != SizeOverrides() or args.baseline_policy):
-        raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, --engines, --repeats, "
-                        "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy")
+    takes_engines = args.workload in MIXED_WORKLOADS and args.workload != "mixed-one-engine"  # each policy's server
+    if args.workload in own_servers and (args.engine != "builtin" or (args.engines is not None and not takes_engines)
+                                         or args.repeats != 1 or args.rtt_ms is not None or overrides != SizeOverrides()
+                                         or args.baseline_policy):
+        raise UserError(f"{args.workload} runs {own_servers[args.workload]} on loopback: drop --engine, "
+                        f"{'' if takes_engines else '--engines, '}--repeats, --rtt-ms, --background-rate, --apps, --chunks, "
+                        "--chunk-tokens, --output-tokens and --baseline-policy")
+    simulated_by_config = {name for name, (c, _) in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}.items() if c.engine != "builtin"}
+    if args.step_trace and (args.engine != "builtin" or args.workload in simulated_by_config):
+        raise UserError("--step-trace traces built-in engines; simulated engines (--engine sim:PRESET, mixed-sim, "
+                        "multi-agent-sim) have no steps to trace")
     if args.engines is not None and args.engines < 1:
         raise UserError(f"--engines must be at least 1, not {args.engines}")
     paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES, *MULTI_AGENT_PAPER_SIZES]
@@ -332,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=None,
                        help="engines behind the server (default 1); for mixed and mixed-sim, behind each policy's server "
-                            "(default the workload's: 1 for mixed, 4 for mixed-sim)")
+                            "(default the workload's size: mixed 2, 1 with --paper-scale; mixed-sim 4, 2 with --quick)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every built-in engine of the run computes (default cpu)")
     bench.add_argument("--random-weights", default=None, choices=["llama-7b", "llama-13b", "tiny"], metavar="SHAPE",
                        help="built-in engines with random weights of this shape (llama-7b, llama-13b) and --model's tokenizer: "

@@ -145,6 +145,10 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     (["bench", "gpts", "--peers", "--random-weights", "llama-7b"], "drop --peers"),
     (["bench", "multi-agent-sim", "--engines", "2"], "1 simulated sim:a100-13b engine per policy"),
     (["bench", "mixed-sim", "--engines", "0"], "--engines must be at least 1"),
+    (["bench", "mixed-one-engine", "--engines", "2"], "drop --engine, --engines,"),
+    (["bench", "mixed-sim", "--step-trace"], "simulated engines (--engine sim:PRESET, mixed-sim, multi-agent-sim) have no steps"),
+    (["bench", "map-reduce", "--engine", "sim:a100-7b", "--step-trace"], "--step-trace traces built-in engines"),
+    (["serve", "--engines", "0", "--step-trace", "unused-folder"], "--engines 0 starts none"),
     (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),
     (["serve", "--threads", "0"], "--threads must be at least 1"),
 ])

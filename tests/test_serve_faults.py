@@ -134,22 +134,25 @@ def test_a_manager_whose_engines_all_fail_to_start_stops_with_a_message(tmp_path
 
 
 def test_an_engine_heard_from_after_the_last_exit_keeps_the_manager_up():
-    """An engine restarted by hand under a dead one's name ("engine-0") serves the manager: only
-    silence after the last local engine exited stops it, whatever the names."""
+    """An engine restarted by hand under a dead one's name ("engine-0"), or an --openai-backend
+    (which never heartbeats), serves the manager: only when neither is left does it stop."""
     import asyncio
+    from types import SimpleNamespace
 
-    from parrot.server.launch import watch_engine_processes
+    from parrot.server.launch import engine_serving_since, watch_engine_processes
     from parrot.server.manager_app import EngineLiveness
 
-    def run_watch(restart_by_hand: bool) -> bool:
+    def run_watch(restart_by_hand: bool = False, openai_backend: bool = False) -> bool:
         liveness = EngineLiveness(timeout_s=10)
         liveness.last_seen["engine-0"] = time.monotonic()  # the local engine registered, then dies
+        engines = [SimpleNamespace(name="engine-0"), *([SimpleNamespace(name="openai-0")] if openai_backend else [])]
+        serving = engine_serving_since(SimpleNamespace(engines=engines), liveness)
         child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
         gone: list[bool] = []
 
         async def scenario() -> None:
             watch = asyncio.create_task(watch_engine_processes(
-                [child], liveness.any_seen_since, lambda: gone.append(True), lambda: False, period_s=0.05, settle_s=0.5))
+                [child], serving, lambda: gone.append(True), lambda: False, period_s=0.05, settle_s=0.5))
             if restart_by_hand:
                 child.wait()
                 await asyncio.sleep(0.2)
@@ -159,5 +162,6 @@ def test_an_engine_heard_from_after_the_last_exit_keeps_the_manager_up():
         asyncio.run(scenario())
         return bool(gone)
 
-    assert run_watch(restart_by_hand=False)
+    assert run_watch()
     assert not run_watch(restart_by_hand=True)
+    assert not run_watch(openai_backend=True)

@@ -162,13 +162,14 @@ class LLMEngine:
         # weights took 16.9 ms from a second thread against 11.8 from the only one; decode
         # steps of 1/4/8/16 rows went from 22/43/61/77 ms (steps in asyncio's pool threads,
         # the model loaded in the caller's) to 18/26/36/60 ms.
+        # opened first: a path that cannot be written fails before minutes of loading, not after
+        self._trace = StepTrace(self.config.step_trace) if self.config.step_trace else None
         threads = self.config.threads or torch.get_num_threads()  # the creating thread's, as before
         self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parrot-step")
         self._step_thread.submit(self._build, threads).result()
         self._channels: dict[int, _JobChannel] = {}
         self._counters = _Counters()
         self._step_profile = StepProfile()
-        self._trace = StepTrace(self.config.step_trace) if self.config.step_trace else None
         self._trace_start = time.perf_counter()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None

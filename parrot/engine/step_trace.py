@@ -27,14 +27,15 @@ class StepRecord:
     seconds: float  # wall time of the step
     decode_rows: int  # sequences that decoded one token
     prefill_tokens: int  # prompt tokens computed (every token but the decode rows')
-    kv_tokens: int  # context tokens the step's attention read, summed over its sequences
+    kv_tokens: int  # context each chunk attends to, summed over the chunks (a shared prefix counted per sequence)
     latency_rows: int  # chunks of latency-class jobs
     throughput_rows: int  # chunks of throughput-class jobs
     replayed_graph: bool  # the decode graphs ran the step (decode-only steps; CUDA graphs on a GPU)
 
     @classmethod
     def of(cls, plan: StepPlan, at_s: float, seconds: float, replayed_graph: bool) -> StepRecord:
-        decode = [c for c in plan.chunks if c.job.kind is JobKind.GENERATE and c.job.num_generated > 0]
+        # a generated token fed back; not a preempted job's recompute, whose chunks are longer
+        decode = [c for c in plan.chunks if c.length == 1 and c.wants_logits and c.job.kind is JobKind.GENERATE and c.job.num_generated > 0]
         return cls(
             at_s=round(at_s, 6),
             seconds=round(seconds, 6),
@@ -54,14 +55,14 @@ class StepRecord:
 
 
 class StepTrace:
-    """Appends StepRecords to a file, one JSON line each, flushed as written (a trace of an
-    engine that is killed keeps every step before it)."""
+    """Writes StepRecords to a file (replacing what it held), one JSON line each, flushed as
+    written (a trace of an engine that is killed keeps every step before it)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: TextIO = path.open("a", buffering=1)
+            self._file: TextIO = path.open("w", buffering=1)
         except OSError as exc:
             raise UserError(f"cannot write the step trace {path}: {exc.strerror}; pass a writable --step-trace") from exc
 

@@ -7,9 +7,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from parrot.engine.scheduler import PRIORITY_NORMAL
 from parrot.protocol.manager_api import MAX_VALUE_CHARS, Id, SamplingBody
 
-# seconds between an engine's heartbeats to its manager
-HEARTBEAT_S = 2.0
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

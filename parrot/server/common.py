@@ -15,6 +15,8 @@ from parrot.server.auth import KeyStore, Principal
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+# seconds between an engine's heartbeats to its manager
+HEARTBEAT_S = 2.0
 
 
 def error_json(status: int, message: str, kind: str) -> JSONResponse:

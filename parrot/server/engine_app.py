@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from parrot.backends.builtin import BuiltinEngineBackend
-from parrot.protocol.engine_api import HEARTBEAT_S, EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
+from parrot.protocol.engine_api import EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
 from parrot.server.auth import KeyStore
 from parrot.server.background import on_stop, run_while_up, server_app
-from parrot.server.common import engine_key_required, install_error_handlers
+from parrot.server.common import HEARTBEAT_S, engine_key_required, install_error_handlers
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from parrot.protocol.engine_api import HEARTBEAT_S
+from parrot.server.common import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ def serve_app(app, sock: socket.socket, server: uvicorn.Server | None = None) ->
     (server or uvicorn.Server(uvicorn_config(app))).run(sockets=[sock])
 
 
-async def watch_engine_processes(children: list[subprocess.Popen], engine_seen_since: Callable[[float], bool],
+async def watch_engine_processes(children: list[subprocess.Popen], engine_serving_since: Callable[[float], bool],
                                  on_all_gone: Callable[[], None], stopping: Callable[[], bool], period_s: float = 1.0,
                                  settle_s: float = 2 * HEARTBEAT_S + 0.5) -> None:
-    """Logs each engine process of this manager that exits. Once all have, and no engine has
-    been heard from since (waiting `settle_s`, two heartbeats, for one to speak), calls
+    """Logs each engine process of this manager that exits. Once all have, and no engine serves
+    the manager since (waiting `settle_s`, two heartbeats, for one to speak), calls
     `on_all_gone`: a manager without engines would hold every call until its client gave up
-    (an engine that fails as it starts, say out of GPU memory). An engine from elsewhere, or
-    one restarted by hand under a dead one's name, is heard from and keeps the manager up.
+    (an engine that fails as it starts, say out of GPU memory). An engine from elsewhere, one
+    restarted by hand under a dead one's name, or an --openai-backend keeps the manager up.
     Returns once the manager is `stopping` anyway: its engines then exit because they are told to."""
     running = dict(enumerate(children))
     while running:
@@ -102,8 +102,17 @@ async def watch_engine_processes(children: list[subprocess.Popen], engine_seen_s
                 log.error("engine-%d (pid %d) exited with code %d; its output is above", index, child.pid, code)
     last_exit = time.monotonic()
     await asyncio.sleep(settle_s)
-    if not stopping() and not engine_seen_since(last_exit):
+    if not stopping() and not engine_serving_since(last_exit):
         on_all_gone()
+
+
+def engine_serving_since(manager, liveness) -> Callable[[float], bool]:
+    """Whether an engine could serve the manager after a moment: one that registered or sent a
+    heartbeat since, or one that never heartbeats and stays registered (an --openai-backend)."""
+    def serving(moment: float) -> bool:
+        return any(e.name not in liveness.last_seen for e in manager.engines) or liveness.any_seen_since(moment)
+
+    return serving
 
 
 def builtin_context(args, engine_settings, model_dir) -> int | None:
@@ -174,6 +183,14 @@ def serve(args) -> None:
         local_processes = 0
     elif args.address:
         raise UserError("--address names a Ray cluster: use it with --ray")
+    if args.step_trace:
+        if local_processes == 0:
+            raise UserError("--step-trace traces the engine processes parrot serve starts, and --engines 0 starts none: "
+                            "give each engine its own, parrot engine --step-trace FILE")
+        try:
+            os.makedirs(args.step_trace, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot make the step-trace folder {args.step_trace}: {exc.strerror}") from exc
     for i, url in enumerate(args.openai_backend):
         manager.add_engine(OpenAICompatibleBackend(f"openai-{i}", url, args.backend_model or args.model, args.backend_api_key))
     app = create_manager_app(manager, keys, args.model, Tokenizer(model_dir), builtin_context(args, engine_settings, model_dir),
@@ -231,7 +248,7 @@ def serve(args) -> None:
 
     if children:
         run_while_up(app, "watch engine processes", lambda: watch_engine_processes(
-            children, app.state.liveness.any_seen_since, stop_without_engines, lambda: server.should_exit))
+            children, engine_serving_since(manager, app.state.liveness), stop_without_engines, lambda: server.should_exit))
     try:
         serve_app(app, sock, server)
     finally:
