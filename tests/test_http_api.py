@@ -88,6 +88,18 @@ def test_idle_connection_outlives_the_clients_keep_alive(server):
         connection.close()
 
 
+def test_a_request_without_a_tenant_key_hears_401_whatever_its_body(server):
+    """The key is checked before the body: a caller without one learns nothing of the schema."""
+    bad_bodies = {"/v1/completions": {"bogus": 1}, "/v1/chat/completions": {"messages": "no"},
+                  "/api/v1/sessions/s/calls": {"call_id": 7}, "/api/v1/sessions/s/batch": []}
+    for path, body in bad_bodies.items():
+        keyless = httpx.post(f"{server}{path}", json=body, timeout=10)
+        assert keyless.status_code == 401, (path, keyless.text)
+        engine_key = httpx.post(f"{server}{path}", json=body, timeout=10, headers={"authorization": f"Bearer {ENGINE_KEY}"})
+        assert engine_key.status_code == 403, (path, engine_key.text)
+    assert httpx.post(f"{server}/v1/completions", json={"bogus": 1}, headers=auth("alice"), timeout=10).status_code == 422
+
+
 def test_the_engine_process_traces_its_steps(server, step_traces):
     from parrot.engine.step_trace import read_trace
 

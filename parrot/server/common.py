@@ -126,6 +126,17 @@ def engine_key_required(keys: KeyStore):
     return Depends(check)
 
 
+def tenant_key_required(keys: KeyStore):
+    """A route parameter's default: the calling tenant's name, from its key. Dependencies are
+    resolved before the body is validated, so a request without a tenant's key hears 401 (or
+    403 for an engine's key), whatever its body, and learns nothing of the body's schema."""
+
+    def tenant(request: Request) -> str:
+        return require(keys, request).tenant
+
+    return Depends(tenant)
+
+
 def require(keys: KeyStore, request: Request, engine: bool = False) -> Principal:
     principal = keys.authenticate(bearer_key(request))
     if principal is None:

@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Response
 from sse_starlette.sse import EventSourceResponse
 
 from parrot.backends.http_engine import HttpEngineBackend
@@ -21,7 +21,7 @@ from parrot.protocol.manager_api import (
 )
 from parrot.server.background import run_while_up, server_app
 from parrot.server.auth import KeyStore
-from parrot.server.common import DEFAULT_MAX_BODY_BYTES, engine_key_required, install_error_handlers, require
+from parrot.server.common import DEFAULT_MAX_BODY_BYTES, engine_key_required, install_error_handlers, tenant_key_required
 from parrot.server.metrics import ManagerMetrics
 
 log = logging.getLogger(__name__)
@@ -67,38 +67,39 @@ def create_manager_app(
 
     # ---- sessions, variables, calls ----------------------------------------
 
+    Tenant = tenant_key_required(keys)
+
     @app.post("/api/v1/sessions", response_model=SessionCreated)
-    async def create_session(request: Request):
-        return SessionCreated(session_id=manager.create_session(require(keys, request).tenant))
+    async def create_session(tenant: str = Tenant):
+        return SessionCreated(session_id=manager.create_session(tenant))
 
     @app.delete("/api/v1/sessions/{session_id}")
-    async def close_session(session_id: str, request: Request):
-        manager.close_session(session_id, require(keys, request).tenant)
+    async def close_session(session_id: str, tenant: str = Tenant):
+        manager.close_session(session_id, tenant)
         return {"closed": session_id}
 
     @app.post("/api/v1/sessions/{session_id}/variables")
-    async def create_variable(session_id: str, body: VariableCreate, request: Request):
-        manager.create_variable(session_id, body.var_id, body.name, body.value, tenant=require(keys, request).tenant)
+    async def create_variable(session_id: str, body: VariableCreate, tenant: str = Tenant):
+        manager.create_variable(session_id, body.var_id, body.name, body.value, tenant=tenant)
         return {"var_id": body.var_id}
 
     @app.put("/api/v1/sessions/{session_id}/variables/{var_id}")
-    async def set_variable(session_id: str, var_id: str, body: VariableSet, request: Request):
-        manager.set_variable(session_id, var_id, body.value, tenant=require(keys, request).tenant)
+    async def set_variable(session_id: str, var_id: str, body: VariableSet, tenant: str = Tenant):
+        manager.set_variable(session_id, var_id, body.value, tenant=tenant)
         return {"var_id": var_id}
 
     @app.post("/api/v1/sessions/{session_id}/variables/{var_id}/fail")
-    async def fail_variable(session_id: str, var_id: str, body: VariableFail, request: Request):
-        manager.fail_variable(session_id, var_id, body.message, tenant=require(keys, request).tenant)
+    async def fail_variable(session_id: str, var_id: str, body: VariableFail, tenant: str = Tenant):
+        manager.fail_variable(session_id, var_id, body.message, tenant=tenant)
         return {"var_id": var_id}
 
     @app.get("/api/v1/sessions/{session_id}/variables/{var_id}", response_model=VariableValue)
-    async def get_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery,
+    async def get_variable(session_id: str, var_id: str, perf: str = PerfQuery, tenant: str = Tenant,
                            timeout: float = Query(30.0, ge=0, le=300, description="long-poll seconds")):
-        return await long_poll(session_id, var_id, perf, timeout, require(keys, request).tenant)
+        return await long_poll(session_id, var_id, perf, timeout, tenant)
 
     @app.get("/api/v1/sessions/{session_id}/variables/{var_id}/stream")
-    async def stream_variable(session_id: str, var_id: str, request: Request, perf: str = PerfQuery):
-        tenant = require(keys, request).tenant
+    async def stream_variable(session_id: str, var_id: str, perf: str = PerfQuery, tenant: str = Tenant):
         manager.session(session_id, tenant).graph.variable(var_id)  # 404 now, not inside the stream
 
         async def events():
@@ -112,19 +113,17 @@ def create_manager_app(
         return EventSourceResponse(events())
 
     @app.post("/api/v1/sessions/{session_id}/calls")
-    async def submit_call(session_id: str, body: CallSubmit, request: Request):
-        manager.submit_call(session_id, body.call_id, body.to_spec(), tenant=require(keys, request).tenant)
+    async def submit_call(session_id: str, body: CallSubmit, tenant: str = Tenant):
+        manager.submit_call(session_id, body.call_id, body.to_spec(), tenant=tenant)
         return {"call_id": body.call_id}
 
     @app.post("/api/v1/sessions/{session_id}/batch", response_model=BatchResult)
-    async def batch(session_id: str, body: Batch, request: Request):
-        tenant = require(keys, request).tenant
+    async def batch(session_id: str, body: Batch, tenant: str = Tenant):
         manager.session(session_id, tenant)
         return apply_ops(session_id, body.ops, tenant)
 
     @app.post("/api/v1/sessions/{session_id}/wait", response_model=VariableValue)
-    async def wait(session_id: str, body: WaitRequest, request: Request):
-        tenant = require(keys, request).tenant
+    async def wait(session_id: str, body: WaitRequest, tenant: str = Tenant):
         manager.session(session_id, tenant)
         applied = apply_ops(session_id, body.ops, tenant)
         if applied.error is not None:
@@ -154,8 +153,8 @@ def create_manager_app(
         return BatchResult(applied=len(ops))
 
     @app.get("/api/v1/sessions/{session_id}/dag", response_model=DagBody)
-    async def dag(session_id: str, request: Request):
-        return DagBody.model_validate(asdict(manager.dag(session_id, require(keys, request).tenant)))
+    async def dag(session_id: str, tenant: str = Tenant):
+        return DagBody.model_validate(asdict(manager.dag(session_id, tenant)))
 
     # ---- engines -------------------------------------------------------------
 

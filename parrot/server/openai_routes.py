@@ -28,7 +28,7 @@ from parrot.protocol.openai_api import (
     ChatMessageOut, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
 )
 from parrot.server.auth import KeyStore
-from parrot.server.common import require
+from parrot.server.common import tenant_key_required
 
 DEFAULT_MAX_TOKENS = 256
 # A plain OpenAI request says nothing of its app, so it declares no objective: it runs at the
@@ -134,14 +134,14 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         generated = sum(a.completion_tokens for a in answers)
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
 
+    Tenant = tenant_key_required(keys)
+
     @app.get("/v1/models", response_model=ModelList)
-    async def models(request: Request):
-        require(keys, request)
+    async def models(tenant: str = Tenant):
         return ModelList(data=[ModelCard(id=model)])
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        tenant = require(keys, request).tenant
+    async def completions(body: CompletionRequest, request: Request, tenant: str = Tenant):
         check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or not all(prompts):
@@ -176,8 +176,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         )
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
-        tenant = require(keys, request).tenant
+    async def chat(body: ChatCompletionRequest, request: Request, tenant: str = Tenant):
         check_model(body.model)
         if tokenizer is None:
             raise UserError("this server has no tokenizer with a chat template; use /v1/completions")
