@@ -224,11 +224,14 @@ def cmd_bench(args) -> None:
         run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console(), paper_scale=args.paper_scale)
         return
     if args.workload in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}:
-        if args.peers:
+        if args.peers and args.workload in simulated_by_config:
+            raise UserError(f"{args.workload} runs simulated engines; vLLM (--peers) would run the real model on this machine: "
+                            "drop --peers")
+        if args.peers and args.workload not in MIXED_WORKLOADS:
             Console().print(f"[yellow]{args.workload} compares our own scheduling policies; --peers (vLLM) is not part of it yet")
         if args.workload in MIXED_WORKLOADS:
             run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale,
-                            engines=args.engines)
+                            engines=args.engines, peers=args.peers)
         else:
             run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
         return

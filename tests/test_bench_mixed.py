@@ -13,9 +13,13 @@ from parrot.bench.mixed_harness import run_mixed_bench
 
 
 @pytest.mark.parametrize("workload", ["mixed", "mixed-one-engine"])
-def test_quick_mixed_run_reports_every_policy(tmp_path, workload):
-    run_mixed_bench(workload, True, tmp_path, "smollm2-135m", Console(quiet=True))
+def test_quick_mixed_run_reports_every_policy(tmp_path, workload, monkeypatch):
+    import parrot.bench.mixed_harness as harness
+
+    monkeypatch.setattr(harness, "start_vllm", lambda model, out_dir: None)  # as where vLLM is not installed
+    run_mixed_bench(workload, True, tmp_path, "smollm2-135m", Console(quiet=True), peers=True)
     result = json.loads((tmp_path / f"{workload}.json").read_text())
+    assert result["notes"] == ["vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)"]
     config = quick_or_full(workload, True)
     assert (tmp_path / f"{workload}.md").read_text().count("|") > 20 and (tmp_path / f"{workload}.png").stat().st_size > 1000
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)
@@ -92,3 +96,32 @@ def test_multi_agent_at_the_papers_scale_runs_the_simulated_runs_lengths_on_buil
     assert paper.engine == "builtin" and paper.team_sizes == (4, 8, 16)
     # the baselines share prefixes the way vLLM does (a block cache), parrot with its shared-prefix attention too
     assert paper.policy_flags()["latency-centric"] == ["--no-shared-attention"] and paper.policy_flags()["parrot"] == []
+
+
+def test_mixed_as_plain_completions_serves_every_chat_and_job(tmp_path):
+    """The request-level side of `--peers` (how vLLM is driven), here against our own OpenAI API."""
+    from parrot.bench.mixed import run_mixed
+    from parrot.bench.systems import start_parrot
+    from parrot.engine.loader import resolve_model_dir
+    from parrot.engine.tokenizer import Tokenizer
+
+    config = quick_or_full("mixed", True)
+    server = start_parrot("smollm2-135m", 1, tmp_path, ["--threads", "2"])
+    try:
+        result = run_mixed(config, "request-level", server, Tokenizer(resolve_model_dir("smollm2-135m")), request_level=True)
+    finally:
+        server.stop()
+    assert len(result.chat_outputs) == config.chats and len(result.map_reduce_outputs) == config.map_reduce_apps
+    assert all(text.strip() for text in result.chat_outputs + result.map_reduce_outputs)
+    assert all(t > 0 for t in result.chat_latencies_s + result.job_completion_s)
+
+
+@pytest.mark.slow
+def test_quick_mixed_with_vllm_when_installed(tmp_path):
+    from parrot.bench.systems import vllm_python
+
+    if not vllm_python().exists():
+        pytest.skip("vLLM is not installed (bash benchmarks/setup_vllm.sh)")
+    result = run_mixed_bench("mixed", True, tmp_path, "smollm2-135m", Console(quiet=True), peers=True)
+    vllm = next(r for r in result["results"] if r["policy"] == "vllm")
+    assert all(text.strip() for text in vllm["chat_outputs"] + vllm["map_reduce_outputs"])

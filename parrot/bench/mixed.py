@@ -3,7 +3,9 @@ while map-reduce jobs (throughput work) run on the same engines.
 
 Every system is our own server with one scheduling policy, so the difference
 measured is the use of app knowledge alone: `parrot` against `latency-centric`
-(small batches) and `throughput-centric` (batches as large as they go).
+(small batches) and `throughput-centric` (batches as large as they go). With
+`--peers`, vLLM serves the same jobs and chats through its OpenAI API, driven the
+request-level way (each job's maps sent at once, its reduce once they are back).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from parrot.bench import apps
 from parrot.bench.config import pick_size
 from parrot.bench.documents import chunks as make_chunks
 from parrot.bench.documents import passages
-from parrot.bench.systems import RunningServer
+from parrot.bench.systems import CompletionClient, RunningServer
 
 CHAT = "Answer the question in one sentence.\nQuestion: {{input:chunk}}\nAnswer:{{output:summary}}"
 MIXED_POLICIES = ("parrot", "latency-centric", "throughput-centric")
@@ -108,8 +110,10 @@ def quick_or_full(name: str, quick: bool, paper_scale: bool = False) -> MixedCon
     return PAPER_SIZES[name] if paper_scale else pick_size(MIXED_WORKLOADS, name, quick)
 
 
-def run_mixed(config: MixedConfig, policy: str, server: RunningServer, tokenizer) -> MixedResult:
-    """Starts the map-reduce jobs and the chat arrivals together and waits for all of them."""
+def run_mixed(config: MixedConfig, policy: str, server: RunningServer, tokenizer, request_level: bool = False) -> MixedResult:
+    """Starts the map-reduce jobs and the chat arrivals together and waits for all of them: as
+    Parrot programs (objectives declared), or `request_level`, as OpenAI completions (a server
+    that knows nothing of apps: vLLM)."""
     documents = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=i * config.chunks)
                  for i in range(config.map_reduce_apps)]
     questions = passages(tokenizer, [config.chat_tokens] * config.chats,
@@ -125,23 +129,35 @@ def run_mixed(config: MixedConfig, policy: str, server: RunningServer, tokenizer
     chat_outputs = [""] * config.chats
     start = time.perf_counter()
 
+    complete = CompletionClient(server, rtt_s=0.0) if request_level else None
+
     def job(index: int) -> None:
-        with P.connect(server.url, api_key=server.api_key):
-            map_reduce_outputs[index] = apps.parrot_map_reduce(documents[index], config.map_output_tokens).get(perf=P.THROUGHPUT)
+        if complete is not None:
+            map_reduce_outputs[index] = apps.request_map_reduce(complete, documents[index], config.map_output_tokens)
+        else:
+            with P.connect(server.url, api_key=server.api_key):
+                map_reduce_outputs[index] = apps.parrot_map_reduce(documents[index], config.map_output_tokens).get(perf=P.THROUGHPUT)
         jct[index] = time.perf_counter() - start
 
     def ask(index: int) -> None:
         delay = start + arrivals[index] - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        with P.connect(server.url, api_key=server.api_key):
-            chat_outputs[index] = chat(chunk=questions[index]).get(perf=P.LATENCY)
+        if complete is not None:
+            chat_outputs[index] = complete(apps.render(CHAT, {"chunk": questions[index]}), config.chat_output_tokens)
+        else:
+            with P.connect(server.url, api_key=server.api_key):
+                chat_outputs[index] = chat(chunk=questions[index]).get(perf=P.LATENCY)
         chat_latency[index] = time.perf_counter() - start - arrivals[index]
 
-    with ThreadPoolExecutor(max_workers=len(documents) + config.chats) as pool:
-        futures = [pool.submit(job, i) for i in range(len(documents))] + [pool.submit(ask, i) for i in range(config.chats)]
-        for future in futures:
-            future.result()
+    try:
+        with ThreadPoolExecutor(max_workers=len(documents) + config.chats) as pool:
+            futures = [pool.submit(job, i) for i in range(len(documents))] + [pool.submit(ask, i) for i in range(config.chats)]
+            for future in futures:
+                future.result()
+    finally:
+        if complete is not None:
+            complete.close()
     return MixedResult(policy, chat_latency, config.chat_output_tokens, jct, chat_outputs, map_reduce_outputs)
 
 

@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from parrot.bench.mixed import MIXED_POLICIES, quick_or_full, run_mixed, warm_up
 from parrot.bench.report import PartialResults, engines_title, markdown_table, print_rows, result_header, save_report, size_name, size_of
-from parrot.bench.systems import RunningServer, start_parrot
+from parrot.bench.systems import CompletionClient, RunningServer, start_parrot, start_vllm
 from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
@@ -20,10 +20,11 @@ T = TypeVar("T")
 
 
 def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, out_dir: Path, model: str,
-                   console: Console, run: Callable[[str, RunningServer], T]) -> list[T]:
-    """Starts one server per policy (with its extra serve flags), warms it up, runs `run` on it, stops it."""
+                   console: Console, run: Callable[[str, RunningServer], T], partial: PartialResults | None = None) -> list[T]:
+    """Starts one server per policy (with its extra serve flags), warms it up, runs `run` on it, stops it;
+    each result goes to `partial` (a new one for the workload when not given) as it lands."""
     results: list[T] = []
-    partial = PartialResults(out_dir, workload)
+    partial = partial or PartialResults(out_dir, workload)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(workload, total=len(policies))
         for policy, flags in policies.items():
@@ -40,8 +41,28 @@ def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, 
     return results
 
 
+def run_on_vllm(model: str, out_dir: Path, console: Console, run: Callable[[RunningServer], T]) -> T | None:
+    """Starts vLLM's OpenAI server on the model (None when it is not installed), warms it up with a few
+    completions, runs `run` on it and stops it."""
+    with console.status("starting vLLM (its own venv)"):
+        server = start_vllm(model, out_dir)
+    if server is None:
+        return None
+    try:
+        warm = CompletionClient(server, rtt_s=0.0)
+        try:
+            for i in range(4):
+                warm(f"warm-up question {i}", 2)
+        finally:
+            warm.close()
+        with console.status("mixed on vLLM"):
+            return run(server)
+    finally:
+        server.stop()
+
+
 def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False,
-                    engines: int | None = None) -> dict:
+                    engines: int | None = None, peers: bool = False) -> dict:
     config = quick_or_full(workload, quick, paper_scale)
     if engines is not None:
         config = replace(config, engines=engines)
@@ -50,12 +71,22 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
     tokenizer = Tokenizer(resolve_model_dir(model))
     engine_flags = ["--engine", config.engine] if config.engine.startswith("sim:") else ["--threads", str(config.threads_per_engine)]
     policies = {policy: engine_flags for policy in MIXED_POLICIES}
+    partial = PartialResults(out_dir, workload)
     results = run_per_policy(workload, policies, config.engines, out_dir, model, console,
-                             lambda policy, server: run_mixed(config, policy, server, tokenizer))
+                             lambda policy, server: run_mixed(config, policy, server, tokenizer), partial)
+    notes: list[str] = []
+    if peers:
+        measured = run_on_vllm(model, out_dir, console, lambda server: run_mixed(config, "vllm", server, tokenizer, request_level=True))
+        if measured is None:
+            notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
+            console.print(f"[yellow]{notes[-1]}")
+        else:
+            results.append(measured)
+            partial.add("vllm", measured)
     best_chat = min(r.chat_s_per_token for r in results)
     best_jct = min(r.mean_jct_s for r in results)
     result = {
-        **result_header(workload, quick, model), "size": size, "config": asdict(config),
+        **result_header(workload, quick, model), "size": size, "config": asdict(config), "notes": notes,
         "results": [{**asdict(r), "chat_s_per_token": r.chat_s_per_token, "chat_p90_s_per_token": r.chat_p90_s_per_token,
                      "mean_jct_s": r.mean_jct_s, "chat_vs_best": r.chat_s_per_token / best_chat, "jct_vs_best": r.mean_jct_s / best_jct}
                     for r in results],
@@ -85,9 +116,12 @@ def write_mixed_markdown(result: dict, path: Path) -> None:
          f"Model {result['model']} on {c['engines']} engines ({c['threads_per_engine']} thread each), one server per policy. ") +
         f"{c['map_reduce_apps']} map-reduce jobs ({c['chunks']} chunks of {c['chunk_tokens']} tokens, {c['map_output_tokens']} "
         f"output tokens, get(perf=THROUGHPUT)) start together with {c['chats']} chats arriving at {c['chat_rate']} req/s "
-        f"({c['chat_tokens']}-token questions, {c['chat_output_tokens']} output tokens, get(perf=LATENCY)). Paper: {c['paper'] or '-'}.",
+        f"({c['chat_tokens']}-token questions, {c['chat_output_tokens']} output tokens, get(perf=LATENCY)). Paper: {c['paper'] or '-'}."
+        + (" vLLM: its OpenAI server on the same model and machine, sent the same jobs and chats as plain completions "
+           "(a job's maps at once, its reduce after them)." if any(r["policy"] == "vllm" for r in result["results"]) else ""),
         "",
         *markdown_table(MIXED_COLUMNS, mixed_rows(result)),
+        *(f"\n- {note}" for note in result.get("notes", [])),
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -117,5 +151,10 @@ def mixed_summary(result: dict) -> str:
     parrot = by_policy["parrot"]
     chat = parrot["chat_s_per_token"] / by_policy["latency-centric"]["chat_s_per_token"]
     jct = parrot["mean_jct_s"] / by_policy["throughput-centric"]["mean_jct_s"]
-    return (f"{result['workload']}: parrot chat {parrot['chat_s_per_token'] * 1e3:.0f} ms/token ({chat:.2f}x latency-centric's), "
-            f"map-reduce {parrot['mean_jct_s']:.1f} s ({jct:.2f}x throughput-centric's)")
+    summary = (f"{result['workload']}: parrot chat {parrot['chat_s_per_token'] * 1e3:.0f} ms/token ({chat:.2f}x latency-centric's), "
+               f"map-reduce {parrot['mean_jct_s']:.1f} s ({jct:.2f}x throughput-centric's)")
+    vllm = by_policy.get("vllm")
+    if vllm is not None:
+        summary += (f"; vllm chat {vllm['chat_s_per_token'] / parrot['chat_s_per_token']:.2f}x parrot's, "
+                    f"map-reduce {vllm['mean_jct_s'] / parrot['mean_jct_s']:.2f}x")
+    return summary
