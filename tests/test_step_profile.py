@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parrot.engine.step_profile import MIN_STEPS, StepCost, StepProfile, prefill_share_at_cap
+from parrot.engine.step_profile import MIN_STEPS, StepCost, StepProfile, latency_cap, prefill_share_at_cap
 
 
 @given(per_step=st.floats(0.0, 0.1), per_token=st.floats(1e-6, 1e-3),
@@ -44,6 +44,21 @@ def test_the_share_is_the_capped_rate_over_the_full_rate():
     assert prefill_share_at_cap(StepCost(0.0, 0.0), 128, 512) == 1.0  # steps that cost nothing lose nothing
 
 
+def test_the_cap_beside_latency_work_keeps_a_step_within_twice_its_fixed_cost():
+    cpu, gpu = StepCost(per_step_s=0.012, per_token_s=0.0009), StepCost(per_step_s=0.015, per_token_s=0.000072)
+    assert latency_cap(cpu, 128) == 16  # 13 tokens cost the fixed 12 ms: the least cap, a step of 16
+    assert latency_cap(gpu, 128) == 128  # 208 tokens would: the configured cap stands
+    assert latency_cap(None, 128) == 128 and latency_cap(StepCost(0.01, 0.0), 128) == 128
+
+
+@given(per_step=st.floats(0.0, 0.1), per_token=st.floats(1e-7, 1e-2), configured=st.integers(1, 64).map(lambda n: 16 * n))
+def test_the_cap_is_a_multiple_of_16_within_the_configured_one_and_affordable_above_16(per_step, per_token, configured):
+    cap = latency_cap(StepCost(per_step, per_token), configured)
+    assert 16 <= cap <= configured and cap % 16 == 0
+    if cap > 16:
+        assert cap * per_token <= per_step * (1 + 1e-9)
+
+
 def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):
     short, long = engine.tokenizer.encode("Hello"), engine.tokenizer.encode("The history of the world, told briefly. " * 30)
 
@@ -58,4 +73,7 @@ def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):
     assert cost is not None and cost.per_token_s > 0
     share = engine.stats().prefill_share_beside_latency
     assert 0 < share <= 1
+    # the scheduler keeps other work beside a latency job to the cap its fitted steps afford
+    assert engine.scheduler.latency_cap == latency_cap(cost, engine.config.latency_max_tokens_per_step)
+    assert share == pytest.approx(prefill_share_at_cap(cost, engine.scheduler.latency_cap, engine.config.max_tokens_per_step))
     assert share == pytest.approx(prefill_share_at_cap(cost, engine.config.latency_max_tokens_per_step, engine.config.max_tokens_per_step))

@@ -41,7 +41,7 @@ from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
-from parrot.engine.step_profile import StepCost, StepProfile, cap_pays, prefill_share_at_cap
+from parrot.engine.step_profile import StepCost, StepProfile, cap_pays, latency_cap, prefill_share_at_cap
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
@@ -372,7 +372,7 @@ class LLMEngine:
         c = self._counters
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
         cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
-        share = prefill_share_at_cap(self.step_cost, self.config.latency_max_tokens_per_step, self.config.max_tokens_per_step)
+        share = prefill_share_at_cap(self.step_cost, self.scheduler.latency_cap, self.config.max_tokens_per_step)
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
                            c.peak_batch_blocks, cached_blocks, share)
 
@@ -503,6 +503,7 @@ class LLMEngine:
                 cost = self._step_profile.cost()
                 if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
                     self.scheduler.cap_pays = cap_pays(cost, self.config.latency_max_tokens_per_step)
+                    self.scheduler.latency_cap = latency_cap(cost, self.config.latency_max_tokens_per_step)
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})

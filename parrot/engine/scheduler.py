@@ -153,6 +153,7 @@ class BatchScheduler:
         self.config = config
         self.reclaim = reclaim  # frees up to n idle cached blocks; returns how many it freed
         self.cap_pays = True  # the owner's step_profile.cap_pays (StepBudget)
+        self.latency_cap = config.latency_max_tokens_per_step  # the owner's step_profile.latency_cap (StepBudget)
         self.jobs: list[Job] = []
         self._arrivals = itertools.count()
 
@@ -167,7 +168,7 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.config.latency_max_tokens_per_step,
+        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap,
                                      [job.priority for job in self.jobs if job.ctx.num_pending > 0], self.cap_pays)
         pool = self.contexts.pool
         chosen: set[int] = set()
