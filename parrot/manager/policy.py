@@ -29,7 +29,7 @@ AFFINITY_SLACK = 4
 # would take instead runs at most the least loaded one's calls over that engine's share of
 # its prompt rate beside latency work (BackendStats.prefill_share_beside_latency). An engine
 # serving latency work prefills the rest in capped steps, at a fraction of its full rate
-# (0.42 on a simulated A100, 0.84-0.94 on this CPU), so its fair share of throughput work is that
+# (0.42 on a simulated A100, 0.55-0.6 on this CPU with its 16-token cap), so its fair share of throughput work is that
 # fraction; never less than MIN_PREFILL_SHARE of it.
 MIN_PREFILL_SHARE = 0.25
 # A latency-critical call goes to an engine running fewer calls than this, if there is one.
