@@ -76,4 +76,3 @@ def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):
     # the scheduler keeps other work beside a latency job to the cap its fitted steps afford
     assert engine.scheduler.latency_cap == latency_cap(cost, engine.config.latency_max_tokens_per_step)
     assert share == pytest.approx(prefill_share_at_cap(cost, engine.scheduler.latency_cap, engine.config.max_tokens_per_step))
-    assert share == pytest.approx(prefill_share_at_cap(cost, engine.config.latency_max_tokens_per_step, engine.config.max_tokens_per_step))
