@@ -16,10 +16,15 @@ from parrot.bench.mixed_harness import run_mixed_bench
 def test_quick_mixed_run_reports_every_policy(tmp_path, workload, monkeypatch):
     import parrot.bench.mixed_harness as harness
 
-    monkeypatch.setattr(harness, "start_vllm", lambda model, out_dir: None)  # as where vLLM is not installed
+    def vllm_that_dies(model, out_dir):
+        raise RuntimeError("server exited early")
+
+    # as where vLLM is not installed (mixed), and where it fails to start (mixed-one-engine): the report is still written
+    monkeypatch.setattr(harness, "start_vllm", (lambda model, out_dir: None) if workload == "mixed" else vllm_that_dies)
     run_mixed_bench(workload, True, tmp_path, "smollm2-135m", Console(quiet=True), peers=True)
     result = json.loads((tmp_path / f"{workload}.json").read_text())
-    assert result["notes"] == ["vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)"]
+    assert result["notes"] == (["vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)"] if workload == "mixed"
+                               else [f"vLLM failed: server exited early (its log: {tmp_path / 'vllm.log'})"])
     config = quick_or_full(workload, True)
     assert (tmp_path / f"{workload}.md").read_text().count("|") > 20 and (tmp_path / f"{workload}.png").stat().st_size > 1000
     assert [r["policy"] for r in result["results"]] == list(MIXED_POLICIES)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 from rich.console import Console
 from rich.progress import Progress
 
@@ -17,6 +19,7 @@ from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def run_per_policy(workload: str, policies: dict[str, list[str]], engines: int, out_dir: Path, model: str,
@@ -76,9 +79,16 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
                              lambda policy, server: run_mixed(config, policy, server, tokenizer), partial)
     notes: list[str] = []
     if peers:
-        measured = run_on_vllm(model, out_dir, console, lambda server: run_mixed(config, "vllm", server, tokenizer, request_level=True))
+        try:
+            measured = run_on_vllm(model, out_dir, console, lambda server: run_mixed(config, "vllm", server, tokenizer, request_level=True))
+        except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:  # the policies' report is still written
+            log.warning("vLLM did not serve mixed: %s", exc)
+            measured = None
+            notes.append(f"vLLM failed: {exc} (its log: {out_dir / 'vllm.log'})")
+        else:
+            if measured is None:
+                notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
         if measured is None:
-            notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
             console.print(f"[yellow]{notes[-1]}")
         else:
             results.append(measured)

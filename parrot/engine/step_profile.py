@@ -4,9 +4,10 @@ prompt rate is left to other work while a latency-class job waits beside it.
 While a latency-class job waits, the other work's steps are capped at a few tokens
 (`StepBudget`), so each of its tokens carries a larger part of the step's fixed cost.
 Where that fixed cost is large (a GPU reads every weight once a step) capped steps
-prefill at a fraction of the full rate; where tokens cost most (this CPU) at nearly
-all of it. The scheduler gives an engine serving latency work a share of throughput
-work in proportion (`manager/policy.py`).
+prefill at a fraction of the full rate. Where tokens cost most (this CPU) the cap is
+lowered until a capped step stays near its fixed cost (`latency_cap`), and then capped
+steps too prefill at about half the full rate. The scheduler gives an engine serving
+latency work a share of throughput work in proportion (`manager/policy.py`).
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ def cap_pays(cost: StepCost | None, capped_tokens: int) -> bool:
 
 def latency_cap(cost: StepCost | None, configured: int, granularity: int = 16) -> int:
     """The tokens other work may put in a step beside a waiting latency-class job (StepBudget):
-    the configured cap, lowered where tokens cost so much that it would make the step more
+    the configured cap, lowered where tokens cost so much that they would make the step more
     than twice its fixed cost, so that a latency job's token never waits much longer than two
-    steps of decodes alone. On this CPU that is 16 tokens, not 128: a chat's token rode steps of
-    about 100 ms beside capped prefill against 12 ms alone (step traces of `mixed`). A GPU's
-    fixed cost (its weights read) affords more than the configured cap, which stands. At least
-    `granularity` tokens; the configured cap while the cost is unknown."""
+    steps of decodes alone. On this CPU that is the floor of 16 tokens, not 128: a chat's token
+    rode steps of about 100 ms beside capped prefill against 12 ms alone (step traces of
+    `mixed`). Where the fixed cost is large (the simulated A100s: it affords 176-208 tokens)
+    the configured cap stands. Never below `granularity` tokens (where even they cost more
+    than the fixed cost) unless the configured cap is; the configured cap while the cost is unknown."""
     if cost is None or cost.per_token_s <= 0:
         return configured
     affordable = int(cost.per_step_s / cost.per_token_s) // granularity * granularity
-    return max(granularity, min(configured, affordable))
+    return min(configured, max(granularity, affordable))
 
 
 def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens: int) -> float:

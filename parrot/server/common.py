@@ -84,8 +84,9 @@ def install_error_handlers(app: FastAPI, keys: KeyStore, max_body_bytes: int = D
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        # FastAPI validates a body before the route runs `require`: a caller without a key
-        # hears about the key first, not about the body
+        # routes check keys in dependencies, which run after the body parses but before it is
+        # validated; a body that is not JSON at all fails first and lands here: a caller
+        # without a key still hears about the key first, not about the body
         if keys.authenticate(bearer_key(request)) is None:
             return error_json(401, MISSING_KEY, "authentication_error")
         problems = "; ".join(
