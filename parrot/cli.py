@@ -42,9 +42,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, choices=["llama-7b", "llama-13b", "tiny"],
                         help="the model shape for --random-weights (the paper's LLaMA-7B or 13B; tiny for tests)")
     parser.add_argument("--step-trace", default=None, metavar="PATH",
-                        help="append one JSON line a forward step (its time, decode rows, prompt tokens, KV read, CUDA graph or "
-                             "not) to this file; with parrot serve a folder, engine i writing engine-i.jsonl in it. Sum it up "
-                             "with: python -m parrot.engine.step_trace PATH")
+                        help="write one JSON line a forward step (its time, decode rows, prompt tokens, KV read, CUDA graph or "
+                             "not) to this file, replacing what it held; with parrot serve a folder, engine i writing "
+                             "engine-i.jsonl in it. Sum it up with: python -m parrot.engine.step_trace PATH")
 
 
 def engine_config(args):

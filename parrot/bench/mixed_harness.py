@@ -79,17 +79,15 @@ def run_mixed_bench(workload: str, quick: bool, out_dir: Path, model: str, conso
                              lambda policy, server: run_mixed(config, policy, server, tokenizer), partial)
     notes: list[str] = []
     if peers:
+        missing = "vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)"
         try:
             measured = run_on_vllm(model, out_dir, console, lambda server: run_mixed(config, "vllm", server, tokenizer, request_level=True))
         except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:  # the policies' report is still written
             log.warning("vLLM did not serve mixed: %s", exc)
-            measured = None
-            notes.append(f"vLLM failed: {exc} (its log: {out_dir / 'vllm.log'})")
-        else:
-            if measured is None:
-                notes.append("vLLM skipped: not installed (bash benchmarks/setup_vllm.sh installs it)")
+            measured, missing = None, f"vLLM failed: {exc} (its log: {out_dir / 'vllm.log'})"
         if measured is None:
-            console.print(f"[yellow]{notes[-1]}")
+            notes.append(missing)
+            console.print(f"[yellow]{missing}")
         else:
             results.append(measured)
             partial.add("vllm", measured)

@@ -83,12 +83,11 @@ def start_parrot(model: str, engines: int, out_dir: Path, policy_args: list[str]
     key = secrets.token_urlsafe(16)
     port = free_port()
     log = out_dir / log_name
-    args = policy_args or []
-    simulated = any(flag == "--engine" and value.startswith("sim:") for flag, value in zip(args, args[1:]))
-    trace = ["--step-trace", str(out_dir / f"{log.stem}-steps")] if _trace_steps and not simulated else []
+    # the command line refuses --step-trace for simulated engines, which `parrot serve` would refuse too
+    trace = ["--step-trace", str(out_dir / f"{log.stem}-steps")] if _trace_steps else []
     process = subprocess.Popen(
         [sys.executable, "-m", "parrot.cli", "serve", "--model", model, "--engines", str(engines), "--port", str(port), *ENGINE_FLAGS,
-         *trace, *args],
+         *trace, *(policy_args or [])],
         env={**os.environ, "PARROT_API_KEYS": f"bench={key}"}, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

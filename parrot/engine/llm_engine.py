@@ -41,7 +41,7 @@ from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
-from parrot.engine.step_profile import StepCost, StepProfile, cap_pays, latency_cap, prefill_share_at_cap
+from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
@@ -77,7 +77,7 @@ class EngineConfig:
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
     # a shape name (llama-7b, llama-13b, tiny): random weights of that shape with the model's tokenizer, for speed runs
     random_weights: str | None = None
-    step_trace: str | None = None  # a file to append one JSON line a forward step to (engine/step_trace.py)
+    step_trace: str | None = None  # a file to write one JSON line a forward step to (engine/step_trace.py)
 
     def __post_init__(self) -> None:
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
@@ -372,9 +372,12 @@ class LLMEngine:
         c = self._counters
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
         cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
-        share = prefill_share_at_cap(self.step_cost, self.scheduler.latency_cap, self.config.max_tokens_per_step)
+        share = self._latency_rules(self.step_cost).prefill_share
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
                            c.peak_batch_blocks, cached_blocks, share)
+
+    def _latency_rules(self, cost: StepCost | None) -> LatencyStepRules:
+        return LatencyStepRules.for_cost(cost, self.config.latency_max_tokens_per_step, self.config.max_tokens_per_step)
 
     async def close(self) -> None:
         """Stops the step loop and its thread; jobs still queued fail, and so does any job after."""
@@ -502,8 +505,8 @@ class LLMEngine:
                 self._step_profile.record(plan.num_tokens, elapsed)
                 cost = self._step_profile.cost()
                 if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
-                    self.scheduler.cap_pays = cap_pays(cost, self.config.latency_max_tokens_per_step)
-                    self.scheduler.latency_cap = latency_cap(cost, self.config.latency_max_tokens_per_step)
+                    rules = self._latency_rules(cost)
+                    self.scheduler.cap_pays, self.scheduler.latency_cap = rules.caps_normal_class, rules.cap_tokens
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})

@@ -61,6 +61,23 @@ def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens:
     return min(1.0, capped_rate / full_rate)
 
 
+@dataclass(frozen=True)
+class LatencyStepRules:
+    """How an engine's steps treat other work while a latency-class job waits (StepBudget),
+    from its step cost: whether normal-class work keeps to the cap (decided at the configured
+    cap), the cap itself (lowered where tokens are dear), and the prompt rate kept at that cap
+    (what the manager weighs placements by)."""
+
+    caps_normal_class: bool
+    cap_tokens: int
+    prefill_share: float
+
+    @classmethod
+    def for_cost(cls, cost: StepCost | None, configured_cap: int, full_tokens: int) -> LatencyStepRules:
+        cap = latency_cap(cost, configured_cap)
+        return cls(cap_pays(cost, configured_cap), cap, prefill_share_at_cap(cost, cap, full_tokens))
+
+
 @dataclass
 class StepProfile:
     """A running least-squares fit of step seconds on step tokens. Older steps weigh less

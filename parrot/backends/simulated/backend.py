@@ -22,7 +22,7 @@ from parrot.backends.simulated.cost import CostModel
 from parrot.backends.simulated.engine import SimEngine, SimulatedStats
 from parrot.backends.simulated.presets import EngineProfile, parse_engine_spec
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
-from parrot.engine.step_profile import StepCost, cap_pays, latency_cap, prefill_share_at_cap
+from parrot.engine.step_profile import LatencyStepRules, StepCost
 from parrot.errors import ContextError, KVCacheExhaustedError, UserError
 
 STATS_BLOCK_SIZE = 16  # BackendStats speaks in KV blocks; the built-in engine's block size
@@ -51,9 +51,9 @@ class SimulatedEngineBackend(EngineBackend):
         # the cost model is the step cost the built-in engine fits from its steps
         step_cost = None if cost.is_zero else StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token)
         scheduler = self.core.scheduler
-        scheduler.cap_pays = cap_pays(step_cost, scheduler.latency_max_tokens)  # at the configured cap, as the engine decides it
-        scheduler.latency_max_tokens = latency_cap(step_cost, scheduler.latency_max_tokens)
-        self._prefill_share = prefill_share_at_cap(step_cost, scheduler.latency_max_tokens, max_tokens_per_step)
+        rules = LatencyStepRules.for_cost(step_cost, scheduler.latency_max_tokens, max_tokens_per_step)
+        scheduler.cap_pays, scheduler.latency_max_tokens = rules.caps_normal_class, rules.cap_tokens
+        self._prefill_share = rules.prefill_share
 
     @classmethod
     def from_profile(cls, profile: EngineProfile | str, name: str = "sim-0", time_scale: float = 1.0, **overrides) -> SimulatedEngineBackend:
