@@ -27,6 +27,9 @@ class BackendStats:
     # of its full prompt-token rate, what other work keeps while a latency-class job waits
     # beside it (its steps capped); 1.0 when unknown (engine/step_profile.py)
     prefill_share_beside_latency: float = 1.0
+    # its step budget: prompt tokens one forward step takes, and sequences (0: not reported)
+    max_tokens_per_step: int = 0
+    max_seqs_per_step: int = 0
 
 
 class EngineBackend(ABC):

@@ -132,6 +132,8 @@ class EngineStats:
     peak_batch_blocks: int = 0
     cached_blocks: int = 0  # held only by cached prefixes (reclaimable, not leaked)
     prefill_share_beside_latency: float = 1.0  # from the fitted step cost (engine/step_profile.py)
+    max_tokens_per_step: int = 0
+    max_seqs_per_step: int = 0
 
 
 @dataclass
@@ -374,7 +376,7 @@ class LLMEngine:
         cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
         share = self._latency_rules(self.step_cost).prefill_share
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
-                           c.peak_batch_blocks, cached_blocks, share)
+                           c.peak_batch_blocks, cached_blocks, share, self.config.max_tokens_per_step, self.config.max_seqs_per_step)
 
     def _latency_rules(self, cost: StepCost | None) -> LatencyStepRules:
         return LatencyStepRules.for_cost(cost, self.config.latency_max_tokens_per_step, self.config.max_tokens_per_step)

@@ -76,7 +76,7 @@ def call_demand(call: Call) -> CallDemand:
         consumer = next((c for out in call.outputs.values() for c in out.consumers if c.call_id == call.task_group), None)
         if consumer is not None:
             group_size = max(1, len(parallel_producers(consumer)))
-    return CallDemand(prefix_hashes(text), tokens, group_size)
+    return CallDemand(prefix_hashes(text), tokens, group_size, prompt_tokens=len(text) // CHARS_PER_TOKEN)
 
 
 class Executor:
@@ -88,6 +88,7 @@ class Executor:
         self.view = ClusterView(self.engines, {}, self.prefixes)
         self._held: list[Call] = []  # ready calls the policy holds back (or no engine has registered)
         self._tokens: dict[str, int] = {}  # running call -> the KV tokens counted for it
+        self._unfilled: dict[str, int] = {}  # running call before its first fill returns -> its prompt tokens
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[str, RunningCall] = {}
         self._failed_on: dict[str, list[EngineBackend]] = {}  # call -> engines that failed it
@@ -158,6 +159,7 @@ class Executor:
         self.prefixes.record(engine.name, demand.prompt_hashes)
         self.view.group_engines.pop(call.call_id, None)  # a consumer that starts ends the task group it named
         self._tokens[call.call_id] = demand.tokens
+        self._unfilled[call.call_id] = demand.prompt_tokens
         call.engine = engine.name
         call.state = CallState.RUNNING
         self._count(engine.name, call, +1)
@@ -173,8 +175,16 @@ class Executor:
         load = self.view.load[engine_name]  # kept after an engine is removed: its calls still finish
         load.calls += sign
         load.tokens += sign * tokens
+        if sign > 0:
+            load.unfilled_tokens += self._unfilled[call.call_id]
+        else:
+            self._prefilled(engine_name, call)
         if call.objective is Objective.LATENCY:
             load.latency_calls += sign
+
+    def _prefilled(self, engine_name: str, call: Call) -> None:
+        """The call's first fill is done (or it ended without one): its prompt leaves the engine's queue."""
+        self.view.load[engine_name].unfilled_tokens -= self._unfilled.pop(call.call_id, 0)
 
     def _offer_held(self) -> None:
         """Offers the held calls to the policy again (an engine joined or a call finished)."""
@@ -213,6 +223,10 @@ class Executor:
                     filling = True  # a fill cut short by a cancel may have created the context: free it then
                     await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
                     created, filling = True, False
+                    if call.call_id in self._unfilled:
+                        self._prefilled(engine.name, call)
+                        if self._held:
+                            self._offer_held()  # throughput work may wait for this engine's queue to drain
                     pending_text = ""
                 await self._generate(call, segment.name, engine, context_id, priority)
             call.state = CallState.DONE

@@ -13,7 +13,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from parrot.backends.base import EngineBackend
 from parrot.engine.scheduler import PRIORITY_NORMAL
@@ -41,6 +41,12 @@ CHARS_PER_TOKEN = 4  # for estimates of KV tokens from text
 # A task group spreading over idle engines leaves one of them free for latency-critical
 # calls while such calls have come within this many seconds; otherwise it takes them all.
 LATENCY_RESERVE_WINDOW_S = 60.0
+# Throughput work is handed to an engine as it takes it in: once the prompts placed on an
+# engine and not yet prefilled would fill this many of its steps, more throughput calls wait
+# in the manager. Placed later, they see what has come since: an engine that took on latency
+# work prefills the rest in capped steps and drains its queue slower, so it gets less of it,
+# where calls placed all at once split evenly and every job waits for its slowest part.
+QUEUED_PREFILL_STEPS = 2
 
 
 @dataclass
@@ -50,6 +56,7 @@ class EngineLoad:
     calls: int = 0
     latency_calls: int = 0
     tokens: int = 0  # estimated KV tokens of those calls (prompt and outputs)
+    unfilled_tokens: int = 0  # estimated prompt tokens of those calls that the engine has not prefilled yet
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class CallDemand:
     prompt_hashes: list[bytes]  # PrefixHash of the text before its first output
     tokens: int  # estimated KV tokens: the prompt (about 4 characters a token) and every output's max_tokens
     group_size: int = 1  # calls in its task group, itself included
+    prompt_tokens: int = 0  # estimated tokens of the text before its first output
 
 
 def capacity_tokens(engine: EngineBackend) -> int | None:
@@ -70,6 +78,16 @@ def capacity_tokens(engine: EngineBackend) -> int | None:
 def fits(engine: EngineBackend, view: ClusterView, tokens: int) -> bool:
     capacity = capacity_tokens(engine)
     return capacity is None or view.load[engine.name].tokens + tokens <= capacity
+
+
+def takes_throughput_work(engine: EngineBackend, view: ClusterView) -> bool:
+    """Whether the engine should be handed more throughput work now (QUEUED_PREFILL_STEPS): its
+    queue of prompts not yet prefilled is short of that many steps, and it runs fewer calls than
+    a step's sequences. Always where the engine does not report its step budget."""
+    stats, load = engine.stats(), view.load[engine.name]
+    if stats.max_tokens_per_step > 0 and load.unfilled_tokens >= QUEUED_PREFILL_STEPS * stats.max_tokens_per_step:
+        return False
+    return not (stats.max_seqs_per_step > 0 and load.calls >= stats.max_seqs_per_step)
 
 
 @dataclass
@@ -120,8 +138,18 @@ class ParrotPolicy(SchedulingPolicy):
     def place(self, call, demand, view):
         by_name = {e.name: e for e in view.engines}
         group_engines = [by_name[n] for n in view.group_engines.get(call.task_group or "", []) if n in by_name]
+        throughput = call.objective is Objective.THROUGHPUT
         if group_engines:
+            if throughput:
+                group_engines = [e for e in group_engines if takes_throughput_work(e, view)]
+                if not group_engines:
+                    return None  # its group's engines are busy: it waits for them
             return _least_loaded(group_engines, view)
+        if throughput:
+            taking = [e for e in view.engines if takes_throughput_work(e, view)]
+            if not taking:
+                return None
+            view = replace(view, engines=taking)
         # capacity in KV tokens (less the prefix an engine already holds, which forks share):
         # a task group goes whole to an engine where the whole group fits
         granules, holders = view.prefixes.longest_match(demand.prompt_hashes)

@@ -48,6 +48,8 @@ class EngineStatsBody(Strict):
     kv_block_size: int = 16
     kv_blocks_cached: int = 0
     prefill_share_beside_latency: float = Field(1.0, gt=0, le=1)
+    max_tokens_per_step: int = Field(0, ge=0)  # 0: not reported
+    max_seqs_per_step: int = Field(0, ge=0)
 
 
 class EngineRegister(Strict):

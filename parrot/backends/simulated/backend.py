@@ -144,7 +144,8 @@ class SimulatedEngineBackend(EngineBackend):
         # held at once stands for the built-in engine's "most KV blocks one step's batch read"
         peak = math.ceil(tree.kv_peak / STATS_BLOCK_SIZE)
         return BackendStats(self.name, self.model, self._active, len(tree.live), total, free, counts.prefill + counts.decode,
-                            peak_batch_blocks=peak, prefill_share_beside_latency=self._prefill_share)
+                            peak_batch_blocks=peak, prefill_share_beside_latency=self._prefill_share,
+                            max_tokens_per_step=self.core.scheduler.max_tokens, max_seqs_per_step=self.core.scheduler.max_seqs)
 
     def sim_stats(self) -> SimulatedStats:
         return self.core.stats()
