@@ -331,6 +331,9 @@ def test_engine_started_separately_registers_and_serves():
             env={**os.environ, "PARROT_ENGINE_KEY": ENGINE_KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_engines(url, 1, proc)
+        # its stats come with its registration, not 2 s later with its first heartbeat: the calls
+        # placed at once are weighed by its KV capacity and step budget
+        assert engine_gauges(url)["parrot_engine_kv_blocks_total"] > 0
         assert httpx.get(f"{url}/health").json()["engines"] == ["remote-1"]
         with P.connect(url, api_key=KEYS["alice"]) as remote:
             code = write_code("a calculator").get()

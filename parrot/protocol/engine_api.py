@@ -56,6 +56,8 @@ class EngineRegister(Strict):
     name: str = Id
     url: str = Field(max_length=512)
     model: str = Field(max_length=512)
+    # its stats as it registers: the manager places calls on it before its first heartbeat
+    stats: EngineStatsBody | None = None
 
 
 class Heartbeat(Strict):

@@ -93,7 +93,6 @@ async def _keep_registered(backend, manager_url: str, public_url: str, engine_ke
     killed manager never leaves engine processes behind.
     """
     headers = {"authorization": f"Bearer {engine_key}"}
-    registration = EngineRegister(name=backend.name, url=public_url, model=backend.model)
     registered = False
     async with httpx.AsyncClient(base_url=manager_url.rstrip("/"), headers=headers, timeout=10.0) as http:
         while True:
@@ -103,6 +102,7 @@ async def _keep_registered(backend, manager_url: str, public_url: str, engine_ke
                 return
             try:
                 if not registered:
+                    registration = EngineRegister(name=backend.name, url=public_url, model=backend.model, stats=_stats_body(backend))
                     response = await http.post("/api/v1/engines/register", json=registration.model_dump())
                     if response.status_code >= 400:
                         log.error("the manager refused registration: %s", response.text)

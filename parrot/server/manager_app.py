@@ -167,7 +167,10 @@ def create_manager_app(
         old = manager.remove_engine(body.name)
         if old is not None:
             await old.close()
-        manager.add_engine(HttpEngineBackend(body.name, body.url, body.model, engine_key))
+        engine = HttpEngineBackend(body.name, body.url, body.model, engine_key)
+        if body.stats is not None:
+            engine.update_stats(body.stats)
+        manager.add_engine(engine)
         liveness.last_seen[body.name] = time.monotonic()
         log.info("engine %s registered at %s", body.name, body.url)
         return {"registered": body.name}
