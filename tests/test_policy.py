@@ -340,3 +340,50 @@ def test_an_engine_serving_a_chat_takes_throughput_work_in_proportion_to_its_pro
     assert chat_engine == "sim-0"
     assert maps_per_engine["sim-0"] == maps_on_chat_engine
     assert sum(maps_per_engine.values()) == 36 and max(maps_per_engine.values()) - min(maps_per_engine[f"sim-{i}"] for i in (1, 2, 3)) <= 1
+
+
+@P.semantic_function()
+def combine_two(a: P.Input, b: P.Input, summary: P.Output(max_tokens=4)):
+    """Combine {{a}} {{b}}: {{summary}}"""
+
+
+class FillCountingBackend(RecordingBackend):
+    """Records the most fills in flight at once (placed, not yet prefilled)."""
+
+    def __init__(self, name: str, cost: CostModel):
+        super().__init__(name, cost=cost)
+        self.filling = 0
+        self.most_filling = 0
+
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+        self.filling += 1
+        self.most_filling = max(self.most_filling, self.filling)
+        try:
+            await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
+        finally:
+            self.filling -= 1
+
+
+def test_throughput_work_is_handed_to_engines_as_they_prefill_it():
+    """Twelve maps of about 600 prompt tokens, asked with THROUGHPUT, on two engines of
+    512-token steps: each engine is given calls only while its prompts not yet prefilled fill
+    less than two steps, so at most two fills wait on it at once; the rest wait in the manager
+    and every map still runs."""
+    backends = [FillCountingBackend(f"sim-{i}", HALF_RATE_BESIDE_LATENCY) for i in range(2)]
+    with P.Runtime(backends=backends, policy="parrot"):
+        parts = [summarize(P.variable("chunk", f"part {i} " + "word " * 480)) for i in range(12)]
+        partials = [combine(*parts[i:i + 6]) for i in range(0, 12, 6)]
+        assert combine_two(*partials).get(perf=P.THROUGHPUT).strip()
+    assert backends[0].stats().max_tokens_per_step == 512
+    assert [b.most_filling for b in backends] == [2, 2]
+    assert sum(len([f for f in b.fills if f.text.startswith("Summarize")]) for b in backends) == 12
+
+
+@pytest.mark.parametrize("policy", ["throughput-centric", "fifo"])
+def test_baselines_hand_out_throughput_work_at_once(policy):
+    backends = [FillCountingBackend(f"sim-{i}", HALF_RATE_BESIDE_LATENCY) for i in range(2)]
+    with P.Runtime(backends=backends, policy=policy):
+        parts = [summarize(P.variable("chunk", f"part {i} " + "word " * 480)) for i in range(12)]
+        combine(*parts[:6]).get(perf=P.THROUGHPUT)
+        combine(*parts[6:]).get(perf=P.THROUGHPUT)
+    assert max(b.most_filling for b in backends) > 2
