@@ -97,6 +97,7 @@ def test_a_call_that_kills_every_engine_stops_being_retried() -> None:
         with pytest.raises(EngineUnavailableError, match="failed on 3 engines in turn"):
             await asyncio.wait_for(manager.get_variable(session, "design"), 10)
         assert sum(e.deaths for e in engines) == 3
+        assert all((load.calls, load.tokens, load.unfilled_tokens) == (0, 0, 0) for load in manager.executor.view.load.values())
         await manager.shutdown()
 
     asyncio.run(main())
@@ -119,6 +120,8 @@ def test_an_engine_dropped_mid_call_hands_the_call_to_another() -> None:
         assert design == await reference.get_variable(chain(reference), "design")
         await reference.shutdown()
         assert manager.sessions[session].graph.calls[f"{session}:plan"].engine == "spare"
+        # the dropped engine's load is given back (its calls still ended there), the spare's too
+        assert all((load.calls, load.tokens, load.unfilled_tokens) == (0, 0, 0) for load in manager.executor.view.load.values())
         await manager.shutdown()
 
     asyncio.run(main())

@@ -450,6 +450,8 @@ def test_engine_failure_reaches_the_caller_and_the_session_goes_on() -> None:
         assert [c.state for c in runtime.dag().calls] == ["failed", "failed"]
         assert backend.stats().contexts == 0  # the failed call's context was freed
         assert summarize(P.variable("chunk", "calm")).get()
+        load = runtime.manager.executor.view.load[backend.name]  # what the policy weighs returns to nothing
+        assert (load.calls, load.tokens, load.unfilled_tokens) == (0, 0, 0)
 
 
 # ---- what the server rejects -------------------------------------------------------

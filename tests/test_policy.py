@@ -387,3 +387,4 @@ def test_baselines_hand_out_throughput_work_at_once(policy):
         combine(*parts[:6]).get(perf=P.THROUGHPUT)
         combine(*parts[6:]).get(perf=P.THROUGHPUT)
     assert max(b.most_filling for b in backends) > 2
+

@@ -70,13 +70,14 @@ def static_prefix(call: Call) -> str:
 
 def call_demand(call: Call) -> CallDemand:
     text = first_fill_text(call)
-    tokens = len(text) // CHARS_PER_TOKEN + sum(sampling.max_tokens for sampling in call.sampling.values())
+    prompt_tokens = len(text) // CHARS_PER_TOKEN
+    tokens = prompt_tokens + sum(sampling.max_tokens for sampling in call.sampling.values())
     group_size = 1
     if call.task_group is not None:
         consumer = next((c for out in call.outputs.values() for c in out.consumers if c.call_id == call.task_group), None)
         if consumer is not None:
             group_size = max(1, len(parallel_producers(consumer)))
-    return CallDemand(prefix_hashes(text), tokens, group_size, prompt_tokens=len(text) // CHARS_PER_TOKEN)
+    return CallDemand(prefix_hashes(text), tokens, group_size, prompt_tokens=prompt_tokens)
 
 
 class Executor:
@@ -87,6 +88,8 @@ class Executor:
         self.engines: list[EngineBackend] = []
         self.view = ClusterView(self.engines, {}, self.prefixes)
         self._held: list[Call] = []  # ready calls the policy holds back (or no engine has registered)
+        # a held call's demand, kept: held calls are offered again at every fill and call end
+        self._held_demands: dict[str, CallDemand] = {}
         self._tokens: dict[str, int] = {}  # running call -> the KV tokens counted for it
         self._unfilled: dict[str, int] = {}  # running call before its first fill returns -> its prompt tokens
         self._tasks: set[asyncio.Task] = set()
@@ -125,6 +128,11 @@ class Executor:
         """The call's outputs are wanted: run it as soon as its inputs are ready."""
         if call.state is CallState.SUBMITTED:
             call.state = CallState.WAITING
+        elif call in self._held:
+            # asked for again (its objective may have changed: a throughput call now latency-critical): placed anew
+            self._held.remove(call)
+            self._held_demands.pop(call.call_id, None)
+            call.state = CallState.WAITING
         self._try_start(call)
 
     def on_variable_ready(self, var: Variable) -> None:
@@ -151,10 +159,11 @@ class Executor:
                 "serves the model; resubmit once an engine is back"))
             return
         view = self.view if len(engines) == len(self.engines) else replace(self.view, engines=engines)
-        demand = call_demand(call)
+        demand = self._held_demands.pop(call.call_id, None) or call_demand(call)
         engine = self.policy.place(call, demand, view) if engines else None
         if engine is None:
             self._held.append(call)
+            self._held_demands[call.call_id] = demand
             return
         self.prefixes.record(engine.name, demand.prompt_hashes)
         self.view.group_engines.pop(call.call_id, None)  # a consumer that starts ends the task group it named
@@ -303,6 +312,8 @@ class Executor:
         """Stops the calls (their engine contexts are freed) and fails their outputs with reason."""
         ids = {call.call_id for call in calls}
         self._held = [call for call in self._held if call.call_id not in ids]
+        for call_id in ids:
+            self._held_demands.pop(call_id, None)
         for call in calls:
             running = self._running.get(call.call_id)
             if running is not None:
@@ -315,10 +326,12 @@ class Executor:
         """Fails every call held back (no engine to take it, or the policy waits): they would
         wait for an engine that will not come."""
         held, self._held = self._held, []
+        self._held_demands.clear()
         for call in held:
             self._fail(call, error)
 
     def _fail(self, call: Call, error: BaseException) -> None:
+        self._held_demands.pop(call.call_id, None)
         call.state = CallState.FAILED
         call.error = error
         for output in call.outputs.values():
