@@ -388,3 +388,16 @@ def test_baselines_hand_out_throughput_work_at_once(policy):
         combine(*parts[6:]).get(perf=P.THROUGHPUT)
     assert max(b.most_filling for b in backends) > 2
 
+
+
+def test_engines_report_their_step_limits_as_their_stats_do(engine):
+    """Throughput work is weighed by each engine's step budget, read at every placement from
+    `step_limits` (cheap); it must say what `stats` says, whatever the backend."""
+    from parrot.backends.base import StepLimits
+    from parrot.backends.builtin import BuiltinEngineBackend
+
+    sim = RecordingBackend("sim-0", max_tokens_per_step=256, max_seqs_per_step=8)
+    builtin = BuiltinEngineBackend(engine)
+    for backend, expected in ((sim, StepLimits(256, 8)), (builtin, StepLimits(512, 64))):
+        stats = backend.stats()
+        assert backend.step_limits() == StepLimits(stats.max_tokens_per_step, stats.max_seqs_per_step) == expected

@@ -32,6 +32,14 @@ class BackendStats:
     max_seqs_per_step: int = 0
 
 
+@dataclass(frozen=True)
+class StepLimits:
+    """What one forward step of an engine takes at most (0: not reported)."""
+
+    max_tokens_per_step: int = 0
+    max_seqs_per_step: int = 0
+
+
 class EngineBackend(ABC):
     """An engine the manager can place calls on.
 
@@ -62,6 +70,13 @@ class EngineBackend(ABC):
 
     @abstractmethod
     def stats(self) -> BackendStats: ...
+
+    def step_limits(self) -> StepLimits:
+        """The step budget, as `stats` reports it; backends whose `stats` costs more than a
+        field read answer from their configuration (the manager asks at every placement of
+        throughput work)."""
+        stats = self.stats()
+        return StepLimits(stats.max_tokens_per_step, stats.max_seqs_per_step)
 
     async def close(self) -> None:
         """Releases what the backend holds; the default holds nothing."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from parrot.backends.base import BackendStats, EngineBackend
+from parrot.backends.base import BackendStats, EngineBackend, StepLimits
 from parrot.engine.llm_engine import LLMEngine
 
 
@@ -22,6 +22,9 @@ class BuiltinEngineBackend(EngineBackend):
 
     async def free_context(self, context_id):
         self.engine.free_context(context_id)
+
+    def step_limits(self) -> StepLimits:
+        return StepLimits(self.engine.config.max_tokens_per_step, self.engine.config.max_seqs_per_step)
 
     def stats(self) -> BackendStats:
         s = self.engine.stats()

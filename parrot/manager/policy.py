@@ -84,10 +84,10 @@ def takes_throughput_work(engine: EngineBackend, view: ClusterView) -> bool:
     """Whether the engine should be handed more throughput work now (QUEUED_PREFILL_STEPS): its
     queue of prompts not yet prefilled is short of that many steps, and it runs fewer calls than
     a step's sequences. Always where the engine does not report its step budget."""
-    stats, load = engine.stats(), view.load[engine.name]
-    if stats.max_tokens_per_step > 0 and load.unfilled_tokens >= QUEUED_PREFILL_STEPS * stats.max_tokens_per_step:
+    limits, load = engine.step_limits(), view.load[engine.name]
+    if limits.max_tokens_per_step > 0 and load.unfilled_tokens >= QUEUED_PREFILL_STEPS * limits.max_tokens_per_step:
         return False
-    return not (stats.max_seqs_per_step > 0 and load.calls >= stats.max_seqs_per_step)
+    return not (limits.max_seqs_per_step > 0 and load.calls >= limits.max_seqs_per_step)
 
 
 @dataclass

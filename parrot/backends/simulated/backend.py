@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import replace
 
-from parrot.backends.base import BackendStats, EngineBackend
+from parrot.backends.base import BackendStats, EngineBackend, StepLimits
 from parrot.backends.simulated.cost import CostModel
 from parrot.backends.simulated.engine import SimEngine, SimulatedStats
 from parrot.backends.simulated.presets import EngineProfile, parse_engine_spec
@@ -135,6 +135,9 @@ class SimulatedEngineBackend(EngineBackend):
         if ctx.parent is not None and ctx.parent.context_id in self._prefix_texts:
             await self._drop_prefix_if_unused(ctx.parent.context_id)
         self.core.wake()  # jobs waiting for KV may fit now
+
+    def step_limits(self) -> StepLimits:
+        return StepLimits(self.core.scheduler.max_tokens, self.core.scheduler.max_seqs)
 
     def stats(self) -> BackendStats:
         tree, counts = self.tree, self.core.counts
