@@ -231,6 +231,46 @@ def test_throughput_class_work_keeps_to_the_cap_whatever_the_step_cost():
     assert [(c.job, c.length) for c in scheduler.schedule().chunks] == [(chat, 10), (request, 50), (bulk, 36)]
 
 
+def _decoding(scheduler: BatchScheduler, contexts: ContextTable, name: str, priority: int):
+    ctx = contexts.create(name, None)
+    ctx.token_ids.extend(range(20))
+    ctx.num_computed = 19  # its prompt is in; one token to compute a step
+    return scheduler.submit(JobKind.GENERATE, ctx, priority, sampling=SamplingParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("caps_later_apps", [True, False])
+def test_a_later_apps_prompts_keep_to_the_cap_beside_the_first_apps_decodes(caps_later_apps):
+    """Throughput priorities order apps (App-FIFO): while the first app's call decodes, a later
+    app's prompt fills only the cap (the decode rows do not count against it), so the first
+    app's tokens are not each a full step; the same app's prompts are not capped. Where the
+    step cost says capping costs more than it gains (caps_later_apps off) nothing is capped."""
+    contexts = ContextTable(BlockPool(1024, 16), lambda src, dst: None)
+    scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=16, latency_max_tokens_per_step=96))
+    scheduler.caps_later_apps = caps_later_apps
+    first, later = PRIORITY_NORMAL + 9, PRIORITY_NORMAL + 19
+    decodes = [_decoding(scheduler, contexts, f"first-{i}", first) for i in range(3)]
+    own = _queued(scheduler, contexts, "first-map", 40, priority=first)
+    other = _queued(scheduler, contexts, "later-map", 600, priority=later)
+    chunks = [(c.job, c.length) for c in scheduler.schedule().chunks]
+    expected_other = 96 - 40 if caps_later_apps else 512 - 3 - 40
+    assert chunks == [*[(d, 1) for d in decodes], (own, 40), (other, expected_other)]
+    scheduler.remove(own)
+    for job in decodes:
+        scheduler.remove(job)
+    same_app = [_decoding(scheduler, contexts, f"later-{i}", later) for i in range(2)]
+    assert [(c.job, c.length) for c in scheduler.schedule().chunks] == [*[(d, 1) for d in same_app], (other, 510)]
+
+
+def test_later_apps_are_capped_only_where_tokens_are_dear():
+    from parrot.engine.step_profile import LatencyStepRules
+
+    cpu = StepCost(per_step_s=0.012, per_token_s=0.0009)  # this CPU: 128 tokens cost 10x the fixed cost
+    a100 = StepCost(per_step_s=0.02, per_token_s=0.02 * 0.62 / 128)  # 128 tokens cost 0.62 of the fixed cost
+    assert LatencyStepRules.for_cost(cpu, 128, 512).caps_later_apps
+    assert not LatencyStepRules.for_cost(a100, 128, 2048).caps_later_apps
+    assert not LatencyStepRules.for_cost(None, 128, 512).caps_later_apps  # unknown: not until the steps say so
+
+
 def test_latency_jobs_alone_use_the_whole_budget():
     contexts = ContextTable(BlockPool(64, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=8, latency_max_tokens_per_step=96))

@@ -401,3 +401,26 @@ def test_engines_report_their_step_limits_as_their_stats_do(engine):
     for backend, expected in ((sim, StepLimits(256, 8)), (builtin, StepLimits(512, 64))):
         stats = backend.stats()
         assert backend.step_limits() == StepLimits(stats.max_tokens_per_step, stats.max_seqs_per_step) == expected
+
+
+def test_throughput_apps_run_in_the_order_they_asked_with_engine_priorities_to_match():
+    """App-FIFO between throughput apps: a second map-reduce asked while the first runs has its
+    maps placed after all of the first's, at engine priorities no more urgent than the first's
+    (a later app's prompts keep to the cap beside the first app's decodes)."""
+    backends = [FillCountingBackend("sim-0", HALF_RATE_BESIDE_LATENCY)]
+    with P.Runtime(backends=backends, policy="parrot"):
+        first = [summarize(P.variable("chunk", f"first {i} " + "word " * 480)) for i in range(6)]
+        second = [summarize(P.variable("chunk", f"second {i} " + "word " * 480)) for i in range(6)]
+        asker = threading.Thread(target=combine(*first).get, kwargs={"perf": P.THROUGHPUT})
+        asker.start()
+        deadline = time.monotonic() + 10
+        while not backends[0].fills:
+            assert time.monotonic() < deadline and asker.is_alive(), "the first app never ran"
+            time.sleep(0.005)
+        combine(*second).get(perf=P.THROUGHPUT)
+        asker.join()
+    maps = [f for f in backends[0].fills if f.text.startswith("Summarize")]
+    apps = ["first" if "first" in f.text else "second" for f in maps]
+    assert apps == ["first"] * 6 + ["second"] * 6
+    first_priorities, second_priorities = [f.priority for f in maps[:6]], [f.priority for f in maps[6:]]
+    assert max(first_priorities) <= min(second_priorities) and max(second_priorities) > max(first_priorities)

@@ -509,6 +509,7 @@ class LLMEngine:
                 if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
                     rules = self._latency_rules(cost)
                     self.scheduler.cap_pays, self.scheduler.latency_cap = rules.caps_normal_class, rules.cap_tokens
+                    self.scheduler.caps_later_apps = rules.caps_later_apps
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})

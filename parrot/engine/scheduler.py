@@ -106,6 +106,14 @@ class StepBudget:
     rides in a step full of another job's prefill. Latency-class jobs themselves take what
     they need up to `total`: a latency prompt is prefilled in one step, not in capped pieces.
 
+    Between throughput-class jobs the same holds one level down: while a throughput job
+    decodes, throughput jobs of a higher priority value (the manager gives apps that came
+    later higher values: App-FIFO) prefill only up to the cap beside it, so the first app's
+    tokens are not each a full step of the next app's prompts, and its jobs end first instead
+    of every app ending with the last prompt (benchmarks/RESULTS.md, mixed). Only where
+    tokens are dear (`LatencyStepRules.caps_later_apps`: a CPU); where a step's fixed cost
+    dominates (a GPU) the backlog would lose more than the first app gains.
+
     Throughput-class work (declared deferrable) always keeps to the cap. Normal-class work
     (requests with no objective, such as other clients' traffic) keeps to it only where the
     owner's step cost says that pays (`step_profile.cap_pays`: a GPU's steps, whose fixed
@@ -119,14 +127,23 @@ class StepBudget:
     total: int
     capped: int | None  # None: no cap this step
     caps_normal_class: bool = True
+    urgent_throughput: int | None = None  # the cap is kept by throughput jobs of a priority above this only
 
     @classmethod
-    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], cap_pays: bool = True) -> StepBudget:
-        """The budget of a step whose waiting jobs have these priorities."""
+    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], cap_pays: bool = True,
+                 decode_priorities: list[int] | None = None) -> StepBudget:
+        """The budget of a step whose waiting jobs have these priorities (`decode_priorities`:
+        those of the jobs among them that decode, one token each; None: later apps are not
+        capped beside the first app's decodes, where that costs more than it gains)."""
         latency = sum(1 for priority in priorities if is_latency_class(priority))
-        if not 0 < latency < len(priorities):
+        if 0 < latency < len(priorities):
+            return cls(max_tokens, min(max_tokens, latency_max_tokens), cap_pays)
+        decodes = decode_priorities or []
+        urgent = min((p for p in decodes if is_throughput_class(p)), default=None)
+        if urgent is None or not any(p > urgent for p in priorities):
             return cls(max_tokens, None)
-        return cls(max_tokens, min(max_tokens, latency_max_tokens), cap_pays)
+        # the decodes' own tokens do not count against the cap: it bounds the later apps' prompts
+        return cls(max_tokens, min(max_tokens, latency_max_tokens + len(decodes)), urgent_throughput=urgent)
 
     @property
     def spent(self) -> bool:
@@ -139,6 +156,8 @@ class StepBudget:
         return min(wanted, self.total, self.capped)
 
     def _keeps_to_cap(self, priority: int) -> bool:
+        if self.urgent_throughput is not None:
+            return priority > self.urgent_throughput
         return is_throughput_class(priority) or (self.caps_normal_class and not is_latency_class(priority))
 
     def take(self, tokens: int) -> None:
@@ -153,6 +172,7 @@ class BatchScheduler:
         self.config = config
         self.reclaim = reclaim  # frees up to n idle cached blocks; returns how many it freed
         self.cap_pays = True  # the owner's step_profile.cap_pays (StepBudget)
+        self.caps_later_apps = False  # the owner's LatencyStepRules.caps_later_apps (StepBudget): off until its step cost is known
         self.latency_cap = config.latency_max_tokens_per_step  # the owner's step_profile.latency_cap (StepBudget)
         self.jobs: list[Job] = []
         self._arrivals = itertools.count()
@@ -168,8 +188,10 @@ class BatchScheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap,
-                                     [job.priority for job in self.jobs if job.ctx.num_pending > 0], self.cap_pays)
+        waiting = [job for job in self.jobs if job.ctx.num_pending > 0]
+        decodes = [job.priority for job in waiting if job.kind is JobKind.GENERATE and job.ctx.num_pending == 1]
+        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap, [job.priority for job in waiting], self.cap_pays,
+                                     decodes if self.caps_later_apps else None)
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

@@ -9,6 +9,7 @@ round trip sits between a producer and its consumer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class Executor:
         self._running: dict[str, RunningCall] = {}
         self._failed_on: dict[str, list[EngineBackend]] = {}  # call -> engines that failed it
         self._on_dispatch = on_dispatch
+        self._app_orders = itertools.count(1)
         self.on_complete: list[Callable[[Call, float], None]] = []  # (call, seconds from start to end)
 
         for engine in engines:
@@ -123,6 +125,22 @@ class Executor:
                     running.engine_lost = True
                     running.task.cancel()
         return engine
+
+    def activate_together(self, calls: list[Call]) -> None:
+        """Activates calls one request of the program asked for: they share an app order
+        (App-FIFO between the apps' throughput work), unless asked for before."""
+        order = next(self._app_orders)
+        for call in calls:
+            if not call.app_order:
+                call.app_order = order
+            self.activate(call)
+
+    def _apps_ahead(self, call: Call) -> int:
+        """Apps whose throughput work is placed or held and that asked before the call's."""
+        if call.objective is not Objective.THROUGHPUT:
+            return 0
+        waiting = itertools.chain((r.call for r in self._running.values()), self._held)
+        return len({c.app_order for c in waiting if c.objective is Objective.THROUGHPUT and c.app_order < call.app_order})
 
     def activate(self, call: Call) -> None:
         """The call's outputs are wanted: run it as soon as its inputs are ready."""
@@ -208,7 +226,7 @@ class Executor:
 
     async def _run(self, call: Call, engine: EngineBackend) -> None:
         context_id = f"{call.call_id}"
-        priority = self.policy.priority(call)
+        priority = self.policy.priority(call, self._apps_ahead(call))
         started = time.perf_counter()
         created = filling = False
         rerun = False

@@ -77,6 +77,7 @@ class Call:
     objective: Objective = Objective.UNKNOWN
     task_group: str | None = None  # id of the consumer this call feeds together with its siblings
     depth: int = 0  # calls on the longest path from a source to here
+    app_order: int = 0  # when the program first asked for it (calls asked for together share it): App-FIFO
     engine: str | None = None
     error: BaseException | None = None
 

@@ -242,8 +242,7 @@ class Manager:
             var.requested = perf
         calls = deduce_objectives(graph, var, perf or Perf.THROUGHPUT) if perf else graph.upstream_calls(var)
         # producers first, so that App-FIFO order holds within the session too
-        for call in sorted(calls, key=lambda c: (c.depth, c.arrival)):
-            self.executor.activate(call)
+        self.executor.activate_together(sorted(calls, key=lambda c: (c.depth, c.arrival)))
 
     # ---- calls ---------------------------------------------------------------
 

@@ -75,7 +75,19 @@ def parallel_producers(consumer: Call) -> set[str]:
     return producers - before
 
 
-def engine_priority(call: Call) -> int:
-    """Engine-level priority (lower runs first): objective class, then deeper stages first."""
-    base = {Objective.LATENCY: PRIORITY_LATENCY, Objective.THROUGHPUT: PRIORITY_THROUGHPUT}.get(call.objective, PRIORITY_NORMAL)
+# Throughput priorities (PRIORITY_NORMAL + 1 .. PRIORITY_THROUGHPUT) hold the app's place among
+# the apps with throughput work in flight, then its stage: STAGE_LEVELS stages a place
+STAGE_LEVELS = 10
+MAX_APPS_AHEAD = (PRIORITY_THROUGHPUT - PRIORITY_NORMAL) // STAGE_LEVELS - 1
+
+
+def engine_priority(call: Call, apps_ahead: int = 0) -> int:
+    """Engine-level priority (lower runs first): objective class, then deeper stages first.
+    Throughput work orders apps first (App-FIFO): `apps_ahead` is how many apps with
+    throughput work in flight were asked for before the call's; apps past MAX_APPS_AHEAD
+    share the last place, stages past STAGE_LEVELS the deepest."""
+    if call.objective is Objective.THROUGHPUT:
+        place = min(apps_ahead, MAX_APPS_AHEAD) * STAGE_LEVELS + STAGE_LEVELS - 1 - min(call.depth, STAGE_LEVELS - 1)
+        return PRIORITY_NORMAL + 1 + place
+    base = PRIORITY_LATENCY if call.objective is Objective.LATENCY else PRIORITY_NORMAL
     return base - min(call.depth, MAX_STAGE_DEPTH)

@@ -119,7 +119,8 @@ class SchedulingPolicy(ABC):
     @abstractmethod
     def place(self, call: Call, demand: CallDemand, view: ClusterView) -> EngineBackend | None: ...
 
-    def priority(self, call: Call) -> int:
+    def priority(self, call: Call, apps_ahead: int = 0) -> int:
+        """`apps_ahead`: apps with throughput work in flight asked for before the call's."""
         return PRIORITY_NORMAL
 
     def order(self, held: list[Call]) -> list[Call]:
@@ -191,12 +192,15 @@ class ParrotPolicy(SchedulingPolicy):
                 view.group_engines[call.task_group] = [e.name for e in spread] or [engine.name]  # its siblings follow
         return engine
 
-    def priority(self, call):
-        return engine_priority(call)
+    def priority(self, call, apps_ahead=0):
+        return engine_priority(call, apps_ahead)
 
     def order(self, held):
-        # App-FIFO: later stages of apps in flight first, then arrival
-        return sorted(held, key=lambda c: (c.objective is not Objective.LATENCY, -c.depth, c.arrival))
+        # App-FIFO: latency-critical calls, then throughput work app by app in the order the apps
+        # asked for it; within those, later stages first, then arrival
+        def key(c: Call) -> tuple[bool, int, int, int]:
+            return c.objective is not Objective.LATENCY, c.app_order if c.objective is Objective.THROUGHPUT else 0, -c.depth, c.arrival
+        return sorted(held, key=key)
 
 
 def _idle_engines_for_group(first: EngineBackend, candidates: list[EngineBackend], view: ClusterView, group_size: int,

@@ -53,6 +53,7 @@ class SimulatedEngineBackend(EngineBackend):
         scheduler = self.core.scheduler
         rules = LatencyStepRules.for_cost(step_cost, scheduler.latency_max_tokens, max_tokens_per_step)
         scheduler.cap_pays, scheduler.latency_max_tokens = rules.caps_normal_class, rules.cap_tokens
+        scheduler.caps_later_apps = rules.caps_later_apps
         self._prefill_share = rules.prefill_share
 
     @classmethod

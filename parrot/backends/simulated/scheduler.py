@@ -74,6 +74,7 @@ class SimScheduler:
         self.jobs: list[SimJob] = []
         self.preemptions = 0
         self.cap_pays = True  # the cost model's step_profile.cap_pays (StepBudget)
+        self.caps_later_apps = False  # the cost model's LatencyStepRules.caps_later_apps (StepBudget)
         self._arrivals = itertools.count()
 
     def submit(self, kind: JobKind, ctx: SimContext, priority: int, **fields) -> SimJob:
@@ -90,7 +91,8 @@ class SimScheduler:
         """Plans one step and reserves its KV (computed by the step's end)."""
         plan = StepPlan()
         # every simulated job waits for its next chunk or token, as pending jobs do in the engine
-        budget = StepBudget.for_step(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs], self.cap_pays)
+        budget = StepBudget.for_step(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs], self.cap_pays,
+                                     [job.priority for job in self.jobs if not job.ctx.pending] if self.caps_later_apps else None)
         chosen = set()
         for job in sorted(self.jobs, key=lambda j: j.sort_key):
             if budget.spent or len(plan.chunks) == self.max_seqs:
