@@ -424,3 +424,27 @@ def test_throughput_apps_run_in_the_order_they_asked_with_engine_priorities_to_m
     assert apps == ["first"] * 6 + ["second"] * 6
     first_priorities, second_priorities = [f.priority for f in maps[:6]], [f.priority for f in maps[6:]]
     assert max(first_priorities) <= min(second_priorities) and max(second_priorities) > max(first_priorities)
+
+
+def test_an_app_keeps_its_place_while_it_runs_and_a_new_app_comes_after_every_earlier_one():
+    """Engine priorities are fixed as each call starts, so an app's place among the throughput
+    apps in flight must not shift when an earlier app ends: otherwise a later app could tie
+    with or overtake one that started before it."""
+    from parrot.manager.executor import Executor
+    from parrot.manager.graph import Call, Objective
+
+    executor = Executor([])
+
+    def call(app: int) -> Call:
+        made = Call(f"c-{app}", "f", [], {}, {}, {}, 0, objective=Objective.THROUGHPUT, app_order=app)
+        executor._held.append(made)  # in flight: held in the manager
+        return made
+
+    first, second = call(1), call(2)
+    assert [executor._app_place(c) for c in (first, second)] == [0, 1]
+    executor._held.remove(first)  # the first app ends
+    third = call(3)
+    assert executor._app_place(third) == 2 and executor._app_place(second) == 1  # after the second, which keeps its place
+    executor._held.remove(second)
+    executor._held.remove(third)
+    assert executor._app_place(call(4)) == 0  # nothing in flight: the first place again

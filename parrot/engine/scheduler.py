@@ -24,7 +24,8 @@ from parrot.engine.tokenizer import IncrementalDetokenizer
 # A job's priority is its objective class's base less its DAG stage depth (App-FIFO: later
 # stages of the apps in flight first); depths past MAX_STAGE_DEPTH rank as that depth, so
 # the classes never overlap: latency-class priorities are <= 0, normal ones 1..1000,
-# throughput ones 1001..2000.
+# throughput ones 1001..2000, where the manager orders apps first, then stages
+# (manager/objectives.py engine_priority).
 PRIORITY_LATENCY = 0
 PRIORITY_NORMAL = 1000
 PRIORITY_THROUGHPUT = 2000

@@ -98,6 +98,7 @@ class Executor:
         self._failed_on: dict[str, list[EngineBackend]] = {}  # call -> engines that failed it
         self._on_dispatch = on_dispatch
         self._app_orders = itertools.count(1)
+        self._app_places: dict[int, int] = {}  # app order -> its place among the throughput apps in flight
         self.on_complete: list[Callable[[Call, float], None]] = []  # (call, seconds from start to end)
 
         for engine in engines:
@@ -135,12 +136,20 @@ class Executor:
                 call.app_order = order
             self.activate(call)
 
-    def _apps_ahead(self, call: Call) -> int:
-        """Apps whose throughput work is placed or held and that asked before the call's."""
+    def _app_place(self, call: Call) -> int:
+        """The place of the call's app among the apps with throughput work placed or held. An app
+        keeps its place while it has work in flight, so an engine's running jobs never see a
+        later app overtake an earlier one; a new app comes after every earlier one still in flight."""
         if call.objective is not Objective.THROUGHPUT:
             return 0
         waiting = itertools.chain((r.call for r in self._running.values()), self._held)
-        return len({c.app_order for c in waiting if c.objective is Objective.THROUGHPUT and c.app_order < call.app_order})
+        in_flight = {c.app_order for c in waiting if c.objective is Objective.THROUGHPUT}
+        for order in [o for o in self._app_places if o not in in_flight and o != call.app_order]:
+            del self._app_places[order]
+        if call.app_order not in self._app_places:
+            earlier = [place for order, place in self._app_places.items() if order < call.app_order]
+            self._app_places[call.app_order] = max(earlier) + 1 if earlier else 0
+        return self._app_places[call.app_order]
 
     def activate(self, call: Call) -> None:
         """The call's outputs are wanted: run it as soon as its inputs are ready."""
@@ -226,7 +235,7 @@ class Executor:
 
     async def _run(self, call: Call, engine: EngineBackend) -> None:
         context_id = f"{call.call_id}"
-        priority = self.policy.priority(call, self._apps_ahead(call))
+        priority = self.policy.priority(call, self._app_place(call))
         started = time.perf_counter()
         created = filling = False
         rerun = False

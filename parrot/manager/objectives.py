@@ -83,9 +83,10 @@ MAX_APPS_AHEAD = (PRIORITY_THROUGHPUT - PRIORITY_NORMAL) // STAGE_LEVELS - 1
 
 def engine_priority(call: Call, apps_ahead: int = 0) -> int:
     """Engine-level priority (lower runs first): objective class, then deeper stages first.
-    Throughput work orders apps first (App-FIFO): `apps_ahead` is how many apps with
-    throughput work in flight were asked for before the call's; apps past MAX_APPS_AHEAD
-    share the last place, stages past STAGE_LEVELS the deepest."""
+    Throughput work orders apps first (App-FIFO): `apps_ahead` is the app's place among the
+    apps with throughput work in flight (Executor._app_place: kept while the app runs, after
+    every earlier app); places past MAX_APPS_AHEAD share the last, stages past STAGE_LEVELS
+    the deepest."""
     if call.objective is Objective.THROUGHPUT:
         place = min(apps_ahead, MAX_APPS_AHEAD) * STAGE_LEVELS + STAGE_LEVELS - 1 - min(call.depth, STAGE_LEVELS - 1)
         return PRIORITY_NORMAL + 1 + place

@@ -120,7 +120,7 @@ class SchedulingPolicy(ABC):
     def place(self, call: Call, demand: CallDemand, view: ClusterView) -> EngineBackend | None: ...
 
     def priority(self, call: Call, apps_ahead: int = 0) -> int:
-        """`apps_ahead`: apps with throughput work in flight asked for before the call's."""
+        """`apps_ahead`: the place of the call's app among the apps with throughput work in flight."""
         return PRIORITY_NORMAL
 
     def order(self, held: list[Call]) -> list[Call]:
