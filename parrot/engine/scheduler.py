@@ -190,9 +190,9 @@ class BatchScheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         waiting = [job for job in self.jobs if job.ctx.num_pending > 0]
-        decodes = [job.priority for job in waiting if job.kind is JobKind.GENERATE and job.ctx.num_pending == 1]
-        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap, [job.priority for job in waiting], self.cap_pays,
-                                     decodes if self.caps_later_apps else None)
+        decodes = ([job.priority for job in waiting if job.kind is JobKind.GENERATE and job.ctx.num_pending == 1]
+                   if self.caps_later_apps else None)
+        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap, [job.priority for job in waiting], self.cap_pays, decodes)
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

@@ -338,9 +338,7 @@ class Executor:
     def cancel(self, calls: list[Call], reason: str) -> None:
         """Stops the calls (their engine contexts are freed) and fails their outputs with reason."""
         ids = {call.call_id for call in calls}
-        self._held = [call for call in self._held if call.call_id not in ids]
-        for call_id in ids:
-            self._held_demands.pop(call_id, None)
+        self._held = [call for call in self._held if call.call_id not in ids]  # failed below: _fail drops their demands
         for call in calls:
             running = self._running.get(call.call_id)
             if running is not None:
@@ -353,7 +351,6 @@ class Executor:
         """Fails every call held back (no engine to take it, or the policy waits): they would
         wait for an engine that will not come."""
         held, self._held = self._held, []
-        self._held_demands.clear()
         for call in held:
             self._fail(call, error)
 
