@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
-from parrot.engine.scheduler import PRIORITY_LATENCY
+from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_THROUGHPUT
 from parrot.engine.step_trace import main, read_trace, summarize
 
 from conftest import PROMPTS, collect, greedy
@@ -53,3 +53,35 @@ def test_the_summary_refuses_what_is_not_a_trace(tmp_path, capsys):
     assert "is not a step trace" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.jsonl")]) == 2
     assert main([str(tmp_path / "empty-folder")]) == 2
+
+
+def test_a_step_records_the_cap_other_work_kept_to_beside_a_latency_job(tmp_path):
+    trace = tmp_path / "steps.jsonl"
+    engine = LLMEngine(EngineConfig(random_weights="tiny", kv_memory_gb=0.05, max_tokens_per_step=256,
+                                    latency_max_tokens_per_step=32, step_trace=str(trace)))
+    short = engine.tokenizer.encode(PROMPTS[0])
+    long = engine.tokenizer.encode(" ".join([PROMPTS[4]] * 12))[:600]
+
+    async def chat_beside_a_long_throughput_prompt() -> None:
+        await engine.fill("chat", None, short)
+        chat = asyncio.ensure_future(collect(engine, "chat", greedy(OUTPUT_TOKENS), PRIORITY_LATENCY))
+        await engine.fill("job", None, long, priority=PRIORITY_THROUGHPUT)
+        await chat
+        await engine.close()
+
+    asyncio.run(chat_beside_a_long_throughput_prompt())
+    records = read_trace(trace)
+    beside_chat = [r for r in records if r.latency_rows and r.throughput_rows]
+    assert beside_chat, "the long prompt ran beside the chat's decodes"
+    assert all(r.cap_tokens == 32 and r.prefill_tokens <= 32 and not r.later_apps_capped for r in beside_chat)
+    assert all(r.throughput_priorities == [PRIORITY_THROUGHPUT] for r in beside_chat)
+    alone = [r for r in records if r.throughput_rows and not r.latency_rows]
+    assert alone and all(r.cap_tokens is None and r.prefill_tokens <= 256 for r in alone)
+
+
+def test_traces_written_before_the_budget_was_recorded_still_read(tmp_path):
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"at_s": 0.0, "seconds": 0.1, "decode_rows": 2, "prefill_tokens": 30, "kv_tokens": 90, '
+                   '"latency_rows": 1, "throughput_rows": 2, "replayed_graph": false}\n')
+    (record,) = read_trace(old)
+    assert (record.cap_tokens, record.caps_later_apps, record.throughput_priorities) == (None, None, [])

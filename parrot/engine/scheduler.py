@@ -71,6 +71,11 @@ class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
     preempted: list[Job] = field(default_factory=list)
+    # what the step's budget was, for step traces: the cap on other work's tokens (None: none),
+    # whether later apps kept to it beside a throughput decode, and whether that rule was on
+    cap_tokens: int | None = None
+    later_apps_capped: bool = False
+    caps_later_apps: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -193,6 +198,8 @@ class BatchScheduler:
         decodes = ([job.priority for job in waiting if job.kind is JobKind.GENERATE and job.ctx.num_pending == 1]
                    if self.caps_later_apps else None)
         budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap, [job.priority for job in waiting], self.cap_pays, decodes)
+        plan.cap_tokens, plan.later_apps_capped = budget.capped, budget.urgent_throughput is not None
+        plan.caps_later_apps = self.caps_later_apps
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

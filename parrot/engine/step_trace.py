@@ -13,7 +13,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -31,6 +31,11 @@ class StepRecord:
     latency_rows: int  # chunks of latency-class jobs
     throughput_rows: int  # chunks of throughput-class jobs
     replayed_graph: bool  # the decode graphs ran the step (decode-only steps; CUDA graphs on a GPU)
+    # the step budget (StepBudget); defaults for traces written before these were recorded
+    cap_tokens: int | None = None  # the cap other work kept to (None: no cap this step)
+    later_apps_capped: bool = False  # the cap was later throughput apps' beside a throughput decode
+    caps_later_apps: bool | None = None  # whether that rule was on (the engine's fitted step cost)
+    throughput_priorities: list[int] = field(default_factory=list)  # distinct, of the step's throughput chunks
 
     @classmethod
     def of(cls, plan: StepPlan, at_s: float, seconds: float, replayed_graph: bool) -> StepRecord:
@@ -45,6 +50,10 @@ class StepRecord:
             latency_rows=sum(1 for c in plan.chunks if is_latency_class(c.job.priority)),
             throughput_rows=sum(1 for c in plan.chunks if is_throughput_class(c.job.priority)),
             replayed_graph=replayed_graph,
+            cap_tokens=plan.cap_tokens,
+            later_apps_capped=plan.later_apps_capped,
+            caps_later_apps=plan.caps_later_apps,
+            throughput_priorities=sorted({c.job.priority for c in plan.chunks if is_throughput_class(c.job.priority)}),
         )
 
     @property
