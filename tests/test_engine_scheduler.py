@@ -9,7 +9,7 @@ finishes, and one fails only when it could never fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import given, settings
@@ -203,7 +203,7 @@ def test_a_latency_prompt_is_prefilled_in_one_step_while_other_work_keeps_to_the
 def _step_beside_a_chat(prompts: list[int], priority: int, cap_pays: bool = True) -> StepPlan:
     contexts = ContextTable(BlockPool(1024, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=16, latency_max_tokens_per_step=96))
-    scheduler.cap_pays = cap_pays
+    scheduler.rules = replace(scheduler.rules, caps_normal_class=cap_pays)
     _queued(scheduler, contexts, "chat", 10, priority=PRIORITY_LATENCY)
     for i, tokens in enumerate(prompts):
         _queued(scheduler, contexts, f"request-{i}", tokens, priority=priority)
@@ -224,7 +224,7 @@ def test_throughput_class_work_keeps_to_the_cap_whatever_the_step_cost():
     # normal-class work past the cap takes what it needs; throughput work gets what is left under it
     contexts = ContextTable(BlockPool(1024, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=16, latency_max_tokens_per_step=96))
-    scheduler.cap_pays = False
+    scheduler.rules = replace(scheduler.rules, caps_normal_class=False)
     chat = _queued(scheduler, contexts, "chat", 10, priority=PRIORITY_LATENCY)
     request = _queued(scheduler, contexts, "request", 50, priority=PRIORITY_NORMAL)
     bulk = _queued(scheduler, contexts, "map", 600, priority=PRIORITY_THROUGHPUT)
@@ -246,7 +246,7 @@ def test_a_later_apps_prompts_keep_to_the_cap_beside_the_first_apps_decodes(caps
     step cost says capping costs more than it gains (caps_later_apps off) nothing is capped."""
     contexts = ContextTable(BlockPool(1024, 16), lambda src, dst: None)
     scheduler = BatchScheduler(contexts, SchedulerConfig(max_tokens_per_step=512, max_seqs_per_step=16, latency_max_tokens_per_step=96))
-    scheduler.caps_later_apps = caps_later_apps
+    scheduler.rules = replace(scheduler.rules, caps_later_apps=caps_later_apps)
     first, later = PRIORITY_NORMAL + 9, PRIORITY_NORMAL + 19
     decodes = [_decoding(scheduler, contexts, f"first-{i}", first) for i in range(3)]
     own = _queued(scheduler, contexts, "first-map", 40, priority=first)

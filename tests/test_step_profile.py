@@ -77,5 +77,22 @@ def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):
     share = engine.stats().prefill_share_beside_latency
     assert 0 < share <= 1
     # the scheduler keeps other work beside a latency job to the cap its fitted steps afford
-    assert engine.scheduler.latency_cap == latency_cap(cost, engine.config.latency_max_tokens_per_step)
-    assert share == pytest.approx(prefill_share_at_cap(cost, engine.scheduler.latency_cap, engine.config.max_tokens_per_step))
+    assert engine.scheduler.rules.cap_tokens == latency_cap(cost, engine.config.latency_max_tokens_per_step)
+    assert share == pytest.approx(prefill_share_at_cap(cost, engine.scheduler.rules.cap_tokens, engine.config.max_tokens_per_step))
+
+
+def test_a_new_engine_knows_its_step_cost_before_its_first_request():
+    """Fitted from real steps only, an engine whose steps are all full never learns its cost,
+    and the rules that need it (the cap beside latency work, later apps capped) stay off: the
+    engine times steps of two sizes as it starts. They leave no trace: no steps or tokens
+    counted, no context, every block free."""
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(random_weights="tiny", kv_memory_gb=0.05))
+    cost = engine.step_cost
+    assert cost is not None and cost.per_token_s > 0
+    assert engine.scheduler.rules.cap_tokens == latency_cap(cost, engine.config.latency_max_tokens_per_step)
+    stats = engine.stats()
+    assert (stats.steps, stats.tokens_processed, stats.num_contexts) == (0, 0, 0)
+    assert stats.blocks_free == stats.blocks_total
+    engine.contexts.check_integrity()

@@ -40,8 +40,8 @@ from parrot.engine.random_weights import random_model, shape_named
 from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
-from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, SchedulerConfig
-from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
+from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, ScheduledChunk, SchedulerConfig, StepPlan
+from parrot.engine.step_profile import MIN_STEPS, MIN_TOKEN_SPREAD, LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # how long jobs blocked on KV memory wait for some context to be freed before they fail
 FREE_GRACE_SECONDS = 0.1
+# the larger of the two step sizes the engine times at start (_calibrate_step_cost)
+CALIBRATION_TOKENS = 128
+CALIBRATION_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ class LLMEngine:
         self._channels: dict[int, _JobChannel] = {}
         self._counters = _Counters()
         self._step_profile = StepProfile()
+        self._step_thread.submit(self._calibrate_step_cost).result()
         self._trace_start = time.perf_counter()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -218,6 +222,41 @@ class LLMEngine:
         shared = self.model.attention.min_shared_tokens if config.shared_prefix_attention else None
         graphs = DecodeGraphs(self.model, self.kv, num_blocks, config.max_seqs_per_step, shared) if use_graphs else None
         self.runner = ModelRunner(self.model, self.kv, graphs)
+
+    def _calibrate_step_cost(self) -> None:
+        """Seeds the step cost with steps of two sizes on a scratch context, so the rules that
+        depend on it (StepBudget: the cap beside latency work, later apps capped beside the
+        first app's decodes) hold from the first request. Fitted from real steps only, an
+        engine whose steps were all full (a backlog of prompts) never learned its cost and ran
+        without those rules: in mixed on this CPU the quiet engine did so for 12 s of 17 and
+        every job ended with the last prompt (benchmarks/RESULTS.md, mixed)."""
+        pool = self.contexts.pool
+        large = min(CALIBRATION_TOKENS, self.config.max_tokens_per_step, (pool.num_free - 1) * pool.block_size)
+        if large - 1 < MIN_TOKEN_SPREAD:
+            return  # a pool or step too small to tell the costs apart: fitted from real steps then
+        ctx = self.contexts.create("parrot-step-calibration", None)
+        try:
+            ctx.token_ids.extend([0] * large)
+            slots = self.contexts.reserve_slots(ctx, large)
+            job = Job(JobKind.FILL, ctx, PRIORITY_NORMAL, arrival=-1)
+            self.runner.run(StepPlan([ScheduledChunk(job, 0, large, slots, wants_logits=False)]))  # one-time costs
+            for length in (1, large):  # a decode's step and a prompt's
+                plan = StepPlan([ScheduledChunk(job, 0, length, slots[:length], wants_logits=False)])
+                seconds = min(self._timed(plan) for _ in range(CALIBRATION_REPEATS))  # the quickest: free of the machine's noise
+                for _ in range(-(-MIN_STEPS // 2)):
+                    self._step_profile.record(length, seconds)
+        finally:
+            self.contexts.free(ctx.context_id)
+        cost = self._step_profile.cost()
+        if cost is not None:
+            self.scheduler.rules = self._latency_rules(cost)
+
+    def _timed(self, plan: StepPlan) -> float:
+        started = time.perf_counter()
+        self.runner.run(plan)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     def _attention(self, device: torch.device) -> AttentionBackend:
         if device.type == "cuda":  # every row through the Triton kernel; "no sharing" groups nothing
@@ -507,9 +546,7 @@ class LLMEngine:
                 self._step_profile.record(plan.num_tokens, elapsed)
                 cost = self._step_profile.cost()
                 if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
-                    rules = self._latency_rules(cost)
-                    self.scheduler.cap_pays, self.scheduler.latency_cap = rules.caps_normal_class, rules.cap_tokens
-                    self.scheduler.caps_later_apps = rules.caps_later_apps
+                    self.scheduler.rules = self._latency_rules(cost)
                 self._counters.steps += 1
                 self._counters.tokens += plan.num_tokens
                 batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})

@@ -19,6 +19,7 @@ import torch
 
 from parrot.engine.kv_cache import Context, ContextTable
 from parrot.engine.sampler import SamplingParams, StopChecker
+from parrot.engine.step_profile import LatencyStepRules
 from parrot.engine.tokenizer import IncrementalDetokenizer
 
 # A job's priority is its objective class's base less its DAG stage depth (App-FIFO: later
@@ -136,20 +137,20 @@ class StepBudget:
     urgent_throughput: int | None = None  # the cap is kept by throughput jobs of a priority above this only
 
     @classmethod
-    def for_step(cls, max_tokens: int, latency_max_tokens: int, priorities: list[int], cap_pays: bool = True,
+    def for_step(cls, max_tokens: int, rules: LatencyStepRules, priorities: list[int],
                  decode_priorities: list[int] | None = None) -> StepBudget:
         """The budget of a step whose waiting jobs have these priorities (`decode_priorities`:
-        those of the jobs among them that decode, one token each; None: later apps are not
-        capped beside the first app's decodes, where that costs more than it gains)."""
+        those of the jobs among them that decode, one token each, read only where the rules
+        cap later apps beside the first app's decodes)."""
         latency = sum(1 for priority in priorities if is_latency_class(priority))
         if 0 < latency < len(priorities):
-            return cls(max_tokens, min(max_tokens, latency_max_tokens), cap_pays)
-        decodes = decode_priorities or []
+            return cls(max_tokens, min(max_tokens, rules.cap_tokens), rules.caps_normal_class)
+        decodes = (decode_priorities or []) if rules.caps_later_apps else []
         urgent = min((p for p in decodes if is_throughput_class(p)), default=None)
         if urgent is None or not any(p > urgent for p in priorities):
             return cls(max_tokens, None)
         # the decodes' own tokens do not count against the cap: it bounds the later apps' prompts
-        return cls(max_tokens, min(max_tokens, latency_max_tokens + len(decodes)), urgent_throughput=urgent)
+        return cls(max_tokens, min(max_tokens, rules.cap_tokens + len(decodes)), urgent_throughput=urgent)
 
     @property
     def spent(self) -> bool:
@@ -177,9 +178,8 @@ class BatchScheduler:
         self.contexts = contexts
         self.config = config
         self.reclaim = reclaim  # frees up to n idle cached blocks; returns how many it freed
-        self.cap_pays = True  # the owner's step_profile.cap_pays (StepBudget)
-        self.caps_later_apps = False  # the owner's LatencyStepRules.caps_later_apps (StepBudget): off until its step cost is known
-        self.latency_cap = config.latency_max_tokens_per_step  # the owner's step_profile.latency_cap (StepBudget)
+        # the owner's rules from its fitted step cost (StepBudget); the configured cap until it is known
+        self.rules = LatencyStepRules.for_cost(None, config.latency_max_tokens_per_step, config.max_tokens_per_step)
         self.jobs: list[Job] = []
         self._arrivals = itertools.count()
 
@@ -196,10 +196,10 @@ class BatchScheduler:
         plan = StepPlan()
         waiting = [job for job in self.jobs if job.ctx.num_pending > 0]
         decodes = ([job.priority for job in waiting if job.kind is JobKind.GENERATE and job.ctx.num_pending == 1]
-                   if self.caps_later_apps else None)
-        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.latency_cap, [job.priority for job in waiting], self.cap_pays, decodes)
+                   if self.rules.caps_later_apps else None)  # a per-step list on the hot path only where it is read
+        budget = StepBudget.for_step(self.config.max_tokens_per_step, self.rules, [job.priority for job in waiting], decodes)
         plan.cap_tokens, plan.later_apps_capped = budget.capped, budget.urgent_throughput is not None
-        plan.caps_later_apps = self.caps_later_apps
+        plan.caps_later_apps = self.rules.caps_later_apps
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

@@ -51,10 +51,8 @@ class SimulatedEngineBackend(EngineBackend):
         # the cost model is the step cost the built-in engine fits from its steps
         step_cost = None if cost.is_zero else StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token)
         scheduler = self.core.scheduler
-        rules = LatencyStepRules.for_cost(step_cost, scheduler.latency_max_tokens, max_tokens_per_step)
-        scheduler.cap_pays, scheduler.latency_max_tokens = rules.caps_normal_class, rules.cap_tokens
-        scheduler.caps_later_apps = rules.caps_later_apps
-        self._prefill_share = rules.prefill_share
+        scheduler.rules = LatencyStepRules.for_cost(step_cost, scheduler.rules.cap_tokens, max_tokens_per_step)
+        self._prefill_share = scheduler.rules.prefill_share
 
     @classmethod
     def from_profile(cls, profile: EngineProfile | str, name: str = "sim-0", time_scale: float = 1.0, **overrides) -> SimulatedEngineBackend:

@@ -19,6 +19,7 @@ from enum import Enum
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import StepShape
 from parrot.engine.scheduler import StepBudget
+from parrot.engine.step_profile import LatencyStepRules
 
 
 class JobKind(Enum):
@@ -68,13 +69,12 @@ class SimScheduler:
                  latency_max_tokens_per_step: int = 128):
         self.tree = tree
         self.max_tokens = max_tokens_per_step
-        self.latency_max_tokens = latency_max_tokens_per_step
         self.max_seqs = max_seqs_per_step
         self.shared_prefix_attention = shared_prefix_attention
         self.jobs: list[SimJob] = []
         self.preemptions = 0
-        self.cap_pays = True  # the cost model's step_profile.cap_pays (StepBudget)
-        self.caps_later_apps = False  # the cost model's LatencyStepRules.caps_later_apps (StepBudget)
+        # the cost model's rules (StepBudget), set by the owner; the configured cap until then
+        self.rules = LatencyStepRules.for_cost(None, latency_max_tokens_per_step, max_tokens_per_step)
         self._arrivals = itertools.count()
 
     def submit(self, kind: JobKind, ctx: SimContext, priority: int, **fields) -> SimJob:
@@ -91,8 +91,8 @@ class SimScheduler:
         """Plans one step and reserves its KV (computed by the step's end)."""
         plan = StepPlan()
         # every simulated job waits for its next chunk or token, as pending jobs do in the engine
-        budget = StepBudget.for_step(self.max_tokens, self.latency_max_tokens, [job.priority for job in self.jobs], self.cap_pays,
-                                     [job.priority for job in self.jobs if not job.ctx.pending] if self.caps_later_apps else None)
+        budget = StepBudget.for_step(self.max_tokens, self.rules, [job.priority for job in self.jobs],
+                                     [job.priority for job in self.jobs if not job.ctx.pending] if self.rules.caps_later_apps else None)
         chosen = set()
         for job in sorted(self.jobs, key=lambda j: j.sort_key):
             if budget.spent or len(plan.chunks) == self.max_seqs:
