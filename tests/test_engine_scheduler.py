@@ -251,9 +251,11 @@ def test_a_later_apps_prompts_keep_to_the_cap_beside_the_first_apps_decodes(caps
     decodes = [_decoding(scheduler, contexts, f"first-{i}", first) for i in range(3)]
     own = _queued(scheduler, contexts, "first-map", 40, priority=first)
     other = _queued(scheduler, contexts, "later-map", 600, priority=later)
-    chunks = [(c.job, c.length) for c in scheduler.schedule().chunks]
+    plan = scheduler.schedule()
     expected_other = 96 - 40 if caps_later_apps else 512 - 3 - 40
-    assert chunks == [*[(d, 1) for d in decodes], (own, 40), (other, expected_other)]
+    assert [(c.job, c.length) for c in plan.chunks] == [*[(d, 1) for d in decodes], (own, 40), (other, expected_other)]
+    # what a step trace records of the budget: the cap counts the decode rows in
+    assert (plan.later_apps_capped, plan.cap_tokens) == ((True, 96 + 3) if caps_later_apps else (False, None))
     scheduler.remove(own)
     for job in decodes:
         scheduler.remove(job)

@@ -147,6 +147,21 @@ def test_free_parent_keeps_children_and_freeing_all_returns_every_block():
         table.free("c")
 
 
+def test_blocks_given_back_come_out_again_in_ascending_order():
+    """The CPU attention reads a context's KV in place only where its blocks are ascending and
+    consecutive: a context that takes blocks another gave back gets them in that order."""
+    table, kv = make_table(num_blocks=8, block_size=4)
+    first = filled(table, kv, "a", list(range(12)))
+    assert first.block_table == [0, 1, 2]
+    table.free("a")
+    assert filled(table, kv, "b", list(range(16))).block_table == [0, 1, 2, 3]
+    evicted = filled(table, kv, "c", list(range(12)))
+    table.evict_private(evicted)
+    assert filled(table, kv, "d", list(range(8))).block_table == [4, 5]
+    table.truncate(table.get("b"), 4)
+    assert filled(table, kv, "e", list(range(12))).block_table == [1, 2, 3]
+
+
 def test_fork_of_a_context_being_filled_is_refused():
     table, kv = make_table()
     ctx = table.create("p", None)

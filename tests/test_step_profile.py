@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parrot.engine.step_profile import MIN_STEPS, StepCost, StepProfile, latency_cap, prefill_share_at_cap
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.step_profile import MIN_STEPS, LatencyStepRules, StepCost, StepProfile, latency_cap, prefill_share_at_cap
 
 
 @given(per_step=st.floats(0.0, 0.1), per_token=st.floats(1e-6, 1e-3),
@@ -71,7 +72,9 @@ def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):
                 await engine.fill(name, None, ids)
                 engine.free_context(name)
 
+    steps_before = engine._step_profile.steps
     asyncio.run(scenario())
+    assert engine._step_profile.steps > steps_before  # the fit takes in the engine's real steps
     cost = engine.step_cost
     assert cost is not None and cost.per_token_s > 0
     share = engine.stats().prefill_share_beside_latency
@@ -81,18 +84,32 @@ def test_the_built_in_engine_fits_its_steps_and_reports_the_share(engine):
     assert share == pytest.approx(prefill_share_at_cap(cost, engine.scheduler.rules.cap_tokens, engine.config.max_tokens_per_step))
 
 
-def test_a_new_engine_knows_its_step_cost_before_its_first_request():
+def test_a_new_engine_knows_its_step_cost_before_its_first_request(monkeypatch):
     """Fitted from real steps only, an engine whose steps are all full never learns its cost,
     and the rules that need it (the cap beside latency work, later apps capped) stay off: the
     engine times steps of two sizes as it starts. They leave no trace: no steps or tokens
-    counted, no context, every block free."""
-    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    counted, no context, every block free. (The step times are this test's, so its rules are
+    known; the engine takes the quickest of several, so a slow one is ignored.)"""
+    timed = []
 
+    def cpu_like(self, plan):  # this CPU's cost (RESULTS.md): 12 ms a step, 0.9 ms a token; once 10x slower
+        timed.append(plan.num_tokens)
+        return (0.012 + 0.0009 * plan.num_tokens) * (10 if len(timed) == 2 else 1)
+
+    monkeypatch.setattr(LLMEngine, "_timed", cpu_like)
     engine = LLMEngine(EngineConfig(random_weights="tiny", kv_memory_gb=0.05))
+    assert sorted(set(timed)) == [1, 128]
     cost = engine.step_cost
-    assert cost is not None and cost.per_token_s > 0
-    assert engine.scheduler.rules.cap_tokens == latency_cap(cost, engine.config.latency_max_tokens_per_step)
+    assert (cost.per_step_s, cost.per_token_s) == (pytest.approx(0.012), pytest.approx(0.0009))
+    assert engine.scheduler.rules == LatencyStepRules.for_cost(cost, 128, engine.config.max_tokens_per_step)
+    assert engine.scheduler.rules.caps_later_apps and engine.scheduler.rules.cap_tokens == 16
     stats = engine.stats()
     assert (stats.steps, stats.tokens_processed, stats.num_contexts) == (0, 0, 0)
     assert stats.blocks_free == stats.blocks_total
     engine.contexts.check_integrity()
+
+
+def test_an_engine_too_small_to_time_two_sizes_waits_for_its_real_steps():
+    engine = LLMEngine(EngineConfig(random_weights="tiny", kv_memory_gb=0.05, max_tokens_per_step=16))
+    assert engine.step_cost is None  # 1 and 16 tokens are too close to tell the costs apart
+    assert engine.scheduler.rules == LatencyStepRules.for_cost(None, 128, 16)

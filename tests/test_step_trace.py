@@ -85,4 +85,5 @@ def test_traces_written_before_the_budget_was_recorded_still_read(tmp_path):
     old.write_text('{"at_s": 0.0, "seconds": 0.1, "decode_rows": 2, "prefill_tokens": 30, "kv_tokens": 90, '
                    '"latency_rows": 1, "throughput_rows": 2, "replayed_graph": false}\n')
     (record,) = read_trace(old)
-    assert (record.cap_tokens, record.caps_later_apps, record.throughput_priorities) == (None, None, [])
+    assert (record.cap_tokens, record.later_apps_capped, record.throughput_priorities) == (None, False, [])
+    assert record.caps_normal_class is None and record.caps_later_apps is None  # unknown, not off

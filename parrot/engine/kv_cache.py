@@ -172,7 +172,7 @@ class ContextTable:
         """
         keep = self.private_from(ctx)
         dropped = ctx.block_table[keep:]
-        for block in dropped:
+        for block in reversed(dropped):  # last first: the pool hands them out again in ascending order
             self.pool.release(block)
         ctx.block_table = ctx.block_table[:keep]
         ctx.num_computed = min(ctx.num_computed, keep * self.pool.block_size)
@@ -187,13 +187,15 @@ class ContextTable:
         del ctx.token_ids[length:]
         ctx.num_computed = min(ctx.num_computed, length)
         keep = -(-ctx.num_computed // self.pool.block_size)
-        for block in ctx.block_table[keep:]:
+        for block in reversed(ctx.block_table[keep:]):
             self.pool.release(block)
         ctx.block_table = ctx.block_table[:keep]
 
     def free(self, context_id: str) -> None:
         ctx = self.get(context_id)
-        for block in ctx.block_table:
+        # last first: the pool (last in, first out) hands them out again in ascending order, and
+        # the CPU attention reads a run of ascending, consecutive blocks in place, not gathered
+        for block in reversed(ctx.block_table):
             self.pool.release(block)
         # ctx.block_table is left as it was: a forward step in flight may still be reading it
         # (its KV writes land in blocks that nobody can allocate before the step ends)

@@ -41,7 +41,7 @@ from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, ScheduledChunk, SchedulerConfig, StepPlan
-from parrot.engine.step_profile import MIN_STEPS, MIN_TOKEN_SPREAD, LatencyStepRules, StepCost, StepProfile
+from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, UserError
@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 # how long jobs blocked on KV memory wait for some context to be freed before they fail
 FREE_GRACE_SECONDS = 0.1
-# the larger of the two step sizes the engine times at start (_calibrate_step_cost)
+# the larger of the two step sizes the engine times as it starts (_calibrate_step_cost), and
+# how often it times each (the quickest counts: one slow step on a busy machine says nothing)
 CALIBRATION_TOKENS = 128
 CALIBRATION_REPEATS = 5
 
@@ -228,27 +229,29 @@ class LLMEngine:
         depend on it (StepBudget: the cap beside latency work, later apps capped beside the
         first app's decodes) hold from the first request. Fitted from real steps only, an
         engine whose steps were all full (a backlog of prompts) never learned its cost and ran
-        without those rules: in mixed on this CPU the quiet engine did so for 12 s of 17 and
-        every job ended with the last prompt (benchmarks/RESULTS.md, mixed)."""
+        without those rules: in mixed on this CPU the quiet engine once ran 12 s of its 17 so
+        and its jobs ended together (benchmarks/RESULTS.md, mixed). Both steps sample a token
+        from their last row, as a decode step and a prompt's last chunk do. Real steps refine
+        the fit from then on (older steps weigh less)."""
         pool = self.contexts.pool
-        large = min(CALIBRATION_TOKENS, self.config.max_tokens_per_step, (pool.num_free - 1) * pool.block_size)
-        if large - 1 < MIN_TOKEN_SPREAD:
-            return  # a pool or step too small to tell the costs apart: fitted from real steps then
+        large = min(CALIBRATION_TOKENS, self.config.max_tokens_per_step, pool.num_free * pool.block_size)
         ctx = self.contexts.create("parrot-step-calibration", None)
         try:
             ctx.token_ids.extend([0] * large)
             slots = self.contexts.reserve_slots(ctx, large)
-            job = Job(JobKind.FILL, ctx, PRIORITY_NORMAL, arrival=-1)
-            self.runner.run(StepPlan([ScheduledChunk(job, 0, large, slots, wants_logits=False)]))  # one-time costs
-            for length in (1, large):  # a decode's step and a prompt's
-                plan = StepPlan([ScheduledChunk(job, 0, length, slots[:length], wants_logits=False)])
-                seconds = min(self._timed(plan) for _ in range(CALIBRATION_REPEATS))  # the quickest: free of the machine's noise
-                for _ in range(-(-MIN_STEPS // 2)):
-                    self._step_profile.record(length, seconds)
+            job = Job(JobKind.GENERATE, ctx, PRIORITY_NORMAL, arrival=-1, sampling=SamplingParams(max_tokens=1, temperature=0.0))
+            plans = {length: StepPlan([ScheduledChunk(job, 0, length, slots[:length], wants_logits=True)]) for length in (1, large)}
+            for plan in plans.values():
+                self.runner.run(plan)  # one-time costs of each path (allocations, kernel set-up)
+            for length, plan in plans.items():
+                seconds = min(self._timed(plan) for _ in range(CALIBRATION_REPEATS))  # the quickest: the least noise
+                self._step_profile.seed(length, seconds)
         finally:
             self.contexts.free(ctx.context_id)
         cost = self._step_profile.cost()
-        if cost is not None:
+        if cost is None:
+            self._step_profile = StepProfile()  # too few tokens to tell the costs apart: real steps decide
+        else:
             self.scheduler.rules = self._latency_rules(cost)
 
     def _timed(self, plan: StepPlan) -> float:
@@ -405,7 +408,8 @@ class LLMEngine:
 
     @property
     def step_cost(self) -> StepCost | None:
-        """The cost of a forward step fitted from the steps run so far (None until they varied in size)."""
+        """The cost of a forward step: the steps timed at start, refined by the steps run since
+        (None where the start could not tell the costs apart and steps have not varied in size)."""
         return self._step_profile.cost()
 
     def stats(self) -> EngineStats:

@@ -72,11 +72,11 @@ class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
     preempted: list[Job] = field(default_factory=list)
-    # what the step's budget was, for step traces: the cap on other work's tokens (None: none),
-    # whether later apps kept to it beside a throughput decode, and whether that rule was on
+    # what the step's budget was, for step traces: the cap on other work's tokens at the step's
+    # start (None: none), whether it was later apps' beside a throughput decode, and the rules
     cap_tokens: int | None = None
     later_apps_capped: bool = False
-    caps_later_apps: bool = False
+    rules: LatencyStepRules | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -198,8 +198,7 @@ class BatchScheduler:
         decodes = ([job.priority for job in waiting if job.kind is JobKind.GENERATE and job.ctx.num_pending == 1]
                    if self.rules.caps_later_apps else None)  # a per-step list on the hot path only where it is read
         budget = StepBudget.for_step(self.config.max_tokens_per_step, self.rules, [job.priority for job in waiting], decodes)
-        plan.cap_tokens, plan.later_apps_capped = budget.capped, budget.urgent_throughput is not None
-        plan.caps_later_apps = self.rules.caps_later_apps
+        plan.cap_tokens, plan.later_apps_capped, plan.rules = budget.capped, budget.urgent_throughput is not None, self.rules
         pool = self.contexts.pool
         chosen: set[int] = set()
         blocked: list[Job] = []

@@ -108,6 +108,12 @@ class StepProfile:
         self.sum_xy = self.sum_xy * d + tokens * seconds
         self.steps += 1
 
+    def seed(self, tokens: int, seconds: float) -> None:
+        """A step timed apart from the running engine, weighed as enough steps for a fit with
+        one of another size (MIN_STEPS between the two)."""
+        for _ in range(-(-MIN_STEPS // 2)):
+            self.record(tokens, seconds)
+
     def cost(self) -> StepCost | None:
         """The fitted cost, or None until steps of different sizes were seen."""
         if self.steps < MIN_STEPS:

@@ -2,9 +2,10 @@
 loses its time (`parrot engine --step-trace FILE`, `parrot serve --step-trace DIR`).
 
 One JSON line a step: when it ran, how long it took, what it held (decode rows, prompt
-tokens, the KV its attention read, rows of latency-class and throughput-class jobs) and
-whether it replayed a CUDA graph. `python -m parrot.engine.step_trace FILE...` sums the
-steps up by kind.
+tokens, the KV its attention read, rows of latency-class and throughput-class jobs and
+their throughput priorities), whether it replayed a CUDA graph, and its budget (the cap
+other work kept to, and the engine's rules from its step cost).
+`python -m parrot.engine.step_trace FILE...` sums the steps up by kind.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ class StepRecord:
     latency_rows: int  # chunks of latency-class jobs
     throughput_rows: int  # chunks of throughput-class jobs
     replayed_graph: bool  # the decode graphs ran the step (decode-only steps; CUDA graphs on a GPU)
-    # the step budget (StepBudget); defaults for traces written before these were recorded
-    cap_tokens: int | None = None  # the cap other work kept to (None: no cap this step)
-    later_apps_capped: bool = False  # the cap was later throughput apps' beside a throughput decode
-    caps_later_apps: bool | None = None  # whether that rule was on (the engine's fitted step cost)
+    # the step budget (StepBudget); a trace written before these were recorded reads with the
+    # defaults, and its rules as None
+    cap_tokens: int | None = None  # the cap at the step's start (None: none); later apps' counts the decode rows in
+    later_apps_capped: bool = False  # the cap was later throughput apps' beside a throughput decode, not a latency job's
+    caps_normal_class: bool | None = None  # the engine's rules (its step cost): normal-class work kept to a latency cap
+    caps_later_apps: bool | None = None  # and later apps kept to the cap beside the first app's decodes
     throughput_priorities: list[int] = field(default_factory=list)  # distinct, of the step's throughput chunks
 
     @classmethod
@@ -52,7 +55,8 @@ class StepRecord:
             replayed_graph=replayed_graph,
             cap_tokens=plan.cap_tokens,
             later_apps_capped=plan.later_apps_capped,
-            caps_later_apps=plan.caps_later_apps,
+            caps_normal_class=plan.rules.caps_normal_class if plan.rules else None,
+            caps_later_apps=plan.rules.caps_later_apps if plan.rules else None,
             throughput_priorities=sorted({c.job.priority for c in plan.chunks if is_throughput_class(c.job.priority)}),
         )
 
