@@ -201,6 +201,9 @@ def cmd_bench(args) -> None:
                         "multi-agent-sim) have no steps to trace")
     if args.engines is not None and args.engines < 1:
         raise UserError(f"--engines must be at least 1, not {args.engines}")
+    if args.baselines_without_prefix_caching and args.workload != "multi-agent":
+        raise UserError("--baselines-without-prefix-caching sets multi-agent's baselines (multi-agent-sim's share no prefix "
+                        "already; the other workloads compare other things): drop it")
     paper_sized = [*APP_PAPER_SIZES, *SHARING_PAPER_SIZES, *MIXED_PAPER_SIZES, *MULTI_AGENT_PAPER_SIZES]
     if args.paper_scale and (args.workload not in paper_sized or args.quick):
         raise UserError(f"--paper-scale sizes {', '.join(paper_sized)} (the last four for built-in engines on a GPU); "
@@ -233,7 +236,8 @@ def cmd_bench(args) -> None:
             run_mixed_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale,
                             engines=args.engines, peers=args.peers)
         else:
-            run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale)
+            run_multi_agent_bench(args.workload, args.quick, Path(args.out), args.model, Console(), paper_scale=args.paper_scale,
+                                  baselines_cache_prefixes=not args.baselines_without_prefix_caching)
         return
     rtt_ms = 250.0 if args.rtt_ms is None else args.rtt_ms
     run_bench(args.workload, args.quick, Path(args.out), args.model, rtt_ms, args.peers, args.repeats, Console(),
@@ -335,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="app workloads: also run the request-level client against a server of its own that schedules "
                             "every request by this policy (latency-centric: how the paper's request-level services were set, "
                             "every batch kept small, since they cannot tell throughput work from latency work)")
+    bench.add_argument("--baselines-without-prefix-caching", action="store_true",
+                       help="multi-agent: the baselines' engines cache no prefixes, as the paper's vLLM ran (before automatic "
+                            "prefix caching); by default they cache prefix blocks as vLLM does today")
     bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
     bench.add_argument("--engines", type=int, default=None,

@@ -103,6 +103,16 @@ def test_multi_agent_at_the_papers_scale_runs_the_simulated_runs_lengths_on_buil
     assert paper.policy_flags()["latency-centric"] == ["--no-shared-attention"] and paper.policy_flags()["parrot"] == []
 
 
+def test_multi_agent_baselines_can_run_as_the_papers_vllm_did_without_prefix_caching():
+    from parrot.bench.multi_agent import quick_or_full
+
+    today, papers = quick_or_full("multi-agent", False), quick_or_full("multi-agent", False, baselines_cache_prefixes=False)
+    assert papers.policy_flags() == {"parrot": [], "latency-centric": ["--no-shared-attention", "--no-prefix-caching"],
+                                     "throughput-centric": ["--no-shared-attention", "--no-prefix-caching"]}
+    assert "--no-prefix-caching" not in str(today.policy_flags())
+    assert "no prefix caching" in papers.baselines and today.baselines == "block prefix caching"
+
+
 def test_mixed_as_plain_completions_serves_every_chat_and_job(tmp_path):
     """The request-level side of `--peers` (how vLLM is driven), here against our own OpenAI API."""
     from parrot.bench.mixed import run_mixed

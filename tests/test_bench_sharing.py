@@ -144,6 +144,8 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     (["bench", "map-reduce", "--peers", "--device", "cuda"], "drop --peers"),
     (["bench", "gpts", "--peers", "--random-weights", "llama-7b"], "drop --peers"),
     (["bench", "multi-agent-sim", "--engines", "2"], "1 simulated sim:a100-13b engine per policy"),
+    (["bench", "multi-agent-sim", "--baselines-without-prefix-caching"], "multi-agent-sim's share no prefix already"),
+    (["bench", "map-reduce", "--baselines-without-prefix-caching"], "--baselines-without-prefix-caching sets multi-agent's"),
     (["bench", "mixed-sim", "--engines", "0"], "--engines must be at least 1"),
     (["bench", "mixed-one-engine", "--engines", "2"], "drop --engine, --engines,"),
     (["bench", "mixed-sim", "--step-trace"], "simulated engines (--engine sim:PRESET, mixed-sim, multi-agent-sim) have no steps"),

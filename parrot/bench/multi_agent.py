@@ -38,6 +38,9 @@ class MultiAgentConfig:
     engines: int = 1
     engine: str = "builtin"  # or sim:PRESET: a simulated engine, for the paper's prompt lengths and GPU
     paper: str = ""
+    # the baselines' built-in engines cache prefixes (as vLLM does today); off: as the paper's
+    # vLLM ran (before automatic prefix caching), each call prefilling its whole prompt
+    baselines_cache_prefixes: bool = True
 
     def policy_flags(self) -> dict[str, list[str]]:
         """Each policy's serve flags. A simulated engine takes its settings from its preset, and
@@ -45,7 +48,16 @@ class MultiAgentConfig:
         the paper's time (before automatic prefix caching)."""
         if self.engine.startswith("sim:"):
             return {policy: ["--engine", self.engine] for policy in MULTI_AGENT_POLICIES}
+        if not self.baselines_cache_prefixes:
+            return {policy: flags + (["--no-prefix-caching"] if policy != "parrot" else []) for policy, flags in MULTI_AGENT_POLICIES.items()}
         return MULTI_AGENT_POLICIES
+
+    @property
+    def baselines(self) -> str:
+        """How the baselines share prefixes, for reports."""
+        if self.engine.startswith("sim:"):
+            return "no prefix sharing (a simulated engine without static prefix hints)"
+        return "block prefix caching" if self.baselines_cache_prefixes else "no prefix caching (as the paper's vLLM ran)"
 
 
 MULTI_AGENT_WORKLOADS: dict[str, tuple[MultiAgentConfig, MultiAgentConfig]] = {
@@ -88,8 +100,9 @@ PAPER_SIZES: dict[str, MultiAgentConfig] = {
 }
 
 
-def quick_or_full(name: str, quick: bool, paper_scale: bool = False) -> MultiAgentConfig:
-    return PAPER_SIZES[name] if paper_scale else pick_size(MULTI_AGENT_WORKLOADS, name, quick)
+def quick_or_full(name: str, quick: bool, paper_scale: bool = False, baselines_cache_prefixes: bool = True) -> MultiAgentConfig:
+    config = PAPER_SIZES[name] if paper_scale else pick_size(MULTI_AGENT_WORKLOADS, name, quick)
+    return replace(config, baselines_cache_prefixes=baselines_cache_prefixes)
 
 
 def team(guidelines: str, config: MultiAgentConfig, programmers: int) -> P.SemanticVariable:

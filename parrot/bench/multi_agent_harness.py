@@ -14,8 +14,9 @@ from parrot.engine.loader import resolve_model_dir
 from parrot.engine.tokenizer import Tokenizer
 
 
-def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False) -> dict:
-    config = quick_or_full(workload, quick, paper_scale)
+def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str, console: Console, paper_scale: bool = False,
+                          baselines_cache_prefixes: bool = True) -> dict:
+    config = quick_or_full(workload, quick, paper_scale, baselines_cache_prefixes)
     size = size_name(quick, paper_scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(resolve_model_dir(model))
@@ -25,7 +26,8 @@ def run_multi_agent_bench(workload: str, quick: bool, out_dir: Path, model: str,
     parrot = {run.programmers: run.latency_s for r in results if r.policy == "parrot" for run in r.runs}
     rows = [{**asdict(run), "policy": r.policy, "slower_than_parrot": run.latency_s / parrot[run.programmers]}
             for r in results for run in r.runs]
-    result = {**result_header(workload, quick, model), "size": size, "config": asdict(config), "policy_flags": policy_flags, "rows": rows}
+    result = {**result_header(workload, quick, model), "size": size, "config": asdict(config), "baselines": config.baselines,
+              "policy_flags": policy_flags, "rows": rows}
     save_report(result, out_dir, write_multi_agent_markdown, plot_multi_agent)
     engines = engines_title(model, config.engine, config.engines)
     print_rows(console, f"{workload} ({size}, {engines})", MULTI_AGENT_COLUMNS, multi_agent_rows(result))
@@ -51,7 +53,8 @@ def write_multi_agent_markdown(result: dict, path: Path) -> None:
          if c["engine"].startswith("sim:") else f"Model {result['model']} on {c['engines']} engine, one server per policy (serve flags: ")
         + "; ".join(f"{p} `{' '.join(f) or 'defaults'}`" for p, f in result["policy_flags"].items())
         + f"). Team guidelines {c['guidelines_tokens']} tokens (every role's constant prefix); outputs: design {c['design_tokens']}, "
-        f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. Paper: {c['paper'] or '-'}.",
+        f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. Baselines' prefix sharing: "
+        f"{result.get('baselines', '-')}. Paper: {c['paper'] or '-'}.",
         "",
         *markdown_table(MULTI_AGENT_COLUMNS, multi_agent_rows(result)),
     ]
@@ -84,4 +87,4 @@ def multi_agent_summary(result: dict) -> str:
     largest = max(row["programmers"] for row in result["rows"])
     at_largest = [row for row in result["rows"] if row["programmers"] == largest and row["policy"] != "parrot"]
     others = ", ".join(f"{row['policy']} {row['slower_than_parrot']:.2f}x slower" for row in at_largest)
-    return f"{result['workload']} ({largest} programmers): parrot 1.00x, {others}"
+    return f"{result['workload']} ({largest} programmers; baselines: {result.get('baselines', '-')}): parrot 1.00x, {others}"
