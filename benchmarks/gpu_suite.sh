@@ -5,7 +5,8 @@
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpu"], timeout_s=600)
 # STAGES picks parts (default "tests kernel engine apps"), APPS the app workloads; the chain and
 # map-reduce workloads run with APP_FLAGS (default "--baseline-policy latency-centric": the paper's
-# request-level setting beside our own; "" to drop it); each stage is cut at its own limit
+# request-level setting beside our own; "" to drop it), multi-agent with MA_FLAGS (default none;
+# "--baselines-without-prefix-caching" for the paper's baselines); each stage is cut at its own limit
 # (TESTS_S, KERNEL_S, ENGINE_S, APP_S per app workload) so one hang cannot spend the lease.
 # $OUT (or bench-out/gpu) receives device.txt, suite.log and results.tgz, re-packed after
 # every stage: the device tool brings back at most 8 files.
@@ -45,7 +46,8 @@ for stage_name in $STAGES; do
             case $workload in  # the paper's sizes where the workload has them (not soak)
               chain-summary|chain-summary-bg|multi-chain|map-reduce) flags="--paper-scale ${APP_FLAGS---baseline-policy latency-centric}" ;;
               mixed) flags="--paper-scale --step-trace" ;;  # where its chats' time goes, step by step
-              gpts|shared-prompt|multi-agent) flags=--paper-scale ;;
+              multi-agent) flags="--paper-scale ${MA_FLAGS-}" ;;  # MA_FLAGS=--baselines-without-prefix-caching: the paper's vLLM
+              gpts|shared-prompt) flags=--paper-scale ;;
               *) flags= ;;
             esac
             stage "$workload" "$APP_S" python3 -m parrot.cli bench "$workload" $flags \
