@@ -103,6 +103,8 @@ def test_a_new_engine_knows_its_step_cost_before_its_first_request(monkeypatch):
     assert (cost.per_step_s, cost.per_token_s) == (pytest.approx(0.012), pytest.approx(0.0009))
     assert engine.scheduler.rules == LatencyStepRules.for_cost(cost, 128, engine.config.max_tokens_per_step)
     assert engine.scheduler.rules.caps_later_apps and engine.scheduler.rules.cap_tokens == 16
+    # what the manager weighs placements by is what the scheduler runs by
+    assert engine.stats().prefill_share_beside_latency == engine.scheduler.rules.prefill_share < 1.0
     stats = engine.stats()
     assert (stats.steps, stats.tokens_processed, stats.num_contexts) == (0, 0, 0)
     assert stats.blocks_free == stats.blocks_total

@@ -53,8 +53,9 @@ def write_multi_agent_markdown(result: dict, path: Path) -> None:
          if c["engine"].startswith("sim:") else f"Model {result['model']} on {c['engines']} engine, one server per policy (serve flags: ")
         + "; ".join(f"{p} `{' '.join(f) or 'defaults'}`" for p, f in result["policy_flags"].items())
         + f"). Team guidelines {c['guidelines_tokens']} tokens (every role's constant prefix); outputs: design {c['design_tokens']}, "
-        f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. Baselines' prefix sharing: "
-        f"{result.get('baselines', '-')}. Paper: {c['paper'] or '-'}.",
+        f"code {c['code_tokens']}, review {c['review_tokens']}, program {c['program_tokens']} tokens. "
+        + ("" if c["engine"].startswith("sim:") else f"Baselines' prefix sharing: {result.get('baselines', '-')}. ")
+        + f"Paper: {c['paper'] or '-'}.",
         "",
         *markdown_table(MULTI_AGENT_COLUMNS, multi_agent_rows(result)),
     ]
@@ -75,7 +76,7 @@ def plot_multi_agent(result: dict, path: Path) -> None:
         ax.plot([row["programmers"] for row in rows], [row["latency_s"] for row in rows], marker="o", label=policy)
     ax.set_xlabel("programmers")
     ax.set_ylabel("app latency (s)")
-    ax.set_title(f"{result['workload']} ({result['model']})")
+    ax.set_title(f"{result['workload']} ({result['model']}; baselines: {result.get('baselines', '-')})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

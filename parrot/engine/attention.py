@@ -86,7 +86,8 @@ class DecodePlan:
             first = seq.block_table[0]
             down = descending_run(seq.block_table, seq.context_len // block_size)
             if down > run:
-                # blocks handed out in reverse (a freed context's blocks come back last-first):
+                # blocks handed out in reverse (contexts of one block each, freed one after another,
+                # come back last-first; a freed longer context's come back in ascending order):
                 # full blocks of one id range are read in place all the same, since a decode
                 # query sees every key and the order of keys does not change the softmax
                 run, first = down, seq.block_table[down - 1]

@@ -229,17 +229,18 @@ class LLMEngine:
         depend on it (StepBudget: the cap beside latency work, later apps capped beside the
         first app's decodes) hold from the first request. Fitted from real steps only, an
         engine whose steps were all full (a backlog of prompts) never learned its cost and ran
-        without those rules: in mixed on this CPU the quiet engine once ran 12 s of its 17 so
-        and its jobs ended together (benchmarks/RESULTS.md, mixed). Both steps sample a token
+        without those rules: in mixed on this CPU the quiet engine once ran 12 s of its 17 s
+        that way, and the jobs ended together (benchmarks/RESULTS.md, mixed). Both steps sample a token
         from their last row, as a decode step and a prompt's last chunk do. Real steps refine
         the fit from then on (older steps weigh less)."""
         pool = self.contexts.pool
-        large = min(CALIBRATION_TOKENS, self.config.max_tokens_per_step, pool.num_free * pool.block_size)
+        large = min(CALIBRATION_TOKENS, self.config.max_tokens_per_step, pool.num_free * pool.block_size,
+                    self.model_config.max_position_embeddings)
         ctx = self.contexts.create("parrot-step-calibration", None)
         try:
             ctx.token_ids.extend([0] * large)
             slots = self.contexts.reserve_slots(ctx, large)
-            job = Job(JobKind.GENERATE, ctx, PRIORITY_NORMAL, arrival=-1, sampling=SamplingParams(max_tokens=1, temperature=0.0))
+            job = Job(JobKind.GENERATE, ctx, PRIORITY_NORMAL, arrival=-1, sampling=SamplingParams())  # greedy
             plans = {length: StepPlan([ScheduledChunk(job, 0, length, slots[:length], wants_logits=True)]) for length in (1, large)}
             for plan in plans.values():
                 self.runner.run(plan)  # one-time costs of each path (allocations, kernel set-up)
@@ -408,8 +409,9 @@ class LLMEngine:
 
     @property
     def step_cost(self) -> StepCost | None:
-        """The cost of a forward step: the steps timed at start, refined by the steps run since
-        (None where the start could not tell the costs apart and steps have not varied in size)."""
+        """The cost of a forward step fitted from the steps timed at start and those run since
+        (older ones weigh less). None until steps of different sizes were seen, and again after
+        a long stretch of same-sized steps; the scheduler then keeps its last rules."""
         return self._step_profile.cost()
 
     def stats(self) -> EngineStats:
@@ -417,7 +419,9 @@ class LLMEngine:
         c = self._counters
         cached = len(self.prefix_cache) if self.prefix_cache is not None else 0
         cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
-        share = self._latency_rules(self.step_cost).prefill_share
+        # the rules the scheduler runs by: a long stretch of same-sized steps can fade the fit
+        # out, and the engine keeps its last rules then; the manager must weigh those
+        share = self.scheduler.rules.prefill_share
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
                            c.peak_batch_blocks, cached_blocks, share, self.config.max_tokens_per_step, self.config.max_seqs_per_step)
 

@@ -55,8 +55,8 @@ class StepRecord:
             replayed_graph=replayed_graph,
             cap_tokens=plan.cap_tokens,
             later_apps_capped=plan.later_apps_capped,
-            caps_normal_class=plan.rules.caps_normal_class if plan.rules else None,
-            caps_later_apps=plan.rules.caps_later_apps if plan.rules else None,
+            caps_normal_class=plan.rules.caps_normal_class if plan.rules is not None else None,
+            caps_later_apps=plan.rules.caps_later_apps if plan.rules is not None else None,
             throughput_priorities=sorted({c.job.priority for c in plan.chunks if is_throughput_class(c.job.priority)}),
         )
 
