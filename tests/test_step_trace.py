@@ -4,10 +4,14 @@ and `python -m parrot.engine.step_trace` sums the steps up by kind."""
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import asdict
+
+import pytest
 
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_THROUGHPUT
-from parrot.engine.step_trace import main, read_trace, summarize
+from parrot.engine.step_trace import StepRecord, main, read_trace, summarize, timeline
 
 from conftest import PROMPTS, collect, greedy
 
@@ -87,3 +91,28 @@ def test_traces_written_before_the_budget_was_recorded_still_read(tmp_path):
     (record,) = read_trace(old)
     assert (record.cap_tokens, record.later_apps_capped, record.throughput_priorities) == (None, False, [])
     assert record.caps_normal_class is None and record.caps_later_apps is None  # unknown, not off
+
+
+def test_the_timeline_shows_how_the_budget_went_over_time(tmp_path, capsys):
+    def step(at_s: float, cap: int | None, later: bool, rule: bool | None, priorities: list[int]) -> StepRecord:
+        return StepRecord(at_s, 0.05, decode_rows=2, prefill_tokens=30, kv_tokens=90, latency_rows=0, throughput_rows=len(priorities),
+                          replayed_graph=False, cap_tokens=cap, later_apps_capped=later, caps_normal_class=rule,
+                          caps_later_apps=rule, throughput_priorities=priorities)
+
+    records = [step(0.1, None, False, False, [1009]), step(0.6, 16, False, False, [1019]),  # a latency cap, rule off
+               step(1.2, 18, True, True, [1009, 1019]), step(3.5, None, False, None, [])]  # the rule on; an old record
+    first, second, last = timeline(records, 1.0)
+    assert (first.start_s, first.steps, first.prompt_tokens, first.decode_rows) == (0.0, 2, 60, 4)
+    assert (first.latency_capped_steps, first.later_apps_capped_steps, first.caps_later_apps) == (1, 0, "off")
+    assert first.throughput_priorities == [1009, 1019] and first.busy_s == pytest.approx(0.1)
+    assert (second.start_s, second.later_apps_capped_steps, second.caps_later_apps) == (1.0, 1, "on")
+    assert (last.start_s, last.caps_later_apps, last.throughput_priorities) == (3.0, "?", [])  # no steps from 2 s to 3 s
+    assert [b.start_s for b in timeline(records, 2.0)] == [0.0, 2.0]
+    assert [b.caps_later_apps for b in timeline(records, 10.0)] == ["off, on, ?"]
+
+    trace = tmp_path / "steps.jsonl"
+    trace.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+    assert main(["--timeline", "1", str(trace)]) == 0
+    assert "over time" in capsys.readouterr().out
+    assert main(["--timeline", "0", str(trace)]) == 2
+    assert "--timeline is a stretch of seconds" in capsys.readouterr().out

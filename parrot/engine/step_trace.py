@@ -127,6 +127,36 @@ def summarize(records: list[StepRecord]) -> list[StepSummary]:
     return sorted(summaries, key=lambda s: -s.share_of_time)
 
 
+@dataclass(frozen=True)
+class TimelineBucket:
+    """The steps that started in one stretch of a trace: how the engine's budget went over time."""
+
+    start_s: float
+    steps: int
+    busy_s: float
+    prompt_tokens: int
+    decode_rows: int
+    latency_capped_steps: int  # capped beside a latency-class job
+    later_apps_capped_steps: int  # capped beside an earlier throughput app's decodes
+    caps_later_apps: str  # the engine's rule in the stretch: "on", "off", "on, off" (it changed), "?" (not recorded)
+    throughput_priorities: list[int]
+
+
+def timeline(records: list[StepRecord], bucket_s: float) -> list[TimelineBucket]:
+    """The steps in stretches of `bucket_s` seconds, by when they started (stretches without steps left out)."""
+    buckets: dict[int, list[StepRecord]] = {}
+    for record in records:
+        buckets.setdefault(int(record.at_s // bucket_s), []).append(record)
+    rule_names = {True: "on", False: "off", None: "?"}
+    return [TimelineBucket(
+        index * bucket_s, len(steps), sum(r.seconds for r in steps), sum(r.prefill_tokens for r in steps),
+        sum(r.decode_rows for r in steps), sum(1 for r in steps if r.cap_tokens is not None and not r.later_apps_capped),
+        sum(1 for r in steps if r.later_apps_capped),
+        ", ".join(rule_names[rule] for rule in dict.fromkeys(r.caps_later_apps for r in steps)),
+        sorted({p for r in steps for p in r.throughput_priorities}),
+    ) for index, steps in sorted(buckets.items())]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -134,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parrot.engine.step_trace",
                                      description="Sums up engine step traces (written with --step-trace) by kind of step.")
     parser.add_argument("traces", nargs="+", type=Path, help="trace files (JSON lines), or folders of them")
+    parser.add_argument("--timeline", type=float, default=None, metavar="SECONDS",
+                        help="also show each trace over time, in stretches of this many seconds: steps, tokens, the steps "
+                             "capped beside latency work and beside an earlier app's decodes, the later-apps rule, the "
+                             "throughput priorities that ran")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)  # piped to a file: one table row a line
     try:
+        if args.timeline is not None and args.timeline <= 0:
+            raise UserError(f"--timeline is a stretch of seconds, more than 0, not {args.timeline:g}")
         files = [f for p in args.traces for f in (sorted(p.glob("*.jsonl")) if p.is_dir() else [p])]
         if not files:
             raise UserError(f"no *.jsonl step traces in {', '.join(map(str, args.traces))}")
@@ -149,10 +185,26 @@ def main(argv: list[str] | None = None) -> int:
                 table.add_row(s.kind, "yes" if s.with_latency_rows else "no", str(s.steps), f"{s.share_of_time:.0%}", f"{s.mean_ms:.1f}",
                               f"{s.p90_ms:.1f}", f"{s.mean_decode_rows:.1f}", f"{s.mean_prefill_tokens:.0f}", f"{s.mean_kv_tokens:.0f}")
             console.print(table)
+            if args.timeline is not None:
+                console.print(timeline_table(path, records, args.timeline))
     except UserError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     return 0
+
+
+def timeline_table(path: Path, records: list[StepRecord], bucket_s: float):
+    from rich.table import Table
+
+    table = Table(title=f"{path} over time (stretches of {bucket_s:g} s)")
+    for column in ("from s", "steps", "busy s", "prompt tokens", "decode rows", "capped: latency", "capped: later apps",
+                   "later-apps rule", "throughput priorities"):
+        table.add_column(column, justify="left" if column == "throughput priorities" else "right")
+    for b in timeline(records, bucket_s):
+        table.add_row(f"{b.start_s:g}", str(b.steps), f"{b.busy_s:.2f}", str(b.prompt_tokens), str(b.decode_rows),
+                      str(b.latency_capped_steps), str(b.later_apps_capped_steps), b.caps_later_apps,
+                      " ".join(map(str, b.throughput_priorities)) or "-")
+    return table
 
 
 if __name__ == "__main__":
