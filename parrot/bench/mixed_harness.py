@@ -144,8 +144,13 @@ def plot_mixed(result: dict, path: Path) -> None:
     fig, (chat_ax, jct_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     chat_ax.bar(policies, [r["chat_s_per_token"] * 1e3 for r in result["results"]], color="tab:blue")
     chat_ax.set_ylabel("chat latency per output token (ms)")
-    jct_ax.bar(policies, [r["mean_jct_s"] for r in result["results"]], color="tab:orange")
+    jct_ax.bar(policies, [r["mean_jct_s"] for r in result["results"]], color="tab:orange", label="mean")
+    # each job's own end: App-FIFO shows as jobs ending one after another, not all together
+    for x, r in enumerate(result["results"]):
+        jct_ax.scatter([x] * len(r["job_completion_s"]), r["job_completion_s"], color="black", s=12, zorder=3,
+                       label="each job" if x == 0 else None)
     jct_ax.set_ylabel("map-reduce job completion (s)")
+    jct_ax.legend(fontsize=8, loc="lower right")
     for ax in (chat_ax, jct_ax):
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"{result['workload']} ({result['model']})")
