@@ -232,7 +232,9 @@ class LLMEngine:
         without those rules: in mixed on this CPU the quiet engine once ran 12 s of its 17 s
         that way, and the jobs ended together (benchmarks/RESULTS.md, mixed). Both steps sample a token
         from their last row, as a decode step and a prompt's last chunk do. Real steps refine
-        the fit from then on (older steps weigh less)."""
+        the fit from then on (older steps weigh less). On a GPU the 1-token step replays a
+        decode graph while steps with prompt tokens run eagerly, so the fixed cost it finds is
+        a graph's: the lower bound, which real mixed steps then raise."""
         pool = self.contexts.pool
         large = min(CALIBRATION_TOKENS, self.config.max_tokens_per_step, pool.num_free * pool.block_size,
                     self.model_config.max_position_embeddings)
