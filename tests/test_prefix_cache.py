@@ -129,3 +129,35 @@ def test_a_batch_behind_a_shared_prefix_reads_its_blocks_once():
     assert peaks[False] >= 2 * system_blocks
     assert peaks[True] <= system_blocks + len(QUESTIONS) * 3
     assert peaks[True] < peaks[False]
+
+
+def test_a_prompt_is_cached_as_soon_as_it_is_computed(caching_engine):
+    """Identical prompts that come while the first still generates fork from its prefilled
+    prompt: cached once computed, not when the request ends. Under a stream of such requests
+    each miss prefilled the prompt again and lengthened the steps that delayed the first
+    one's end (benchmarks/RESULTS.md, chain-summary-bg on the CPU)."""
+    caching_engine.clear_prefix_cache()
+    backend = BuiltinEngineBackend(caching_engine)
+    prompt = SYSTEM + QUESTIONS[0] + "\nAnswer:"
+    prompt_blocks = len(caching_engine.tokenizer.encode(prompt)) // caching_engine.config.block_size
+
+    async def one(i: int, started: asyncio.Event | None, first_prefilled: asyncio.Event) -> str:
+        if started is not None:
+            await first_prefilled.wait()  # the first request is generating now
+        await backend.fill(f"same-{i}", None, prompt, 1)
+        first_prefilled.set()
+        try:
+            return "".join([t.text async for t in backend.generate(f"same-{i}", greedy(8), 1)])
+        finally:
+            await backend.free_context(f"same-{i}")
+
+    async def main() -> list[str]:
+        prefilled = asyncio.Event()
+        return await asyncio.gather(one(0, None, prefilled), *(one(i, asyncio.Event(), prefilled) for i in (1, 2, 3)))
+
+    hits_before = caching_engine.prefix_cache.hits_tokens
+    outputs = run(main())
+    assert len(set(outputs)) == 1 and outputs[0].strip()
+    assert caching_engine.prefix_cache.hits_tokens - hits_before >= 3 * prompt_blocks * caching_engine.config.block_size
+    assert caching_engine.stats().num_contexts == 0
+    caching_engine.check_integrity()

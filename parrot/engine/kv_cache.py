@@ -181,8 +181,8 @@ class ContextTable:
     def truncate(self, ctx: Context, length: int) -> None:
         """Forgets ctx's tokens from `length` on (a generation cut by a stop string); the
         blocks past its computed KV go back to the pool. The cut lies in ctx's own tokens
-        and no fork reads them."""
-        if ctx.children or not ctx.fork_point <= length <= len(ctx.token_ids):
+        and no fork reads them (forks at or before it, such as its cached prompt, may stay)."""
+        if self.forked_past(ctx, length) or not ctx.fork_point <= length <= len(ctx.token_ids):
             raise ContextError(f"context {ctx.context_id!r} cannot be cut at token {length}")
         del ctx.token_ids[length:]
         ctx.num_computed = min(ctx.num_computed, length)
@@ -190,6 +190,10 @@ class ContextTable:
         for block in reversed(ctx.block_table[keep:]):
             self.pool.release(block)
         ctx.block_table = ctx.block_table[:keep]
+
+    def forked_past(self, ctx: Context, position: int) -> bool:
+        """Whether a fork of ctx reads its tokens from `position` on."""
+        return any(self._contexts[child].fork_point > position for child in ctx.children)
 
     def free(self, context_id: str) -> None:
         ctx = self.get(context_id)

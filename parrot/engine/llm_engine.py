@@ -217,7 +217,7 @@ class LLMEngine:
             reclaim=self.prefix_cache.evict if self.prefix_cache is not None else None,
         )
         self._prefix_in_use: dict[str, str] = {}  # context -> cached prefix it forked from
-        self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached when freed)
+        self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached once computed)
         self._prefix_fills: dict[tuple[int, ...], asyncio.Future] = {}
         # steps whose sequences the attention would group (a shared prefix this long) replay graphs of their own
         shared = self.model.attention.min_shared_tokens if config.shared_prefix_attention else None
@@ -298,17 +298,21 @@ class LLMEngine:
             self._check_length(len(ctx.token_ids) + len(token_ids))
             self._check_fits_pool(len(ctx.token_ids) + len(token_ids))
             ctx.token_ids.extend(token_ids)
-            if ctx.num_pending == 0:
-                return
-            channel = _JobChannel(done=asyncio.get_running_loop().create_future())
-            job = self.scheduler.submit(JobKind.FILL, ctx, priority)
-            await self._run_job(job, channel)
-            try:
-                await channel.done
-            finally:
-                # a cancelled caller stops its job (the context keeps the tokens, computed by its next job):
-                # a job never outlives the context lock its caller held
-                self._finish(job, None)
+            if ctx.num_pending > 0:
+                channel = _JobChannel(done=asyncio.get_running_loop().create_future())
+                job = self.scheduler.submit(JobKind.FILL, ctx, priority)
+                await self._run_job(job, channel)
+                try:
+                    await channel.done
+                finally:
+                    # a cancelled caller stops its job (the context keeps the tokens, computed by its next job):
+                    # a job never outlives the context lock its caller held
+                    self._finish(job, None)
+            if context_id in self._root_prompt:
+                # cached as soon as it is computed, not when the request ends: identical prompts that
+                # come while it generates fork from it instead of each prefilling it again (under a
+                # stream of them, every miss lengthened the steps that delayed the first one's end)
+                self._retain_prompt(context_id)
 
     async def generate(self, context_id: str, sampling: SamplingParams, priority: int = PRIORITY_NORMAL) -> AsyncIterator[GeneratedToken]:
         """Streams tokens sampled after the context; they are appended to it as they come."""
@@ -376,7 +380,7 @@ class LLMEngine:
         return token_ids[match.num_tokens :]
 
     def _retain_prompt(self, context_id: str) -> None:
-        """Keeps the whole blocks of a finished root context's prompt as a cached prefix."""
+        """Keeps the whole blocks of a root context's prompt as a cached prefix (once computed, or as it is freed)."""
         prompt = self._root_prompt.pop(context_id, 0)
         ctx = self.contexts.get(context_id)
         aligned = min(prompt, ctx.num_computed) // self.config.block_size * self.config.block_size
@@ -600,10 +604,10 @@ class LLMEngine:
         prompt a request-level client would send next)."""
         kept = job.stop_checker.text
         ctx = job.ctx
-        if ctx.children:  # a fork reads these tokens' KV: leave them
+        generated = ctx.token_ids[len(ctx.token_ids) - job.num_generated :]
+        if self.contexts.forked_past(ctx, len(ctx.token_ids) - len(generated)):  # a fork reads these tokens' KV: leave them
             log.info("context %s has forks; its stop string stays in it", ctx.context_id)
             return
-        generated = ctx.token_ids[len(ctx.token_ids) - job.num_generated :]
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         text = whole_text = ""
         whole = 0  # generated tokens whose text lies wholly inside `kept`
