@@ -161,3 +161,50 @@ def test_a_prompt_is_cached_as_soon_as_it_is_computed(caching_engine):
     assert caching_engine.prefix_cache.hits_tokens - hits_before >= 3 * prompt_blocks * caching_engine.config.block_size
     assert caching_engine.stats().num_contexts == 0
     caching_engine.check_integrity()
+
+
+def test_a_prompt_cached_while_its_request_runs_is_kept_under_memory_pressure(caching_engine):
+    """Dropping it would free nothing (the running request holds every block of it) and lose it
+    for the requests after; once the request ends it is idle and evictable like any other."""
+    caching_engine.clear_prefix_cache()
+    cache = caching_engine.prefix_cache
+    prompt = caching_engine.tokenizer.encode(SYSTEM + QUESTIONS[2] + "\\nAnswer:")
+
+    async def main() -> None:
+        await caching_engine.fill("running", None, prompt)
+        assert len(cache) == 1
+        assert cache.evict(caching_engine.contexts.pool.num_blocks) == 0 and len(cache) == 1
+        caching_engine.free_context("running")
+
+    run(main())
+    block = caching_engine.config.block_size
+    assert cache.longest(prompt).num_tokens == len(prompt) // block * block  # its whole prompt once it ended
+    assert cache.evict(caching_engine.contexts.pool.num_blocks) > 0 and len(cache) == 0
+    caching_engine.check_integrity()
+
+
+def test_a_stop_string_is_cut_from_a_context_whose_prompt_is_cached(caching_engine):
+    """The prompt cached while the request runs forks from its context; the cut after a stop
+    string lies past that fork, so the context still forgets the stop string."""
+    caching_engine.clear_prefix_cache()
+    tokenizer = caching_engine.tokenizer
+    prompt = tokenizer.encode(SYSTEM + QUESTIONS[3] + "\\nAnswer:")
+
+    async def main() -> tuple[str, str, list[int]]:
+        await caching_engine.fill("free-run", None, prompt)
+        text = "".join([t.text async for t in caching_engine.generate("free-run", greedy(16))])
+        caching_engine.free_context("free-run")
+        caching_engine.clear_prefix_cache()  # "cut" computes its prompt itself, and caches it while it runs
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        await caching_engine.fill("cut", None, prompt)
+        assert caching_engine.contexts.get("cut").children, "its prompt is cached from it while it runs"
+        kept = "".join([t.text async for t in caching_engine.generate("cut", greedy(16, stop=(stop,)))])
+        tokens = list(caching_engine.contexts.get("cut").token_ids[len(prompt):])
+        caching_engine.free_context("cut")
+        return stop, kept, tokens
+
+    stop, kept, tokens = run(main())
+    assert kept and stop not in kept
+    held = tokenizer.decode(tokens)  # the context holds the kept text, not the stop string
+    assert stop not in held and held.strip() == kept.strip()
+    caching_engine.check_integrity()

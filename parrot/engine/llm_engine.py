@@ -309,10 +309,10 @@ class LLMEngine:
                     # a job never outlives the context lock its caller held
                     self._finish(job, None)
             if context_id in self._root_prompt:
-                # cached as soon as it is computed, not when the request ends: identical prompts that
-                # come while it generates fork from it instead of each prefilling it again (under a
-                # stream of them, every miss lengthened the steps that delayed the first one's end)
-                self._retain_prompt(context_id)
+                # cached as soon as it is computed, not only when the request ends: identical prompts
+                # that come while it generates fork from it instead of each prefilling it again (under
+                # a stream of them, every miss lengthened the steps that delayed the first one's end)
+                self._retain_prompt(context_id, while_running=True)
 
     async def generate(self, context_id: str, sampling: SamplingParams, priority: int = PRIORITY_NORMAL) -> AsyncIterator[GeneratedToken]:
         """Streams tokens sampled after the context; they are appended to it as they come."""
@@ -351,7 +351,6 @@ class LLMEngine:
     async def _create_from_cache(self, context_id: str, token_ids: list[int], shared_prefix_len: int, priority: int) -> list[int]:
         """Creates a root context from the longest cached prefix; returns the tokens left to fill."""
         cache = self.prefix_cache
-        self._root_prompt[context_id] = len(token_ids)
         aligned = shared_prefix_len // self.config.block_size * self.config.block_size
         match = cache.longest(token_ids)
         if aligned and (match is None or match.num_tokens < aligned):
@@ -370,6 +369,8 @@ class LLMEngine:
                     del self._prefix_fills[key]
                     done.set_result(None)
             match = cache.longest(token_ids)
+        # recorded as the context comes to exist: a fill that fails or is cancelled before leaves nothing
+        self._root_prompt[context_id] = len(token_ids)
         if match is None:
             self.contexts.create(context_id, None)
             return token_ids
@@ -379,12 +380,16 @@ class LLMEngine:
         self._prefix_in_use[context_id] = match.context_id
         return token_ids[match.num_tokens :]
 
-    def _retain_prompt(self, context_id: str) -> None:
-        """Keeps the whole blocks of a root context's prompt as a cached prefix (once computed, or as it is freed)."""
-        prompt = self._root_prompt.pop(context_id, 0)
+    def _retain_prompt(self, context_id: str, while_running: bool = False) -> None:
+        """Keeps the whole blocks of a root context's prompt as a cached prefix: once computed
+        (`while_running`) and again as the context is freed. While it runs, the block holding its
+        last computed token stays out: generating recomputes that token, and a shared block would
+        be copied first."""
+        prompt = self._root_prompt.get(context_id, 0) if while_running else self._root_prompt.pop(context_id, 0)
         ctx = self.contexts.get(context_id)
-        aligned = min(prompt, ctx.num_computed) // self.config.block_size * self.config.block_size
-        if aligned == 0:
+        computed = ctx.num_computed - 1 if while_running else ctx.num_computed
+        aligned = min(prompt, computed) // self.config.block_size * self.config.block_size
+        if aligned <= 0:
             return
         known = self.prefix_cache.longest(ctx.token_ids[:aligned])
         if known is not None and known.num_tokens >= aligned:

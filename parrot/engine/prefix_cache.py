@@ -100,13 +100,22 @@ class PrefixCache:
         """Frees idle prefixes, oldest first, until blocks_wanted blocks are free; returns blocks freed."""
         pool = self.contexts.pool
         before = pool.num_free
-        for context_id in list(self._entries):
-            if pool.num_free - before >= blocks_wanted:
-                break
-            entry = self._entries[context_id]
-            if entry.users > 0 or self.contexts.get(context_id).children:
-                continue
-            self._drop(context_id)
+        dropped = True
+        while dropped and pool.num_free - before < blocks_wanted:
+            dropped = False  # a prefix skipped while a longer one held its blocks may free them after it goes
+            for context_id in list(self._entries):
+                if pool.num_free - before >= blocks_wanted:
+                    break
+                entry = self._entries[context_id]
+                ctx = self.contexts.get(context_id)
+                if entry.users > 0 or ctx.children:
+                    continue
+                # a prompt cached while its request still runs shares every block with it: dropping
+                # it would free nothing now and lose it for the requests after
+                if ctx.block_table and pool.refcount(ctx.block_table[-1]) > 1:
+                    continue
+                self._drop(context_id)
+                dropped = True
         return pool.num_free - before
 
     def clear(self) -> None:
