@@ -22,7 +22,6 @@ from parrot.backends.simulated.cost import CostModel
 from parrot.backends.simulated.engine import SimEngine, SimulatedStats
 from parrot.backends.simulated.presets import EngineProfile, parse_engine_spec
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
-from parrot.engine.step_profile import LatencyStepRules, StepCost
 from parrot.errors import ContextError, KVCacheExhaustedError, UserError
 
 STATS_BLOCK_SIZE = 16  # BackendStats speaks in KV blocks; the built-in engine's block size
@@ -48,11 +47,6 @@ class SimulatedEngineBackend(EngineBackend):
         self._prefix_texts: dict[str, str] = {}
         self._prefix_counter = itertools.count()
         self._active = 0
-        # the cost model is the step cost the built-in engine fits from its steps
-        step_cost = None if cost.is_zero else StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token)
-        scheduler = self.core.scheduler
-        scheduler.rules = LatencyStepRules.for_cost(step_cost, scheduler.rules.cap_tokens, max_tokens_per_step)
-        self._prefill_share = scheduler.rules.prefill_share
 
     @classmethod
     def from_profile(cls, profile: EngineProfile | str, name: str = "sim-0", time_scale: float = 1.0, **overrides) -> SimulatedEngineBackend:
@@ -146,7 +140,7 @@ class SimulatedEngineBackend(EngineBackend):
         # held at once stands for the built-in engine's "most KV blocks one step's batch read"
         peak = math.ceil(tree.kv_peak / STATS_BLOCK_SIZE)
         return BackendStats(self.name, self.model, self._active, len(tree.live), total, free, counts.prefill + counts.decode,
-                            peak_batch_blocks=peak, prefill_share_beside_latency=self._prefill_share,
+                            peak_batch_blocks=peak, prefill_share_beside_latency=self.core.scheduler.rules.prefill_share,
                             max_tokens_per_step=self.core.scheduler.max_tokens, max_seqs_per_step=self.core.scheduler.max_seqs)
 
     def sim_stats(self) -> SimulatedStats:

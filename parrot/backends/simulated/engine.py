@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import CostModel
 from parrot.backends.simulated.scheduler import JobKind, SimJob, SimScheduler, StepPlan
+from parrot.engine.step_profile import StepCost
 from parrot.errors import KVCacheExhaustedError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class SimEngine:
                  max_seqs_per_step: int, shared_prefix_attention: bool, time_scale: float):
         self.name, self.cost, self.time_scale = name, cost, time_scale
         self.tree = ContextTree(kv_capacity_tokens)
-        self.scheduler = SimScheduler(self.tree, max_tokens_per_step, max_seqs_per_step, shared_prefix_attention)
+        # the cost model is the step cost the built-in engine fits from its steps
+        step_cost = None if cost.is_zero else StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token)
+        self.scheduler = SimScheduler(self.tree, max_tokens_per_step, max_seqs_per_step, shared_prefix_attention, step_cost=step_cost)
         self.instant = cost.is_zero and kv_capacity_tokens is None
         self.simulated_seconds = 0.0
         self.counts = _Counters()

@@ -19,7 +19,7 @@ from enum import Enum
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import StepShape
 from parrot.engine.scheduler import StepBudget
-from parrot.engine.step_profile import LatencyStepRules
+from parrot.engine.step_profile import LatencyStepRules, StepCost
 
 
 class JobKind(Enum):
@@ -66,15 +66,15 @@ class StepPlan:
 
 class SimScheduler:
     def __init__(self, tree: ContextTree, max_tokens_per_step: int, max_seqs_per_step: int, shared_prefix_attention: bool,
-                 latency_max_tokens_per_step: int = 128):
+                 latency_max_tokens_per_step: int = 128, step_cost: StepCost | None = None):
         self.tree = tree
         self.max_tokens = max_tokens_per_step
         self.max_seqs = max_seqs_per_step
         self.shared_prefix_attention = shared_prefix_attention
         self.jobs: list[SimJob] = []
         self.preemptions = 0
-        # the cost model's rules (StepBudget), set by the owner; the configured cap until then
-        self.rules = LatencyStepRules.for_cost(None, latency_max_tokens_per_step, max_tokens_per_step)
+        # the rules (StepBudget) the built-in engine would fit from steps of this cost
+        self.rules = LatencyStepRules.for_cost(step_cost, latency_max_tokens_per_step, max_tokens_per_step)
         self._arrivals = itertools.count()
 
     def submit(self, kind: JobKind, ctx: SimContext, priority: int, **fields) -> SimJob:
