@@ -199,3 +199,38 @@ def test_a_closed_engine_refuses_work_and_leaves_no_thread_behind():
     assert step_threads() == before
     with pytest.raises(ContextError, match="shut down"):
         run(fill_and_generate(fresh, "after-close", ids, greedy(4)))
+
+
+def test_a_prompt_filled_for_its_generate_samples_in_its_last_prompt_step(engine, baseline):
+    """`fill(then_generate=True)` leaves the prompt to the generate: the same tokens, one step
+    fewer (the last prompt step samples the first token instead of a step that computes that
+    token again), and no step in which other work could run between prompt and first token."""
+    ids, tokens = baseline
+
+    async def steps_of(context_id: str, then_generate: bool) -> tuple[list[int], int]:
+        before = engine.stats().steps
+        await engine.fill(context_id, None, ids, then_generate=then_generate)
+        try:
+            out = await collect(engine, context_id, greedy(MAX_TOKENS))
+        finally:
+            engine.free_context(context_id)
+        return token_ids(out), engine.stats().steps - before
+
+    eager_tokens, eager_steps = run(steps_of("eager", False))
+    deferred_tokens, deferred_steps = run(steps_of("deferred", True))
+    assert eager_tokens == deferred_tokens == token_ids(tokens)
+    assert deferred_steps == eager_steps - 1
+
+
+def test_a_prompt_filled_for_its_generate_is_not_computed_before_it(engine, baseline):
+    ids, _ = baseline
+
+    async def main() -> None:
+        await engine.fill("deferred", None, ids, then_generate=True)
+        try:
+            assert engine.contexts.get("deferred").num_pending == len(ids)
+            assert engine.stats().num_jobs == 0
+        finally:
+            engine.free_context("deferred")
+
+    run(main())

@@ -40,7 +40,7 @@ class RecordingBackend(SimulatedEngineBackend):
         self.fills: list[Fill] = []
         self.generated: list[str] = []
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.fills.append(Fill(context_id, text, priority))
         await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
 

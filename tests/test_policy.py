@@ -30,7 +30,7 @@ class CountingBackend(RecordingBackend):
         self.most_running = 0
         self.shared_prefix_chars: list[int] = []
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.shared_prefix_chars.append(shared_prefix_chars)
         await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
 
@@ -355,7 +355,7 @@ class FillCountingBackend(RecordingBackend):
         self.filling = 0
         self.most_filling = 0
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.filling += 1
         self.most_filling = max(self.most_filling, self.filling)
         try:

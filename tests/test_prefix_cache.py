@@ -141,26 +141,31 @@ def test_a_prompt_is_cached_as_soon_as_it_is_computed(caching_engine):
     prompt = SYSTEM + QUESTIONS[0] + "\nAnswer:"
     prompt_blocks = len(caching_engine.tokenizer.encode(prompt)) // caching_engine.config.block_size
 
-    async def one(i: int, started: asyncio.Event | None, first_prefilled: asyncio.Event) -> str:
-        if started is not None:
-            await first_prefilled.wait()  # the first request is generating now
-        await backend.fill(f"same-{i}", None, prompt, 1)
-        first_prefilled.set()
+    async def one(i: int, first_generating: asyncio.Event, then_generate: bool) -> str:
+        if i > 0:
+            await first_generating.wait()
+        await backend.fill(f"same-{i}", None, prompt, 1, then_generate=then_generate)
         try:
-            return "".join([t.text async for t in backend.generate(f"same-{i}", greedy(8), 1)])
+            text = ""
+            async for token in backend.generate(f"same-{i}", greedy(8), 1):
+                first_generating.set()  # its prompt is computed: it has a token
+                text += token.text
+            return text
         finally:
             await backend.free_context(f"same-{i}")
 
-    async def main() -> list[str]:
-        prefilled = asyncio.Event()
-        return await asyncio.gather(one(0, None, prefilled), *(one(i, asyncio.Event(), prefilled) for i in (1, 2, 3)))
+    async def main(then_generate: bool) -> list[str]:
+        generating = asyncio.Event()
+        return await asyncio.gather(*(one(i, generating, then_generate) for i in range(4)))
 
-    hits_before = caching_engine.prefix_cache.hits_tokens
-    outputs = run(main())
-    assert len(set(outputs)) == 1 and outputs[0].strip()
-    assert caching_engine.prefix_cache.hits_tokens - hits_before >= 3 * prompt_blocks * caching_engine.config.block_size
-    assert caching_engine.stats().num_contexts == 0
-    caching_engine.check_integrity()
+    for then_generate in (False, True):  # computed by the fill, or by the generate after it
+        caching_engine.clear_prefix_cache()
+        hits_before = caching_engine.prefix_cache.hits_tokens
+        outputs = run(main(then_generate))
+        assert len(set(outputs)) == 1 and outputs[0].strip()
+        assert caching_engine.prefix_cache.hits_tokens - hits_before >= 3 * prompt_blocks * caching_engine.config.block_size
+        assert caching_engine.stats().num_contexts == 0
+        caching_engine.check_integrity()
 
 
 def test_a_prompt_cached_while_its_request_runs_is_kept_under_memory_pressure(caching_engine):

@@ -283,7 +283,7 @@ class RecordingBackend(SimulatedEngineBackend):
         super().__init__()
         self.fills: list[str] = []
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.fills.append(text)
         await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
 

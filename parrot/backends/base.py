@@ -51,7 +51,10 @@ class EngineBackend(ABC):
     `shared_prefix_chars` marks the leading characters of a new root context's
     text as a prefix that other contexts will share (a semantic function's
     constant text): an engine that can share KV keeps it once and forks from it;
-    the generated text must not depend on it. All methods
+    the generated text must not depend on it. `then_generate` says the caller's
+    next call is `generate` on this context: an engine may then return at once and
+    compute the text with that generate's steps (nothing else runs between the
+    prompt and its first token); one that ignores it computes the text now. All methods
     may raise parrot.errors.UserError for bad input; other exceptions mean the
     engine failed. Priorities: lower values run first.
     """
@@ -60,7 +63,8 @@ class EngineBackend(ABC):
     model: str
 
     @abstractmethod
-    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int = 0) -> None: ...
+    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int = 0,
+                   then_generate: bool = False) -> None: ...
 
     @abstractmethod
     def generate(self, context_id: str, sampling: SamplingParams, priority: int) -> AsyncIterator[GeneratedToken]: ...

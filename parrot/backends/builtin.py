@@ -12,10 +12,11 @@ class BuiltinEngineBackend(EngineBackend):
         self.name = name
         self.model = engine.config.model
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         # the whole text is tokenized at once, so sharing never changes the tokens
         encoded = self.engine.tokenizer.encode_with_prefix(text, shared_prefix_chars)
-        await self.engine.fill(context_id, parent_context_id, encoded.token_ids, priority, shared_prefix_len=encoded.prefix_tokens)
+        await self.engine.fill(context_id, parent_context_id, encoded.token_ids, priority, shared_prefix_len=encoded.prefix_tokens,
+                               then_generate=then_generate)
 
     def generate(self, context_id, sampling, priority):
         return self.engine.generate(context_id, sampling, priority)

@@ -62,9 +62,9 @@ class HttpEngineBackend(EngineBackend):
         # refused, reset, closed mid-stream: transport failures
         return engine_gone_on((httpx.TransportError,), f"{self.name} at {self.url}", what)
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority,
-                        shared_prefix_chars=shared_prefix_chars)
+                        shared_prefix_chars=shared_prefix_chars, then_generate=then_generate)
         async with self._reachable(f"fill of {context_id}"):
             response = await self._http.post("/fill", json=body.model_dump())
         self._check(response)

@@ -25,7 +25,8 @@ class OpenAICompatibleBackend(EngineBackend):
         self._running = 0
         self._tokens = 0
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
+        # nothing is computed here in any case: the prompt goes out with the generate
         if context_id not in self._contexts:
             if parent_context_id is not None and parent_context_id not in self._contexts:
                 raise ContextError(f"unknown context {parent_context_id!r}")

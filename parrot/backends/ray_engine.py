@@ -39,8 +39,9 @@ class EngineReplica:
 
         self.backend = BuiltinEngineBackend(LLMEngine(config), name)
 
-    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int) -> None:
-        await self.backend.fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
+    async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int,
+                   then_generate: bool) -> None:
+        await self.backend.fill(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
 
     async def generate(self, context_id: str, sampling: SamplingParams, priority: int):
         async for token in self.backend.generate(context_id, sampling, priority):
@@ -64,9 +65,9 @@ class RayEngineBackend(EngineBackend):
         lost = (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError)
         return engine_gone_on(lost, f"{self.name} (a Ray actor)", what)
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         async with self._reachable(f"fill of {context_id}"):
-            await self.actor.fill.remote(context_id, parent_context_id, text, priority, shared_prefix_chars)
+            await self.actor.fill.remote(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
 
     async def generate(self, context_id, sampling, priority):
         async with self._reachable(f"generate of {context_id}"):

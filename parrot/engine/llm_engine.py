@@ -218,6 +218,7 @@ class LLMEngine:
         )
         self._prefix_in_use: dict[str, str] = {}  # context -> cached prefix it forked from
         self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached once computed)
+        self._retain_when_sampled: set[str] = set()  # root contexts whose prompt their generate computes
         self._prefix_fills: dict[tuple[int, ...], asyncio.Future] = {}
         # steps whose sequences the attention would group (a shared prefix this long) replay graphs of their own
         shared = self.model.attention.min_shared_tokens if config.shared_prefix_attention else None
@@ -272,12 +273,16 @@ class LLMEngine:
     # ---- primitives -------------------------------------------------------
 
     async def fill(self, context_id: str, parent_context_id: str | None, token_ids: list[int], priority: int = PRIORITY_NORMAL,
-                   shared_prefix_len: int = 0) -> None:
+                   shared_prefix_len: int = 0, then_generate: bool = False) -> None:
         """Appends token_ids to the context (created, forked from the parent, if new) and computes their KV.
 
         A new root context forks from the longest cached prefix of token_ids; its
         first shared_prefix_len tokens (a prefix other contexts will share) are
-        cached as a prefix of their own first.
+        cached as a prefix of their own first. With then_generate (the caller's next
+        call is `generate` on this context) the tokens are computed by that generate's
+        steps instead, whose last prompt step samples the first token: no step of
+        other work runs between the prompt and its first token, and the last prompt
+        token is not computed twice.
         """
         if context_id not in self.contexts:
             # refused before the context exists, so that a refused fill leaves nothing behind
@@ -298,6 +303,10 @@ class LLMEngine:
             self._check_length(len(ctx.token_ids) + len(token_ids))
             self._check_fits_pool(len(ctx.token_ids) + len(token_ids))
             ctx.token_ids.extend(token_ids)
+            if ctx.num_pending > 0 and then_generate:
+                if context_id in self._root_prompt:
+                    self._retain_when_sampled.add(context_id)
+                return
             if ctx.num_pending > 0:
                 channel = _JobChannel(done=asyncio.get_running_loop().create_future())
                 job = self.scheduler.submit(JobKind.FILL, ctx, priority)
@@ -409,6 +418,7 @@ class LLMEngine:
             raise ContextError(f"context {context_id!r} belongs to the prefix cache")
         if self.prefix_cache is not None and context_id in self._root_prompt and not ctx.freed:
             self._retain_prompt(context_id)
+        self._retain_when_sampled.discard(context_id)
         if context_id in self._prefix_in_use:
             self.prefix_cache.release(self._prefix_in_use.pop(context_id))
         for job in [j for j in self.scheduler.jobs if j.ctx is ctx]:
@@ -582,6 +592,10 @@ class LLMEngine:
                 if job.ctx.num_pending == 0:
                     self._finish(job, None)
                 continue
+            if chunk.wants_logits and job.ctx.context_id in self._retain_when_sampled:
+                # a prompt filled for its generate is computed now: cached as a plain fill's is
+                self._retain_when_sampled.discard(job.ctx.context_id)
+                self._retain_prompt(job.ctx.context_id, while_running=True)
             token = result.sampled.get(id(job))
             if token is not None:
                 self._on_token(job, token)

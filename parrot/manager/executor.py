@@ -92,7 +92,7 @@ class Executor:
         # a held call's demand, kept: held calls are offered again at every fill and call end
         self._held_demands: dict[str, CallDemand] = {}
         self._tokens: dict[str, int] = {}  # running call -> the KV tokens counted for it
-        self._unfilled: dict[str, int] = {}  # running call before its first fill returns -> its prompt tokens
+        self._unfilled: dict[str, int] = {}  # running call before its first token -> its prompt tokens
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[str, RunningCall] = {}
         self._failed_on: dict[str, list[EngineBackend]] = {}  # call -> engines that failed it
@@ -219,7 +219,7 @@ class Executor:
             load.latency_calls += sign
 
     def _prefilled(self, engine_name: str, call: Call) -> None:
-        """The call's first fill is done (or it ended without one): its prompt leaves the engine's queue."""
+        """The call's first token came (or it ended without one): its prompt left the engine's queue."""
         self.view.load[engine_name].unfilled_tokens -= self._unfilled.pop(call.call_id, 0)
 
     def _offer_held(self) -> None:
@@ -257,12 +257,9 @@ class Executor:
                               and prefix_chars >= MIN_SHARED_PREFIX_CHARS)
                     shared = prefix_chars if wanted else 0
                     filling = True  # a fill cut short by a cancel may have created the context: free it then
-                    await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared)
+                    # the output's generate comes next: an engine may compute the prompt in its steps
+                    await engine.fill(context_id, None, pending_text, priority, shared_prefix_chars=shared, then_generate=True)
                     created, filling = True, False
-                    if call.call_id in self._unfilled:
-                        self._prefilled(engine.name, call)
-                        if self._held:
-                            self._offer_held()  # throughput work may wait for this engine's queue to drain
                     pending_text = ""
                 await self._generate(call, segment.name, engine, context_id, priority)
             call.state = CallState.DONE
@@ -312,6 +309,10 @@ class Executor:
         text = ""
         output.num_tokens = 0
         async for token in engine.generate(context_id, call.sampling[name], priority):
+            if call.call_id in self._unfilled:  # the first token: the prompt was computed
+                self._prefilled(engine.name, call)
+                if self._held:
+                    self._offer_held()  # throughput work may wait for this engine's queue to drain
             text += token.text
             output.num_tokens += 1
             if len(text) > published:

@@ -18,6 +18,7 @@ class FillBody(Strict):
     text: str = Field(max_length=MAX_VALUE_CHARS)
     priority: int = PRIORITY_NORMAL
     shared_prefix_chars: int = Field(0, ge=0)
+    then_generate: bool = False  # the next call generates on this context: it may compute the text
 
 
 class GenerateBody(Strict):

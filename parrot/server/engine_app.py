@@ -50,7 +50,8 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
 
     @app.post("/fill", dependencies=engine_only)
     async def fill(body: FillBody):
-        await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority, body.shared_prefix_chars)
+        await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority, body.shared_prefix_chars,
+                           body.then_generate)
         return {"ok": True}
 
     @app.post("/generate", dependencies=engine_only)

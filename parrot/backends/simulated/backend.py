@@ -59,7 +59,8 @@ class SimulatedEngineBackend(EngineBackend):
     def simulated_seconds(self) -> float:
         return self.core.simulated_seconds
 
-    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0):
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
+        # then_generate is not modelled: the simulated engine computes the text now, as the contract allows
         # an instant engine prices nothing, so sharing would only cost the manager benchmarks time
         if shared_prefix_chars > 0 and parent_context_id is None and not self.core.instant and context_id not in self.tree.live:
             parent_context_id = await self._shared_prefix(text[:shared_prefix_chars], priority)
