@@ -10,7 +10,7 @@ from rich.console import Console
 
 from parrot.bench.harness import run_bench
 from parrot.bench.systems import start_parrot
-from parrot.bench.workloads import PAPER_SIZES, WORKLOADS, SizeOverrides, check_documents_suffice
+from parrot.bench.workloads import PAPER_SIZES, WORKLOADS, RunDocuments, SizeOverrides, check_documents_suffice
 from parrot.errors import UserError
 
 
@@ -54,6 +54,21 @@ def test_a_run_that_would_run_out_of_documents_is_refused_before_it_starts(token
     check_documents_suffice(tokenizer, multi_chain, 4)  # the default: two systems at two RTT settings
     with pytest.raises(UserError, match="use fewer --repeats"):
         check_documents_suffice(tokenizer, multi_chain, 8)
+
+
+@pytest.mark.parametrize("workload", ["chain-summary-bg", "multi-chain"])
+def test_measured_runs_share_no_text(workload, tokenizer):
+    """A chunk one run read (its apps' or its background's) would be in the prefix cache when
+    the next run on that server reads it: that run would start a step ahead."""
+    config = WORKLOADS[workload][0]
+    seen: set[str] = set()
+    for document_set in range(4):
+        run = RunDocuments.of(tokenizer, config, document_set)
+        chunks = [chunk for app in run.apps for chunk in app] + [run.background]
+        assert len(chunks) == RunDocuments.chunks_per_run(config)
+        starts = {chunk[:200] for chunk in chunks}
+        assert len(starts) == len(chunks) and not starts & seen
+        seen |= starts
 
 
 def test_size_overrides_replace_only_what_was_given():

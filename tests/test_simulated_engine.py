@@ -57,6 +57,24 @@ def test_one_request_costs_what_the_model_says() -> None:
     assert (s.steps, s.prefill_tokens, s.decode_tokens, s.max_batch) == (21, 100, 20, 1)
 
 
+def test_a_prompt_filled_for_its_generate_samples_in_its_last_prompt_step() -> None:
+    """As on the built-in engine: the prompt's step gives the first token, one step fewer."""
+    b = sim()
+
+    async def main() -> str:
+        await b.fill("a", None, "x" * 400, PRIORITY_NORMAL, then_generate=True)
+        assert b.simulated_seconds == 0  # nothing computed yet
+        text = "".join([t.text async for t in b.generate("a", SamplingParams(max_tokens=20), PRIORITY_NORMAL)])
+        await b.free_context("a")
+        b.check_integrity()
+        return text
+
+    assert len(run(main()).split()) == 20
+    assert b.simulated_seconds == pytest.approx((0.02 + 100 * 1e-5) + 19 * (0.02 + 1e-4))
+    s = b.sim_stats()
+    assert (s.steps, s.prefill_tokens, s.decode_tokens) == (20, 100, 19)
+
+
 def test_batching_makes_concurrent_requests_share_steps() -> None:
     alone = sim()
     run(request(alone, "a", tokens=100, max_tokens=20))
@@ -285,7 +303,8 @@ def test_the_real_manager_runs_map_reduce_on_simulated_engines() -> None:
 
     final, engines = run(main())
     assert len(final.split()) == 8
-    assert sum(e.sim_stats().decode_tokens for e in engines) == 5 * 8
+    # each call's first token comes from its prompt's last step (the manager fills for the generate)
+    assert sum(e.sim_stats().decode_tokens for e in engines) == 5 * (8 - 1)
     assert all(e.stats().contexts == 0 for e in engines)
 
 

@@ -166,6 +166,28 @@ class BackgroundLoad:
             thread.join()
 
 
+@dataclass(frozen=True)
+class RunDocuments:
+    """The text one measured run reads: each app's chunks, and the background requests' chunk."""
+
+    apps: list[list[str]]
+    background: str
+
+    @staticmethod
+    def chunks_per_run(config: WorkloadConfig) -> int:
+        return config.apps * config.chunks + 1  # the background's chunk is the +1
+
+    @classmethod
+    def of(cls, tokenizer, config: WorkloadConfig, document_set: int) -> RunDocuments:
+        # sets never overlap: a run whose first chunk was the run before's background prompt
+        # would find it in the prefix cache and start a step ahead
+        first = document_set * cls.chunks_per_run(config)
+        apps = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=first + i * config.chunks)
+                for i in range(config.apps)]
+        background = make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=first + config.apps * config.chunks)[0]
+        return cls(apps, background)
+
+
 def run_workload(name: str, config: WorkloadConfig, system: str, server: RunningServer, rtt_s: float, tokenizer,
                  document_set: int = 0) -> Measurement:
     """One measured run: `system` is parrot or request-level (an orchestrating client on server).
@@ -175,8 +197,8 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
     for a reason that is not the system's.
     """
     map_reduce = name == "map-reduce"
-    first = document_set * config.apps * config.chunks
-    documents = [make_chunks(tokenizer, config.chunks, config.chunk_tokens, offset_chunks=first + i * config.chunks) for i in range(config.apps)]
+    run_documents = RunDocuments.of(tokenizer, config, document_set)
+    documents = run_documents.apps
     client = CompletionClient(server, rtt_s) if system != "parrot" else None
 
     def one_app(index: int) -> tuple[float, str]:
@@ -187,9 +209,9 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
         orchestrate = apps.request_map_reduce if map_reduce else apps.request_chain
         return _run_request_app(client, lambda c: orchestrate(c, doc, config.output_tokens))
 
-    background_prompt = make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=first + config.apps * config.chunks)[0]
+    background_prompt = apps.render(apps.SUMMARIZE, {"chunk": run_documents.background})
     try:
-        with BackgroundLoad(server, config.background_rate, apps.render(apps.SUMMARIZE, {"chunk": background_prompt}), config.output_tokens) as load:
+        with BackgroundLoad(server, config.background_rate, background_prompt, config.output_tokens) as load:
             with ThreadPoolExecutor(max_workers=config.apps) as pool:
                 results = list(pool.map(one_app, range(config.apps)))
     finally:
@@ -201,7 +223,7 @@ def run_workload(name: str, config: WorkloadConfig, system: str, server: Running
 def check_documents_suffice(tokenizer, config: WorkloadConfig, measured_runs: int) -> None:
     """Fails before any server starts when the measured runs (each on documents of its own,
     after the warm-up's set 0) would run out of document text part-way through."""
-    chunks_per_run = config.apps * config.chunks + 1  # the background prompt is the +1
+    chunks_per_run = RunDocuments.chunks_per_run(config)
     try:
         make_chunks(tokenizer, 1, config.chunk_tokens, offset_chunks=(measured_runs + 1) * chunks_per_run - 1)
     except UserError:

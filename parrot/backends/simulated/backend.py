@@ -60,14 +60,13 @@ class SimulatedEngineBackend(EngineBackend):
         return self.core.simulated_seconds
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
-        # then_generate is not modelled: the simulated engine computes the text now, as the contract allows
         # an instant engine prices nothing, so sharing would only cost the manager benchmarks time
         if shared_prefix_chars > 0 and parent_context_id is None and not self.core.instant and context_id not in self.tree.live:
             parent_context_id = await self._shared_prefix(text[:shared_prefix_chars], priority)
             text = text[shared_prefix_chars:]
-        await self._fill(context_id, parent_context_id, text, priority)
+        await self._fill(context_id, parent_context_id, text, priority, then_generate)
 
-    async def _fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int) -> None:
+    async def _fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, then_generate: bool = False) -> None:
         # the internal fills of shared prefixes come here too, not through an overridden fill
         if context_id not in self.tree.live:
             if parent_context_id is not None:
@@ -87,7 +86,8 @@ class SimulatedEngineBackend(EngineBackend):
                 )
             self._contexts[context_id] += text
             ctx.own_tokens += tokens
-            if ctx.pending:
+            # the generate after it computes the text (an instant engine prices nothing: now)
+            if ctx.pending and not (then_generate and not self.core.instant):
                 self._active += 1
                 try:
                     await self.core.prefill(ctx, priority)

@@ -79,7 +79,7 @@ class SimEngine:
             self.scheduler.remove(job)  # a cancelled caller's job stops too
 
     def decode(self, ctx: SimContext, priority: int, max_tokens: int) -> SimJob:
-        """Starts decoding: job.tokens gets each step's token index, or an exception. Not for instant engines."""
+        """Starts decoding (after prefilling what of ctx is pending): job.tokens gets each token's index, or an exception. Not for instant engines."""
         job = self.scheduler.submit(JobKind.GENERATE, ctx, priority, max_tokens=max_tokens, tokens=asyncio.Queue())
         self.wake()
         return job
@@ -184,7 +184,9 @@ class SimEngine:
             if job.kind is JobKind.FILL and job.ctx.pending == 0:
                 self.scheduler.remove(job)
                 job.done.set_result(None)
-            elif chunk.is_decode:
+            elif chunk.is_decode or job.ctx.pending == 0:
+                # a decode's token, or the first after a prompt its generate computed (or recomputed
+                # after a preemption): the step that ends a prompt samples, as the built-in engine's does
                 job.generated += 1
                 job.tokens.put_nowait(job.generated)
                 if job.generated == job.max_tokens:
