@@ -8,6 +8,7 @@ test_serve_faults.py.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -74,6 +75,51 @@ def test_a_call_whose_engine_dies_completes_on_another_with_the_same_result() ->
         assert streamed == value
         healthy.check_integrity()
         assert not healthy.tree.live  # every context on the surviving engine was freed
+
+    asyncio.run(main())
+
+
+class AccentBackend(SimulatedEngineBackend):
+    """Generates words of its own (another engine's numerics may sample a near tie apart) and
+    keeps what it was asked, to see where a continued call starts."""
+
+    def __init__(self, name: str, **options):
+        super().__init__(name, **options)
+        self.fills: list[str] = []
+        self.max_tokens: list[int] = []
+
+    async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
+        self.fills.append(text)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
+
+    async def generate(self, context_id, sampling, priority):
+        self.max_tokens.append(sampling.max_tokens)
+        async for token in super().generate(context_id, sampling, priority):
+            yield replace(token, text=token.text.replace(" w", f" {self.name}-"))
+
+
+class DyingAccentBackend(AccentBackend, DyingBackend):
+    pass
+
+
+def test_a_call_whose_engine_dies_continues_after_what_was_streamed() -> None:
+    """The second engine continues the output after the first's streamed words (the context
+    holds them) for the tokens left, so readers never see two generations spliced together."""
+
+    async def main() -> None:
+        dying = DyingAccentBackend("first", die_after=2)
+        other = AccentBackend("other")
+        manager = Manager([dying, other])
+        session = chain(manager)
+        streamed = "".join([delta async for delta in manager.stream_variable(session, "design")])
+        value = await manager.get_variable(session, "design")
+        await manager.shutdown()
+        assert dying.deaths == 1 and streamed == value
+        words = value.split()
+        assert len(words) == TOKENS
+        assert all(w.startswith("first-") for w in words[:2]) and all(w.startswith("other-") for w in words[2:])
+        assert other.fills[0] == "Design a snake game: " + "".join(f" {w}" for w in words[:2])  # words come with their space
+        assert other.max_tokens[0] == TOKENS - 2
 
     asyncio.run(main())
 

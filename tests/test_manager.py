@@ -42,7 +42,7 @@ class RecordingBackend(SimulatedEngineBackend):
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.fills.append(Fill(context_id, text, priority))
-        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
 
     async def generate(self, context_id, sampling, priority):
         self.generated.append(context_id)

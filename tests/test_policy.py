@@ -32,7 +32,7 @@ class CountingBackend(RecordingBackend):
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.shared_prefix_chars.append(shared_prefix_chars)
-        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
 
     async def generate(self, context_id, sampling, priority):
         self.running += 1
@@ -348,20 +348,26 @@ def combine_two(a: P.Input, b: P.Input, summary: P.Output(max_tokens=4)):
 
 
 class FillCountingBackend(RecordingBackend):
-    """Records the most fills in flight at once (placed, not yet prefilled)."""
+    """Records the most prompts in flight at once (placed, not yet prefilled: filled, and no
+    token generated after them yet, since the manager's fill leaves its prompt to the generate)."""
 
     def __init__(self, name: str, cost: CostModel):
         super().__init__(name, cost=cost)
-        self.filling = 0
+        self.prefilling: set[str] = set()
         self.most_filling = 0
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
-        self.filling += 1
-        self.most_filling = max(self.most_filling, self.filling)
+        self.prefilling.add(context_id)
+        self.most_filling = max(self.most_filling, len(self.prefilling))
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
+
+    async def generate(self, context_id, sampling, priority):
         try:
-            await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
+            async for token in super().generate(context_id, sampling, priority):
+                self.prefilling.discard(context_id)
+                yield token
         finally:
-            self.filling -= 1
+            self.prefilling.discard(context_id)
 
 
 def test_throughput_work_is_handed_to_engines_as_they_prefill_it():

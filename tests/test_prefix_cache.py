@@ -213,3 +213,23 @@ def test_a_stop_string_is_cut_from_a_context_whose_prompt_is_cached(caching_engi
     held = tokenizer.decode(tokens)  # the context holds the kept text, not the stop string
     assert stop not in held and held.strip() == kept.strip()
     caching_engine.check_integrity()
+
+
+def test_a_prompt_its_generate_computed_is_cached_whole_while_it_runs(caching_engine):
+    """Its last token was sampled from in the prompt's own step and is never computed again, so
+    even the block that holds it is shared at once (a plain fill's generate recomputes it)."""
+    caching_engine.clear_prefix_cache()
+    block = caching_engine.config.block_size
+    prompt = caching_engine.tokenizer.encode(SYSTEM + QUESTIONS[1] + "\nAnswer:")
+    prompt = prompt[: len(prompt) // block * block]
+
+    async def main() -> int:
+        await caching_engine.fill("aligned", None, prompt, then_generate=True)
+        async for _ in caching_engine.generate("aligned", greedy(4)):
+            break  # the first token: the prompt is computed
+        cached = caching_engine.prefix_cache.longest(prompt).num_tokens
+        caching_engine.free_context("aligned")
+        return cached
+
+    assert run(main()) == len(prompt)
+    caching_engine.check_integrity()

@@ -55,7 +55,7 @@ def stream_completion(url: str, on_first_delta) -> tuple[str, str | None]:
     return text, finish
 
 
-def test_killed_engine_its_request_completes_elsewhere_and_a_restarted_one_rejoins():
+def test_killed_engine_its_request_completes_elsewhere_and_a_restarted_one_rejoins(tokenizer):
     proc, url = start_server(["--engines", "0", "--heartbeat-timeout", "3"])
     first = second = restarted = None
     try:
@@ -72,9 +72,11 @@ def test_killed_engine_its_request_completes_elsewhere_and_a_restarted_one_rejoi
 
         text, finish = stream_completion(url, lambda: os.kill(first.pid, signal.SIGKILL))
         first.wait(timeout=10)
-        # generated again from the start on the other (fresh) engine, the same way the reference was on
-        # the first: the stream carries each piece once and ends as it would have
-        assert (text, finish) == (expected, "length")
+        # continued on the other engine after what the first streamed, for the tokens left: the stream
+        # ends as it would have. Its words may differ from the reference's where a near tie fell the other
+        # way (the first engine read its prompt's cached prefix; the text is pinned in test_engine_faults.py)
+        assert finish == "length" and text.strip()
+        assert abs(len(tokenizer.encode(text)) - TOKENS) <= 4
         deadline = time.monotonic() + 30
         while "first" in engines_of(url) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -217,7 +217,10 @@ def test_outputs_are_deterministic_across_costs_and_modes() -> None:
     stepped = [d.text for d in run(texts(sim(max_seqs_per_step=2)))]
     slow = [d.text for d in run(texts(sim(cost=PRESETS["cpu-smollm2"].cost, time_scale=1e-5)))]
     assert instant == stepped == slow
-    assert instant[0] == "".join(f" w{(80 + i) % 97}" for i in range(8))
+    expected = ""  # each word names the length of the text before it: 80 characters of prompt, then the words
+    for _ in range(8):
+        expected += f" w{(80 + len(expected)) % 97}"
+    assert instant[0] == expected
 
 
 def test_stats_while_running_and_after() -> None:

@@ -285,7 +285,7 @@ class RecordingBackend(SimulatedEngineBackend):
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
         self.fills.append(text)
-        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars)
+        await super().fill(context_id, parent_context_id, text, priority, shared_prefix_chars, then_generate)
 
 
 @P.semantic_function()

@@ -389,14 +389,15 @@ class LLMEngine:
         self._prefix_in_use[context_id] = match.context_id
         return token_ids[match.num_tokens :]
 
-    def _retain_prompt(self, context_id: str, while_running: bool = False) -> None:
+    def _retain_prompt(self, context_id: str, while_running: bool = False, sampled: bool = False) -> None:
         """Keeps the whole blocks of a root context's prompt as a cached prefix: once computed
         (`while_running`) and again as the context is freed. While it runs, the block holding its
-        last computed token stays out: generating recomputes that token, and a shared block would
-        be copied first."""
+        last computed token stays out, unless that token was `sampled` from already (a prompt its
+        generate computed): a generate after a plain fill computes that token again, and a shared
+        block would be copied first."""
         prompt = self._root_prompt.get(context_id, 0) if while_running else self._root_prompt.pop(context_id, 0)
         ctx = self.contexts.get(context_id)
-        computed = ctx.num_computed - 1 if while_running else ctx.num_computed
+        computed = ctx.num_computed - 1 if while_running and not sampled else ctx.num_computed
         aligned = min(prompt, computed) // self.config.block_size * self.config.block_size
         if aligned <= 0:
             return
@@ -595,7 +596,7 @@ class LLMEngine:
             if chunk.wants_logits and job.ctx.context_id in self._retain_when_sampled:
                 # a prompt filled for its generate is computed now: cached as a plain fill's is
                 self._retain_when_sampled.discard(job.ctx.context_id)
-                self._retain_prompt(job.ctx.context_id, while_running=True)
+                self._retain_prompt(job.ctx.context_id, while_running=True, sampled=True)
             token = result.sampled.get(id(job))
             if token is not None:
                 self._on_token(job, token)

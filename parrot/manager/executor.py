@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from parrot.backends.base import EngineBackend
+from parrot.engine.llm_engine import FinishReason
 from parrot.errors import EngineUnavailableError, UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
 from parrot.manager.graph import Call, CallState, Objective, Variable
@@ -89,7 +90,7 @@ class Executor:
         self.engines: list[EngineBackend] = []
         self.view = ClusterView(self.engines, {}, self.prefixes)
         self._held: list[Call] = []  # ready calls the policy holds back (or no engine has registered)
-        # a held call's demand, kept: held calls are offered again at every fill and call end
+        # a held call's demand, kept: held calls are offered again at every first token and call end
         self._held_demands: dict[str, CallDemand] = {}
         self._tokens: dict[str, int] = {}  # running call -> the KV tokens counted for it
         self._unfilled: dict[str, int] = {}  # running call before its first token -> its prompt tokens
@@ -250,6 +251,8 @@ class Executor:
                 if output is None or output.is_ready:  # an input, or an output a failed engine already finished
                     pending_text += (call.inputs[segment.name] if output is None else output).value or ""
                     continue
+                # what a failed engine streamed of this output is kept: generation continues after it
+                pending_text += output.text_so_far
                 if pending_text:
                     # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other calls
                     prefix_chars = len(static_prefix(call))
@@ -303,23 +306,31 @@ class Executor:
 
     async def _generate(self, call: Call, name: str, engine: EngineBackend, context_id: str, priority: int) -> None:
         output = call.outputs[name]
-        # after an engine fault the output is generated again from the start; streaming
-        # readers already have the first `published` characters, so only what follows is sent
-        published = len(output.text_so_far)
-        text = ""
-        output.num_tokens = 0
-        async for token in engine.generate(context_id, call.sampling[name], priority):
+        # after an engine fault the output continues from what the failed engine streamed (the
+        # context holds it): readers already have it, and a generation from the start could
+        # differ from it (a near tie sampled apart by another engine's numerics)
+        text = output.text_so_far
+        sampling = call.sampling[name]
+        if output.num_tokens:
+            if output.num_tokens >= sampling.max_tokens:
+                output.finish_reason = FinishReason.LENGTH.value
+                self._output_done(output, text)
+                return
+            sampling = replace(sampling, max_tokens=sampling.max_tokens - output.num_tokens)
+        async for token in engine.generate(context_id, sampling, priority):
             if call.call_id in self._unfilled:  # the first token: the prompt was computed
                 self._prefilled(engine.name, call)
                 if self._held:
                     self._offer_held()  # throughput work may wait for this engine's queue to drain
             text += token.text
             output.num_tokens += 1
-            if len(text) > published:
-                output.publish(text[published:])
-                published = len(text)
+            if token.text:
+                output.publish(token.text)
             if token.finish_reason is not None:
                 output.finish_reason = token.finish_reason.value
+        self._output_done(output, text)
+
+    def _output_done(self, output: Variable, text: str) -> None:
         output.value = text
         output.mark_ready()
         self.on_variable_ready(output)

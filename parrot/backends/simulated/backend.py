@@ -100,7 +100,6 @@ class SimulatedEngineBackend(EngineBackend):
         job = None
         try:
             async with self._lock(context_id):
-                seed = len(self._contexts[context_id])
                 if not self.core.instant:
                     job = self.core.decode(ctx, priority, sampling.max_tokens)
                 for i in range(sampling.max_tokens):
@@ -108,7 +107,9 @@ class SimulatedEngineBackend(EngineBackend):
                         self.core.decode_instant(ctx)
                     elif isinstance(item := await job.tokens.get(), BaseException):
                         raise item
-                    word = f" w{(seed + i) % 97}"
+                    # a word of the text so far: text generated after a context's first words is the
+                    # same whether those words were generated or filled (a call continued elsewhere)
+                    word = f" w{len(self._contexts[context_id]) % 97}"
                     self._contexts[context_id] += word
                     yield GeneratedToken(i, word, FinishReason.LENGTH if i + 1 == sampling.max_tokens else None)
         finally:
