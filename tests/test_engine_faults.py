@@ -124,6 +124,68 @@ def test_a_call_whose_engine_dies_continues_after_what_was_streamed() -> None:
     asyncio.run(main())
 
 
+def plan_only(manager: Manager, stop: tuple[str, ...] = ()) -> str:
+    session = manager.create_session()
+    manager.create_variable(session, "task", "task", "a snake game")
+    manager.create_variable(session, "design", "design", None)
+    sampling = SamplingParams(max_tokens=TOKENS, stop=stop)
+    manager.submit_call(session, "plan", CallSpec("plan", "Design {{task}}: {{design}}", (InputBinding("task", "task"),),
+                                                  (OutputBinding("design", "design", sampling),)))
+    return session
+
+
+async def design_of(engines, stop: tuple[str, ...] = ()) -> tuple[str, str, str | None]:
+    """(streamed text, value, finish reason) of the plan's output."""
+    manager = Manager(list(engines))
+    session = plan_only(manager, stop)
+    streamed = "".join([delta async for delta in manager.stream_variable(session, "design")])
+    value = await manager.get_variable(session, "design")
+    finish = manager.sessions[session].graph.variable("design").finish_reason
+    await manager.shutdown()
+    return streamed, value, finish
+
+
+def test_a_stop_string_that_begins_in_the_streamed_text_ends_the_continuation() -> None:
+    """The first engine streamed "... first-25"; a stop string "25 other-" would end in the second
+    engine's first word, which that engine reads as prompt and never checks: the manager does."""
+
+    async def main() -> None:
+        _, value, _ = await design_of([DyingAccentBackend("first", die_after=2), AccentBackend("other")])
+        streamed_word = value.split()[1].split("-")[1]  # the number in the first engine's last word
+        stop = f"{streamed_word} other-"
+        streamed, value, finish = await design_of([DyingAccentBackend("first", die_after=2), AccentBackend("other")], (stop,))
+        assert streamed == value and finish == "stop"
+        assert len(value.split()) == 2 and value.endswith(f"-{streamed_word}")  # nothing after the stop's start but what was sent
+
+    asyncio.run(main())
+
+
+class DiesAfterItsLastToken(SimulatedEngineBackend):
+    """Its connection drops after the last token (before the stream's end), as when an engine is
+    dropped for missed heartbeats just then."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.deaths = 0
+
+    async def generate(self, context_id, sampling, priority):
+        async for token in super().generate(context_id, sampling, priority):
+            yield token
+        self.deaths += 1
+        raise EngineUnavailableError(f"engine {self.name} went away")
+
+
+def test_an_output_whose_last_token_came_is_not_continued_elsewhere() -> None:
+    async def main() -> None:
+        _, expected, _ = await design_of([SimulatedEngineBackend("reference")])
+        dying, other = DiesAfterItsLastToken("dying"), AccentBackend("other")
+        streamed, value, finish = await design_of([dying, other])
+        assert dying.deaths == 1 and other.fills == []  # the ended output went nowhere else
+        assert streamed == value == expected and finish == "length"
+
+    asyncio.run(main())
+
+
 def test_with_no_other_engine_the_waiter_gets_a_clear_error() -> None:
     async def main() -> None:
         manager = Manager([DyingBackend("only")])

@@ -13,10 +13,12 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from parrot.backends.base import EngineBackend
 from parrot.engine.llm_engine import FinishReason
+from parrot.engine.sampler import StopChecker
 from parrot.errors import EngineUnavailableError, UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
 from parrot.manager.graph import Call, CallState, Objective, Variable
@@ -251,12 +253,17 @@ class Executor:
                 if output is None or output.is_ready:  # an input, or an output a failed engine already finished
                     pending_text += (call.inputs[segment.name] if output is None else output).value or ""
                     continue
+                if output.finish_reason is not None:  # its last token came, then its engine was lost
+                    self._output_done(output, output.text_so_far)
+                    pending_text += output.text_so_far
+                    continue
                 # what a failed engine streamed of this output is kept: generation continues after it
-                pending_text += output.text_so_far
+                streamed = output.text_so_far
+                pending_text += streamed
                 if pending_text:
                     # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other calls
                     prefix_chars = len(static_prefix(call))
-                    wanted = (self.policy.shares_static_prefixes and not created and prefix_chars < len(pending_text)
+                    wanted = (self.policy.shares_static_prefixes and not created and prefix_chars < len(pending_text) - len(streamed)
                               and prefix_chars >= MIN_SHARED_PREFIX_CHARS)
                     shared = prefix_chars if wanted else 0
                     filling = True  # a fill cut short by a cancel may have created the context: free it then
@@ -311,23 +318,36 @@ class Executor:
         # differ from it (a near tie sampled apart by another engine's numerics)
         text = output.text_so_far
         sampling = call.sampling[name]
+        stops = None
         if output.num_tokens:
             if output.num_tokens >= sampling.max_tokens:
                 output.finish_reason = FinishReason.LENGTH.value
                 self._output_done(output, text)
                 return
             sampling = replace(sampling, max_tokens=sampling.max_tokens - output.num_tokens)
-        async for token in engine.generate(context_id, sampling, priority):
-            if call.call_id in self._unfilled:  # the first token: the prompt was computed
-                self._prefilled(engine.name, call)
-                if self._held:
-                    self._offer_held()  # throughput work may wait for this engine's queue to drain
-            text += token.text
-            output.num_tokens += 1
-            if token.text:
-                output.publish(token.text)
-            if token.finish_reason is not None:
-                output.finish_reason = token.finish_reason.value
+            if sampling.stop:
+                # the streamed text may end in the start of a stop string (the failed engine held back
+                # only the longest such tail), which the new engine, seeing it as prompt, never checks
+                stops = StopChecker(sampling.stop, text=text, emitted=len(text))
+        async with aclosing(engine.generate(context_id, sampling, priority)) as tokens:
+            async for token in tokens:
+                if call.call_id in self._unfilled:  # the first token: the prompt was computed
+                    self._prefilled(engine.name, call)
+                    if self._held:
+                        self._offer_held()  # throughput work may wait for this engine's queue to drain
+                output.num_tokens += 1
+                delta = token.text if stops is None else stops.feed(token.text)
+                if delta:
+                    text += delta
+                    output.publish(delta)
+                if token.finish_reason is not None:
+                    output.finish_reason = token.finish_reason.value
+                if stops is not None and stops.stopped:
+                    output.finish_reason = FinishReason.STOP.value
+                    break
+        if stops is not None and (rest := stops.flush()):
+            text += rest
+            output.publish(rest)
         self._output_done(output, text)
 
     def _output_done(self, output: Variable, text: str) -> None:
