@@ -136,6 +136,8 @@ def test_higher_priority_preempts_when_kv_is_full() -> None:
             if high is None:  # low holds 301 of 500 tokens and decodes: a prompt of 300 needs its room
                 high = asyncio.ensure_future(request(b, "high", 300, 5, priority=PRIORITY_LATENCY))
         low_finished = b.simulated_seconds
+        # its recompute took in the token it had sampled last, as the engine's would: the same length as unpreempted
+        assert b.tree.get("low").own_tokens == 300 + 30
         await b.free_context("low")
         return await high, low_finished, "".join(words)
 

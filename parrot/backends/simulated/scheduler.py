@@ -133,7 +133,12 @@ class SimScheduler:
         for victim in victims:
             if need <= self.tree.kv_free:
                 break
+            # a decoding job's last sampled token is not in its context until its next decode computes it;
+            # the recompute that samples next takes it in with the rest, as the engine's does
+            decoding = victim.kind is JobKind.GENERATE and victim.generated > 0 and victim.ctx.pending == 0
             self.tree.evict(victim.ctx)
+            if decoding:
+                victim.ctx.own_tokens += 1
             victim.preemptions += 1
             self.preemptions += 1
         return True
