@@ -12,10 +12,15 @@ from dataclasses import dataclass
 import pytest
 
 import parrot as P
+from parrot.backends.base import BackendStats, StepLimits
 from parrot.backends.simulated import CostModel
+from parrot.backends.simulated.presets import PRESETS
 from parrot.engine.scheduler import PRIORITY_NORMAL
+from parrot.engine.step_profile import LATENCY_SEQS_FLOOR, StepCost, latency_seqs_bound
 from parrot.errors import UserError
-from parrot.manager.policy import SMALL_BATCH
+from parrot.manager.graph import Call, Objective
+from parrot.manager.policy import SMALL_BATCH, CallDemand, ClusterView, EngineLoad, ParrotPolicy
+from parrot.manager.prefix_index import PrefixIndex
 from test_manager import RecordingBackend
 
 SLOW = CostModel(seconds_per_step=0.01)
@@ -437,7 +442,6 @@ def test_an_app_keeps_its_place_while_it_runs_and_a_new_app_comes_after_every_ea
     apps in flight must not shift when an earlier app ends: otherwise a later app could tie
     with or overtake one that started before it."""
     from parrot.manager.executor import Executor
-    from parrot.manager.graph import Call, Objective
 
     executor = Executor([])
 
@@ -454,3 +458,50 @@ def test_an_app_keeps_its_place_while_it_runs_and_a_new_app_comes_after_every_ea
     executor._held.remove(second)
     executor._held.remove(third)
     assert executor._app_place(call(4)) == 0  # nothing in flight: the first place again
+
+
+@dataclass
+class StatsOnlyEngine:
+    """An engine as the policy sees it: a name, its stats and its step limits."""
+
+    name: str
+    latency_seqs_bound: int = 0  # 0: not reported
+
+    def stats(self):
+        return BackendStats(self.name, "m", 0, 0, 0, 0, 0, latency_seqs_bound=self.latency_seqs_bound)
+
+    def step_limits(self):
+        return StepLimits()
+
+
+def place_chat(engines: list[StatsOnlyEngine], loads: dict[str, tuple[int, int]]) -> str:
+    """Where parrot places a latency-critical call on engines running (calls, latency calls)."""
+    view = ClusterView(engines, {e.name: EngineLoad(calls=c, latency_calls=lat) for e, (c, lat) in zip(engines, loads.values())}, PrefixIndex())
+    call = Call("chat-1", "chat", [], {}, {}, {}, 0, objective=Objective.LATENCY)
+    return ParrotPolicy().place(call, CallDemand(prompt_hashes=[], tokens=64), view).name
+
+
+def test_a_chat_joins_the_engine_serving_most_chats_not_an_idle_or_less_loaded_one():
+    """Each engine serving latency work caps its other work's steps, so chats gather: on the
+    engine serving two chats beside throughput work, not on the one serving one chat with fewer
+    calls, nor on an idle engine."""
+    engines = [StatsOnlyEngine("a", 8), StatsOnlyEngine("b", 8), StatsOnlyEngine("idle", 8)]
+    assert place_chat(engines, {"a": (12, 2), "b": (3, 1), "idle": (0, 0)}) == "a"
+
+
+@pytest.mark.parametrize("bound,engine", [(0, "idle"), (4, "idle"), (8, "a")])
+def test_an_engine_serves_as_many_chats_at_once_as_its_step_cost_affords(bound, engine):
+    """The engine serving four chats takes a fifth only where it reports room for more (its
+    decodes cost little beside its steps' fixed cost); unreported, four is its bound."""
+    engines = [StatsOnlyEngine("a", bound), StatsOnlyEngine("idle", bound)]
+    assert place_chat(engines, {"a": (10, 4), "idle": (0, 0)}) == engine
+
+
+def test_latency_seqs_bound_follows_the_step_cost():
+    def bound(preset: str, cap: int) -> int:
+        cost = PRESETS[preset].cost
+        return latency_seqs_bound(StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token), cap)
+
+    assert bound("a100-7b", 128) > 16  # a step's fixed cost dominates: many chats ride it
+    assert bound("cpu-smollm2", 16) == LATENCY_SEQS_FLOOR  # tokens are dear: the small batch
+    assert latency_seqs_bound(None, 128) == LATENCY_SEQS_FLOOR

@@ -30,6 +30,8 @@ class BackendStats:
     # its step budget: prompt tokens one forward step takes, and sequences (0: not reported)
     max_tokens_per_step: int = 0
     max_seqs_per_step: int = 0
+    # latency-class jobs it serves at once before their decodes slow each other (0: not reported)
+    latency_seqs_bound: int = 0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class BuiltinEngineBackend(EngineBackend):
         s = self.engine.stats()
         return BackendStats(self.name, self.model, s.num_jobs, s.num_contexts, s.blocks_total, s.blocks_free, s.tokens_processed,
                             s.peak_batch_blocks, s.block_size, s.cached_blocks,
-                            s.prefill_share_beside_latency, s.max_tokens_per_step, s.max_seqs_per_step)
+                            s.prefill_share_beside_latency, s.max_tokens_per_step, s.max_seqs_per_step, s.latency_seqs_bound)
 
     async def close(self):
         await self.engine.close()

@@ -96,7 +96,7 @@ class HttpEngineBackend(EngineBackend):
     def update_stats(self, stats: EngineStatsBody) -> None:
         self._stats = BackendStats(self.name, self.model, stats.running_jobs, stats.contexts, stats.kv_blocks_total, stats.kv_blocks_free, stats.tokens_processed,
                                    stats.peak_batch_blocks, stats.kv_block_size, stats.kv_blocks_cached, stats.prefill_share_beside_latency,
-                                   stats.max_tokens_per_step, stats.max_seqs_per_step)
+                                   stats.max_tokens_per_step, stats.max_seqs_per_step, stats.latency_seqs_bound)
 
     def stats(self) -> BackendStats:
         return self._stats

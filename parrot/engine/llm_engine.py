@@ -138,6 +138,7 @@ class EngineStats:
     prefill_share_beside_latency: float = 1.0  # from the fitted step cost (engine/step_profile.py)
     max_tokens_per_step: int = 0
     max_seqs_per_step: int = 0
+    latency_seqs_bound: int = 0  # also from the fitted step cost
 
 
 @dataclass
@@ -443,9 +444,10 @@ class LLMEngine:
         cached_blocks = self.prefix_cache.idle_blocks() if self.prefix_cache is not None else 0
         # the rules the scheduler runs by: a long stretch of same-sized steps can fade the fit
         # out, and the engine keeps its last rules then; the manager must weigh those
-        share = self.scheduler.rules.prefill_share
+        rules = self.scheduler.rules
         return EngineStats(len(self.contexts) - cached, len(self.scheduler.jobs), pool.num_blocks, pool.num_free, pool.block_size, c.tokens, c.steps, c.preemptions, c.busy, cached,
-                           c.peak_batch_blocks, cached_blocks, share, self.config.max_tokens_per_step, self.config.max_seqs_per_step)
+                           c.peak_batch_blocks, cached_blocks, rules.prefill_share, self.config.max_tokens_per_step, self.config.max_seqs_per_step,
+                           rules.latency_seqs)
 
     def _latency_rules(self, cost: StepCost | None) -> LatencyStepRules:
         return LatencyStepRules.for_cost(cost, self.config.latency_max_tokens_per_step, self.config.max_tokens_per_step)

@@ -1,5 +1,6 @@
 """What a forward step costs, as the manager needs to know it: how much of an engine's
-prompt rate is left to other work while a latency-class job waits beside it.
+prompt rate is left to other work while a latency-class job waits beside it, and how many
+latency-class jobs it can serve together before their own tokens slow each other.
 
 While a latency-class job waits, the other work's steps are capped at a few tokens
 (`StepBudget`), so each of its tokens carries a larger part of the step's fixed cost.
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 # a fit needs steps of different sizes: their token counts must spread by this much
 MIN_TOKEN_SPREAD = 32.0
 MIN_STEPS = 8
+# An engine serving latency work takes latency-class jobs while their decodes add at most
+# this part to a capped step (the goal keeps chats within 1.1x of the best latency), and at
+# least LATENCY_SEQS_FLOOR of them: the small batch every latency-centric engine keeps.
+LATENCY_SEQS_SLOWDOWN = 0.1
+LATENCY_SEQS_FLOOR = 4
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,25 @@ def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens:
     return min(1.0, capped_rate / full_rate)
 
 
+def latency_seqs_bound(cost: StepCost | None, capped_tokens: int) -> int:
+    """Latency-class jobs one engine serves at once: as many as decode in at most
+    LATENCY_SEQS_SLOWDOWN of a capped step's time, never fewer than LATENCY_SEQS_FLOOR (nor
+    more than that while the cost is unknown). Where a step's fixed cost dominates (the
+    simulated A100s: 15 ms a step, 0.07 ms a token) that is some 30 chats, and gathering them
+    on one engine leaves the others' steps uncapped; where tokens are dear (this CPU: 2 ms a
+    token beside 22 ms a step) it is the floor, and the next chat takes an engine of its own."""
+    if cost is None or cost.per_token_s <= 0:
+        return LATENCY_SEQS_FLOOR
+    capped_step_s = cost.per_step_s + capped_tokens * cost.per_token_s
+    return max(LATENCY_SEQS_FLOOR, int(LATENCY_SEQS_SLOWDOWN * capped_step_s / cost.per_token_s))
+
+
 @dataclass(frozen=True)
 class LatencyStepRules:
     """How an engine's steps treat other work while a latency-class job waits (StepBudget),
     from its step cost: whether normal-class work keeps to the cap (decided at the configured
-    cap), the cap itself (lowered where tokens are dear), and the prompt rate kept at that cap
-    (what the manager weighs placements by)."""
+    cap), the cap itself (lowered where tokens are dear), the prompt rate kept at that cap and
+    the latency-class jobs served together (what the manager weighs placements by)."""
 
     caps_normal_class: bool
     cap_tokens: int
@@ -78,12 +97,14 @@ class LatencyStepRules:
     # backlog throughput: on the simulated A100s mixed's jobs took 1.21-1.26x throughput-centric's
     # time with it and 1.19x without; on this CPU 1.00-1.06x with it and 1.17-1.25x without
     caps_later_apps: bool = False
+    latency_seqs: int = LATENCY_SEQS_FLOOR
 
     @classmethod
     def for_cost(cls, cost: StepCost | None, configured_cap: int, full_tokens: int) -> LatencyStepRules:
         cap = latency_cap(cost, configured_cap)
         pays = cap_pays(cost, configured_cap)
-        return cls(pays, cap, prefill_share_at_cap(cost, cap, full_tokens), caps_later_apps=cost is not None and not pays)
+        return cls(pays, cap, prefill_share_at_cap(cost, cap, full_tokens), caps_later_apps=cost is not None and not pays,
+                   latency_seqs=latency_seqs_bound(cost, cap))
 
 
 @dataclass

@@ -32,7 +32,9 @@ AFFINITY_SLACK = 4
 # (0.42 on a simulated A100, 0.55-0.6 on this CPU with its 16-token cap), so its fair share of throughput work is that
 # fraction; never less than MIN_PREFILL_SHARE of it.
 MIN_PREFILL_SHARE = 0.25
-# A latency-critical call goes to an engine running fewer calls than this, if there is one.
+# A latency-critical call no engine serving latency work has room for goes to an engine running
+# fewer calls than this, if there is one; engines that do not report how many latency-critical
+# calls they serve at once serve this many.
 LATENCY_BATCH_BOUND = 4
 # latency-centric keeps every engine's batch this small; throughput-centric fills up to this
 SMALL_BATCH = 4
@@ -78,6 +80,12 @@ def capacity_tokens(engine: EngineBackend) -> int | None:
 def fits(engine: EngineBackend, view: ClusterView, tokens: int) -> bool:
     capacity = capacity_tokens(engine)
     return capacity is None or view.load[engine.name].tokens + tokens <= capacity
+
+
+def latency_seqs_bound(engine: EngineBackend) -> int:
+    """Latency-critical calls the engine serves at once (BackendStats.latency_seqs_bound);
+    LATENCY_BATCH_BOUND where it does not say."""
+    return engine.stats().latency_seqs_bound or LATENCY_BATCH_BOUND
 
 
 def takes_throughput_work(engine: EngineBackend, view: ClusterView) -> bool:
@@ -165,12 +173,14 @@ class ParrotPolicy(SchedulingPolicy):
             if not any(p.task_group == call.call_id for p in call.producers):
                 # a group's own consumer runs after the group, never beside it: no reason to keep an engine free
                 view.last_latency_call_s = view.clock()
-            # engines kept at small batches serve latency-critical calls first; among them, and
-            # when none is small, engines already serving latency work with room for more: the
-            # latency class caps the other work's steps on its engine, so it is kept on few engines
-            small = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND]
-            serving = [e for e in candidates if 0 < view.load[e.name].latency_calls < LATENCY_BATCH_BOUND]
-            candidates = [e for e in small if e in serving] or small or serving or candidates
+            # the latency class caps the other work's steps on its engine, so it is gathered on
+            # few engines: one already serving latency work with room for more (one holding the
+            # prompt's prefix, then the one serving most), else one kept at a small batch, else any
+            serving = [e for e in candidates if 0 < view.load[e.name].latency_calls < latency_seqs_bound(e)]
+            if serving:
+                candidates = [max(serving, key=lambda e: (e.name in holders, view.load[e.name].latency_calls, -view.load[e.name].calls))]
+            else:
+                candidates = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND] or candidates
         elif call.objective is Objective.THROUGHPUT:
             # throughput work stays off engines serving latency-critical calls where it can, but
             # not at any price: piling it onto a busy quiet engine beside an idle one with a chat

@@ -51,6 +51,7 @@ class EngineStatsBody(Strict):
     prefill_share_beside_latency: float = Field(1.0, gt=0, le=1)
     max_tokens_per_step: int = Field(0, ge=0)  # 0: not reported
     max_seqs_per_step: int = Field(0, ge=0)
+    latency_seqs_bound: int = Field(0, ge=0)  # 0: not reported (an older engine)
 
 
 class EngineRegister(Strict):

@@ -29,7 +29,7 @@ def _stats_body(backend: BuiltinEngineBackend) -> EngineStatsBody:
         kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free, tokens_processed=s.tokens_processed,
         peak_batch_blocks=s.peak_batch_blocks, kv_block_size=s.kv_block_size, kv_blocks_cached=s.kv_blocks_cached,
         prefill_share_beside_latency=s.prefill_share_beside_latency,
-        max_tokens_per_step=s.max_tokens_per_step, max_seqs_per_step=s.max_seqs_per_step,
+        max_tokens_per_step=s.max_tokens_per_step, max_seqs_per_step=s.max_seqs_per_step, latency_seqs_bound=s.latency_seqs_bound,
     )
 
 

@@ -143,7 +143,8 @@ class SimulatedEngineBackend(EngineBackend):
         peak = math.ceil(tree.kv_peak / STATS_BLOCK_SIZE)
         return BackendStats(self.name, self.model, self._active, len(tree.live), total, free, counts.prefill + counts.decode,
                             peak_batch_blocks=peak, prefill_share_beside_latency=self.core.scheduler.rules.prefill_share,
-                            max_tokens_per_step=self.core.scheduler.max_tokens, max_seqs_per_step=self.core.scheduler.max_seqs)
+                            max_tokens_per_step=self.core.scheduler.max_tokens, max_seqs_per_step=self.core.scheduler.max_seqs,
+                            latency_seqs_bound=self.core.scheduler.rules.latency_seqs)
 
     def sim_stats(self) -> SimulatedStats:
         return self.core.stats()
