@@ -233,3 +233,34 @@ def test_an_engine_dropped_mid_call_hands_the_call_to_another() -> None:
         await manager.shutdown()
 
     asyncio.run(main())
+
+
+class HoldsBackTheLastWordBackend(DyingAccentBackend):
+    """Streams its second token's text as nothing (held back, as an engine holds the start of
+    a possible stop string) and dies before it would have sent it."""
+
+    async def generate(self, context_id, sampling, priority):
+        count = 0
+        async for token in super().generate(context_id, sampling, priority):
+            count += 1
+            yield replace(token, text="") if count == 2 else token
+
+
+def test_a_token_whose_text_a_dead_engine_held_back_is_generated_again() -> None:
+    """The continuation generates the held-back token's place again (its text never reached the
+    manager), so the output still has max_tokens tokens, and its count says so."""
+
+    async def main() -> None:
+        dying = HoldsBackTheLastWordBackend("first", die_after=2)
+        other = AccentBackend("other")
+        manager = Manager([dying, other])
+        session = chain(manager)
+        value = await manager.get_variable(session, "design")
+        output = manager.sessions[session].graph.variable("design")
+        await manager.shutdown()
+        words = value.split()
+        assert dying.deaths == 1 and words[0].startswith("first-") and len(words) == TOKENS
+        assert other.max_tokens[0] == TOKENS - 1
+        assert output.num_tokens == TOKENS
+
+    asyncio.run(main())

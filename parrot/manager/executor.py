@@ -319,6 +319,9 @@ class Executor:
         text = output.text_so_far
         sampling = call.sampling[name]
         stops = None
+        # tokens whose text the lost engine held back are generated again after the streamed text
+        output.num_tokens -= output.unstreamed_tokens
+        output.unstreamed_tokens = 0
         if output.num_tokens:
             if output.num_tokens >= sampling.max_tokens:
                 output.finish_reason = FinishReason.LENGTH.value
@@ -340,6 +343,9 @@ class Executor:
                 if delta:
                     text += delta
                     output.publish(delta)
+                    output.unstreamed_tokens = 0
+                else:
+                    output.unstreamed_tokens += 1
                 if token.finish_reason is not None:
                     output.finish_reason = token.finish_reason.value
                 if stops is not None and stops.stopped:

@@ -46,6 +46,9 @@ class Variable:
     requested: Perf | None = None
     text_so_far: str = ""  # streamed while the producer generates
     num_tokens: int = 0
+    # the last of those tokens whose text is not in text_so_far yet (an engine holds back the
+    # start of a possible stop string, or a partial UTF-8 character): lost with their engine
+    unstreamed_tokens: int = 0
     finish_reason: str | None = None
     listeners: list[asyncio.Queue] = field(default_factory=list)  # streaming readers: text deltas, then None
 
