@@ -500,8 +500,10 @@ def test_an_engine_serves_as_many_chats_at_once_as_its_step_cost_affords(bound, 
 def test_latency_seqs_bound_follows_the_step_cost():
     def bound(preset: str, cap: int) -> int:
         cost = PRESETS[preset].cost
-        return latency_seqs_bound(StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token), cap)
+        return latency_seqs_bound(StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token), cap, 128)
 
     assert bound("a100-7b", 128) > 16  # a step's fixed cost dominates: many chats ride it
     assert bound("cpu-smollm2", 16) == LATENCY_SEQS_FLOOR  # tokens are dear: the small batch
-    assert latency_seqs_bound(None, 128) == LATENCY_SEQS_FLOOR
+    # a cheaper CPU token (the Intel AMX machine's fit: 40 ms a step, 0.8 ms a token) still keeps the floor
+    assert latency_seqs_bound(StepCost(0.040, 0.0008), 32, 128) == LATENCY_SEQS_FLOOR
+    assert latency_seqs_bound(None, 128, 128) == LATENCY_SEQS_FLOOR

@@ -67,14 +67,16 @@ def prefill_share_at_cap(cost: StepCost | None, capped_tokens: int, full_tokens:
     return min(1.0, capped_rate / full_rate)
 
 
-def latency_seqs_bound(cost: StepCost | None, capped_tokens: int) -> int:
-    """Latency-class jobs one engine serves at once: as many as decode in at most
-    LATENCY_SEQS_SLOWDOWN of a capped step's time, never fewer than LATENCY_SEQS_FLOOR (nor
-    more than that while the cost is unknown). Where a step's fixed cost dominates (the
-    simulated A100s: 15 ms a step, 0.07 ms a token) that is some 30 chats, and gathering them
-    on one engine leaves the others' steps uncapped; where tokens are dear (this CPU: 2 ms a
-    token beside 22 ms a step) it is the floor, and the next chat takes an engine of its own."""
-    if cost is None or cost.per_token_s <= 0:
+def latency_seqs_bound(cost: StepCost | None, capped_tokens: int, configured_cap: int) -> int:
+    """Latency-class jobs one engine serves at once. Where a step's fixed cost dominates (the
+    configured cap pays, `cap_pays`: the simulated A100s, 15 ms a step and 0.07 ms a token),
+    as many as decode in at most LATENCY_SEQS_SLOWDOWN of a capped step's time, some 30
+    chats: gathering them on one engine leaves the others' steps uncapped. Elsewhere, and
+    while the cost is unknown, LATENCY_SEQS_FLOOR: where tokens are dear, a decoding
+    sequence is dearer still than the prompt tokens the fit is made of (it reads its whole
+    context: 4-5 ms against under 1-2 ms a prompt token on this project's CPUs), and the next
+    chat takes an engine of its own."""
+    if cost is None or cost.per_token_s <= 0 or not cap_pays(cost, configured_cap):
         return LATENCY_SEQS_FLOOR
     capped_step_s = cost.per_step_s + capped_tokens * cost.per_token_s
     return max(LATENCY_SEQS_FLOOR, int(LATENCY_SEQS_SLOWDOWN * capped_step_s / cost.per_token_s))
@@ -104,7 +106,7 @@ class LatencyStepRules:
         cap = latency_cap(cost, configured_cap)
         pays = cap_pays(cost, configured_cap)
         return cls(pays, cap, prefill_share_at_cap(cost, cap, full_tokens), caps_later_apps=cost is not None and not pays,
-                   latency_seqs=latency_seqs_bound(cost, cap))
+                   latency_seqs=latency_seqs_bound(cost, cap, configured_cap))
 
 
 @dataclass
