@@ -14,17 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
-from enum import Enum
 
 from parrot.backends.simulated.contexts import ContextTree, SimContext
 from parrot.backends.simulated.cost import StepShape
-from parrot.engine.scheduler import StepBudget
+from parrot.engine.scheduler import JobKind, StepBudget
 from parrot.engine.step_profile import LatencyStepRules, StepCost
-
-
-class JobKind(Enum):
-    FILL = "fill"
-    GENERATE = "generate"
 
 
 @dataclass(eq=False)
