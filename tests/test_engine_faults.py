@@ -16,6 +16,7 @@ from parrot.backends.simulated import CostModel, SimulatedEngineBackend
 from parrot.engine.sampler import SamplingParams
 from parrot.errors import EngineUnavailableError
 from parrot.manager.manager import Manager
+from parrot.manager.policy import CHARS_PER_TOKEN, ParrotPolicy
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
 
 TOKENS = 6
@@ -120,6 +121,32 @@ def test_a_call_whose_engine_dies_continues_after_what_was_streamed() -> None:
         assert all(w.startswith("first-") for w in words[:2]) and all(w.startswith("other-") for w in words[2:])
         assert other.fills[0] == "Design a snake game: " + "".join(f" {w}" for w in words[:2])  # words come with their space
         assert other.max_tokens[0] == TOKENS - 2
+
+    asyncio.run(main())
+
+
+def test_a_call_run_again_is_placed_by_the_prompt_it_sends_streamed_text_included() -> None:
+    """The prompt the policy weighs for a call run again after its engine died is the one the
+    next engine is sent: with what the dead engine streamed (its queue estimate and prefix
+    affinity read it)."""
+    weighed: list[int] = []
+
+    class RecordingPolicy(ParrotPolicy):
+        def place(self, call, demand, view):
+            if call.function == "plan":
+                weighed.append(demand.prompt_tokens)
+            return super().place(call, demand, view)
+
+    async def main() -> None:
+        dying = DyingAccentBackend("first", die_after=2)
+        other = AccentBackend("other")
+        manager = Manager([dying, other], policy=RecordingPolicy())
+        session = chain(manager)
+        await manager.get_variable(session, "code")
+        await manager.shutdown()
+        first, again = other.fills[0], "Design a snake game: "
+        assert len(weighed) == 2 and len(first) - len(again) >= CHARS_PER_TOKEN  # the words streamed before the death
+        assert weighed == [len(again) // CHARS_PER_TOKEN, len(first) // CHARS_PER_TOKEN]
 
     asyncio.run(main())
 

@@ -50,7 +50,9 @@ class RunningCall:
 
 
 def first_fill_text(call: Call) -> str:
-    """The prompt text up to the call's first output (its inputs are ready)."""
+    """The prompt text the call's first fill sends (its inputs are ready): up to its first output
+    still to generate. A call run again after its engine failed sends more (Executor._run): the
+    outputs that engine finished, and what it streamed of the next, which generation continues."""
     text = ""
     for segment in call.segments:
         if isinstance(segment, TextSegment):
@@ -58,7 +60,13 @@ def first_fill_text(call: Call) -> str:
         elif segment.kind is PlaceholderKind.INPUT:
             text += call.inputs[segment.name].value or ""
         else:
-            break
+            output = call.outputs[segment.name]
+            if output.is_ready:
+                text += output.value or ""
+            elif output.finish_reason is not None:
+                text += output.text_so_far
+            else:
+                return text + output.text_so_far
     return text
 
 
