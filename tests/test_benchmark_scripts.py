@@ -34,3 +34,10 @@ def test_engine_throughputs_threads_setting_stays_out_of_vllms_server():
     assert out.returncode == 0, out.stderr
     # ours for our engine; vLLM gets the caller's (none) unless --vllm-threads says
     assert out.stdout.split() == ["2", "None", "3"]
+
+
+def test_prefill_attention_quick_checks_both_forms_agree():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_attention.py"), "--quick", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("prefill-attention: the engine's form")

@@ -125,16 +125,18 @@ def test_a_call_whose_engine_dies_continues_after_what_was_streamed() -> None:
     asyncio.run(main())
 
 
-def test_a_call_run_again_is_placed_by_the_prompt_it_sends_streamed_text_included() -> None:
+def test_a_call_run_again_is_placed_by_what_it_sends_and_what_is_left_to_generate() -> None:
     """The prompt the policy weighs for a call run again after its engine died is the one the
     next engine is sent: with what the dead engine streamed (its queue estimate and prefix
     affinity read it)."""
     weighed: list[int] = []
+    kv_tokens: list[int] = []
 
     class RecordingPolicy(ParrotPolicy):
         def place(self, call, demand, view):
             if call.function == "plan":
                 weighed.append(demand.prompt_tokens)
+                kv_tokens.append(demand.tokens)
             return super().place(call, demand, view)
 
     async def main() -> None:
@@ -147,6 +149,8 @@ def test_a_call_run_again_is_placed_by_the_prompt_it_sends_streamed_text_include
         first, again = other.fills[0], "Design a snake game: "
         assert len(weighed) == 2 and len(first) - len(again) >= CHARS_PER_TOKEN  # the words streamed before the death
         assert weighed == [len(again) // CHARS_PER_TOKEN, len(first) // CHARS_PER_TOKEN]
+        # the KV it will hold: the longer prompt and the tokens left to generate, not all of them again
+        assert kv_tokens == [weighed[0] + TOKENS, weighed[1] + TOKENS - 2]
 
     asyncio.run(main())
 

@@ -20,7 +20,7 @@ from parrot.engine.step_profile import LATENCY_SEQS_FLOOR, StepCost, latency_seq
 from parrot.errors import UserError
 from parrot.manager.graph import Call, Objective
 from parrot.manager.policy import SMALL_BATCH, CallDemand, ClusterView, EngineLoad, ParrotPolicy
-from parrot.manager.prefix_index import PrefixIndex
+from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
 from test_manager import RecordingBackend
 
 SLOW = CostModel(seconds_per_step=0.01)
@@ -466,19 +466,24 @@ class StatsOnlyEngine:
 
     name: str
     latency_seqs_bound: int = 0  # 0: not reported
+    max_seqs_per_step: int = 0
 
     def stats(self):
-        return BackendStats(self.name, "m", 0, 0, 0, 0, 0, latency_seqs_bound=self.latency_seqs_bound)
+        return BackendStats(self.name, "m", 0, 0, 0, 0, 0, latency_seqs_bound=self.latency_seqs_bound, max_seqs_per_step=self.max_seqs_per_step)
 
     def step_limits(self):
         return StepLimits()
 
 
-def place_chat(engines: list[StatsOnlyEngine], loads: dict[str, tuple[int, int]]) -> str:
-    """Where parrot places a latency-critical call on engines running (calls, latency calls)."""
-    view = ClusterView(engines, {e.name: EngineLoad(calls=c, latency_calls=lat) for e, (c, lat) in zip(engines, loads.values())}, PrefixIndex())
+def place_chat(engines: list[StatsOnlyEngine], loads: dict[str, tuple[int, int]], prefix_holder: str | None = None) -> str:
+    """Where parrot places a latency-critical call on engines running (calls, latency calls),
+    one of them perhaps holding the chat's prompt prefix."""
+    view = ClusterView(engines, {name: EngineLoad(calls=c, latency_calls=lat) for name, (c, lat) in loads.items()}, PrefixIndex())
+    hashes = prefix_hashes("You are a helpful assistant. " * 20)
+    if prefix_holder is not None:
+        view.prefixes.record(prefix_holder, hashes)
     call = Call("chat-1", "chat", [], {}, {}, {}, 0, objective=Objective.LATENCY)
-    return ParrotPolicy().place(call, CallDemand(prompt_hashes=[], tokens=64), view).name
+    return ParrotPolicy().place(call, CallDemand(prompt_hashes=hashes, tokens=64), view).name
 
 
 def test_a_chat_joins_the_engine_serving_most_chats_not_an_idle_or_less_loaded_one():
@@ -487,6 +492,22 @@ def test_a_chat_joins_the_engine_serving_most_chats_not_an_idle_or_less_loaded_o
     calls, nor on an idle engine."""
     engines = [StatsOnlyEngine("a", 8), StatsOnlyEngine("b", 8), StatsOnlyEngine("idle", 8)]
     assert place_chat(engines, {"a": (12, 2), "b": (3, 1), "idle": (0, 0)}) == "a"
+
+
+def test_chats_gather_on_the_engine_serving_most_before_one_holding_their_prefix():
+    """Splitting chats over two engines would cap both engines' other work: the one serving
+    three chats takes the fourth, not the one serving one that holds its prefix; between
+    engines serving as many, the prefix holder."""
+    engines = [StatsOnlyEngine("a", 8), StatsOnlyEngine("holder", 8)]
+    assert place_chat(engines, {"a": (5, 3), "holder": (2, 1)}, prefix_holder="holder") == "a"
+    assert place_chat(engines, {"a": (5, 2), "holder": (6, 2)}, prefix_holder="holder") == "holder"
+
+
+def test_an_engine_takes_no_more_chats_than_one_step_batches():
+    """A bound above the engine's sequences per step is held to them."""
+    engines = [StatsOnlyEngine("a", 100, max_seqs_per_step=8), StatsOnlyEngine("idle", 100, max_seqs_per_step=8)]
+    assert place_chat(engines, {"a": (8, 7), "idle": (0, 0)}) == "a"
+    assert place_chat(engines, {"a": (9, 8), "idle": (0, 0)}) == "idle"
 
 
 @pytest.mark.parametrize("bound,engine", [(0, "idle"), (4, "idle"), (8, "a")])
@@ -502,7 +523,7 @@ def test_latency_seqs_bound_follows_the_step_cost():
         cost = PRESETS[preset].cost
         return latency_seqs_bound(StepCost(cost.seconds_per_step, cost.seconds_per_prefill_token), cap, 128)
 
-    assert bound("a100-7b", 128) > 16  # a step's fixed cost dominates: many chats ride it
+    assert bound("a100-7b", 128) == 33  # a step's fixed cost dominates: many chats ride it
     assert bound("cpu-smollm2", 16) == LATENCY_SEQS_FLOOR  # tokens are dear: the small batch
     # a cheaper CPU token (the Intel AMX machine's fit: 40 ms a step, 0.8 ms a token) still keeps the floor
     assert latency_seqs_bound(StepCost(0.040, 0.0008), 32, 128) == LATENCY_SEQS_FLOOR

@@ -71,7 +71,10 @@ def latency_seqs_bound(cost: StepCost | None, capped_tokens: int, configured_cap
     """Latency-class jobs one engine serves at once. Where a step's fixed cost dominates (the
     configured cap pays, `cap_pays`: the simulated A100s, 15 ms a step and 0.07 ms a token),
     as many as decode in at most LATENCY_SEQS_SLOWDOWN of a capped step's time, some 30
-    chats: gathering them on one engine leaves the others' steps uncapped. Elsewhere, and
+    chats: gathering them on one engine leaves the others' steps uncapped. Approximate: a
+    decoding sequence is counted as one prompt token of the fit, its reading of its context
+    left out (on the simulated A100-7B a chat of 2k tokens costs some 10 times that); the
+    manager never takes it above the engine's max_seqs_per_step. Elsewhere, and
     while the cost is unknown, LATENCY_SEQS_FLOOR: where tokens are dear, a decoding
     sequence is dearer still than the prompt tokens the fit is made of (it reads its whole
     context: 4-5 ms against under 1-2 ms a prompt token on this project's CPUs), and the next

@@ -83,7 +83,11 @@ def static_prefix(call: Call) -> str:
 def call_demand(call: Call) -> CallDemand:
     text = first_fill_text(call)
     prompt_tokens = len(text) // CHARS_PER_TOKEN
-    tokens = prompt_tokens + sum(sampling.max_tokens for sampling in call.sampling.values())
+    # a call run again after its engine failed generates only what is left of its outputs
+    # (the rest is in its prompt now)
+    outputs = [(call.outputs[name], sampling.max_tokens) for name, sampling in call.sampling.items()]
+    left = [max(most - (out.num_tokens - out.unstreamed_tokens), 0) for out, most in outputs if not out.is_ready and out.finish_reason is None]
+    tokens = prompt_tokens + sum(left)
     group_size = 1
     if call.task_group is not None:
         consumer = next((c for out in call.outputs.values() for c in out.consumers if c.call_id == call.task_group), None)

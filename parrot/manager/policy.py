@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from parrot.backends.base import EngineBackend
 from parrot.engine.scheduler import PRIORITY_NORMAL
+from parrot.engine.step_profile import LATENCY_SEQS_FLOOR
 from parrot.errors import UserError
 from parrot.manager.graph import Call, Objective
 from parrot.manager.objectives import engine_priority
@@ -34,8 +35,8 @@ AFFINITY_SLACK = 4
 MIN_PREFILL_SHARE = 0.25
 # A latency-critical call no engine serving latency work has room for goes to an engine running
 # fewer calls than this, if there is one; engines that do not report how many latency-critical
-# calls they serve at once serve this many.
-LATENCY_BATCH_BOUND = 4
+# calls they serve at once serve this many: the small batch of the step cost's rules.
+LATENCY_BATCH_BOUND = LATENCY_SEQS_FLOOR
 # latency-centric keeps every engine's batch this small; throughput-centric fills up to this
 SMALL_BATCH = 4
 LARGE_BATCH = 64
@@ -84,8 +85,10 @@ def fits(engine: EngineBackend, view: ClusterView, tokens: int) -> bool:
 
 def latency_seqs_bound(engine: EngineBackend) -> int:
     """Latency-critical calls the engine serves at once (BackendStats.latency_seqs_bound);
-    LATENCY_BATCH_BOUND where it does not say."""
-    return engine.stats().latency_seqs_bound or LATENCY_BATCH_BOUND
+    LATENCY_BATCH_BOUND where it does not say; never more than one step batches."""
+    stats = engine.stats()
+    bound = stats.latency_seqs_bound or LATENCY_BATCH_BOUND
+    return min(bound, stats.max_seqs_per_step) if stats.max_seqs_per_step else bound
 
 
 def takes_throughput_work(engine: EngineBackend, view: ClusterView) -> bool:
@@ -174,11 +177,11 @@ class ParrotPolicy(SchedulingPolicy):
                 # a group's own consumer runs after the group, never beside it: no reason to keep an engine free
                 view.last_latency_call_s = view.clock()
             # the latency class caps the other work's steps on its engine, so it is gathered on
-            # few engines: one already serving latency work with room for more (one holding the
-            # prompt's prefix, then the one serving most), else one kept at a small batch, else any
+            # few engines: one already serving latency work with room for more (the one serving
+            # most; of those, one holding the prompt's prefix), else one kept at a small batch, else any
             serving = [e for e in candidates if 0 < view.load[e.name].latency_calls < latency_seqs_bound(e)]
             if serving:
-                candidates = [max(serving, key=lambda e: (e.name in holders, view.load[e.name].latency_calls, -view.load[e.name].calls))]
+                candidates = [max(serving, key=lambda e: (view.load[e.name].latency_calls, e.name in holders, -view.load[e.name].calls))]
             else:
                 candidates = [e for e in candidates if view.load[e.name].calls < LATENCY_BATCH_BOUND] or candidates
         elif call.objective is Objective.THROUGHPUT:
