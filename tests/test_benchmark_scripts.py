@@ -41,3 +41,11 @@ def test_prefill_attention_quick_checks_both_forms_agree():
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].startswith("prefill-attention: the engine's form")
+
+
+def test_decode_kernel_quick_reports_both_cache_types():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_kernel.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("| float32 |") == 1 and done.stdout.count("| bfloat16 |") == 1
+    assert done.stdout.strip().splitlines()[-1].startswith("decode-kernel: float32 KV at")

@@ -48,7 +48,7 @@ def _reference_rows(q, k_cache, v_cache, tables, lens):
 
 @needs_kernels
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 8, 128, 4), (6, 2, 64, 1)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 8, 128, 4), (6, 2, 64, 1), (20, 2, 64, 16)])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_the_pytorch_path_and_a_float64_reference(seed, heads, kv_heads, head_dim, block_size, kv_dtype):
     """Whole steps (decode rows among prefill chunks, forked and scattered blocks): the kernel's

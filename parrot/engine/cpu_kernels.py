@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_decode.cpp", "fused_layer_ops.cpp")]
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
+MAX_GROUP = 8  # query heads per KV head it is compiled for; larger groups are split
 CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the KV caches it reads
 
 
@@ -101,6 +102,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """q [B, H, D], caches [Hkv, num_blocks, block_size, D] (float32 or bfloat16, contiguous),
     block_tables [B, W] int64 (padding past a row's length is never read), context_lens [B]
     int64 (0 allowed) -> each row's attention over its first context_lens entries."""
+    b, h, d = q.shape
+    group = h // k_cache.shape[0]
+    if group > MAX_GROUP:
+        # the kernel keeps a KV head's query rows in registers, up to MAX_GROUP of them: a larger
+        # group is split into groups of at most that many, each a call over the same cache
+        rows = q.float().view(b, -1, group, d)  # [B, Hkv, G, D]
+        parts = [paged_decode(rows[:, :, i : i + MAX_GROUP].reshape(b, -1, d), k_cache, v_cache, block_tables, context_lens)
+                 for i in range(0, group, MAX_GROUP)]
+        out = torch.cat([p.out.view(b, k_cache.shape[0], -1, d) for p in parts], dim=2).view(b, h, d)
+        lse = torch.cat([p.lse.view(b, k_cache.shape[0], -1) for p in parts], dim=2).view(b, h)
+        return DecodeAttention(out, lse)
     out, lse = torch.ops.parrot_kernels.paged_decode(
         q.float().contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous()
     )
