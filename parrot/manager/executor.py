@@ -20,7 +20,7 @@ from parrot.backends.base import EngineBackend
 from parrot.engine.llm_engine import FinishReason
 from parrot.engine.sampler import StopChecker
 from parrot.errors import EngineUnavailableError, UserError
-from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment
+from parrot.frontend.template import Placeholder, TextSegment
 from parrot.manager.graph import Call, CallState, Objective, Variable
 from parrot.manager.objectives import parallel_producers
 from parrot.manager.policy import CHARS_PER_TOKEN, CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
@@ -49,6 +49,21 @@ class RunningCall:
     cancel_reason: str | None = None  # the manager cancelled it (its session closed or expired)
 
 
+def known_text(call: Call, placeholder: Placeholder) -> str:
+    """What a placeholder puts into the prompt before the call generates anything for it: an
+    input's value, an output's value once done, else what a failed engine streamed of the
+    output (generation continues after it; empty on a first run)."""
+    output = call.outputs.get(placeholder.name)
+    if output is None:
+        return call.inputs[placeholder.name].value or ""
+    return (output.value or "") if output.is_ready else output.text_so_far
+
+
+def to_generate(output: Variable | None) -> bool:
+    """An output the call still generates: not done, and its last token not come yet."""
+    return output is not None and not output.is_ready and output.finish_reason is None
+
+
 def first_fill_text(call: Call) -> str:
     """The prompt text the call's first fill sends (its inputs are ready): up to its first output
     still to generate. A call run again after its engine failed sends more (Executor._run): the
@@ -57,16 +72,10 @@ def first_fill_text(call: Call) -> str:
     for segment in call.segments:
         if isinstance(segment, TextSegment):
             text += segment.text
-        elif segment.kind is PlaceholderKind.INPUT:
-            text += call.inputs[segment.name].value or ""
-        else:
-            output = call.outputs[segment.name]
-            if output.is_ready:
-                text += output.value or ""
-            elif output.finish_reason is not None:
-                text += output.text_so_far
-            else:
-                return text + output.text_so_far
+            continue
+        text += known_text(call, segment)
+        if to_generate(call.outputs.get(segment.name)):
+            break
     return text
 
 
@@ -86,7 +95,7 @@ def call_demand(call: Call) -> CallDemand:
     # a call run again after its engine failed generates only what is left of its outputs
     # (the rest is in its prompt now)
     outputs = [(call.outputs[name], sampling.max_tokens) for name, sampling in call.sampling.items()]
-    left = [max(most - (out.num_tokens - out.unstreamed_tokens), 0) for out, most in outputs if not out.is_ready and out.finish_reason is None]
+    left = [max(most - (out.num_tokens - out.unstreamed_tokens), 0) for out, most in outputs if to_generate(out)]
     tokens = prompt_tokens + sum(left)
     group_size = 1
     if call.task_group is not None:
@@ -262,16 +271,14 @@ class Executor:
                     continue
                 assert isinstance(segment, Placeholder)
                 output = call.outputs.get(segment.name)
-                if output is None or output.is_ready:  # an input, or an output a failed engine already finished
-                    pending_text += (call.inputs[segment.name] if output is None else output).value or ""
+                # an input, an output a failed engine finished, or what it streamed of this one
+                # (kept: generation continues after it)
+                pending_text += known_text(call, segment)
+                if not to_generate(output):
+                    if output is not None and not output.is_ready:  # its last token came, then its engine was lost
+                        self._output_done(output, output.text_so_far)
                     continue
-                if output.finish_reason is not None:  # its last token came, then its engine was lost
-                    self._output_done(output, output.text_so_far)
-                    pending_text += output.text_so_far
-                    continue
-                # what a failed engine streamed of this output is kept: generation continues after it
                 streamed = output.text_so_far
-                pending_text += streamed
                 if pending_text:
                     # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other calls
                     prefix_chars = len(static_prefix(call))
