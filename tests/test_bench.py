@@ -104,3 +104,15 @@ def test_the_command_line_offers_every_workload_and_only_those():
     offered = next(a.choices for a in bench._actions if a.dest == "workload")
     # the parser keeps its own list so that `parrot --help` does not import the benchmarks
     assert set(offered) == {*WORKLOADS, *MIXED_WORKLOADS, *MULTI_AGENT_WORKLOADS, *SHARING_WORKLOADS, *SOAK_WORKLOADS}
+
+
+def test_bench_hands_its_engine_precision_to_every_server():
+    """`parrot bench --kv-dtype bfloat16 --prompt-attention-dtype bfloat16` (vLLM's precision, for
+    --peers): the flags reach the engines of every server the run starts; by default, the engine's own."""
+    from parrot.cli import bench_engine_flags, build_parser, engine_config
+
+    parser = build_parser()
+    for given, want in (([], ("auto", "auto")), (["--kv-dtype", "bfloat16", "--prompt-attention-dtype", "bfloat16"], ("bfloat16", "bfloat16"))):
+        flags = bench_engine_flags(parser.parse_args(["bench", "map-reduce", *given]))
+        config = engine_config(parser.parse_args(["serve", *flags]))
+        assert (config.kv_dtype, config.prompt_attention_dtype) == want

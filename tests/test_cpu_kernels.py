@@ -5,6 +5,7 @@ the PyTorch path."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from parrot.engine import cpu_kernels
 from parrot.engine.attention import CpuPagedAttention
 from parrot.engine.cpu_kernels import cpu_kernels_available, paged_decode
+from parrot.engine.sampler import SamplingParams
 from test_shared_prefix_attention import ATOL, random_batch, reference
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels did not build here (see the log)")
@@ -248,3 +250,39 @@ def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_gives_the_same_logits():
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=0.75, rtol=0)
         assert (got - want).abs().mean() < 0.1
+
+
+def test_bfloat16_prompt_attention_stays_within_bf16_rounding_and_is_opt_in():
+    """--prompt-attention-dtype bfloat16: prompt attention in bf16 (vLLM's precision), the
+    logits still float32 and within bf16 rounding of the float32 attention's, the greedy token
+    the same where the top two do not nearly tie; a prompt forked from its cached prefix (the
+    masked path over cached KV) too. The default is float32."""
+    from parrot.engine.attention import CpuPagedAttention
+    from parrot.engine.llm_engine import EngineConfig, LLMEngine
+    from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
+    from parrot.errors import UserError
+    from test_device import PROMPTS, _prompt_logits
+
+    with pytest.raises(UserError, match="prompt_attention_dtype must be one of auto, float32, bfloat16"):
+        EngineConfig(prompt_attention_dtype="int8")
+    exact, fast = (LLMEngine(EngineConfig(kv_memory_gb=0.05, prompt_attention_dtype=p)) for p in ("auto", "bfloat16"))
+    plain = [a.plain if isinstance(a, SharedPrefixCpuAttention) else a for a in (exact.model.attention, fast.model.attention)]
+    assert all(isinstance(a, CpuPagedAttention) for a in plain)
+    assert (plain[0].prompt_dtype, plain[1].prompt_dtype) == (None, torch.bfloat16)
+    for ids in (exact.tokenizer.encode(p) for p in PROMPTS):
+        got = _prompt_logits(fast.model, fast.runner.kv, ids, torch.device("cpu"))
+        want = _prompt_logits(exact.model, exact.runner.kv, ids, torch.device("cpu"))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1.5, rtol=0)
+        assert (got - want).abs().mean() < 0.2
+        top2 = want.topk(2).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2.0
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    # a repeat forks from the first's cached prefix: its last tokens attend over cached KV
+    prompt = exact.tokenizer.encode(" ".join(PROMPTS) * 3)
+    computed = []
+    for _ in range(2):
+        before = fast.stats().tokens_processed
+        assert asyncio.run(fast.complete(prompt, SamplingParams(max_tokens=6, ignore_eos=True)))
+        computed.append(fast.stats().tokens_processed - before)
+    assert computed[1] < computed[0] - 32

@@ -231,8 +231,9 @@ class CpuPagedAttention(AttentionBackend):
     Prefill chunks: causal attention over the chunk's own k/v when nothing is cached before it,
     else a masked product over the sequence's KV."""
 
-    def __init__(self, decode_kernel: bool | None = None):
+    def __init__(self, decode_kernel: bool | None = None, prompt_dtype: torch.dtype | None = None):
         self.decode_kernel = decode_kernel  # None: the kernel where it builds for this head size
+        self.prompt_dtype = prompt_dtype  # what prompt attention computes in; None: q's dtype (device.prompt_attention_dtype)
 
     def uses_kernel(self, head_dim: int, kv_dtype: torch.dtype, device: torch.device) -> bool:
         return kernel_decodes(head_dim, kv_dtype, device) if self.decode_kernel is None else self.decode_kernel
@@ -311,9 +312,11 @@ class CpuPagedAttention(AttentionBackend):
                 main_out[:, index] = merged.to(main_out.dtype)  # the merge computes in float32
         return main_out.transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
-    @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, seq: SequenceSlice, meta: AttentionMetadata, index: int):
+    def _prefill(self, q, k, v, k_cache, v_cache, seq: SequenceSlice, meta: AttentionMetadata, index: int):
         """q: [L, H, D], k/v: [L, Hkv, D] (this chunk's own, already in the cache) -> [L, H, D]"""
+        out_dtype = q.dtype
+        if self.prompt_dtype is not None:
+            q = q.to(self.prompt_dtype)
         L = q.shape[0]
         bs = k_cache.shape[2]
         cached = seq.context_len - L
@@ -327,7 +330,7 @@ class CpuPagedAttention(AttentionBackend):
             causal = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0), as_stored(k), as_stored(v), is_causal=True, enable_gqa=True
             )  # [1, H, L, D]
-            return causal[0].transpose(0, 1)
+            return causal[0].transpose(0, 1).to(out_dtype)
         used = -(-seq.context_len // bs)
         if consecutive_run(seq.block_table, used) == used:
             first = seq.block_table[0]
@@ -345,4 +348,4 @@ class CpuPagedAttention(AttentionBackend):
         # 4x slower: 83 against 20 ms a layer for 512 queries over 2048 keys, float32)
         rows = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                               attn_mask=mask, enable_gqa=True)  # [1, H, L, D]
-        return rows[0].transpose(0, 1)
+        return rows[0].transpose(0, 1).to(out_dtype)

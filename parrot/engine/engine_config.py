@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parrot.engine.device import CPU_BF16_MODES, DEVICES, KV_DTYPE_SETTINGS, default_dtype
+from parrot.engine.device import CPU_BF16_MODES, DEVICES, KV_DTYPE_SETTINGS, PROMPT_ATTENTION_DTYPE_SETTINGS, default_dtype
 from parrot.engine.loader import DEFAULT_MODEL
 from parrot.engine.random_weights import shape_named
 from parrot.errors import UserError
@@ -35,6 +35,8 @@ class EngineConfig:
     # matmul in float32: exact and batch-invariant, for reference checks)
     cpu_bf16: str = "auto"
     kv_dtype: str = "auto"  # the KV cache's element type: auto (the model's), float32 or bfloat16 (see device.kv_cache_dtype)
+    # what prompt attention computes in on the CPU: auto (the model's), float32 or bfloat16 (see device.prompt_attention_dtype)
+    prompt_attention_dtype: str = "auto"
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences
     # a shape name (llama-7b, llama-13b, tiny): random weights of that shape with the model's tokenizer, for speed runs
@@ -56,6 +58,9 @@ class EngineConfig:
             raise UserError(f"cpu_bf16 must be one of {', '.join(CPU_BF16_MODES)}, not {self.cpu_bf16!r}")
         if self.kv_dtype not in KV_DTYPE_SETTINGS:
             raise UserError(f"kv_dtype must be one of {', '.join(KV_DTYPE_SETTINGS)}, not {self.kv_dtype!r}")
+        if self.prompt_attention_dtype not in PROMPT_ATTENTION_DTYPE_SETTINGS:
+            raise UserError(f"prompt_attention_dtype must be one of {', '.join(PROMPT_ATTENTION_DTYPE_SETTINGS)}, "
+                            f"not {self.prompt_attention_dtype!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.random_weights is not None:

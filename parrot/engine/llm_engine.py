@@ -23,6 +23,7 @@ from parrot.engine.device import (
     bf16_matmul_rows,
     kv_cache_dtype,
     kv_pool_bytes,
+    prompt_attention_dtype,
     resolve_device,
     step_activation_bytes,
 )
@@ -112,7 +113,7 @@ class LLMEngine:
         else:
             state = {name: tensor.to(device) for name, tensor in load_state_dict(model_dir, dtype).items()}
         bf16_rows = bf16_matmul_rows(config.cpu_bf16, device)
-        self.model = LlamaModel(self.model_config, state, self._attention(device), dtype, bf16_rows)
+        self.model = LlamaModel(self.model_config, state, self._attention(device, dtype), dtype, bf16_rows)
         del state
         kv_dtype = kv_cache_dtype(config.kv_dtype, dtype)
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, kv_dtype)
@@ -178,10 +179,11 @@ class LLMEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
-    def _attention(self, device: torch.device) -> AttentionBackend:
+    def _attention(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
         if device.type == "cuda":  # every row through the Triton kernel; "no sharing" groups nothing
             return TritonSharedPrefixAttention(min_shared_tokens=128 if self.config.shared_prefix_attention else 2**62)
-        return SharedPrefixCpuAttention() if self.config.shared_prefix_attention else CpuPagedAttention()
+        plain = CpuPagedAttention(prompt_dtype=prompt_attention_dtype(self.config.prompt_attention_dtype, dtype))
+        return SharedPrefixCpuAttention(plain=plain) if self.config.shared_prefix_attention else plain
 
     # ---- primitives -------------------------------------------------------
 
