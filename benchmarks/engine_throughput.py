@@ -248,13 +248,18 @@ async def _engine_decode(engine: LLMEngine, prompts: list[list[int]], output_len
     return sum(counts) / elapsed, steps
 
 
-def run_engine(args, pool: PromptPool, batches, progress, cpu_bf16: str = "auto", name: str = "parrot") -> tuple[SystemResult, LLMEngine]:
+# the engine at vLLM's precision on the CPU (--vllm-precision): KV cache and prompt attention in bf16
+VLLM_PRECISION = {"kv_dtype": "bfloat16", "prompt_attention_dtype": "bfloat16"}
+
+
+def run_engine(args, pool: PromptPool, batches, progress, cpu_bf16: str = "auto", name: str = "parrot",
+               precision: dict[str, str] | None = None) -> tuple[SystemResult, LLMEngine]:
     task = progress.add_task(f"{name}: load", total=2 + len(batches))
     need_tokens = max(batches) * (args.prompt_len + args.output_len + 64)
-    config = EngineConfig(model=args.model, cpu_bf16=cpu_bf16)
+    config = EngineConfig(model=args.model, cpu_bf16=cpu_bf16, **(precision or {}))
     per_token = KVCacheTensors.bytes_per_block(resolve_model_config(args.model), 1, config.torch_dtype)
     kv_gb = max(config.kv_memory_gb or DEFAULT_CPU_KV_GB, 1.25 * need_tokens * per_token / 2**30)
-    engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=kv_gb, cpu_bf16=cpu_bf16))
+    engine = LLMEngine(EngineConfig(model=args.model, kv_memory_gb=kv_gb, cpu_bf16=cpu_bf16, **(precision or {})))
     result = SystemResult(name)
     progress.update(task, advance=1, description=f"{name}: warm-up")
     asyncio.run(_engine_decode(engine, pool.take(2), 4))
@@ -585,7 +590,7 @@ def summary_line(systems: list[SystemResult], batches: list[int]) -> str:
     by_name = {s.name: s for s in systems}
     ours = by_name["parrot"]
     parts = []
-    peers = [(s.name, s.name.removeprefix("parrot ")) for s in systems if s.name.startswith("parrot cpu-bf16=")]
+    peers = [(s.name, s.name.removeprefix("parrot ")) for s in systems if s.name.startswith(("parrot cpu-bf16=", "parrot vllm-precision"))]
     peers += [("transformers-float32", "transformers fp32"), ("transformers-bfloat16", "bf16"), ("vllm", "vLLM")]
     for batch in batches:
         rate = ours.decode_tok_s.get(batch)
@@ -621,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-bf16", default="auto",
                         help="the engine's --cpu-bf16 modes, comma-separated: the first is 'parrot', each other one more "
                              "engine run in the same process, named by its mode (e.g. auto,small-batches,off; default %(default)s)")
+    parser.add_argument("--vllm-precision", action="store_true",
+                        help="one more engine run in the same process, 'parrot vllm-precision': KV cache and prompt attention "
+                             "in bf16 (--kv-dtype and --prompt-attention-dtype bfloat16), as vLLM computes on the CPU")
     parser.add_argument("--hf-dtypes", default="bfloat16,float32", help="transformers dtypes (default %(default)s)")
     parser.add_argument("--hf-budget", type=float, default=60.0, help="seconds of decode per transformers generate at most (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for this process (default: torch's)")
@@ -652,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     from parrot.engine.tokenizer import Tokenizer
 
     per_system = 3 + args.prefill_reps + sum(batches)
-    engines = len(args.cpu_bf16)
+    engines = len(args.cpu_bf16) + args.vllm_precision
     prompts = make_prompts(Tokenizer(model_dir), (engines + 1) * per_system, args.prompt_len)
     systems: list[SystemResult] = []
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
@@ -681,6 +689,12 @@ def main(argv: list[str] | None = None) -> int:
                                        f"parrot cpu-bf16={mode}")
             systems.append(other)
             del engine
+        if args.vllm_precision:  # the same engine and matmuls, the KV cache and prompt attention in bf16
+            i = len(args.cpu_bf16)
+            other, engine = run_engine(args, PromptPool(prompts[i * per_system : (i + 1) * per_system]), batches, progress,
+                                       args.cpu_bf16[0], "parrot vllm-precision", VLLM_PRECISION)
+            systems.append(other)
+            del engine
         peers_prompts = prompts[engines * per_system :]
         if not args.no_transformers:
             systems += run_transformers(args, model_dir, peers_prompts, batches, progress)
@@ -705,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "batches": batches,
         "torch": torch.__version__,
         "cpu_bf16": {"modes": args.cpu_bf16, "cpu_has_bf16_dot": cpu_has_bf16_dot()},
+        "vllm_precision": VLLM_PRECISION if args.vllm_precision else None,
         "machine": asdict(limits),
         "systems": [asdict(s) for s in systems],
         "engine_share": [asdict(s) for s in shares],

@@ -15,12 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_engine_throughput_quick_reports_the_engine(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "engine_throughput.py"), "--quick", "--no-transformers", "--threads", "1", "--cpu-bf16", "auto,off",
-         "--out", str(tmp_path)],
+         "--vllm-precision", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "engine_throughput.json").read_text())
-    assert [s["name"] for s in result["systems"]] == ["parrot", "parrot cpu-bf16=off"]
+    assert [s["name"] for s in result["systems"]] == ["parrot", "parrot cpu-bf16=off", "parrot vllm-precision"]
+    assert result["vllm_precision"] == {"kv_dtype": "bfloat16", "prompt_attention_dtype": "bfloat16"}
     assert all(s["decode_tok_s"] and s["prefill_tok_s"] > 0 for s in result["systems"])
     assert (tmp_path / "engine_throughput.md").read_text().count("|") > 10
 

@@ -232,22 +232,29 @@ def test_the_fused_layer_path_gives_the_model_path_logits():
         assert torch.equal(fused.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
+def _prompt_logits_of_both(engine, reference):
+    """(engine's, reference's) float32 logits of every position of each test prompt, prefilled fresh."""
+    from test_device import PROMPTS, _prompt_logits
+
+    for ids in (reference.tokenizer.encode(p) for p in PROMPTS):
+        got = _prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
+        want = _prompt_logits(reference.model, reference.runner.kv, ids, torch.device("cpu"))
+        assert got.dtype == want.dtype == torch.float32
+        yield got, want
+
+
 def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_gives_the_same_logits():
     """--kv-dtype bfloat16 on the CPU: half the bytes a token, twice the blocks in the same
     memory; prompt logits within bf16 rounding of the float32 cache's, the math in float32."""
     from parrot.engine.llm_engine import EngineConfig, LLMEngine
     from parrot.errors import UserError
-    from test_device import PROMPTS, _prompt_logits
 
     with pytest.raises(UserError, match="kv_dtype must be one of auto, float32, bfloat16"):
         EngineConfig(kv_dtype="fp8")
     wide, narrow = (LLMEngine(EngineConfig(kv_memory_gb=0.05, kv_dtype=kv)) for kv in ("float32", "bfloat16"))
     assert narrow.runner.kv.layers[0][0].dtype == torch.bfloat16
     assert narrow.stats().blocks_total >= 2 * wide.stats().blocks_total - 1
-    for ids in (wide.tokenizer.encode(p) for p in PROMPTS):
-        got = _prompt_logits(narrow.model, narrow.runner.kv, ids, torch.device("cpu"))
-        want = _prompt_logits(wide.model, wide.runner.kv, ids, torch.device("cpu"))
-        assert got.dtype == torch.float32
+    for got, want in _prompt_logits_of_both(narrow, wide):
         torch.testing.assert_close(got, want, atol=0.75, rtol=0)
         assert (got - want).abs().mean() < 0.1
 
@@ -261,7 +268,7 @@ def test_bfloat16_prompt_attention_stays_within_bf16_rounding_and_is_opt_in():
     from parrot.engine.llm_engine import EngineConfig, LLMEngine
     from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
     from parrot.errors import UserError
-    from test_device import PROMPTS, _prompt_logits
+    from test_device import PROMPTS
 
     with pytest.raises(UserError, match="prompt_attention_dtype must be one of auto, float32, bfloat16"):
         EngineConfig(prompt_attention_dtype="int8")
@@ -269,10 +276,7 @@ def test_bfloat16_prompt_attention_stays_within_bf16_rounding_and_is_opt_in():
     plain = [a.plain if isinstance(a, SharedPrefixCpuAttention) else a for a in (exact.model.attention, fast.model.attention)]
     assert all(isinstance(a, CpuPagedAttention) for a in plain)
     assert (plain[0].prompt_dtype, plain[1].prompt_dtype) == (None, torch.bfloat16)
-    for ids in (exact.tokenizer.encode(p) for p in PROMPTS):
-        got = _prompt_logits(fast.model, fast.runner.kv, ids, torch.device("cpu"))
-        want = _prompt_logits(exact.model, exact.runner.kv, ids, torch.device("cpu"))
-        assert got.dtype == torch.float32
+    for got, want in _prompt_logits_of_both(fast, exact):
         torch.testing.assert_close(got, want, atol=1.5, rtol=0)
         assert (got - want).abs().mean() < 0.2
         top2 = want.topk(2).values
