@@ -272,6 +272,8 @@ def test_bfloat16_prompt_attention_stays_within_bf16_rounding_and_is_opt_in():
 
     with pytest.raises(UserError, match="prompt_attention_dtype must be one of auto, float32, bfloat16"):
         EngineConfig(prompt_attention_dtype="int8")
+    with pytest.raises(UserError, match="on a cuda device attention runs in the model's dtype"):
+        EngineConfig(device="cuda", prompt_attention_dtype="bfloat16")
     exact, fast = (LLMEngine(EngineConfig(kv_memory_gb=0.05, prompt_attention_dtype=p)) for p in ("auto", "bfloat16"))
     plain = [a.plain if isinstance(a, SharedPrefixCpuAttention) else a for a in (exact.model.attention, fast.model.attention)]
     assert all(isinstance(a, CpuPagedAttention) for a in plain)

@@ -120,14 +120,16 @@ def test_serve_hands_engines_their_flags_and_a_split_of_the_gpu():
     from parrot.cli import build_parser, engine_config, engine_flags
 
     args = build_parser().parse_args(["serve", "--device", "cuda", "--gpu-memory-utilization", "0.8", "--no-cuda-graphs",
-                                      "--random-weights", "--config", "tiny", "--kv-dtype", "bfloat16",
-                                      "--prompt-attention-dtype", "bfloat16"])
+                                      "--random-weights", "--config", "tiny", "--kv-dtype", "bfloat16"])
     flags = engine_flags(args, engines_per_gpu=2)
     engine_args = build_parser().parse_args(["engine", "--manager", "http://m", *flags])
     config = engine_config(engine_args)
     assert (config.device, config.gpu_memory_utilization, config.decode_graphs, config.random_weights) == ("cuda", 0.4, False, "tiny")
     assert config.kv_memory_gb is None  # sized from the GPU unless given
-    assert (config.kv_dtype, config.prompt_attention_dtype) == ("bfloat16", "bfloat16")
+    assert config.kv_dtype == "bfloat16"
+    cpu_args = build_parser().parse_args(["serve", "--prompt-attention-dtype", "bfloat16"])
+    cpu_engine_args = build_parser().parse_args(["engine", "--manager", "http://m", *engine_flags(cpu_args, engines_per_gpu=1)])
+    assert engine_config(cpu_engine_args).prompt_attention_dtype == "bfloat16"
 
 
 def test_cpu_matmuls_go_bf16_by_what_the_cpu_multiplies_natively():

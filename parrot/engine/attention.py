@@ -229,7 +229,7 @@ class CpuPagedAttention(AttentionBackend):
     blocks in place, where it builds; else one unmasked product over gathered KV when they share
     a length, else one product per sequence over a slice of the cache (or of the gathered KV).
     Prefill chunks: causal attention over the chunk's own k/v when nothing is cached before it,
-    else a masked product over the sequence's KV."""
+    else a masked product over the sequence's KV; both in `prompt_dtype` where one is given."""
 
     def __init__(self, decode_kernel: bool | None = None, prompt_dtype: torch.dtype | None = None):
         self.decode_kernel = decode_kernel  # None: the kernel where it builds for this head size

@@ -61,6 +61,9 @@ class EngineConfig:
         if self.prompt_attention_dtype not in PROMPT_ATTENTION_DTYPE_SETTINGS:
             raise UserError(f"prompt_attention_dtype must be one of {', '.join(PROMPT_ATTENTION_DTYPE_SETTINGS)}, "
                             f"not {self.prompt_attention_dtype!r}")
+        if self.prompt_attention_dtype != "auto" and self.device != "cpu":
+            raise UserError(f"prompt_attention_dtype={self.prompt_attention_dtype} sets the CPU engine's prompt attention; on a "
+                            f"{self.device} device attention runs in the model's dtype (--dtype): leave it at auto")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.random_weights is not None:
