@@ -183,6 +183,42 @@ def test_openai_sdk_completion_chat_and_streaming(server):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_openai_sdk_top_k_usage_of_streams_and_fields_it_cannot_honour(server):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    prompt = "Once upon a time"  # under one KV block: every request computes it alike
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    def sampled(seed: int, **extra) -> str:
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.5, seed=seed,
+                                         extra_body=extra).choices[0].text
+
+    assert sampled(1) != sampled(2)  # hot sampling wanders...
+    assert sampled(1, top_k=1) == sampled(2, top_k=1) == greedy  # ...unless top_k keeps only the likeliest token
+
+    messages = [{"role": "user", "content": "Say hello."}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, extra_body={"ignore_eos": True})
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, stream=True,
+                                              stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert streamed[-1].usage.completion_tokens == 5 and streamed[-1].usage.total_tokens == 5 + streamed[-1].usage.prompt_tokens
+
+    with pytest.raises(BadRequestError, match="does not implement logprobs: leave it out"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=2)
+    with pytest.raises(BadRequestError, match="frequency_penalty, logit_bias: leave them out"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, frequency_penalty=0.5, logit_bias={"42": 5})
+    with pytest.raises(BadRequestError, match="response_format"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "json_object"})
+    # the neutral values many clients send are taken
+    neutral = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=False, frequency_penalty=0,
+                                             presence_penalty=0, response_format={"type": "text"}, tool_choice="none")
+    assert neutral.choices[0].message.content
+
+
 def test_langchain_chat_openai_invoke(server):
     from langchain_openai import ChatOpenAI
 

@@ -11,8 +11,13 @@ from parrot.protocol.manager_api import MAX_VALUE_CHARS
 
 
 class Lenient(BaseModel):
-    # clients send fields we do not use (logprobs=None, user, ...); they are ignored
+    # fields no server acts on (user, metadata, store, ...) and other servers' extensions are
+    # ignored; the OpenAI fields that would change the answer are named below
     model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = False  # a last chunk, with no choices, carries the request's usage
 
 
 class SamplingFields(Lenient):
@@ -20,11 +25,28 @@ class SamplingFields(Lenient):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0 keep every token
     n: int = Field(1, ge=1, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+    # OpenAI fields this server does not implement: taken at their neutral values (clients send
+    # those), refused otherwise (`unsupported`), since an answer that ignored them would be wrong
+    # without saying so
+    logprobs: bool | int | None = None  # an int in completions, a bool in chat
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -32,10 +54,32 @@ class SamplingFields(Lenient):
             max_tokens=self.max_tokens or default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
             seed=self.seed,
             stop=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
         )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def unsupported(self) -> list[str]:
+        """The fields asked for at a value this server cannot honour."""
+        asked = {
+            "logprobs": self.logprobs not in (None, False, 0),
+            "top_logprobs": self.top_logprobs not in (None, 0),
+            "echo": bool(self.echo),
+            "best_of": self.best_of not in (None, 1),
+            "suffix": bool(self.suffix),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "logit_bias": bool(self.logit_bias),
+            "response_format": self.response_format is not None and self.response_format.get("type", "text") != "text",
+            "tools": bool(self.tools) or bool(self.functions),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+        }
+        return [name for name, is_asked in asked.items() if is_asked]
 
 
 class CompletionRequest(SamplingFields):
@@ -118,6 +162,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # on the last chunk only, where stream_options.include_usage asks
 
 
 class ModelCard(BaseModel):

@@ -25,7 +25,7 @@ from parrot.errors import NotFoundError
 from parrot.manager.manager import Manager
 from parrot.protocol.openai_api import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatMessageOut, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
+    ChatMessageOut, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields, Usage,
 )
 from parrot.server.auth import KeyStore
 from parrot.server.common import tenant_key_required
@@ -105,8 +105,17 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         finally:
             manager.close_session(session, tenant)
 
-    def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render) -> StreamingResponse:
-        """render(delta, finish_reason) -> bytes of one SSE event."""
+    def check_supported(body: SamplingFields) -> None:
+        check_model(body.model)
+        asked = body.unsupported()
+        if asked:
+            them = "it" if len(asked) == 1 else "them"
+            raise UserError(f"this server does not implement {', '.join(asked)}: leave {them} out of the request "
+                            f"(parrot-serve returns the sampled text and its usage; docs/api.md lists what it takes)")
+
+    def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render, usage_event=None) -> StreamingResponse:
+        """render(delta, finish_reason) -> bytes of one SSE event; usage_event(completion_tokens) ->
+        bytes of the last event before [DONE], where the client asked for its usage."""
         session = manager.create_session(tenant)
         try:
             var_id = manager.submit_prompt(session, prompt, sampling, tenant)
@@ -121,6 +130,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
                         yield render(delta, None)
                 var = manager.sessions[session].graph.variable(var_id)
                 yield render("", var.finish_reason or "stop")
+                if usage_event is not None:
+                    yield usage_event(var.num_tokens)
                 yield b"data: [DONE]\n\n"
             except Exception as exc:
                 kind = "invalid_request_error" if isinstance(exc, UserError) else "server_error"
@@ -130,9 +141,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def usage(prompt_tokens: int, answers: list[Answer]) -> Usage:
-        generated = sum(a.completion_tokens for a in answers)
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
+    def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
     Tenant = tenant_key_required(keys)
 
@@ -142,7 +152,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, tenant: str = Tenant):
-        check_model(body.model)
+        check_supported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or not all(prompts):
             raise UserError("prompt must not be empty (nor hold an empty string)")
@@ -158,8 +168,13 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(text=delta, finish_reason=reason)])
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
+        def usage_event(completion_tokens: int) -> bytes:
+            last = CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                      usage=usage(counts[0], completion_tokens))
+            return f"data: {last.model_dump_json()}\n\n".encode()
+
         if body.stream:
-            return stream_prompt(tenant, prompts[0], samplings[0], render)
+            return stream_prompt(tenant, prompts[0], samplings[0], render, usage_event if body.include_usage else None)
         # a list of prompts: one call each, side by side, one choice each in the list's order
         calls = [asyncio.ensure_future(answer(request, tenant, p, s)) for p, s in zip(prompts, samplings)]
         try:
@@ -172,12 +187,12 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         return CompletionResponse(
             id=rid, created=created, model=model,
             choices=[CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason) for i, a in enumerate(answers)],
-            usage=usage(sum(counts), answers),
+            usage=usage(sum(counts), sum(a.completion_tokens for a in answers)),
         )
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request, tenant: str = Tenant):
-        check_model(body.model)
+        check_supported(body)
         if tokenizer is None:
             raise UserError("this server has no tokenizer with a chat template; use /v1/completions")
         messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
@@ -199,8 +214,13 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             )
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
+        def usage_event(completion_tokens: int) -> bytes:
+            last = ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
+                                       usage=usage(prompt_tokens, completion_tokens))
+            return f"data: {last.model_dump_json()}\n\n".encode()
+
         if body.stream:
-            return stream_prompt(tenant, prompt, sampling, render)
+            return stream_prompt(tenant, prompt, sampling, render, usage_event if body.include_usage else None)
         try:
             reply = await answer(request, tenant, prompt, sampling)
         except ClientGone:
@@ -208,5 +228,5 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         return ChatCompletionResponse(
             id=rid, created=created, model=model,
             choices=[ChatChoice(message=ChatMessageOut(content=reply.text), finish_reason=reply.finish_reason)],
-            usage=usage(prompt_tokens, [reply]),
+            usage=usage(prompt_tokens, reply.completion_tokens),
         )

@@ -1,0 +1,112 @@
+"""How much the CPU engine's precision settings change greedy answers, against float32 throughout.
+
+Each setting gets an engine of its own; each prompt is answered greedily twice, the second
+time from the first's cached prefix (the path a repeated request takes). Per setting it
+prints how many answers equal the all-float32 engine's, how far they agree on average, how
+many repeats equal their first run, and, per prompt, the top-two logit margin of the first
+answer token: a margin under a bf16 rounding step (0.125 at this model's logits) is a coin
+flip that any change of numerics may turn.
+
+    python benchmarks/precision_probe.py                 # the table in RESULTS.md
+    python benchmarks/precision_probe.py --max-tokens 8  # a quicker run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from dataclasses import dataclass
+
+import torch
+
+from parrot.engine.attention import AttentionMetadata, SequenceSlice
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.model import ForwardBatch
+from parrot.engine.sampler import SamplingParams
+from parrot.engine.tokenizer import ChatMessage
+
+CHAT_QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
+COMPLETIONS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "Photosynthesis is the process by which plants",
+    "The three laws of thermodynamics state that",
+]
+# name -> EngineConfig fields; the first is the reference
+SETTINGS = {
+    "float32 throughout": dict(cpu_bf16="off"),
+    "default (bf16 matmuls where native)": dict(),
+    "+ bf16 KV cache": dict(kv_dtype="bfloat16"),
+    "+ bf16 KV and prompt attention (vLLM's)": dict(kv_dtype="bfloat16", prompt_attention_dtype="bfloat16"),
+}
+
+
+@dataclass(frozen=True)
+class SettingResult:
+    name: str
+    answers: list[str]
+    repeats_equal: int
+    margins: list[float]  # top-two logit margin of each prompt's first answer token
+
+
+def first_token_margin(engine: LLMEngine, ids: list[int]) -> float:
+    """The top-two gap of the next-token logits after a fresh prefill of ids (blocks 0.. of the cache)."""
+    kv = engine.runner.kv
+    blocks = list(range(-(-len(ids) // kv.block_size)))
+    batch = ForwardBatch(
+        torch.tensor(ids), torch.arange(len(ids)),
+        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], list(range(len(ids)))),
+        torch.tensor([len(ids) - 1]),
+    )
+    with torch.inference_mode():
+        top = engine.model.forward(batch, kv.layers)[0].topk(2).values  # [2]
+    return float(top[0] - top[1])
+
+
+def run_setting(name: str, fields: dict, prompts: list[str], max_tokens: int) -> SettingResult:
+    engine = LLMEngine(EngineConfig(kv_memory_gb=0.25, **fields))
+    greedy = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    margins = [first_token_margin(engine, i) for i in ids]  # before any request: blocks 0.. are free
+
+    async def answers() -> list[str]:
+        return [await engine.complete(i, greedy) for i in ids]
+
+    first = asyncio.run(answers())
+    again = asyncio.run(answers())  # each prompt now forks from its own cached prefix
+    return SettingResult(name, first, sum(a == b for a, b in zip(first, again)), margins)
+
+
+def agreed_chars(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=24, help="tokens each greedy answer runs to (default 24)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    chat = LLMEngine(EngineConfig(kv_memory_gb=0.01)).tokenizer
+    prompts = [chat.apply_chat_template([ChatMessage("user", q)]) for q in CHAT_QUESTIONS] + COMPLETIONS
+    results = [run_setting(name, fields, prompts, args.max_tokens) for name, fields in SETTINGS.items()]
+    reference = results[0].answers
+    print(f"{len(prompts)} prompts, greedy, {args.max_tokens} tokens; reference: {results[0].name}\n")
+    print("| setting | answers equal to float32 | chars agreed (mean) | repeats equal to first run |")
+    print("|---|---:|---:|---:|")
+    for r in results:
+        equal = sum(a == b for a, b in zip(r.answers, reference))
+        agreed = sum(agreed_chars(a, b) / max(len(b), 1) for a, b in zip(r.answers, reference)) / len(prompts)
+        print(f"| {r.name} | {equal}/{len(prompts)} | {agreed:.0%} | {r.repeats_equal}/{len(prompts)} |")
+    print("\nfirst answer token's top-two logit margin, per prompt:\n")
+    print("| prompt | " + " | ".join(r.name for r in results) + " | answer (float32) |")
+    print("|---" * (len(results) + 2) + "|")
+    for i, prompt in enumerate(CHAT_QUESTIONS + COMPLETIONS):
+        margins = " | ".join(f"{r.margins[i]:.3f}" for r in results)
+        print(f"| {prompt!r} | {margins} | {reference[i][:40]!r} |")
+
+
+if __name__ == "__main__":
+    main()
