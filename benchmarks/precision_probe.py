@@ -9,6 +9,7 @@ flip that any change of numerics may turn.
 
     python benchmarks/precision_probe.py                 # the table in RESULTS.md
     python benchmarks/precision_probe.py --max-tokens 8  # a quicker run
+    python benchmarks/precision_probe.py --quick         # two settings, two prompts (a smoke run)
 """
 
 from __future__ import annotations
@@ -87,11 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens each greedy answer runs to (default 24)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--quick", action="store_true", help="the first two settings and one prompt of each kind, 4 tokens")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    questions, completions, settings = CHAT_QUESTIONS, COMPLETIONS, SETTINGS
+    if args.quick:
+        questions, completions, settings, args.max_tokens = questions[:1], completions[:1], dict(list(SETTINGS.items())[:2]), 4
     chat = LLMEngine(EngineConfig(kv_memory_gb=0.01)).tokenizer
-    prompts = [chat.apply_chat_template([ChatMessage("user", q)]) for q in CHAT_QUESTIONS] + COMPLETIONS
-    results = [run_setting(name, fields, prompts, args.max_tokens) for name, fields in SETTINGS.items()]
+    prompts = [chat.apply_chat_template([ChatMessage("user", q)]) for q in questions] + completions
+    results = [run_setting(name, fields, prompts, args.max_tokens) for name, fields in settings.items()]
     reference = results[0].answers
     print(f"{len(prompts)} prompts, greedy, {args.max_tokens} tokens; reference: {results[0].name}\n")
     print("| setting | answers equal to float32 | chars agreed (mean) | repeats equal to first run |")
@@ -103,7 +108,7 @@ def main() -> None:
     print("\nfirst answer token's top-two logit margin, per prompt:\n")
     print("| prompt | " + " | ".join(r.name for r in results) + " | answer (float32) |")
     print("|---" * (len(results) + 2) + "|")
-    for i, prompt in enumerate(CHAT_QUESTIONS + COMPLETIONS):
+    for i, prompt in enumerate(questions + completions):
         margins = " | ".join(f"{r.margins[i]:.3f}" for r in results)
         print(f"| {prompt!r} | {margins} | {reference[i][:40]!r} |")
 

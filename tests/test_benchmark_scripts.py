@@ -37,6 +37,16 @@ def test_engine_throughputs_threads_setting_stays_out_of_vllms_server():
     assert out.stdout.split() == ["2", "None", "3"]
 
 
+def test_precision_probe_quick_prints_agreement_with_float32():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_probe.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # the reference agrees with itself and repeats itself; every setting and prompt has a row
+    assert "| float32 throughout | 2/2 | 100% | 2/2 |" in done.stdout
+    assert "| default (bf16 matmuls where native) |" in done.stdout
+    assert "'What is the capital of France?'" in done.stdout and "'The capital of France is'" in done.stdout
+
+
 def test_prefill_attention_quick_checks_both_forms_agree():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_attention.py"), "--quick", "--repeats", "1"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -89,10 +89,14 @@ def kv_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
     halves the KV memory and the bytes each decode step reads (measured on the default model:
     decode 1.08x faster at batch 1, 1.19x at 8, 1.32x at 32); attention widens it to float32
     as it reads, and the model rounds the k/v it computes the same way before attending to them.
-    It is not the default: a prompt computed whole and the same prompt forked from its cached
-    prefix then differ by up to ~0.2 in the logits (they differ with float32 KV too, by as much,
-    through the two prefill attention paths), and on the test suite's chat prompt that flips
-    the greedy answer between a first request and its repeat."""
+    It is not the default, though on a CPU that multiplies bf16 natively it costs no fidelity the
+    bf16 matmuls have not already cost (`benchmarks/precision_probe.py`: greedy answers agree
+    with float32 throughout as often with it as without, and repeats from the prefix cache
+    match their first run as often). What it changes is near ties: the first token of the test
+    suite's "What is the capital of France?" chat leads by 0.1 logits in float32, and with a bf16
+    cache the two top logits come out equal, so the answer starts "L'Étoile" instead of naming
+    Paris. Where the matmuls are float32 (cpu_bf16 off, or small batches on other CPUs) a float32
+    cache keeps a prompt and its cached repeat within 3e-5 in the logits, a bf16 one within 0.05."""
     return model_dtype if setting == "auto" else getattr(torch, setting)
 
 
@@ -105,7 +109,8 @@ def prompt_attention_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtyp
     1.25x faster prefill of 512-token prompts and 1.75x at 2048 (Intel Xeon, RESULTS.md): the
     products and the weights of the softmax are rounded to bf16 (sums stay float32). It is not
     the default: it changes near-tied greedy answers of the default 135M model, the test suite's
-    "What is the capital of France?" among them. Decode attention stays float32."""
+    "What is the capital of France?" among them (a 0.1-logit lead in float32; see kv_cache_dtype
+    and `benchmarks/precision_probe.py`). Decode attention stays float32."""
     if setting == "auto" or getattr(torch, setting) == model_dtype:
         return None
     return getattr(torch, setting)
