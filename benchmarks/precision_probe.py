@@ -27,13 +27,25 @@ from parrot.engine.model import ForwardBatch
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
 
-CHAT_QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
+CHAT_QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
+    "What is the largest planet in our solar system?", "Who wrote Romeo and Juliet?", "What is 12 times 12?",
+    "Give me a synonym for happy.", "What language is spoken in Brazil?", "How do I boil an egg?",
+    "What is the boiling point of water in Celsius?", "Write a haiku about autumn.", "Why is the sky blue?",
+]
 COMPLETIONS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
     "Once upon a time, in a small village by the sea,",
     "Photosynthesis is the process by which plants",
     "The three laws of thermodynamics state that",
+    "import numpy as np\n\ndef normalize(x):\n",
+    "The French Revolution began in",
+    "To make a cup of tea, first",
+    "SELECT name, email FROM users WHERE",
+    "The mitochondria is",
+    "In 1969, Neil Armstrong",
+    "The quick brown fox",
 ]
 # name -> EngineConfig fields; the first is the reference
 SETTINGS = {
