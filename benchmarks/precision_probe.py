@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from parrot.engine.attention import AttentionMetadata, SequenceSlice
-from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.llm_engine import EngineConfig, LLMEngine, dtype_name
 from parrot.engine.model import ForwardBatch
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
@@ -50,15 +50,16 @@ COMPLETIONS = [
 # name -> EngineConfig fields; the first is the reference
 SETTINGS = {
     "float32 throughout": dict(cpu_bf16="off"),
-    "default (bf16 matmuls where native)": dict(),
-    "+ bf16 KV cache": dict(kv_dtype="bfloat16"),
-    "+ bf16 KV and prompt attention (vLLM's)": dict(kv_dtype="bfloat16", prompt_attention_dtype="bfloat16"),
+    "default, float32 KV cache": dict(kv_dtype="float32"),
+    "default": dict(),
+    "default + bf16 prompt attention": dict(prompt_attention_dtype="bfloat16"),
 }
 
 
 @dataclass(frozen=True)
 class SettingResult:
     name: str
+    precision: str  # what the engine computes in, as resolved on this machine
     answers: list[str]
     repeats_equal: int
     margins: list[float]  # top-two logit margin of each prompt's first answer token
@@ -89,7 +90,12 @@ def run_setting(name: str, fields: dict, prompts: list[str], max_tokens: int) ->
 
     first = asyncio.run(answers())
     again = asyncio.run(answers())  # each prompt now forks from its own cached prefix
-    return SettingResult(name, first, sum(a == b for a, b in zip(first, again)), margins)
+    model = engine.model
+    attention = getattr(model.attention, "plain", model.attention)
+    matmuls = "bf16" if model.bf16_rows else "float32"
+    precision = (f"matmuls {matmuls}, KV {dtype_name(engine.kv.layers[0][0].dtype)}, "
+                 f"prompt attention {dtype_name(attention.prompt_dtype or model.dtype)}")
+    return SettingResult(name, precision, first, sum(a == b for a, b in zip(first, again)), margins)
 
 
 def agreed_chars(a: str, b: str) -> int:
@@ -111,12 +117,12 @@ def main() -> None:
     results = [run_setting(name, fields, prompts, args.max_tokens) for name, fields in settings.items()]
     reference = results[0].answers
     print(f"{len(prompts)} prompts, greedy, {args.max_tokens} tokens; reference: {results[0].name}\n")
-    print("| setting | answers equal to float32 | chars agreed (mean) | repeats equal to first run |")
-    print("|---|---:|---:|---:|")
+    print("| setting | computes in | answers equal to float32 | chars agreed (mean) | repeats equal to first run |")
+    print("|---|---|---:|---:|---:|")
     for r in results:
         equal = sum(a == b for a, b in zip(r.answers, reference))
         agreed = sum(agreed_chars(a, b) / max(len(b), 1) for a, b in zip(r.answers, reference)) / len(prompts)
-        print(f"| {r.name} | {equal}/{len(prompts)} | {agreed:.0%} | {r.repeats_equal}/{len(prompts)} |")
+        print(f"| {r.name} | {r.precision} | {equal}/{len(prompts)} | {agreed:.0%} | {r.repeats_equal}/{len(prompts)} |")
     print("\nfirst answer token's top-two logit margin, per prompt:\n")
     print("| prompt | " + " | ".join(r.name for r in results) + " | answer (float32) |")
     print("|---" * (len(results) + 2) + "|")

@@ -11,7 +11,8 @@ import torch
 from parrot.cli import main
 from parrot.engine.attention import AttentionMetadata, CpuPagedAttention, SequenceSlice
 from parrot.engine.device import (
-    ALL_ROWS, SMALL_BATCH_ROWS, DeviceMemory, bf16_matmul_rows, default_dtype, kv_pool_bytes, resolve_device, step_activation_bytes,
+    ALL_ROWS, SMALL_BATCH_ROWS, DeviceMemory, bf16_matmul_rows, default_dtype, kv_cache_dtype, kv_pool_bytes, prompt_attention_dtype,
+    resolve_device, step_activation_bytes,
 )
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL
@@ -142,6 +143,45 @@ def test_cpu_matmuls_go_bf16_by_what_the_cpu_multiplies_natively():
     assert bf16_matmul_rows("auto", gpu, has_bf16_dot=True) == 0  # a GPU computes in its own dtype
     with pytest.raises(UserError, match="cpu_bf16 must be one of auto, off, small-batches, all"):
         EngineConfig(cpu_bf16="fast")
+
+
+def test_an_auto_kv_cache_follows_the_matmuls_into_bf16():
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert kv_cache_dtype("auto", f32, ALL_ROWS) == bf16  # every matmul bf16: the answers are at bf16's fidelity already
+    assert kv_cache_dtype("auto", f32, SMALL_BATCH_ROWS) == f32  # large batches exact: the cache too
+    assert kv_cache_dtype("auto", f32, 0) == f32
+    assert kv_cache_dtype("auto", bf16, 0) == bf16  # a bf16 model (a GPU's): its own dtype
+    assert kv_cache_dtype("float32", f32, ALL_ROWS) == f32  # asked for: kept
+    assert prompt_attention_dtype("auto", f32) is None  # prompt attention stays the model's unless asked
+    engines = {mode: LLMEngine(EngineConfig(kv_memory_gb=0.02, cpu_bf16=mode)) for mode in ("all", "off")}
+    assert engines["all"].kv.layers[0][0].dtype == bf16 and engines["off"].kv.layers[0][0].dtype == f32
+    assert engines["all"].stats().blocks_total >= 2 * engines["off"].stats().blocks_total - 1  # twice the tokens
+
+
+def test_logits_near_the_top_are_exact_where_the_product_rounds_them_to_bf16():
+    """A bf16 product rounds logits to steps of 0.125 near 25: two tokens 0.03 apart come out
+    tied, and greedy would take the lower id. The entries near each row's top are computed
+    again in float32, so the larger wins; the rest are left as the product gave them."""
+    from parrot.engine.model import refine_near_top
+
+    torch.manual_seed(0)
+    hidden = 64
+    last = torch.randn(2, hidden)  # [M, hidden]
+    rows = torch.randn(100, hidden) * 0.1  # [V, hidden]
+    for m, (low, high) in enumerate([(3, 7), (50, 20)]):  # the larger true value has the higher id, then the lower
+        direction = last[m] / last[m].dot(last[m])
+        rows[low] = direction * 25.00
+        rows[high] = direction * 25.03
+    exact = last @ rows.T  # [M, V]
+    rounded = exact.bfloat16().float()
+    assert torch.equal(rounded[0, 3], rounded[0, 7]) and torch.equal(rounded[1, 50], rounded[1, 20])
+    assert rounded.argmax(-1).tolist() == [3, 20]  # by the rounding: the lower id of each tie
+    refined = rounded.clone()
+    refine_near_top(refined, last, rows)
+    assert refined.argmax(-1).tolist() == [7, 20]
+    torch.testing.assert_close(refined[0, 7], exact[0, 7])
+    far = rounded < rounded.max(-1, keepdim=True).values - 1.0
+    assert torch.equal(refined[far], rounded[far])
 
 
 def test_a_linear_keeps_one_weight_where_every_step_uses_bf16():

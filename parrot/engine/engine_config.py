@@ -34,8 +34,8 @@ class EngineConfig:
     # has bf16 dot products, else steps of at most 2 rows), all, small-batches, or off (every
     # matmul in float32: exact and batch-invariant, for reference checks)
     cpu_bf16: str = "auto"
-    kv_dtype: str = "auto"  # the KV cache's element type: auto (the model's), float32 or bfloat16 (see device.kv_cache_dtype)
-    # what prompt attention computes in on the CPU: auto (the model's), float32 or bfloat16 (see device.prompt_attention_dtype)
+    kv_dtype: str = "auto"  # the KV cache's element type: auto, float32 or bfloat16 (see device.kv_cache_dtype)
+    # what prompt attention computes in on the CPU: auto, float32 or bfloat16 (see device.prompt_attention_dtype)
     prompt_attention_dtype: str = "auto"
     prefix_caching: bool = True  # new root contexts fork from the longest cached prefix of their tokens
     shared_prefix_attention: bool = True  # decode attention over a shared prefix once for all its sequences

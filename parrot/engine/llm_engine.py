@@ -20,6 +20,7 @@ from parrot.engine.attention import AttentionBackend, CpuPagedAttention
 from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
 from parrot.engine.engine_config import EngineConfig
 from parrot.engine.device import (
+    ALL_ROWS,
     bf16_matmul_rows,
     kv_cache_dtype,
     kv_pool_bytes,
@@ -72,6 +73,10 @@ class _Counters:
     context_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
@@ -113,9 +118,10 @@ class LLMEngine:
         else:
             state = {name: tensor.to(device) for name, tensor in load_state_dict(model_dir, dtype).items()}
         bf16_rows = bf16_matmul_rows(config.cpu_bf16, device)
-        self.model = LlamaModel(self.model_config, state, self._attention(device, dtype), dtype, bf16_rows)
+        prompt_dtype = prompt_attention_dtype(config.prompt_attention_dtype, dtype)
+        self.model = LlamaModel(self.model_config, state, self._attention(device, prompt_dtype), dtype, bf16_rows)
         del state
-        kv_dtype = kv_cache_dtype(config.kv_dtype, dtype)
+        kv_dtype = kv_cache_dtype(config.kv_dtype, dtype, bf16_rows)
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, kv_dtype)
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
         graph_needs = graph_memory(config.max_seqs_per_step, config.shared_prefix_attention) if use_graphs else GraphMemory(0, 0)
@@ -124,6 +130,10 @@ class LLMEngine:
         num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
         # one block past the pool's: the slots of a static decode batch's padding rows
         self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, kv_dtype, device)
+        name = dtype_name
+        matmuls = "" if not bf16_rows else " (matmuls in bf16)" if bf16_rows >= ALL_ROWS else f" (matmuls of up to {bf16_rows} rows in bf16)"
+        log.info("%s on %s: %s%s, KV cache %s (%d blocks of %d tokens), prompt attention %s", model_dir.name, device, name(dtype),
+                 matmuls, name(kv_dtype), num_blocks, config.block_size, name(prompt_dtype or dtype))
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(
@@ -179,10 +189,10 @@ class LLMEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
-    def _attention(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    def _attention(self, device: torch.device, prompt_dtype: torch.dtype | None) -> AttentionBackend:
         if device.type == "cuda":  # every row through the Triton kernel; "no sharing" groups nothing
             return TritonSharedPrefixAttention(min_shared_tokens=128 if self.config.shared_prefix_attention else 2**62)
-        plain = CpuPagedAttention(prompt_dtype=prompt_attention_dtype(self.config.prompt_attention_dtype, dtype))
+        plain = CpuPagedAttention(prompt_dtype=prompt_dtype)
         return SharedPrefixCpuAttention(plain=plain) if self.config.shared_prefix_attention else plain
 
     # ---- primitives -------------------------------------------------------

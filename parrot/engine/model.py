@@ -61,6 +61,10 @@ class Linear:
         """x: [N, in] bf16, contiguous -> [N, out] bf16, on the packed weight (no bias)."""
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
+    def rounds_to_bf16(self, rows: int) -> bool:
+        """Whether a product of `rows` rows runs on bf16 weights and comes out rounded to bf16."""
+        return self.packed or (self.small is not None and rows <= self.bf16_rows)
+
     def weight_for(self, rows: int) -> torch.Tensor:
         """The weight a step of `rows` rows multiplies by."""
         return self.small if self.small is not None and rows <= self.bf16_rows else self.weight
@@ -114,6 +118,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos).add_(swapped.mul_(sin))
 
 
+# bf16 keeps 8 significant bits: at a logit of 25 its values are 0.125 apart
+BF16_SIGNIFICANT_BITS = 8
+REFINE_STEPS = 2  # the rounding of the output and of the bf16 inputs stays well inside two steps
+
+
+def refine_near_top(logits: torch.Tensor, last: torch.Tensor, output_rows: torch.Tensor) -> None:
+    """logits: [M, V] float32 from a bf16 product, in place; last: [M, hidden] its input;
+    output_rows: [V, hidden] the output weights. Each row's entries within REFINE_STEPS bf16 steps
+    of its top are computed again in float32: a bf16 product rounds logits to a step (0.125 near
+    25), so greedy decoding would pick between near-tied tokens by the rounding (a tie by the
+    lower token id) and not by their values. On the default model, "What is the capital of
+    France?" begins "The" by 0.07 logits in float32 and tied after rounding. A few dot products a
+    row (benchmarks/precision_probe.py)."""
+    top = logits.max(dim=-1, keepdim=True).values  # [M, 1]
+    step = torch.exp2(torch.floor(torch.log2(top.abs().clamp_min(1e-30))) - (BF16_SIGNIFICANT_BITS - 1))  # [M, 1]
+    rows, cols = (logits >= top - REFINE_STEPS * step).nonzero(as_tuple=True)  # [K] each
+    logits[rows, cols] = (last[rows].float() * output_rows[cols].float()).sum(-1)  # [K]
+
+
 class LlamaModel:
     def __init__(
         self,
@@ -129,7 +152,11 @@ class LlamaModel:
         self.attention = attention
         c = config
         self.embed = state["model.embed_tokens.weight"].to(dtype)  # [V, hidden]
-        self.lm_head = self._linear(self.embed if c.tie_word_embeddings else state["lm_head.weight"].to(dtype))  # [V, hidden]
+        # the output rows in the model's dtype, kept apart from a bf16 lm_head (refine_near_top)
+        self.output_rows = self.embed if c.tie_word_embeddings else state["lm_head.weight"].to(dtype)  # [V, hidden]
+        self.lm_head = self._linear(self.output_rows)
+        if self.embed.device.type != "cpu" or not self.lm_head.rounds_to_bf16(1):
+            self.output_rows = None  # logits are exact for the model's dtype, or a GPU's captured graphs take no data-dependent shapes
         self.final_norm = state["model.norm.weight"].to(dtype)
         self.layers = [self._layer(state, i) for i in range(c.num_layers)]
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
@@ -184,7 +211,10 @@ class LlamaModel:
         hidden = layers(batch, kv_caches, attention or self.attention)  # [N, hidden]
         c = self.config
         last = F.rms_norm(hidden[batch.logit_rows], (c.hidden_size,), self.final_norm, c.rms_norm_eps)  # [M, hidden]
-        return self.lm_head(last).float()  # [M, V]
+        logits = self.lm_head(last).float()  # [M, V]
+        if self.output_rows is not None and last.shape[0] and self.lm_head.rounds_to_bf16(last.shape[0]):
+            refine_near_top(logits, last, self.output_rows)
+        return logits
 
     def _layers(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 attention: AttentionBackend) -> torch.Tensor:
