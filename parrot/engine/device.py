@@ -84,29 +84,19 @@ def bf16_matmul_rows(mode: str, device: torch.device, has_bf16_dot: bool | None 
 KV_DTYPE_SETTINGS = ("auto", "float32", "bfloat16")
 
 
-def follows_bf16_matmuls(model_dtype: torch.dtype, bf16_rows: int) -> bool:
-    """Whether an `auto` KV cache is bf16: a float32 model whose every matmul runs in bf16 (the
-    weights kept in bf16 only: `cpu_bf16` auto on a CPU that multiplies bf16 natively, or all).
-    Its answers are at bf16's fidelity already, and a bf16 cache costs no more of it
-    (`benchmarks/precision_probe.py`, 24 prompts on an Intel Xeon with AMX: 13/24 greedy answers
-    equal float32 throughout's with a float32 cache, 14/24 with a bf16 one; prefix-cached repeats
-    equal their first run in 23/24 with either)."""
-    return model_dtype == torch.float32 and bf16_rows >= ALL_ROWS
-
-
-def kv_cache_dtype(setting: str, model_dtype: torch.dtype, bf16_rows: int = 0) -> torch.dtype:
-    """The KV cache's element type. auto: bfloat16 where the matmuls run in bf16
-    (`follows_bf16_matmuls`), else the model's dtype. bfloat16 on a float32 CPU model holds
+def kv_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type. auto: the model's dtype. bfloat16 on a float32 CPU model holds
     twice the tokens in the same memory and halves the bytes each decode step reads (decode
     1.08x faster at batch 1, 1.19x at 8, 1.32x at 32 on an AVX512-BF16 EPYC; 1.75x at batch 8
     over 2048-token contexts on a Xeon with AMX); attention widens it to float32 as it reads,
-    and the model rounds the k/v it computes the same way before attending to them. Where the
-    matmuls are float32 (cpu_bf16 off, or other CPUs' large batches) the float32 cache stays: it
-    keeps a prompt and its prefix-cached repeat within 3e-5 in the logits, a bf16 cache only
-    within 0.05."""
-    if setting == "auto":
-        return torch.bfloat16 if follows_bf16_matmuls(model_dtype, bf16_rows) else model_dtype
-    return getattr(torch, setting)
+    and the model rounds the k/v it computes the same way before attending to them.
+    Not the default, though its answers are as close to float32 throughout's as the float32
+    cache's where the matmuls run in bf16 (`benchmarks/precision_probe.py`: 18/24 with either on
+    an AMX Xeon): a prompt computed whole and the same prompt computed after its cached first
+    part differ more with it (mean logit difference 0.13 against 0.04 with bf16 matmuls; within
+    0.05 against 3e-5 with float32 ones), and a served DAG fills its prompts in parts. With it,
+    `tests/test_serve_core_engine.py`'s chain no longer reads what a step-by-step client gets."""
+    return model_dtype if setting == "auto" else getattr(torch, setting)
 
 
 PROMPT_ATTENTION_DTYPE_SETTINGS = ("auto", "float32", "bfloat16")
@@ -117,11 +107,10 @@ def prompt_attention_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtyp
     bfloat16 on a float32 CPU model is vLLM's precision for this step and, on CPUs with AMX,
     1.25x faster prefill of 512-token prompts and 1.75x at 2048 (Intel Xeon, RESULTS.md): the
     products and the weights of the softmax are rounded to bf16 (sums stay float32). Decode
-    attention stays float32. Not the default, even where the KV cache follows the matmuls into
-    bf16: a second rounding of every attention product for a smaller gain than the cache's, and
-    with both, the default model's answer to "What is the capital of France?" begins "L'" (by
-    0.003 logits, computed exactly) where either alone, and float32, begin "The capital of
-    France is Paris" (`benchmarks/precision_probe.py`)."""
+    attention stays float32. Not the default: with it and a bf16 KV cache, the default model's
+    answer to "What is the capital of France?" begins "L'" (by 0.003 logits, computed exactly)
+    where either alone, and float32, begin "The capital of France is Paris"; and a prompt filled
+    in parts reads another path than the same prompt whole (kv_cache_dtype)."""
     if setting == "auto" or getattr(torch, setting) == model_dtype:
         return None
     return getattr(torch, setting)

@@ -121,7 +121,7 @@ class LLMEngine:
         prompt_dtype = prompt_attention_dtype(config.prompt_attention_dtype, dtype)
         self.model = LlamaModel(self.model_config, state, self._attention(device, prompt_dtype), dtype, bf16_rows)
         del state
-        kv_dtype = kv_cache_dtype(config.kv_dtype, dtype, bf16_rows)
+        kv_dtype = kv_cache_dtype(config.kv_dtype, dtype)
         per_block = KVCacheTensors.bytes_per_block(self.model_config, config.block_size, kv_dtype)
         use_graphs = config.decode_graphs if config.decode_graphs is not None else device.type == "cuda"
         graph_needs = graph_memory(config.max_seqs_per_step, config.shared_prefix_attention) if use_graphs else GraphMemory(0, 0)
