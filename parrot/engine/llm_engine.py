@@ -130,10 +130,9 @@ class LLMEngine:
         num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
         # one block past the pool's: the slots of a static decode batch's padding rows
         self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, kv_dtype, device)
-        name = dtype_name
         matmuls = "" if not bf16_rows else " (matmuls in bf16)" if bf16_rows >= ALL_ROWS else f" (matmuls of up to {bf16_rows} rows in bf16)"
-        log.info("%s on %s: %s%s, KV cache %s (%d blocks of %d tokens), prompt attention %s", model_dir.name, device, name(dtype),
-                 matmuls, name(kv_dtype), num_blocks, config.block_size, name(prompt_dtype or dtype))
+        log.info("%s on %s: %s%s, KV cache %s (%d blocks of %d tokens), prompt attention %s", model_dir.name, device, dtype_name(dtype),
+                 matmuls, dtype_name(kv_dtype), num_blocks, config.block_size, dtype_name(prompt_dtype or dtype))
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(
