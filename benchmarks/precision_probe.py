@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parrot.engine.attention import AttentionMetadata, SequenceSlice
-from parrot.engine.llm_engine import EngineConfig, LLMEngine, dtype_name
-from parrot.engine.model import ForwardBatch
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.model_runner import prompt_logits
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
 
@@ -68,15 +67,7 @@ class SettingResult:
 
 def first_token_margin(engine: LLMEngine, ids: list[int]) -> float:
     """The top-two gap of the next-token logits after a fresh prefill of ids (blocks 0.. of the cache)."""
-    kv = engine.runner.kv
-    blocks = list(range(-(-len(ids) // kv.block_size)))
-    batch = ForwardBatch(
-        torch.tensor(ids), torch.arange(len(ids)),
-        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], list(range(len(ids)))),
-        torch.tensor([len(ids) - 1]),
-    )
-    with torch.inference_mode():
-        top = engine.model.forward(batch, kv.layers)[0].topk(2).values  # [2]
+    top = prompt_logits(engine.model, engine.kv, ids)[-1].topk(2).values  # [2]
     return float(top[0] - top[1])
 
 
@@ -101,12 +92,7 @@ def run_setting(name: str, fields: dict, prompts: list[str], max_tokens: int) ->
 
     first = asyncio.run(answers())
     in_parts = asyncio.run(answers_after_first_half())
-    model = engine.model
-    attention = getattr(model.attention, "plain", model.attention)
-    matmuls = "bf16" if model.bf16_rows else "float32"
-    precision = (f"matmuls {matmuls}, KV {dtype_name(engine.kv.layers[0][0].dtype)}, "
-                 f"prompt attention {dtype_name(attention.prompt_dtype or model.dtype)}")
-    return SettingResult(name, precision, first, sum(a == b for a, b in zip(first, in_parts)), margins)
+    return SettingResult(name, engine.precision, first, sum(a == b for a, b in zip(first, in_parts)), margins)
 
 
 def agreed_chars(a: str, b: str) -> int:

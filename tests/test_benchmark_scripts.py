@@ -42,7 +42,7 @@ def test_precision_probe_quick_prints_agreement_with_float32():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     # the reference agrees with itself and reads the same filled in parts; every setting and prompt has a row
-    assert "| float32 throughout | matmuls float32, KV float32, prompt attention float32 | 2/2 | 100% | 2/2 |" in done.stdout
+    assert "| float32 throughout | float32, KV cache float32, prompt attention float32 | 2/2 | 100% | 2/2 |" in done.stdout
     assert "| default | " in done.stdout
     assert "'What is the capital of France?'" in done.stdout and "'The capital of France is'" in done.stdout
 

@@ -210,16 +210,17 @@ def test_the_fused_layer_path_gives_the_model_path_logits():
     """The default engine on a CPU with bf16 dot products (packed bf16 weights): its fused
     forward against the same model through PyTorch operators, same weights and cache."""
     from parrot.engine.llm_engine import EngineConfig, LLMEngine
-    from test_device import PROMPTS, _prompt_logits
+    from parrot.engine.model_runner import prompt_logits
+    from test_device import PROMPTS
 
     engine = LLMEngine(EngineConfig(kv_memory_gb=0.05))
     if not engine.model.fused:
         pytest.skip("this CPU does not multiply bf16 natively: the layers run unfused")
     for ids in (engine.tokenizer.encode(p) for p in PROMPTS):
-        fused = _prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
+        fused = prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
         engine.model.fused = False
         try:
-            plain = _prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
+            plain = prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
         finally:
             engine.model.fused = True
         # the lm_head's output is bf16 (a unit in the last place is 0.125 at logits of 16-32): the
@@ -234,11 +235,12 @@ def test_the_fused_layer_path_gives_the_model_path_logits():
 
 def _prompt_logits_of_both(engine, reference):
     """(engine's, reference's) float32 logits of every position of each test prompt, prefilled fresh."""
-    from test_device import PROMPTS, _prompt_logits
+    from parrot.engine.model_runner import prompt_logits
+    from test_device import PROMPTS
 
     for ids in (reference.tokenizer.encode(p) for p in PROMPTS):
-        got = _prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
-        want = _prompt_logits(reference.model, reference.runner.kv, ids, torch.device("cpu"))
+        got = prompt_logits(engine.model, engine.runner.kv, ids, torch.device("cpu"))
+        want = prompt_logits(reference.model, reference.runner.kv, ids, torch.device("cpu"))
         assert got.dtype == want.dtype == torch.float32
         yield got, want
 

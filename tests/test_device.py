@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from parrot.cli import main
-from parrot.engine.attention import AttentionMetadata, CpuPagedAttention, SequenceSlice
+from parrot.engine.attention import CpuPagedAttention
 from parrot.engine.device import (
     ALL_ROWS, SMALL_BATCH_ROWS, DeviceMemory, bf16_matmul_rows, default_dtype, kv_cache_dtype, kv_pool_bytes, prompt_attention_dtype,
     resolve_device, step_activation_bytes,
 )
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.loader import DEFAULT_MODEL
-from parrot.engine.model import ForwardBatch, LlamaModel
-from parrot.engine.model_runner import KVCacheTensors
+from parrot.engine.model import LlamaModel
+from parrot.engine.model_runner import KVCacheTensors, prompt_logits
 from parrot.engine.random_weights import random_model
 from parrot.errors import UserError
 
@@ -84,24 +84,12 @@ def test_gpu_engine_matches_the_cpu_path_on_a_small_random_model():
     assert torch.equal(cpu_model.embed, gpu.model.embed.cpu())  # the engine drew the same weights
     cpu_kv = KVCacheTensors(config, 64, gpu.config.block_size, torch.float32)
     for ids in (gpu.tokenizer.encode(p) for p in PROMPTS):
-        expected = _prompt_logits(cpu_model, cpu_kv, ids, torch.device("cpu"))
-        got = _prompt_logits(gpu.model, gpu.kv, ids, gpu.device).cpu()
+        expected = prompt_logits(cpu_model, cpu_kv, ids, torch.device("cpu"))
+        got = prompt_logits(gpu.model, gpu.kv, ids, gpu.device).cpu()
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
         top2 = expected.topk(2).values
         clear = (top2[:, 0] - top2[:, 1]) > 4e-3
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
-
-
-def _prompt_logits(model: LlamaModel, kv: KVCacheTensors, ids: list[int], device: torch.device) -> torch.Tensor:
-    """A fresh prefill of ids over blocks 0.. of the cache -> logits [L, V] of every position."""
-    blocks = list(range(-(-len(ids) // kv.block_size)))
-    on = dict(dtype=torch.int64, device=device)
-    batch = ForwardBatch(
-        torch.tensor(ids, **on), torch.arange(len(ids), **on),
-        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], list(range(len(ids)))),
-        torch.arange(len(ids), **on),
-    )
-    return model.forward(batch, kv.layers)
 
 
 @pytest.mark.gpu
@@ -151,7 +139,7 @@ def test_the_engine_says_what_it_computes_in(caplog):
     assert kv_cache_dtype("bfloat16", f32) == bf16 and prompt_attention_dtype("auto", f32) is None
     with caplog.at_level("INFO", logger="parrot.engine.llm_engine"):
         LLMEngine(EngineConfig(kv_memory_gb=0.02, cpu_bf16="all", kv_dtype="bfloat16"))
-    assert "float32 (matmuls in bf16), KV cache bfloat16 (" in caplog.text and "prompt attention float32" in caplog.text
+    assert "float32 (matmuls in bf16), KV cache bfloat16, prompt attention float32; " in caplog.text
 
 
 def test_logits_near_the_top_are_exact_where_the_product_rounds_them_to_bf16():

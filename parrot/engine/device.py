@@ -116,6 +116,18 @@ def prompt_attention_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtyp
     return getattr(torch, setting)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_summary(model_dtype: torch.dtype, bf16_rows: int, kv_dtype: torch.dtype, prompt_dtype: torch.dtype | None) -> str:
+    """What an engine computes in, in words, e.g. "float32 (matmuls in bf16), KV cache float32,
+    prompt attention float32" (prompt_dtype None: the model's)."""
+    matmuls = "" if not bf16_rows else " (matmuls in bf16)" if bf16_rows >= ALL_ROWS else f" (matmuls of up to {bf16_rows} rows in bf16)"
+    return (f"{dtype_name(model_dtype)}{matmuls}, KV cache {dtype_name(kv_dtype)}, "
+            f"prompt attention {dtype_name(prompt_dtype or model_dtype)}")
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device for a --device name; a user error when this machine cannot run it."""
     if name not in DEVICES:

@@ -20,10 +20,10 @@ from parrot.engine.attention import AttentionBackend, CpuPagedAttention
 from parrot.engine.cuda_graphs import DecodeGraphs, GraphMemory, graph_memory
 from parrot.engine.engine_config import EngineConfig
 from parrot.engine.device import (
-    ALL_ROWS,
     bf16_matmul_rows,
     kv_cache_dtype,
     kv_pool_bytes,
+    precision_summary,
     prompt_attention_dtype,
     resolve_device,
     step_activation_bytes,
@@ -71,10 +71,6 @@ class _Counters:
     busy: float = 0.0
     peak_batch_blocks: int = 0
     context_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class LLMEngine:
@@ -130,9 +126,8 @@ class LLMEngine:
         num_blocks = max(1, kv_pool_bytes(device, config.kv_memory_gb, config.gpu_memory_utilization, activations) // per_block)
         # one block past the pool's: the slots of a static decode batch's padding rows
         self.kv = KVCacheTensors(self.model_config, num_blocks + 1, config.block_size, kv_dtype, device)
-        matmuls = "" if not bf16_rows else " (matmuls in bf16)" if bf16_rows >= ALL_ROWS else f" (matmuls of up to {bf16_rows} rows in bf16)"
-        log.info("%s on %s: %s%s, KV cache %s (%d blocks of %d tokens), prompt attention %s", model_dir.name, device, dtype_name(dtype),
-                 matmuls, dtype_name(kv_dtype), num_blocks, config.block_size, dtype_name(prompt_dtype or dtype))
+        self.precision = precision_summary(dtype, bf16_rows, kv_dtype, prompt_dtype)
+        log.info("%s on %s: %s; %d KV blocks of %d tokens", model_dir.name, device, self.precision, num_blocks, config.block_size)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
         self.scheduler = BatchScheduler(

@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from parrot.engine.cuda_graphs import DecodeGraphs
 
 
+def prompt_logits(model: LlamaModel, kv: KVCacheTensors, ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh prefill of ids over blocks 0.. of the cache, outside any plan -> float32 logits
+    [L, V] of every position: for checks of the model's numerics (tests, benchmarks/precision_probe.py)."""
+    blocks = list(range(-(-len(ids) // kv.block_size)))
+    on = dict(dtype=torch.int64, device=device)
+    batch = ForwardBatch(
+        torch.tensor(ids, **on), torch.arange(len(ids), **on),
+        AttentionMetadata.build([SequenceSlice(0, len(ids), len(ids), blocks)], list(range(len(ids)))),
+        torch.arange(len(ids), **on),
+    )
+    return model.forward(batch, kv.layers)
+
+
 @dataclass(frozen=True)
 class StepResult:
     sampled: dict[int, int]  # id(job) -> next token, for chunks that wanted logits
