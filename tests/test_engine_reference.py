@@ -118,3 +118,24 @@ def test_bf16_on_the_cpu_stays_near_transformers_and_decodes_batches(setting, re
     outputs = run(batch())
     assert all(len(tokens) == 40 for tokens in outputs)
     assert_clean(engine)
+
+
+def test_logprobs_are_transformers_log_softmax_of_each_generated_position(engine, reference_logits):
+    """A generate that asks for logprobs reports, for every token it samples (greedy and hot), that
+    token's log probability and the k likeliest tokens' under transformers' distribution at the
+    position, likeliest first; one that does not ask gets none."""
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    for sampling in (greedy(6, logprobs=4), SamplingParams(max_tokens=6, temperature=1.5, seed=7, ignore_eos=True, logprobs=2)):
+        tokens = run(fill_and_generate(engine, "logprobs", ids, sampling))
+        generated = token_ids(tokens)
+        expected = torch.log_softmax(reference_logits(ids + generated)[len(ids) - 1 : -1], dim=-1)  # [6, V]
+        for row, token in enumerate(tokens):
+            reported = token.logprobs
+            assert reported.logprob == pytest.approx(expected[row, token.token_id].item(), abs=LOGITS_ATOL)
+            top_values, top_ids = torch.topk(expected[row], sampling.logprobs)
+            assert [t.logprob for t in reported.top] == pytest.approx(top_values.tolist(), abs=LOGITS_ATOL)
+            assert [expected[row, t.token_id].item() for t in reported.top] == pytest.approx(top_values.tolist(), abs=LOGITS_ATOL)
+        if sampling.greedy:
+            assert all(t.token_id == t.logprobs.top[0].token_id for t in tokens)
+    plain = run(fill_and_generate(engine, "no-logprobs", ids, greedy(2)))
+    assert all(t.logprobs is None for t in plain)

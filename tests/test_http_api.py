@@ -7,6 +7,7 @@ clients are P.connect, the openai SDK, LangChain and plain httpx.
 from __future__ import annotations
 
 import http.client
+import math
 import os
 import subprocess
 import sys
@@ -207,8 +208,8 @@ def test_openai_sdk_top_k_usage_of_streams_and_fields_it_cannot_honour(server):
                                               stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert streamed[-1].usage.completion_tokens == 5 and streamed[-1].usage.total_tokens == 5 + streamed[-1].usage.prompt_tokens
 
-    with pytest.raises(BadRequestError, match="does not implement logprobs: leave it out"):
-        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=2)
+    with pytest.raises(BadRequestError, match="does not implement echo: leave it out"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=2, echo=True)
     with pytest.raises(BadRequestError, match="frequency_penalty, logit_bias: leave them out"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, frequency_penalty=0.5, logit_bias={"42": 5})
     with pytest.raises(BadRequestError, match="response_format"):
@@ -217,6 +218,49 @@ def test_openai_sdk_top_k_usage_of_streams_and_fields_it_cannot_honour(server):
     neutral = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=False, frequency_penalty=0,
                                              presence_penalty=0, response_format={"type": "text"}, tool_choice="none")
     assert neutral.choices[0].message.content
+
+
+def test_openai_sdk_logprobs_of_completions_and_chats_streamed_or_not(server):
+    from openai import OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    prompt = "Once upon a time"  # under one KV block: every request computes it alike
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    lp = greedy.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == greedy.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and sum(math.exp(v) for v in top.values()) <= 1 + 1e-4
+        assert logprob == pytest.approx(max(top.values())) == pytest.approx(top[token])  # greedy: the likeliest
+    hot = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.5, seed=3, logprobs=1).choices[0]
+    assert all(v <= max(top.values()) + 1e-6 for v, top in zip(hot.logprobs.token_logprobs, hot.logprobs.top_logprobs))
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0).choices[0].logprobs is None
+
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3, stream=True,
+                                              extra_body={"ignore_eos": True}))
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    assert [v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-3)
+
+    messages = [{"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 5
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) and c.logprob == pytest.approx(c.top_logprobs[0].logprob)
+               for c in content)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    streamed_tokens = [c.token for chunk in chunks if chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert streamed_tokens == [c.token for c in content]
+    assert all(c.top_logprobs == [] for chunk in chunks if chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content)
+
+    with pytest.raises(UnprocessableEntityError, match="top_logprobs needs logprobs: true"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, top_logprobs=2)
+    with pytest.raises(UnprocessableEntityError, match="logprobs: Input should be less than or equal to 20"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logprobs=21)
 
 
 def test_langchain_chat_openai_invoke(server):

@@ -17,6 +17,7 @@ from parrot.engine.sampler import (
     sample_batch,
     sample_token,
     stop_string_holdback,
+    token_logprobs,
 )
 from parrot.errors import SamplingError, UserError
 
@@ -232,3 +233,20 @@ def test_stop_checker_equals_cutting_the_whole_text(text, stops, cuts):
     assert not any(stop in streamed for stop in stops)
     if len(stops) == 1:
         assert streamed == (text[: text.index(stops[0])] if stops[0] in text else text)
+
+
+def test_sampling_refuses_more_logprobs_than_it_reports():
+    assert SamplingParams(logprobs=0).logprobs == 0
+    with pytest.raises(SamplingError, match="logprobs must be from 0 to 20"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(SamplingError, match="logprobs"):
+        SamplingParams(logprobs=-1)
+
+
+def test_token_logprobs_normalise_each_row_and_rank_its_alternatives():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 0.0, 5.0, 1.0]])
+    rows = token_logprobs(logits, tokens=[1, 2], alternatives=[2, 0])
+    expected = torch.log_softmax(logits, dim=-1)
+    assert rows[0].logprob == pytest.approx(expected[0, 1].item())
+    assert [(t.token_id, round(t.logprob, 5)) for t in rows[0].top] == [(0, round(expected[0, 0].item(), 5)), (2, round(expected[0, 2].item(), 5))]
+    assert rows[1].logprob == pytest.approx(expected[1, 2].item()) and rows[1].top == ()

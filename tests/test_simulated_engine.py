@@ -336,3 +336,16 @@ def test_steps_shrink_while_a_latency_job_waits_beside_other_work() -> None:
     scheduler.submit(SimJobKind.FILL, long_prompt, 0)
     plan = scheduler.schedule()
     assert [c.length for c in plan.chunks] == [300]  # a latency prompt whole; the bulk is past the cap
+
+
+def test_a_request_for_logprobs_fails_with_a_message_instead_of_an_answer_without_them() -> None:
+    b = sim()
+
+    async def main() -> None:
+        await b.fill("a", None, "x" * 40, PRIORITY_NORMAL)
+        with pytest.raises(UserError, match="does not report log probabilities: ask without logprobs"):
+            [t async for t in b.generate("a", SamplingParams(max_tokens=3, logprobs=2), PRIORITY_NORMAL)]
+        await b.free_context("a")
+        b.check_integrity()
+
+    run(main())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from parrot.engine.llm_engine import GeneratedToken
 from parrot.engine.sampler import SamplingParams
-from parrot.errors import EngineUnavailableError
+from parrot.errors import EngineUnavailableError, UserError
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,14 @@ class EngineBackend(ABC):
 
     async def close(self) -> None:
         """Releases what the backend holds; the default holds nothing."""
+
+
+def refuse_logprobs(sampling: SamplingParams, engine: str, kind: str) -> None:
+    """For backends whose engines report no log probabilities: a request for them fails with a
+    message instead of an answer without them."""
+    if sampling.logprobs is not None:
+        raise UserError(f"engine {engine} ({kind}) does not report log probabilities: ask without logprobs, "
+                        "or serve the model on the built-in engine")
 
 
 @asynccontextmanager

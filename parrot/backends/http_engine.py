@@ -7,11 +7,9 @@ import json
 import httpx
 
 from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
-from parrot.engine.llm_engine import FinishReason, GeneratedToken
 from parrot.errors import EngineUnavailableError, UserError
 from parrot.protocol import error_message
-from parrot.protocol.engine_api import EngineStatsBody, FillBody, FreeBody, GenerateBody, TokenEvent
-from parrot.protocol.manager_api import SamplingBody
+from parrot.protocol.engine_api import EngineSamplingBody, EngineStatsBody, FillBody, FreeBody, GenerateBody, TokenEvent
 
 
 # Idle connections are dropped after this many seconds, before servers drop theirs: vLLM and
@@ -70,7 +68,7 @@ class HttpEngineBackend(EngineBackend):
         self._check(response)
 
     async def generate(self, context_id, sampling, priority):
-        body = GenerateBody(context_id=context_id, sampling=SamplingBody.of(sampling), priority=priority)
+        body = GenerateBody(context_id=context_id, sampling=EngineSamplingBody.of(sampling), priority=priority)
         async with self._reachable(f"generate of {context_id}"), self._http.stream("POST", "/generate", json=body.model_dump()) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -81,10 +79,9 @@ class HttpEngineBackend(EngineBackend):
                 payload = json.loads(line)
                 if "error" in payload:
                     raise RuntimeError(f"engine {self.name} failed while generating: {payload['error']}")
-                event = TokenEvent.model_validate(payload)
-                reason = FinishReason(event.finish_reason) if event.finish_reason else None
-                yield GeneratedToken(event.token_id, event.text, reason)
-                if reason is not None:
+                token = TokenEvent.model_validate(payload).token()
+                yield token
+                if token.finish_reason is not None:
                     return
         raise EngineUnavailableError(f"engine {self.name} ended the stream of {context_id} before it finished")
 

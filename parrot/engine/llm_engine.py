@@ -33,7 +33,7 @@ from parrot.engine.kv_cache import BlockPool, ContextTable
 from parrot.engine.loader import load_config, load_state_dict, resolve_model_dir
 from parrot.engine.model import LlamaModel
 from parrot.engine.model_runner import KVCacheTensors, ModelRunner
-from parrot.engine.outputs import EngineStats, FinishReason, GeneratedToken
+from parrot.engine.outputs import EngineStats, FinishReason, GeneratedToken, TokenLogprobs
 from parrot.engine.prefix_cache import PrefixCache
 from parrot.engine.random_weights import random_model
 from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
@@ -519,24 +519,24 @@ class LLMEngine:
                 self._retain_prompt(job.ctx.context_id, while_running=True, sampled=True)
             token = result.sampled.get(id(job))
             if token is not None:
-                self._on_token(job, token)
+                self._on_token(job, token, result.logprobs.get(id(job)))
 
-    def _on_token(self, job: Job, token: int) -> None:
+    def _on_token(self, job: Job, token: int, logprobs: TokenLogprobs | None = None) -> None:
         sampling = job.sampling
         job.num_generated += 1
         is_eos = token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self.model_config.eos_token_ids)
         if is_eos:
-            self._emit(job, GeneratedToken(token, job.stop_checker.flush(), FinishReason.STOP))
+            self._emit(job, GeneratedToken(token, job.stop_checker.flush(), FinishReason.STOP, logprobs))
             return
         job.ctx.token_ids.append(token)
         text = job.stop_checker.feed(job.detokenizer.push(token))
         if job.stop_checker.stopped:
             self._cut_at_stop(job)
-            self._emit(job, GeneratedToken(token, text, FinishReason.STOP))
+            self._emit(job, GeneratedToken(token, text, FinishReason.STOP, logprobs))
         elif job.num_generated >= sampling.max_tokens or len(job.ctx.token_ids) >= self.model_config.max_position_embeddings:
-            self._emit(job, GeneratedToken(token, text + job.stop_checker.flush(), FinishReason.LENGTH))
+            self._emit(job, GeneratedToken(token, text + job.stop_checker.flush(), FinishReason.LENGTH, logprobs))
         else:
-            self._channels[id(job)].queue.put_nowait(GeneratedToken(token, text))
+            self._channels[id(job)].queue.put_nowait(GeneratedToken(token, text, logprobs=logprobs))
 
     def _cut_at_stop(self, job: Job) -> None:
         """Cuts the context back to its prompt and the output's kept text: text filled after

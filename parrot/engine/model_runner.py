@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,7 +11,8 @@ from parrot.engine.attention import AttentionMetadata, SequenceSlice
 from parrot.engine.config import ModelConfig
 from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
-from parrot.engine.sampler import sample_batch
+from parrot.engine.outputs import TokenLogprobs
+from parrot.engine.sampler import sample_batch, token_logprobs
 from parrot.engine.scheduler import StepPlan
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def prompt_logits(model: LlamaModel, kv: KVCacheTensors, ids: list[int], device:
 class StepResult:
     sampled: dict[int, int]  # id(job) -> next token, for chunks that wanted logits
     replayed_graph: bool = False  # the step ran from the decode graphs' static buffers
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # id(job) -> of its token, where its sampling asks
 
 
 class KVCacheTensors:
@@ -103,4 +105,10 @@ class ModelRunner:
         if not sampling_jobs:
             return StepResult({}, static_plan is not None)
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs])
-        return StepResult({id(job): token for job, token in zip(sampling_jobs, next_tokens)}, static_plan is not None)
+        sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
+        asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
+        if not asking:
+            return StepResult(sampled, static_plan is not None)
+        reported = token_logprobs(logits[asking], [next_tokens[row] for row in asking],
+                                  [sampling_jobs[row].sampling.logprobs for row in asking])
+        return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)})

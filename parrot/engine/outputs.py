@@ -12,10 +12,26 @@ class FinishReason(Enum):
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log probability and the most likely tokens' at its position, most
+    likely first (as many as the sampling's `logprobs` asked for)."""
+
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class GeneratedToken:
     token_id: int
     text: str  # whole UTF-8 characters; may be empty while a character or stop string is incomplete
     finish_reason: FinishReason | None = None
+    logprobs: TokenLogprobs | None = None  # where the sampling asked for them
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parrot.engine.outputs import TokenLogprobs, TopLogprob
 from parrot.errors import SamplingError
 
 MAX_TOKENS_LIMIT = 32768  # tokens one call may ask for; the model's context may allow fewer
+MAX_LOGPROBS = 20  # most likely alternatives reported per generated token (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # None: no log probabilities; n >= 0: each generated token's, and those of the n most likely
+    # tokens at its position
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
@@ -33,6 +38,8 @@ class SamplingParams:
             raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingError(f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -80,6 +87,21 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
         # a seeded generator lives on the CPU: its row goes there (one row, not the batch's logits)
         greedy_ids[row] if p.greedy else sample_token(logits[row] if g is None else logits[row].to(g.device), p, g)
         for row, (p, g) in enumerate(zip(params, generators))
+    ]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprobs]:
+    """logits: [B, V], the rows the tokens were sampled from -> each token's log probability under
+    the model's distribution (before temperature, top-k and top-p: what the model thinks of the
+    token, as vLLM and OpenAI report it) and the `alternatives[row]` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    most = max(alternatives, default=0)
+    top_values, top_ids = (torch.topk(logprobs, most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0]))
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprobs(chosen[row], tuple(TopLogprob(int(i), v) for i, v in zip(top_ids[row][:n], top_values[row][:n])))
+        for row, n in enumerate(alternatives)
     ]
 
 

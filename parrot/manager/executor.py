@@ -21,7 +21,7 @@ from parrot.engine.llm_engine import FinishReason
 from parrot.engine.sampler import StopChecker
 from parrot.errors import EngineUnavailableError, UserError
 from parrot.frontend.template import Placeholder, TextSegment
-from parrot.manager.graph import Call, CallState, Objective, Variable
+from parrot.manager.graph import Call, CallState, LoggedToken, Objective, Variable
 from parrot.manager.objectives import parallel_producers
 from parrot.manager.policy import CHARS_PER_TOKEN, CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
 from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
@@ -341,6 +341,7 @@ class Executor:
         # tokens whose text the lost engine held back are generated again after the streamed text
         output.num_tokens -= output.unstreamed_tokens
         output.unstreamed_tokens = 0
+        del output.token_logprobs[output.num_tokens :]
         if output.num_tokens:
             if output.num_tokens >= sampling.max_tokens:
                 output.finish_reason = FinishReason.LENGTH.value
@@ -358,6 +359,8 @@ class Executor:
                     if self._held:
                         self._offer_held()  # throughput work may wait for this engine's queue to drain
                 output.num_tokens += 1
+                if token.logprobs is not None:
+                    output.token_logprobs.append(LoggedToken(token.token_id, token.logprobs))
                 delta = token.text if stops is None else stops.feed(token.text)
                 if delta:
                     text += delta

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
+from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.sampler import SamplingParams
 from parrot.errors import NotFoundError, UserError
 from parrot.frontend.template import Placeholder, PlaceholderKind, Segment
@@ -34,6 +35,12 @@ class Objective(Enum):
     THROUGHPUT = "throughput"
 
 
+@dataclass(frozen=True)
+class LoggedToken:
+    token_id: int
+    logprobs: TokenLogprobs
+
+
 @dataclass(eq=False)
 class Variable:
     var_id: str
@@ -50,6 +57,9 @@ class Variable:
     # start of a possible stop string, or a partial UTF-8 character): lost with their engine
     unstreamed_tokens: int = 0
     finish_reason: str | None = None
+    # each generated token's id and log probabilities, where the call's sampling asked for them
+    # (the OpenAI API's logprobs): one entry per token counted in num_tokens
+    token_logprobs: list[LoggedToken] = field(default_factory=list)
     listeners: list[asyncio.Queue] = field(default_factory=list)  # streaming readers: text deltas, then None
 
     def publish(self, delta: str) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from parrot.engine.outputs import FinishReason, GeneratedToken, TokenLogprobs, TopLogprob
+from parrot.engine.sampler import MAX_LOGPROBS, SamplingParams
 from parrot.engine.scheduler import PRIORITY_NORMAL
 from parrot.protocol.manager_api import MAX_VALUE_CHARS, Id, SamplingBody
 
@@ -21,9 +25,22 @@ class FillBody(Strict):
     then_generate: bool = False  # the next call generates on this context: it may compute the text
 
 
+class EngineSamplingBody(SamplingBody):
+    """The manager's sampling, and what only the OpenAI API asks of an engine."""
+
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def to_params(self) -> SamplingParams:
+        return dataclasses.replace(super().to_params(), logprobs=self.logprobs)
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> "EngineSamplingBody":
+        return cls(**SamplingBody.of(params).model_dump(), logprobs=params.logprobs)
+
+
 class GenerateBody(Strict):
     context_id: str = Id
-    sampling: SamplingBody
+    sampling: EngineSamplingBody
     priority: int = PRIORITY_NORMAL
 
 
@@ -35,6 +52,25 @@ class TokenEvent(Strict):
     token_id: int
     text: str
     finish_reason: str | None = None
+    # where the sampling asked for them: the token's log probability, and the most likely
+    # tokens' ids and log probabilities, most likely first
+    logprob: float | None = None
+    top_ids: list[int] = Field(default_factory=list, max_length=MAX_LOGPROBS)
+    top_logprobs: list[float] = Field(default_factory=list, max_length=MAX_LOGPROBS)
+
+    @classmethod
+    def of(cls, token: GeneratedToken) -> "TokenEvent":
+        reason = token.finish_reason.value if token.finish_reason else None
+        if token.logprobs is None:
+            return cls(token_id=token.token_id, text=token.text, finish_reason=reason)
+        top = token.logprobs.top
+        return cls(token_id=token.token_id, text=token.text, finish_reason=reason, logprob=token.logprobs.logprob,
+                   top_ids=[t.token_id for t in top], top_logprobs=[t.logprob for t in top])
+
+    def token(self) -> GeneratedToken:
+        logprobs = None if self.logprob is None else TokenLogprobs(
+            self.logprob, tuple(TopLogprob(i, v) for i, v in zip(self.top_ids, self.top_logprobs, strict=True)))
+        return GeneratedToken(self.token_id, self.text, FinishReason(self.finish_reason) if self.finish_reason else None, logprobs)
 
 
 class EngineStatsBody(Strict):

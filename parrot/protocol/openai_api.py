@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parrot.engine.sampler import MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.sampler import MAX_LOGPROBS, MAX_TOKENS_LIMIT, SamplingParams
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
 
 
@@ -35,8 +35,6 @@ class SamplingFields(Lenient):
     # OpenAI fields this server does not implement: taken at their neutral values (clients send
     # those), refused otherwise (`unsupported`), since an answer that ignored them would be wrong
     # without saying so
-    logprobs: bool | int | None = None  # an int in completions, a bool in chat
-    top_logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -58,7 +56,12 @@ class SamplingFields(Lenient):
             seed=self.seed,
             stop=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
+            logprobs=self.wanted_logprobs(),
         )
+
+    def wanted_logprobs(self) -> int | None:
+        """How many alternatives each generated token's log probability comes with; None: no log probabilities."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -67,8 +70,6 @@ class SamplingFields(Lenient):
     def unsupported(self) -> list[str]:
         """The fields asked for at a value this server cannot honour."""
         asked = {
-            "logprobs": self.logprobs not in (None, False, 0),
-            "top_logprobs": self.top_logprobs not in (None, 0),
             "echo": bool(self.echo),
             "best_of": self.best_of not in (None, 1),
             "suffix": bool(self.suffix),
@@ -84,6 +85,11 @@ class SamplingFields(Lenient):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(max_length=MAX_VALUE_CHARS)
+    # each generated token's log probability, with this many most likely alternatives (0: none)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessageBody(Lenient):
@@ -99,6 +105,17 @@ class ChatMessageBody(Lenient):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool | None = None  # each generated token's log probability
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with this many most likely alternatives
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -107,11 +124,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per generated token in each list; text_offset counts
+    characters from the completion's start."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -128,11 +155,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's text in UTF-8 (a token may hold part of a character)
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -153,7 +194,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None  # the tokens generated since the last chunk, where asked
 
 
 class ChatCompletionChunk(BaseModel):

@@ -63,9 +63,8 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
             token = first
             try:
                 while True:
-                    reason = token.finish_reason.value if token.finish_reason else None
-                    yield TokenEvent(token_id=token.token_id, text=token.text, finish_reason=reason).model_dump_json() + "\n"
-                    if reason is not None:
+                    yield TokenEvent.of(token).model_dump_json() + "\n"
+                    if token.finish_reason is not None:
                         return
                     token = await anext(stream)
             except Exception as exc:

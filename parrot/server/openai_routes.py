@@ -22,11 +22,14 @@ from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import UserError
 from parrot.errors import NotFoundError
+from parrot.manager.graph import LoggedToken
 from parrot.manager.manager import Manager
 from parrot.protocol.openai_api import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatMessageOut, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields, Usage,
+    ChatMessageOut, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard, ModelList,
+    SamplingFields, Usage,
 )
+from parrot.server.openai_logprobs import LogprobsWriter
 from parrot.server.auth import KeyStore
 from parrot.server.common import tenant_key_required
 
@@ -66,6 +69,7 @@ class Answer:
     text: str
     finish_reason: str
     completion_tokens: int
+    tokens: list[LoggedToken]  # with their log probabilities, where the sampling asked for them
 
 
 def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str, tokenizer, max_context: int | None = None) -> None:
@@ -101,7 +105,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             var_id = manager.submit_prompt(session, prompt, sampling, tenant)
             text = await unless_client_gone(request, manager.get_variable(session, var_id, OPENAI_OBJECTIVE, tenant))
             var = manager.sessions[session].graph.variable(var_id)
-            return Answer(text, var.finish_reason or "stop", var.num_tokens)
+            return Answer(text, var.finish_reason or "stop", var.num_tokens, var.token_logprobs)
         finally:
             manager.close_session(session, tenant)
 
@@ -111,25 +115,33 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         if asked:
             them = "it" if len(asked) == 1 else "them"
             raise UserError(f"this server does not implement {', '.join(asked)}: leave {them} out of the request "
-                            f"(parrot-serve returns the sampled text and its usage; docs/api.md lists what it takes)")
+                            f"(parrot-serve returns the sampled text, its log probabilities where asked, and its usage; "
+                            f"docs/api.md lists what it takes)")
+        if body.wanted_logprobs() is not None and tokenizer is None:
+            raise UserError("this server has no tokenizer to name tokens with: ask without logprobs")
 
     def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render, usage_event=None) -> StreamingResponse:
-        """render(delta, finish_reason) -> bytes of one SSE event; usage_event(completion_tokens) ->
-        bytes of the last event before [DONE], where the client asked for its usage."""
+        """render(delta, finish_reason, tokens) -> bytes of one SSE event, tokens: those logged since
+        the last event (where the sampling asked for log probabilities); usage_event(completion_tokens)
+        -> bytes of the last event before [DONE], where the client asked for its usage."""
         session = manager.create_session(tenant)
         try:
             var_id = manager.submit_prompt(session, prompt, sampling, tenant)
+            var = manager.sessions[session].graph.variable(var_id)
         except BaseException:
             manager.close_session(session, tenant)
             raise
 
         async def events():
+            sent = 0  # of var.token_logprobs
             try:
                 async for delta in manager.stream_variable(session, var_id, OPENAI_OBJECTIVE, tenant):
                     if delta:
-                        yield render(delta, None)
-                var = manager.sessions[session].graph.variable(var_id)
-                yield render("", var.finish_reason or "stop")
+                        # the tokens logged by now: a token whose text was held back goes with a later delta
+                        logged = len(var.token_logprobs)
+                        yield render(delta, None, var.token_logprobs[sent:logged])
+                        sent = logged
+                yield render("", var.finish_reason or "stop", var.token_logprobs[sent:])
                 if usage_event is not None:
                     yield usage_event(var.num_tokens)
                 yield b"data: [DONE]\n\n"
@@ -163,9 +175,16 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         counts = [count(prompt) for prompt in prompts]
         samplings = [within_context(n, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for n in counts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        wants_logprobs = body.wanted_logprobs() is not None
 
-        def render(delta, reason):
-            chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(text=delta, finish_reason=reason)])
+        def logprobs(tokens: list[LoggedToken], writer: LogprobsWriter | None = None) -> CompletionLogprobs | None:
+            return (writer or LogprobsWriter(tokenizer)).completion(tokens) if wants_logprobs else None
+
+        stream_writer = LogprobsWriter(tokenizer) if wants_logprobs else None
+
+        def render(delta, reason, tokens):
+            choice = CompletionChoice(text=delta, finish_reason=reason, logprobs=logprobs(tokens, stream_writer))
+            chunk = CompletionResponse(id=rid, created=created, model=model, choices=[choice])
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
         def usage_event(completion_tokens: int) -> bytes:
@@ -186,7 +205,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
                 call.cancel()
         return CompletionResponse(
             id=rid, created=created, model=model,
-            choices=[CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason) for i, a in enumerate(answers)],
+            choices=[CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, logprobs=logprobs(a.tokens))
+                     for i, a in enumerate(answers)],
             usage=usage(sum(counts), sum(a.completion_tokens for a in answers)),
         )
 
@@ -204,13 +224,15 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         sampling = within_context(prompt_tokens, sampling, body.max_tokens is not None or body.max_completion_tokens is not None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = [True]
+        writer = LogprobsWriter(tokenizer) if body.logprobs else None
 
-        def render(delta, reason):
+        def render(delta, reason, tokens):
             role = "assistant" if first[0] else None
             first[0] = False
+            logprobs = writer.chat(tokens) if writer is not None else None
             chunk = ChatCompletionChunk(
                 id=rid, created=created, model=model,
-                choices=[ChatChunkChoice(delta=ChatDelta(role=role, content=delta or None), finish_reason=reason)],
+                choices=[ChatChunkChoice(delta=ChatDelta(role=role, content=delta or None), finish_reason=reason, logprobs=logprobs)],
             )
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
@@ -227,6 +249,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return ChatCompletionResponse(
             id=rid, created=created, model=model,
-            choices=[ChatChoice(message=ChatMessageOut(content=reply.text), finish_reason=reply.finish_reason)],
+            choices=[ChatChoice(message=ChatMessageOut(content=reply.text), finish_reason=reply.finish_reason,
+                                logprobs=writer.chat(reply.tokens) if writer is not None else None)],
             usage=usage(prompt_tokens, reply.completion_tokens),
         )
