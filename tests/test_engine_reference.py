@@ -7,6 +7,7 @@ LlamaForCausalLM against our LlamaModel over the paged KV cache.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -139,3 +140,34 @@ def test_logprobs_are_transformers_log_softmax_of_each_generated_position(engine
             assert all(t.token_id == t.logprobs.top[0].token_id for t in tokens)
     plain = run(fill_and_generate(engine, "no-logprobs", ids, greedy(2)))
     assert all(t.logprobs is None for t in plain)
+
+
+def test_score_gives_each_prompt_tokens_log_probability_as_transformers_does(engine, reference_logits):
+    """A prompt's log probabilities (OpenAI's echo): the same as transformers' for every token after
+    the first, whether the prompt fits one step or is computed in chunks beside a generate."""
+    ids = engine.tokenizer.encode(PROMPTS[4])
+    expected = torch.log_softmax(reference_logits(ids), dim=-1)  # [T, V]
+
+    def check(scores) -> None:
+        assert len(scores) == len(ids) - 1
+        for position, reported in enumerate(scores):
+            assert reported.logprob == pytest.approx(expected[position, ids[position + 1]].item(), abs=LOGITS_ATOL)
+            top_values, _ = torch.topk(expected[position], 3)
+            assert [t.logprob for t in reported.top] == pytest.approx(top_values.tolist(), abs=LOGITS_ATOL)
+
+    check(run(engine.score(ids, top=3)))
+
+    async def beside_a_generate():
+        other = engine.tokenizer.encode(PROMPTS[1])
+        scores, tokens = await asyncio.gather(engine.score(ids, top=3), fill_and_generate(engine, "beside", other, greedy(8)))
+        return scores, tokens
+
+    saved = engine.scheduler.config
+    engine.scheduler.config = replace(saved, max_tokens_per_step=5)  # the prompt in chunks of at most 5 tokens
+    try:
+        scores, tokens = run(beside_a_generate())
+    finally:
+        engine.scheduler.config = saved
+    check(scores)
+    assert len(tokens) == 8
+    assert run(engine.score(ids[:1])) == []

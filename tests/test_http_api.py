@@ -209,7 +209,7 @@ def test_openai_sdk_top_k_usage_of_streams_and_fields_it_cannot_honour(server):
     assert streamed[-1].usage.completion_tokens == 5 and streamed[-1].usage.total_tokens == 5 + streamed[-1].usage.prompt_tokens
 
     with pytest.raises(BadRequestError, match="does not implement echo: leave it out"):
-        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=2, echo=True)
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"echo": True})
     with pytest.raises(BadRequestError, match="frequency_penalty, logit_bias: leave them out"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, frequency_penalty=0.5, logit_bias={"42": 5})
     with pytest.raises(BadRequestError, match="response_format"):
@@ -261,6 +261,38 @@ def test_openai_sdk_logprobs_of_completions_and_chats_streamed_or_not(server):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, top_logprobs=2)
     with pytest.raises(UnprocessableEntityError, match="logprobs: Input should be less than or equal to 20"):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logprobs=21)
+
+
+def test_openai_sdk_echo_gives_the_prompt_back_with_its_logprobs_as_lm_eval_asks(server):
+    """lm-eval's loglikelihood request (echo, logprobs, one token or none): the prompt's tokens come back
+    with their log probabilities, the first without one, then the completion's."""
+    from openai import OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    context, continuation = "The capital of France is", " Paris"
+    scored = client.completions.create(model=MODEL, prompt=context + continuation, max_tokens=1, temperature=0, logprobs=1,
+                                       echo=True).choices[0]
+    lp = scored.logprobs
+    assert scored.text.startswith(context + continuation) and len(scored.text) > len(context + continuation)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens[:-1]) == context + continuation and lp.text_offset[-1] == len(context + continuation)
+    assert all(v < 0 for v in lp.token_logprobs[1:])
+    # the continuation is the likeliest next word, and likelier after its context than after another
+    assert lp.tokens[-2] == " Paris" and max(lp.top_logprobs[-2], key=lp.top_logprobs[-2].get) == " Paris"
+    other = client.completions.create(model=MODEL, prompt="My favourite colour is Paris", max_tokens=0, logprobs=0, echo=True).choices[0]
+    assert other.text == "My favourite colour is Paris" and other.finish_reason == "length"
+    assert other.logprobs.tokens[-1] == " Paris" and other.logprobs.token_logprobs[-1] < lp.token_logprobs[-2] - 1
+    # the same numbers streamed, and the prompt alone back without logprobs
+    chunks = list(client.completions.create(model=MODEL, prompt=context + continuation, max_tokens=1, temperature=0, logprobs=1,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == scored.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    plain = client.completions.create(model=MODEL, prompt=[context, "Once"], max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(context) and plain.choices[1].text.startswith("Once")
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(UnprocessableEntityError, match="max_tokens 0 generates nothing: it takes echo: true"):
+        client.completions.create(model=MODEL, prompt=context, max_tokens=0)
 
 
 def test_langchain_chat_openai_invoke(server):

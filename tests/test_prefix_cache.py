@@ -233,3 +233,16 @@ def test_a_prompt_its_generate_computed_is_cached_whole_while_it_runs(caching_en
 
     assert run(main()) == len(prompt)
     caching_engine.check_integrity()
+
+
+def test_a_cached_prompt_is_scored_in_full_and_leaves_the_cache_as_it_was(caching_engine, engine):
+    """Scoring (a prompt's log probabilities) computes every position, even where the prefix cache
+    holds the prompt (its positions there were never computed here), and adds nothing to the cache."""
+    caching_engine.clear_prefix_cache()
+    ids = caching_engine.tokenizer.encode(SYSTEM + QUESTIONS[0])
+    run(caching_engine.complete(ids, greedy(2)))  # now cached
+    cached_before = caching_engine.stats().cached_blocks
+    scored = run(caching_engine.score(ids, top=2))
+    assert [round(s.logprob, 4) for s in scored] == [round(s.logprob, 4) for s in run(engine.score(ids, top=2))]
+    assert caching_engine.stats().cached_blocks == cached_before
+    caching_engine.check_integrity()

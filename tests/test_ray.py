@@ -52,6 +52,23 @@ def test_the_examples_run_on_ray_engines(fleet):
         assert summary.get().strip()
 
 
+def test_a_replica_reports_log_probabilities_of_prompts_and_tokens(fleet):
+    """What the OpenAI API's logprobs and echo ask of an engine crosses the actor boundary."""
+    async def main():
+        replica = fleet.replicas[0]
+        scored = await replica.score_prompt("The capital of France is Paris", 2)
+        await replica.fill("lp", None, "The capital of France is", 0)
+        try:
+            tokens = [t async for t in replica.generate("lp", SamplingParams(max_tokens=2, logprobs=1), 0)]
+        finally:
+            await replica.free_context("lp")
+        return scored, tokens
+
+    scored, tokens = asyncio.run(main())
+    assert len(scored.logprobs) == len(scored.token_ids) - 1 and all(len(t.top) == 2 for t in scored.logprobs)
+    assert [len(t.logprobs.top) for t in tokens] == [1, 1]
+
+
 def test_a_killed_replica_is_restarted_and_its_call_completes_elsewhere(fleet):
     async def main() -> None:
         manager = Manager([])

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from parrot.engine.llm_engine import GeneratedToken
+from parrot.engine.outputs import PromptLogprobs
 from parrot.engine.sampler import SamplingParams
 from parrot.errors import EngineUnavailableError, UserError
 
@@ -76,6 +77,13 @@ class EngineBackend(ABC):
 
     @abstractmethod
     def stats(self) -> BackendStats: ...
+
+    async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
+        """The text's tokens and the log probability of each after the first, with the `top`
+        likeliest tokens at each position (OpenAI's echo with logprobs); computed apart from any
+        context. The default: an engine that computes no logits refuses."""
+        raise UserError(f"engine {self.name} does not report log probabilities of a prompt: ask without echo and logprobs, "
+                        "or serve the model on the built-in engine")
 
     def step_limits(self) -> StepLimits:
         """The step budget, as `stats` reports it; backends whose `stats` costs more than a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from parrot.backends.base import BackendStats, EngineBackend, StepLimits
 from parrot.engine.llm_engine import LLMEngine
+from parrot.engine.outputs import PromptLogprobs
 
 
 class BuiltinEngineBackend(EngineBackend):
@@ -23,6 +24,10 @@ class BuiltinEngineBackend(EngineBackend):
 
     async def free_context(self, context_id):
         self.engine.free_context(context_id)
+
+    async def score_prompt(self, text, top):
+        ids = self.engine.tokenizer.encode(text)
+        return PromptLogprobs(ids, await self.engine.score(ids, top))
 
     def step_limits(self) -> StepLimits:
         return StepLimits(self.engine.config.max_tokens_per_step, self.engine.config.max_seqs_per_step)

@@ -9,7 +9,9 @@ import httpx
 from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
 from parrot.errors import EngineUnavailableError, UserError
 from parrot.protocol import error_message
-from parrot.protocol.engine_api import EngineSamplingBody, EngineStatsBody, FillBody, FreeBody, GenerateBody, TokenEvent
+from parrot.protocol.engine_api import (
+    EngineSamplingBody, EngineStatsBody, FillBody, FreeBody, GenerateBody, PromptLogprobsBody, ScoreBody, TokenEvent,
+)
 
 
 # Idle connections are dropped after this many seconds, before servers drop theirs: vLLM and
@@ -84,6 +86,12 @@ class HttpEngineBackend(EngineBackend):
                 if token.finish_reason is not None:
                     return
         raise EngineUnavailableError(f"engine {self.name} ended the stream of {context_id} before it finished")
+
+    async def score_prompt(self, text, top):
+        async with self._reachable("scoring a prompt"):
+            response = await self._http.post("/score", json=ScoreBody(text=text, top=top).model_dump())
+        self._check(response)
+        return PromptLogprobsBody.model_validate(response.json()).scored()
 
     async def free_context(self, context_id):
         async with self._reachable(f"free of {context_id}"):

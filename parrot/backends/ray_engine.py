@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
 from parrot.engine.llm_engine import EngineConfig
+from parrot.engine.outputs import PromptLogprobs
 from parrot.engine.sampler import SamplingParams
 from parrot.errors import UserError
 
@@ -50,6 +51,9 @@ class EngineReplica:
     async def free_context(self, context_id: str) -> None:
         await self.backend.free_context(context_id)
 
+    async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
+        return await self.backend.score_prompt(text, top)
+
     async def stats(self) -> BackendStats:
         return self.backend.stats()
 
@@ -77,6 +81,10 @@ class RayEngineBackend(EngineBackend):
     async def free_context(self, context_id):
         async with self._reachable(f"free of {context_id}"):
             await self.actor.free_context.remote(context_id)
+
+    async def score_prompt(self, text, top):
+        async with self._reachable("scoring a prompt"):
+            return await self.actor.score_prompt.remote(text, top)
 
     def stats(self) -> BackendStats:
         return self._stats

@@ -8,6 +8,7 @@ scheduling state is touched only on the event loop, between steps.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,12 +39,12 @@ from parrot.engine.prefix_cache import PrefixCache
 from parrot.engine.random_weights import random_model
 from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
-from parrot.engine.sampler import SamplingParams, StopChecker
+from parrot.engine.sampler import MAX_LOGPROBS, SamplingParams, StopChecker
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, ScheduledChunk, SchedulerConfig, StepPlan
 from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError
+from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, SamplingError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class LLMEngine:
         self._prefix_in_use: dict[str, str] = {}  # context -> cached prefix it forked from
         self._root_prompt: dict[str, int] = {}  # root context -> tokens of its first fill (cached once computed)
         self._retain_when_sampled: set[str] = set()  # root contexts whose prompt their generate computes
+        self._score_ids = itertools.count()  # names of the contexts `score` computes prompts in
         self._prefix_fills: dict[tuple[int, ...], asyncio.Future] = {}
         # steps whose sequences the attention would group (a shared prefix this long) replay graphs of their own
         shared = self.model.attention.min_shared_tokens if config.shared_prefix_attention else None
@@ -275,6 +277,33 @@ class LLMEngine:
             finally:
                 # the consumer stopped early (closed the generator, was cancelled): stop sampling
                 self._finish(job, None)
+
+    async def score(self, token_ids: list[int], top: int = 0, priority: int = PRIORITY_NORMAL) -> list[TokenLogprobs]:
+        """The log probability of each token after the first given the tokens before it, with the
+        `top` likeliest tokens at its position (a prompt's log probabilities: OpenAI's echo).
+        Computed in a context of its own that no cached prefix serves, since a position whose KV
+        comes from the cache is never computed and has no logits; scheduled as a fill, and freed
+        when done."""
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise SamplingError(f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, got {top}")
+        if not token_ids:
+            raise ContextError("there is nothing to score: the prompt has no tokens")
+        self._check_length(len(token_ids))
+        self._check_fits_pool(len(token_ids))
+        context_id = f"score-{next(self._score_ids)}"
+        while context_id in self.contexts:  # a caller named one of its contexts so
+            context_id = f"score-{next(self._score_ids)}"
+        ctx = self.contexts.create(context_id, None)
+        ctx.token_ids.extend(token_ids)
+        channel = _JobChannel(done=asyncio.get_running_loop().create_future())
+        job = self.scheduler.submit(JobKind.SCORE, ctx, priority, score_top=top)
+        try:
+            await self._run_job(job, channel)
+            await channel.done
+        finally:
+            self._finish(job, None)
+            self.free_context(context_id)
+        return [job.scores[position] for position in range(len(token_ids) - 1)]
 
     async def _create_from_cache(self, context_id: str, token_ids: list[int], shared_prefix_len: int, priority: int) -> list[int]:
         """Creates a root context from the longest cached prefix; returns the tokens left to fill."""
@@ -509,7 +538,8 @@ class LLMEngine:
             if job.ctx.freed or id(job) not in self._channels:
                 continue
             job.ctx.num_computed = max(job.ctx.num_computed, chunk.start + chunk.length)
-            if job.kind is JobKind.FILL:
+            if job.kind is not JobKind.GENERATE:
+                job.scores.update(result.scores.get(id(job), {}))
                 if job.ctx.num_pending == 0:
                     self._finish(job, None)
                 continue

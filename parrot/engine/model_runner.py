@@ -13,7 +13,7 @@ from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.sampler import sample_batch, token_logprobs
-from parrot.engine.scheduler import StepPlan
+from parrot.engine.scheduler import JobKind, ScheduledChunk, StepPlan
 
 if TYPE_CHECKING:
     from parrot.engine.cuda_graphs import DecodeGraphs
@@ -37,6 +37,9 @@ class StepResult:
     sampled: dict[int, int]  # id(job) -> next token, for chunks that wanted logits
     replayed_graph: bool = False  # the step ran from the decode graphs' static buffers
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # id(job) -> of its token, where its sampling asks
+    # id(job) of a SCORE job -> position -> the log probabilities of the token after it, for the
+    # chunk's positions that have one
+    scores: dict[int, dict[int, TokenLogprobs]] = field(default_factory=dict)
 
 
 class KVCacheTensors:
@@ -78,6 +81,8 @@ class ModelRunner:
         slots: list[int] = []
         sequences: list[SequenceSlice] = []
         logit_rows: list[int] = []
+        scored: list[ScheduledChunk] = []  # SCORE chunks, whose rows come after the sampled ones
+        score_rows: list[int] = []
         for chunk in plan.chunks:
             ctx = chunk.job.ctx
             sequences.append(SequenceSlice(len(tokens), chunk.length, chunk.start + chunk.length, list(ctx.block_table)))
@@ -86,6 +91,11 @@ class ModelRunner:
             slots.extend(chunk.slots)
             if chunk.wants_logits:
                 logit_rows.append(len(tokens) - 1)
+            elif chunk.job.kind is JobKind.SCORE:
+                scored.append(chunk)
+                first = len(tokens) - chunk.length
+                score_rows.extend(range(first, first + len(_next_token_positions(chunk))))
+        logit_rows += score_rows
         tables, lengths = [s.block_table for s in sequences], [s.context_len for s in sequences]
         static_plan = self.graphs.plan(tables, lengths) if self.graphs is not None and len(tokens) == len(sequences) else None
         if static_plan is not None:
@@ -102,13 +112,33 @@ class ModelRunner:
             )
             logits = self.model.forward(batch, self.kv.layers)  # [M, V]
         sampling_jobs = [c.job for c in plan.chunks if c.wants_logits]
+        scores = _scores(scored, logits[len(sampling_jobs):]) if scored else {}
+        logits = logits[: len(sampling_jobs)]
         if not sampling_jobs:
-            return StepResult({}, static_plan is not None)
+            return StepResult({}, static_plan is not None, scores=scores)
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs])
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
         if not asking:
-            return StepResult(sampled, static_plan is not None)
+            return StepResult(sampled, static_plan is not None, scores=scores)
         reported = token_logprobs(logits[asking], [next_tokens[row] for row in asking],
                                   [sampling_jobs[row].sampling.logprobs for row in asking])
-        return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)})
+        return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
+
+
+def _next_token_positions(chunk: ScheduledChunk) -> range:
+    """The chunk's positions whose next token is in the context (all but a prompt's last)."""
+    return range(chunk.start, min(chunk.start + chunk.length, len(chunk.job.ctx.token_ids) - 1))
+
+
+def _scores(chunks: list[ScheduledChunk], logits: torch.Tensor) -> dict[int, dict[int, TokenLogprobs]]:
+    """logits [R, V]: the rows of the SCORE chunks' positions that have a next token, in order."""
+    scores: dict[int, dict[int, TokenLogprobs]] = {}
+    row = 0
+    for chunk in chunks:
+        positions = _next_token_positions(chunk)
+        ids = chunk.job.ctx.token_ids
+        reported = token_logprobs(logits[row : row + len(positions)], [ids[p + 1] for p in positions], [chunk.job.score_top] * len(positions))
+        scores[id(chunk.job)] = dict(zip(positions, reported))
+        row += len(positions)
+    return scores

@@ -27,6 +27,14 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's tokens and the log probabilities of each after the first, given those before it."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]  # one fewer than token_ids
+
+
+@dataclass(frozen=True)
 class GeneratedToken:
     token_id: int
     text: str  # whole UTF-8 characters; may be empty while a character or stop string is incomplete

@@ -18,6 +18,7 @@ from enum import Enum
 import torch
 
 from parrot.engine.kv_cache import Context, ContextTable
+from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.step_profile import LatencyStepRules
 from parrot.engine.tokenizer import IncrementalDetokenizer
@@ -36,6 +37,7 @@ MAX_STAGE_DEPTH = 999
 class JobKind(Enum):
     FILL = "fill"
     GENERATE = "generate"
+    SCORE = "score"  # a fill whose every position's logits are kept: the prompt's log probabilities
 
 
 @dataclass(eq=False)
@@ -51,6 +53,10 @@ class Job:
     num_generated: int = 0
     preemptions: int = 0
     error: BaseException | None = None
+    # SCORE: the log probabilities of each position's next token and its `score_top` likeliest
+    # tokens, by position (a preempted job computes its positions again: they are overwritten)
+    scores: dict[int, TokenLogprobs] = field(default_factory=dict)
+    score_top: int = 0
 
     @property
     def sort_key(self) -> tuple[int, bool, int]:

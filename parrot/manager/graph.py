@@ -38,7 +38,7 @@ class Objective(Enum):
 @dataclass(frozen=True)
 class LoggedToken:
     token_id: int
-    logprobs: TokenLogprobs
+    logprobs: TokenLogprobs | None  # None: a prompt's first token (OpenAI's echo), which nothing precedes
 
 
 @dataclass(eq=False)

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
-from parrot.errors import LimitExceededError, NotFoundError, UserError
+from parrot.engine.outputs import PromptLogprobs
+from parrot.errors import EngineUnavailableError, LimitExceededError, NotFoundError, UserError
 from parrot.engine.sampler import SamplingParams
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment, check_placeholders, parse_template
 from parrot.manager.executor import Executor
@@ -228,6 +229,19 @@ class Manager:
         segments = [TextSegment(prompt), Placeholder("completion", PlaceholderKind.OUTPUT, len(prompt))]
         graph.add_call(f"{session_id}:prompt-{index}", "completion", segments, {}, {"completion": out.var_id}, {"completion": sampling})
         return out.var_id
+
+    async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
+        """The prompt's log probabilities (OpenAI's echo), from the engine running the fewest jobs;
+        the next one where an engine is lost meanwhile. Not a call of the DAG: nothing depends on it."""
+        engines = sorted(self.engines, key=lambda e: e.stats().running_jobs)
+        if not engines:
+            raise EngineUnavailableError("no engine is registered to compute the prompt's log probabilities: start one")
+        for engine in engines[:-1]:
+            try:
+                return await engine.score_prompt(text, top)
+            except EngineUnavailableError as exc:
+                log.warning("scoring a prompt lost engine %s; trying the next: %s", engine.name, exc)
+        return await engines[-1].score_prompt(text, top)
 
     def add_engine(self, engine: EngineBackend) -> None:
         self.executor.add_engine(engine)

@@ -6,7 +6,7 @@ import dataclasses
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parrot.engine.outputs import FinishReason, GeneratedToken, TokenLogprobs, TopLogprob
+from parrot.engine.outputs import FinishReason, GeneratedToken, PromptLogprobs, TokenLogprobs, TopLogprob
 from parrot.engine.sampler import MAX_LOGPROBS, SamplingParams
 from parrot.engine.scheduler import PRIORITY_NORMAL
 from parrot.protocol.manager_api import MAX_VALUE_CHARS, Id, SamplingBody
@@ -71,6 +71,33 @@ class TokenEvent(Strict):
         logprobs = None if self.logprob is None else TokenLogprobs(
             self.logprob, tuple(TopLogprob(i, v) for i, v in zip(self.top_ids, self.top_logprobs, strict=True)))
         return GeneratedToken(self.token_id, self.text, FinishReason(self.finish_reason) if self.finish_reason else None, logprobs)
+
+
+class ScoreBody(Strict):
+    text: str = Field(min_length=1, max_length=MAX_VALUE_CHARS)
+    top: int = Field(0, ge=0, le=MAX_LOGPROBS)
+
+
+class PromptLogprobsBody(Strict):
+    """A prompt's tokens; for each after the first, its log probability and the likeliest tokens' ids
+    and log probabilities at its position."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    @classmethod
+    def of(cls, scored: PromptLogprobs) -> "PromptLogprobsBody":
+        return cls(token_ids=scored.token_ids, logprobs=[t.logprob for t in scored.logprobs],
+                   top_ids=[[top.token_id for top in t.top] for t in scored.logprobs],
+                   top_logprobs=[[top.logprob for top in t.top] for t in scored.logprobs])
+
+    def scored(self) -> PromptLogprobs:
+        return PromptLogprobs(self.token_ids, [
+            TokenLogprobs(logprob, tuple(TopLogprob(i, v) for i, v in zip(ids, values, strict=True)))
+            for logprob, ids, values in zip(self.logprobs, self.top_ids, self.top_logprobs, strict=True)
+        ])
 
 
 class EngineStatsBody(Strict):

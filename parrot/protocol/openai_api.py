@@ -87,9 +87,19 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(max_length=MAX_VALUE_CHARS)
     # each generated token's log probability, with this many most likely alternatives (0: none)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)  # 0: the prompt alone, with echo
+
+    @model_validator(mode="after")
+    def _nothing_to_generate_only_with_echo(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it takes echo: true (the prompt and its logprobs back)")
+        return self
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
+
+    def unsupported(self) -> list[str]:
+        return [name for name in super().unsupported() if name != "echo"]  # the prompt back, and its logprobs
 
 
 class ChatMessageBody(Lenient):
@@ -129,8 +139,8 @@ class CompletionLogprobs(BaseModel):
     characters from the completion's start."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: a prompt's first token (echo), which nothing precedes
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

@@ -14,7 +14,9 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from parrot.backends.builtin import BuiltinEngineBackend
-from parrot.protocol.engine_api import EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, TokenEvent
+from parrot.protocol.engine_api import (
+    EngineRegister, EngineStatsBody, FillBody, FreeBody, GenerateBody, Heartbeat, PromptLogprobsBody, ScoreBody, TokenEvent,
+)
 from parrot.server.auth import KeyStore
 from parrot.server.background import on_stop, run_while_up, server_app
 from parrot.server.common import HEARTBEAT_S, engine_key_required, install_error_handlers
@@ -53,6 +55,10 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
         await backend.fill(body.context_id, body.parent_context_id, body.text, body.priority, body.shared_prefix_chars,
                            body.then_generate)
         return {"ok": True}
+
+    @app.post("/score", response_model=PromptLogprobsBody, dependencies=engine_only)
+    async def score(body: ScoreBody):
+        return PromptLogprobsBody.of(await backend.score_prompt(body.text, body.top))
 
     @app.post("/generate", dependencies=engine_only)
     async def generate(body: GenerateBody):

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parrot.engine.outputs import PromptLogprobs
+
 from parrot.engine.tokenizer import Tokenizer
 from parrot.manager.graph import LoggedToken
 from parrot.protocol.openai_api import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
+
+
+def prompt_tokens(scored: PromptLogprobs) -> list[LoggedToken]:
+    """A scored prompt as logged tokens: the first without log probabilities (nothing precedes it)."""
+    return [LoggedToken(token_id, logprobs) for token_id, logprobs in zip(scored.token_ids, [None, *scored.logprobs])]
 
 
 @dataclass
@@ -30,8 +37,8 @@ class LogprobsWriter:
             self.text_offset += len(text)
         return CompletionLogprobs(
             tokens=texts,
-            token_logprobs=[t.logprobs.logprob for t in tokens],
-            top_logprobs=[{self.text(top.token_id): top.logprob for top in t.logprobs.top} for t in tokens],
+            token_logprobs=[t.logprobs.logprob if t.logprobs else None for t in tokens],
+            top_logprobs=[{self.text(top.token_id): top.logprob for top in t.logprobs.top} if t.logprobs else None for t in tokens],
             text_offset=offsets,
         )
 

@@ -29,7 +29,7 @@ from parrot.protocol.openai_api import (
     ChatMessageOut, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard, ModelList,
     SamplingFields, Usage,
 )
-from parrot.server.openai_logprobs import LogprobsWriter
+from parrot.server.openai_logprobs import LogprobsWriter, prompt_tokens
 from parrot.server.auth import KeyStore
 from parrot.server.common import tenant_key_required
 
@@ -120,10 +120,11 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         if body.wanted_logprobs() is not None and tokenizer is None:
             raise UserError("this server has no tokenizer to name tokens with: ask without logprobs")
 
-    def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render, usage_event=None) -> StreamingResponse:
+    def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render, usage_event=None, lead: bytes | None = None) -> StreamingResponse:
         """render(delta, finish_reason, tokens) -> bytes of one SSE event, tokens: those logged since
         the last event (where the sampling asked for log probabilities); usage_event(completion_tokens)
-        -> bytes of the last event before [DONE], where the client asked for its usage."""
+        -> bytes of the last event before [DONE], where the client asked for its usage; lead: the
+        first event (the prompt, where echo asks for it)."""
         session = manager.create_session(tenant)
         try:
             var_id = manager.submit_prompt(session, prompt, sampling, tenant)
@@ -135,6 +136,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         async def events():
             sent = 0  # of var.token_logprobs
             try:
+                if lead is not None:
+                    yield lead
                 async for delta in manager.stream_variable(session, var_id, OPENAI_OBJECTIVE, tenant):
                     if delta:
                         # the tokens logged by now: a token whose text was held back goes with a later delta
@@ -173,9 +176,14 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         if body.stream and len(prompts) > 1:
             raise UserError(f"a streamed completion takes one prompt, not a list of {len(prompts)}: send one request per prompt")
         counts = [count(prompt) for prompt in prompts]
-        samplings = [within_context(n, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for n in counts]
+        generates = body.max_tokens != 0  # 0: the prompt alone, with echo
+        samplings = [within_context(n, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for n in counts] if generates else []
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         wants_logprobs = body.wanted_logprobs() is not None
+        # echo: the prompt comes back before the completion, with its own logprobs where asked
+        echoed = [prompt if body.echo else "" for prompt in prompts]
+        echoed_tokens = ([prompt_tokens(s) for s in await asyncio.gather(*[manager.score_prompt(p, body.logprobs) for p in prompts])]
+                         if body.echo and wants_logprobs else [[] for _ in prompts])
 
         def logprobs(tokens: list[LoggedToken], writer: LogprobsWriter | None = None) -> CompletionLogprobs | None:
             return (writer or LogprobsWriter(tokenizer)).completion(tokens) if wants_logprobs else None
@@ -193,7 +201,15 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             return f"data: {last.model_dump_json()}\n\n".encode()
 
         if body.stream:
-            return stream_prompt(tenant, prompts[0], samplings[0], render, usage_event if body.include_usage else None)
+            lead = render(echoed[0], None, echoed_tokens[0]) if body.echo else None
+            if generates:
+                return stream_prompt(tenant, prompts[0], samplings[0], render, usage_event if body.include_usage else None, lead)
+            events = [lead, render("", "length", []), *([usage_event(0)] if body.include_usage else []), b"data: [DONE]\n\n"]
+            return StreamingResponse(iter(events), media_type="text/event-stream")
+        if not generates:
+            return CompletionResponse(id=rid, created=created, model=model, usage=usage(sum(counts), 0), choices=[
+                CompletionChoice(index=i, text=text, finish_reason="length", logprobs=logprobs(tokens))
+                for i, (text, tokens) in enumerate(zip(echoed, echoed_tokens))])
         # a list of prompts: one call each, side by side, one choice each in the list's order
         calls = [asyncio.ensure_future(answer(request, tenant, p, s)) for p, s in zip(prompts, samplings)]
         try:
@@ -205,8 +221,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
                 call.cancel()
         return CompletionResponse(
             id=rid, created=created, model=model,
-            choices=[CompletionChoice(index=i, text=a.text, finish_reason=a.finish_reason, logprobs=logprobs(a.tokens))
-                     for i, a in enumerate(answers)],
+            choices=[CompletionChoice(index=i, text=echoed[i] + a.text, finish_reason=a.finish_reason,
+                                      logprobs=logprobs(echoed_tokens[i] + a.tokens)) for i, a in enumerate(answers)],
             usage=usage(sum(counts), sum(a.completion_tokens for a in answers)),
         )
 
