@@ -15,9 +15,11 @@ import pytest
 
 import parrot as P
 from parrot.backends.simulated import CostModel, SimulatedEngineBackend
+from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.sampler import SamplingParams
-from parrot.errors import UserError
+from parrot.errors import EngineUnavailableError, UserError
 from parrot.manager.executor import UpstreamError
+from parrot.manager.graph import LoggedToken, Published, Variable
 from parrot.manager.manager import Manager
 from parrot.manager.objectives import engine_priority
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
@@ -548,3 +550,26 @@ def test_many_apps_at_once_from_threads(runtime, backend: RecordingBackend) -> N
     assert len(backend.fills) == 12
     for i in range(4):
         assert any(f"app {i} part 2" in f.text for f in backend.fills)
+
+
+def test_a_streamed_piece_carries_only_the_logged_tokens_whose_text_it_completes():
+    """A token whose text is held back (part of a character, the start of a stop string) is sent
+    with the piece that completes it, never before: its engine may be lost and the token made again."""
+    var = Variable("v", "v")
+    pieces: asyncio.Queue = asyncio.Queue()
+    var.listeners.append(pieces)
+    var.token_logprobs.append(LoggedToken(1, TokenLogprobs(-0.1)))
+    var.publish("a")
+    var.token_logprobs.append(LoggedToken(2, TokenLogprobs(-0.2)))  # its text held back
+    assert pieces.get_nowait() == Published("a", 1) and var.published_tokens == 1
+    var.token_logprobs.append(LoggedToken(3, TokenLogprobs(-0.3)))
+    var.publish("bc")
+    assert pieces.get_nowait() == Published("bc", 3)
+
+
+def test_logprobs_are_refused_up_front_where_an_engine_computes_no_logits():
+    manager = Manager([SimulatedEngineBackend("sim-0", time_scale=0.0)])
+    with pytest.raises(UserError, match="sim-0 compute no logits"):
+        manager.check_logprobs_reported()
+    with pytest.raises(EngineUnavailableError, match="no engine that computes logits"):
+        asyncio.run(manager.score_prompt("The capital of France is", 1))

@@ -64,6 +64,7 @@ class EngineBackend(ABC):
 
     name: str
     model: str
+    reports_logprobs: bool = True  # computes logits: generate honours sampling.logprobs and score_prompt works
 
     @abstractmethod
     async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int = 0,

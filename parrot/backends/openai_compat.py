@@ -16,6 +16,8 @@ from parrot.errors import ContextError, UserError
 
 
 class OpenAICompatibleBackend(EngineBackend):
+    reports_logprobs = False  # it could ask the server for them, but names tokens by text only, not by id
+
     def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None):
         self.name = name
         self.model = model

@@ -39,12 +39,12 @@ from parrot.engine.prefix_cache import PrefixCache
 from parrot.engine.random_weights import random_model
 from parrot.engine.shared_prefix_attention import SharedPrefixCpuAttention
 from parrot.engine.triton_attention import TritonSharedPrefixAttention
-from parrot.engine.sampler import MAX_LOGPROBS, SamplingParams, StopChecker
+from parrot.engine.sampler import SamplingParams, StopChecker, check_logprobs
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, ScheduledChunk, SchedulerConfig, StepPlan
 from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, SamplingError
+from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -284,15 +284,14 @@ class LLMEngine:
         Computed in a context of its own that no cached prefix serves, since a position whose KV
         comes from the cache is never computed and has no logits; scheduled as a fill, and freed
         when done."""
-        if not 0 <= top <= MAX_LOGPROBS:
-            raise SamplingError(f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, got {top}")
+        check_logprobs(top)
         if not token_ids:
             raise ContextError("there is nothing to score: the prompt has no tokens")
         self._check_length(len(token_ids))
         self._check_fits_pool(len(token_ids))
-        context_id = f"score-{next(self._score_ids)}"
+        context_id = f"__score__{next(self._score_ids)}"
         while context_id in self.contexts:  # a caller named one of its contexts so
-            context_id = f"score-{next(self._score_ids)}"
+            context_id = f"__score__{next(self._score_ids)}"
         ctx = self.contexts.create(context_id, None)
         ctx.token_ids.extend(token_ids)
         channel = _JobChannel(done=asyncio.get_running_loop().create_future())
@@ -522,7 +521,10 @@ class LLMEngine:
                 if self._trace is not None:
                     self._trace.write(StepRecord.of(plan, started - self._trace_start, elapsed, result.replayed_graph))
                 self._counters.busy += elapsed
-                self._step_profile.record(plan.num_tokens, elapsed)
+                if not any(chunk.job.kind is JobKind.SCORE for chunk in plan.chunks):
+                    # a scored prompt's logits for every row cost what no other step's tokens do: it
+                    # would skew the fitted cost the latency cap is sized from
+                    self._step_profile.record(plan.num_tokens, elapsed)
                 cost = self._step_profile.cost()
                 if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
                     self.scheduler.rules = self._latency_rules(cost)

@@ -13,6 +13,11 @@ MAX_TOKENS_LIMIT = 32768  # tokens one call may ask for; the model's context may
 MAX_LOGPROBS = 20  # most likely alternatives reported per generated token (OpenAI's top_logprobs limit)
 
 
+def check_logprobs(alternatives: int) -> None:
+    if not 0 <= alternatives <= MAX_LOGPROBS:
+        raise SamplingError(f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, got {alternatives}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
@@ -38,8 +43,8 @@ class SamplingParams:
             raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise SamplingError(f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, got {self.logprobs}")
+        if self.logprobs is not None:
+            check_logprobs(self.logprobs)
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))

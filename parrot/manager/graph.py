@@ -41,6 +41,17 @@ class LoggedToken:
     logprobs: TokenLogprobs | None  # None: a prompt's first token (OpenAI's echo), which nothing precedes
 
 
+@dataclass(frozen=True)
+class Published:
+    """A piece of a variable's text as a streaming reader gets it."""
+
+    text: str
+    # token_logprobs entries whose text is in this piece or an earlier one: a reader sends a token's
+    # log probabilities with its text, never before (a token whose text is held back may be
+    # generated again by another engine, after its own engine is lost)
+    logged_tokens: int
+
+
 @dataclass(eq=False)
 class Variable:
     var_id: str
@@ -60,12 +71,14 @@ class Variable:
     # each generated token's id and log probabilities, where the call's sampling asked for them
     # (the OpenAI API's logprobs): one entry per token counted in num_tokens
     token_logprobs: list[LoggedToken] = field(default_factory=list)
-    listeners: list[asyncio.Queue] = field(default_factory=list)  # streaming readers: text deltas, then None
+    listeners: list[asyncio.Queue] = field(default_factory=list)  # streaming readers: Published deltas, then None
+    published_tokens: int = 0  # token_logprobs entries whose text is in text_so_far
 
     def publish(self, delta: str) -> None:
         self.text_so_far += delta
+        self.published_tokens = len(self.token_logprobs)
         for queue in self.listeners:
-            queue.put_nowait(delta)
+            queue.put_nowait(Published(delta, self.published_tokens))
 
     def mark_ready(self) -> None:
         self.ready.set()

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 
 from parrot.backends.base import EngineBackend
@@ -22,7 +22,7 @@ from parrot.engine.sampler import SamplingParams
 from parrot.frontend.template import Placeholder, PlaceholderKind, TextSegment, check_placeholders, parse_template
 from parrot.manager.executor import Executor
 from parrot.manager.policy import SchedulingPolicy
-from parrot.manager.graph import Call, CallState, SVGraph, Variable, placeholder_kinds
+from parrot.manager.graph import Call, CallState, Published, SVGraph, Variable, placeholder_kinds
 from parrot.manager.objectives import deduce_objectives
 from parrot.manager.spec import CallSpec, Perf
 
@@ -104,6 +104,7 @@ class Manager:
         self._tenant_sessions: Counter[str] = Counter()
         self.limits = limits or SessionLimits()
         self.expired_sessions = 0
+        self._scoring: Counter[str] = Counter()  # prompts being scored (echo), per engine
         self.executor = Executor(engines, on_dispatch=self._record_dispatch, policy=policy)
         self.engines = self.executor.engines
 
@@ -198,6 +199,12 @@ class Manager:
 
     async def stream_variable(self, session_id: str, var_id: str, perf: Perf | None = Perf.LATENCY, tenant: str = "local"):
         """Yields the variable's text as it is generated (what exists already first)."""
+        async with aclosing(self.stream_published(session_id, var_id, perf, tenant)) as pieces:
+            async for piece in pieces:
+                yield piece.text
+
+    async def stream_published(self, session_id: str, var_id: str, perf: Perf | None = Perf.LATENCY, tenant: str = "local"):
+        """stream_variable's pieces, each with the count of logged tokens whose text it completes."""
         session = self.session(session_id, tenant)
         var = session.graph.variable(var_id)
         queue: asyncio.Queue = asyncio.Queue()
@@ -207,10 +214,10 @@ class Manager:
                 self.request(session_id, var, perf)
                 if var.is_ready:  # finished (or set by the client) before this reader came
                     if var.error is None and var.value:
-                        yield var.value
+                        yield Published(var.value, len(var.token_logprobs))
                 else:
                     if var.text_so_far:
-                        yield var.text_so_far
+                        yield Published(var.text_so_far, var.published_tokens)
                     # every delta published from here on is queued, then None once it is ready;
                     # the queue is drained to the end, so a reader that falls behind loses nothing
                     while (delta := await queue.get()) is not None:
@@ -230,18 +237,34 @@ class Manager:
         graph.add_call(f"{session_id}:prompt-{index}", "completion", segments, {}, {"completion": out.var_id}, {"completion": sampling})
         return out.var_id
 
+    def check_logprobs_reported(self) -> None:
+        """Refuses a request for log probabilities up front where an engine it could land on computes none."""
+        lacking = [e.name for e in self.engines if not e.reports_logprobs]
+        if lacking:
+            raise UserError(f"engine(s) {', '.join(lacking)} compute no logits, so this server does not report log "
+                            "probabilities: ask without logprobs, or serve the model on built-in engines only")
+
     async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
-        """The prompt's log probabilities (OpenAI's echo), from the engine running the fewest jobs;
-        the next one where an engine is lost meanwhile. Not a call of the DAG: nothing depends on it."""
-        engines = sorted(self.engines, key=lambda e: e.stats().running_jobs)
+        """The prompt's log probabilities (OpenAI's echo), from the engine with the fewest jobs and
+        scorings running (a list of prompts spreads over the engines); the next one where an
+        engine is lost meanwhile. Not a call of the DAG: nothing depends on it."""
+        engines = sorted((e for e in self.engines if e.reports_logprobs), key=lambda e: e.stats().running_jobs + self._scoring[e.name])
         if not engines:
-            raise EngineUnavailableError("no engine is registered to compute the prompt's log probabilities: start one")
-        for engine in engines[:-1]:
+            raise EngineUnavailableError("no engine that computes logits is registered to score the prompt: start one")
+        *others, last = engines
+        for engine in others:
             try:
-                return await engine.score_prompt(text, top)
+                return await self._score_on(engine, text, top)
             except EngineUnavailableError as exc:
                 log.warning("scoring a prompt lost engine %s; trying the next: %s", engine.name, exc)
-        return await engines[-1].score_prompt(text, top)
+        return await self._score_on(last, text, top)
+
+    async def _score_on(self, engine: EngineBackend, text: str, top: int) -> PromptLogprobs:
+        self._scoring[engine.name] += 1
+        try:
+            return await engine.score_prompt(text, top)
+        finally:
+            self._scoring[engine.name] -= 1
 
     def add_engine(self, engine: EngineBackend) -> None:
         self.executor.add_engine(engine)

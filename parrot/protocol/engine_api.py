@@ -48,29 +48,35 @@ class FreeBody(Strict):
     context_id: str = Id
 
 
-class TokenEvent(Strict):
-    token_id: int
-    text: str
-    finish_reason: str | None = None
-    # where the sampling asked for them: the token's log probability, and the most likely
-    # tokens' ids and log probabilities, most likely first
-    logprob: float | None = None
+class TokenLogprobsBody(Strict):
+    """A token's log probability, and the likeliest tokens' ids and log probabilities at its position, likeliest first."""
+
+    logprob: float
     top_ids: list[int] = Field(default_factory=list, max_length=MAX_LOGPROBS)
     top_logprobs: list[float] = Field(default_factory=list, max_length=MAX_LOGPROBS)
 
     @classmethod
+    def of(cls, logprobs: TokenLogprobs) -> "TokenLogprobsBody":
+        return cls(logprob=logprobs.logprob, top_ids=[t.token_id for t in logprobs.top], top_logprobs=[t.logprob for t in logprobs.top])
+
+    def value(self) -> TokenLogprobs:
+        return TokenLogprobs(self.logprob, tuple(TopLogprob(i, v) for i, v in zip(self.top_ids, self.top_logprobs, strict=True)))
+
+
+class TokenEvent(Strict):
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: TokenLogprobsBody | None = None  # where the sampling asked for them
+
+    @classmethod
     def of(cls, token: GeneratedToken) -> "TokenEvent":
-        reason = token.finish_reason.value if token.finish_reason else None
-        if token.logprobs is None:
-            return cls(token_id=token.token_id, text=token.text, finish_reason=reason)
-        top = token.logprobs.top
-        return cls(token_id=token.token_id, text=token.text, finish_reason=reason, logprob=token.logprobs.logprob,
-                   top_ids=[t.token_id for t in top], top_logprobs=[t.logprob for t in top])
+        return cls(token_id=token.token_id, text=token.text, finish_reason=token.finish_reason.value if token.finish_reason else None,
+                   logprobs=TokenLogprobsBody.of(token.logprobs) if token.logprobs is not None else None)
 
     def token(self) -> GeneratedToken:
-        logprobs = None if self.logprob is None else TokenLogprobs(
-            self.logprob, tuple(TopLogprob(i, v) for i, v in zip(self.top_ids, self.top_logprobs, strict=True)))
-        return GeneratedToken(self.token_id, self.text, FinishReason(self.finish_reason) if self.finish_reason else None, logprobs)
+        return GeneratedToken(self.token_id, self.text, FinishReason(self.finish_reason) if self.finish_reason else None,
+                              self.logprobs.value() if self.logprobs is not None else None)
 
 
 class ScoreBody(Strict):
@@ -79,25 +85,17 @@ class ScoreBody(Strict):
 
 
 class PromptLogprobsBody(Strict):
-    """A prompt's tokens; for each after the first, its log probability and the likeliest tokens' ids
-    and log probabilities at its position."""
+    """A prompt's tokens, and the log probabilities of each after the first."""
 
     token_ids: list[int]
-    logprobs: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
+    logprobs: list[TokenLogprobsBody]
 
     @classmethod
     def of(cls, scored: PromptLogprobs) -> "PromptLogprobsBody":
-        return cls(token_ids=scored.token_ids, logprobs=[t.logprob for t in scored.logprobs],
-                   top_ids=[[top.token_id for top in t.top] for t in scored.logprobs],
-                   top_logprobs=[[top.logprob for top in t.top] for t in scored.logprobs])
+        return cls(token_ids=scored.token_ids, logprobs=[TokenLogprobsBody.of(t) for t in scored.logprobs])
 
     def scored(self) -> PromptLogprobs:
-        return PromptLogprobs(self.token_ids, [
-            TokenLogprobs(logprob, tuple(TopLogprob(i, v) for i, v in zip(ids, values, strict=True)))
-            for logprob, ids, values in zip(self.logprobs, self.top_ids, self.top_logprobs, strict=True)
-        ])
+        return PromptLogprobs(self.token_ids, [t.value() for t in self.logprobs])
 
 
 class EngineStatsBody(Strict):

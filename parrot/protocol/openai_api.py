@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -85,8 +85,9 @@ class SamplingFields(Lenient):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(max_length=MAX_VALUE_CHARS)
-    # each generated token's log probability, with this many most likely alternatives (0: none)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # each generated token's log probability, with this many most likely alternatives (0: none);
+    # false, which clients send for none, is none
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | bool | None = None
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)  # 0: the prompt alone, with echo
 
     @model_validator(mode="after")
@@ -96,7 +97,7 @@ class CompletionRequest(SamplingFields):
         return self
 
     def wanted_logprobs(self) -> int | None:
-        return self.logprobs
+        return None if self.logprobs is None or self.logprobs is False else int(self.logprobs)
 
     def unsupported(self) -> list[str]:
         return [name for name in super().unsupported() if name != "echo"]  # the prompt back, and its logprobs

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from parrot.engine.outputs import PromptLogprobs
-
 from parrot.engine.tokenizer import Tokenizer
 from parrot.manager.graph import LoggedToken
 from parrot.protocol.openai_api import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs

@@ -109,6 +109,15 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         finally:
             manager.close_session(session, tenant)
 
+    async def scored_prompt(request: Request, tenant: str, prompt: str, top: int) -> list[LoggedToken]:
+        """The prompt's tokens with their log probabilities (echo), in a session of the tenant's
+        for the while (its limits hold), stopped when the client hangs up."""
+        session = manager.create_session(tenant)
+        try:
+            return prompt_tokens(await unless_client_gone(request, manager.score_prompt(prompt, top)))
+        finally:
+            manager.close_session(session, tenant)
+
     def check_supported(body: SamplingFields) -> None:
         check_model(body.model)
         asked = body.unsupported()
@@ -117,8 +126,10 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             raise UserError(f"this server does not implement {', '.join(asked)}: leave {them} out of the request "
                             f"(parrot-serve returns the sampled text, its log probabilities where asked, and its usage; "
                             f"docs/api.md lists what it takes)")
-        if body.wanted_logprobs() is not None and tokenizer is None:
-            raise UserError("this server has no tokenizer to name tokens with: ask without logprobs")
+        if body.wanted_logprobs() is not None:
+            if tokenizer is None:
+                raise UserError("this server has no tokenizer to name tokens with: ask without logprobs")
+            manager.check_logprobs_reported()
 
     def stream_prompt(tenant: str, prompt: str, sampling: SamplingParams, render, usage_event=None, lead: bytes | None = None) -> StreamingResponse:
         """render(delta, finish_reason, tokens) -> bytes of one SSE event, tokens: those logged since
@@ -138,12 +149,11 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             try:
                 if lead is not None:
                     yield lead
-                async for delta in manager.stream_variable(session, var_id, OPENAI_OBJECTIVE, tenant):
-                    if delta:
-                        # the tokens logged by now: a token whose text was held back goes with a later delta
-                        logged = len(var.token_logprobs)
-                        yield render(delta, None, var.token_logprobs[sent:logged])
-                        sent = logged
+                async for piece in manager.stream_published(session, var_id, OPENAI_OBJECTIVE, tenant):
+                    if piece.text:
+                        # the tokens whose text this piece completes: one whose text is held back goes with a later one
+                        yield render(piece.text, None, var.token_logprobs[sent : piece.logged_tokens])
+                        sent = max(sent, piece.logged_tokens)
                 yield render("", var.finish_reason or "stop", var.token_logprobs[sent:])
                 if usage_event is not None:
                     yield usage_event(var.num_tokens)
@@ -182,8 +192,11 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         wants_logprobs = body.wanted_logprobs() is not None
         # echo: the prompt comes back before the completion, with its own logprobs where asked
         echoed = [prompt if body.echo else "" for prompt in prompts]
-        echoed_tokens = ([prompt_tokens(s) for s in await asyncio.gather(*[manager.score_prompt(p, body.logprobs) for p in prompts])]
-                         if body.echo and wants_logprobs else [[] for _ in prompts])
+        try:
+            echoed_tokens = (await asyncio.gather(*[scored_prompt(request, tenant, p, body.wanted_logprobs()) for p in prompts])
+                             if body.echo and wants_logprobs else [[] for _ in prompts])
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
         def logprobs(tokens: list[LoggedToken], writer: LogprobsWriter | None = None) -> CompletionLogprobs | None:
             return (writer or LogprobsWriter(tokenizer)).completion(tokens) if wants_logprobs else None

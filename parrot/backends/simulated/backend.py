@@ -28,6 +28,8 @@ STATS_BLOCK_SIZE = 16  # BackendStats speaks in KV blocks; the built-in engine's
 
 
 class SimulatedEngineBackend(EngineBackend):
+    reports_logprobs = False  # it computes no logits
+
     def __init__(
         self, name: str = "sim-0", model: str = "simulated", cost: CostModel = CostModel(), *,
         kv_capacity_tokens: int | None = None, max_tokens_per_step: int = 512, max_seqs_per_step: int = 64,
