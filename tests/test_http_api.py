@@ -264,10 +264,10 @@ def test_openai_sdk_logprobs_of_completions_and_chats_streamed_or_not(server):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logprobs=21)
 
 
-def test_openai_sdk_echo_gives_the_prompt_back_with_its_logprobs_as_lm_eval_asks(server):
+def test_openai_sdk_echo_gives_the_prompt_back_with_its_logprobs_as_lm_eval_asks(server, tokenizer):
     """lm-eval's loglikelihood request (echo, logprobs, one token or none): the prompt's tokens come back
     with their log probabilities, the first without one, then the completion's."""
-    from openai import OpenAI, UnprocessableEntityError
+    from openai import BadRequestError, OpenAI, UnprocessableEntityError
 
     client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
     context, continuation = "The capital of France is", " Paris"
@@ -294,6 +294,16 @@ def test_openai_sdk_echo_gives_the_prompt_back_with_its_logprobs_as_lm_eval_asks
     assert plain.choices[0].logprobs is None
     with pytest.raises(UnprocessableEntityError, match="max_tokens 0 generates nothing: it takes echo: true"):
         client.completions.create(model=MODEL, prompt=context, max_tokens=0)
+
+    # token ids, as lm-eval sends by default: scored as given, the same numbers as the text's
+    ids = tokenizer.encode(context + continuation)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True).choices[0]
+    assert by_ids.text == scored.text and by_ids.logprobs.tokens == lp.tokens
+    assert by_ids.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-3)
+    both = client.completions.create(model=MODEL, prompt=[ids, ids[:3]], max_tokens=0, logprobs=0, echo=True)
+    assert [len(c.logprobs.tokens) for c in both.choices] == [len(ids), 3] and both.usage.prompt_tokens == len(ids) + 3
+    with pytest.raises(BadRequestError, match="token ids must be from 0 to"):
+        client.completions.create(model=MODEL, prompt=[ids[0], 10**9], max_tokens=1)
 
 
 def test_langchain_chat_openai_invoke(server):

@@ -79,10 +79,11 @@ class EngineBackend(ABC):
     @abstractmethod
     def stats(self) -> BackendStats: ...
 
-    async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
-        """The text's tokens and the log probability of each after the first, with the `top`
-        likeliest tokens at each position (OpenAI's echo with logprobs); computed apart from any
-        context. The default: an engine that computes no logits refuses."""
+    async def score_prompt(self, text: str, top: int, token_ids: list[int] | None = None) -> PromptLogprobs:
+        """The text's tokens (or the given token_ids, the text's tokens as the client cut it) and
+        the log probability of each after the first, with the `top` likeliest tokens at each
+        position (OpenAI's echo with logprobs); computed apart from any context. The default: an
+        engine that computes no logits refuses."""
         raise UserError(f"engine {self.name} does not report log probabilities of a prompt: ask without echo and logprobs, "
                         "or serve the model on the built-in engine")
 

@@ -25,8 +25,8 @@ class BuiltinEngineBackend(EngineBackend):
     async def free_context(self, context_id):
         self.engine.free_context(context_id)
 
-    async def score_prompt(self, text, top):
-        ids = self.engine.tokenizer.encode(text)
+    async def score_prompt(self, text, top, token_ids=None):
+        ids = list(token_ids) if token_ids is not None else self.engine.tokenizer.encode(text)
         return PromptLogprobs(ids, await self.engine.score(ids, top))
 
     def step_limits(self) -> StepLimits:

@@ -87,9 +87,9 @@ class HttpEngineBackend(EngineBackend):
                     return
         raise EngineUnavailableError(f"engine {self.name} ended the stream of {context_id} before it finished")
 
-    async def score_prompt(self, text, top):
+    async def score_prompt(self, text, top, token_ids=None):
         async with self._reachable("scoring a prompt"):
-            response = await self._http.post("/score", json=ScoreBody(text=text, top=top).model_dump())
+            response = await self._http.post("/score", json=ScoreBody(text=text, top=top, token_ids=token_ids).model_dump())
         self._check(response)
         return PromptLogprobsBody.model_validate(response.json()).scored()
 

@@ -51,8 +51,8 @@ class EngineReplica:
     async def free_context(self, context_id: str) -> None:
         await self.backend.free_context(context_id)
 
-    async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
-        return await self.backend.score_prompt(text, top)
+    async def score_prompt(self, text: str, top: int, token_ids: list[int] | None = None) -> PromptLogprobs:
+        return await self.backend.score_prompt(text, top, token_ids)
 
     async def stats(self) -> BackendStats:
         return self.backend.stats()
@@ -82,9 +82,9 @@ class RayEngineBackend(EngineBackend):
         async with self._reachable(f"free of {context_id}"):
             await self.actor.free_context.remote(context_id)
 
-    async def score_prompt(self, text, top):
+    async def score_prompt(self, text, top, token_ids=None):
         async with self._reachable("scoring a prompt"):
-            return await self.actor.score_prompt.remote(text, top)
+            return await self.actor.score_prompt.remote(text, top, token_ids)
 
     def stats(self) -> BackendStats:
         return self._stats

@@ -287,6 +287,8 @@ class LLMEngine:
         check_logprobs(top)
         if not token_ids:
             raise ContextError("there is nothing to score: the prompt has no tokens")
+        if any(not 0 <= t < self.model_config.vocab_size for t in token_ids):
+            raise ContextError(f"token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
         self._check_length(len(token_ids))
         self._check_fits_pool(len(token_ids))
         context_id = f"__score__{next(self._score_ids)}"

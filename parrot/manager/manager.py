@@ -244,7 +244,7 @@ class Manager:
             raise UserError(f"engine(s) {', '.join(lacking)} compute no logits, so this server does not report log "
                             "probabilities: ask without logprobs, or serve the model on built-in engines only")
 
-    async def score_prompt(self, text: str, top: int) -> PromptLogprobs:
+    async def score_prompt(self, text: str, top: int, token_ids: list[int] | None = None) -> PromptLogprobs:
         """The prompt's log probabilities (OpenAI's echo), from the engine with the fewest jobs and
         scorings running (a list of prompts spreads over the engines); the next one where an
         engine is lost meanwhile. Not a call of the DAG: nothing depends on it."""
@@ -254,15 +254,15 @@ class Manager:
         *others, last = engines
         for engine in others:
             try:
-                return await self._score_on(engine, text, top)
+                return await self._score_on(engine, text, top, token_ids)
             except EngineUnavailableError as exc:
                 log.warning("scoring a prompt lost engine %s; trying the next: %s", engine.name, exc)
-        return await self._score_on(last, text, top)
+        return await self._score_on(last, text, top, token_ids)
 
-    async def _score_on(self, engine: EngineBackend, text: str, top: int) -> PromptLogprobs:
+    async def _score_on(self, engine: EngineBackend, text: str, top: int, token_ids: list[int] | None) -> PromptLogprobs:
         self._scoring[engine.name] += 1
         try:
-            return await engine.score_prompt(text, top)
+            return await engine.score_prompt(text, top, token_ids)
         finally:
             self._scoring[engine.name] -= 1
 

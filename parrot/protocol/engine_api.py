@@ -82,6 +82,7 @@ class TokenEvent(Strict):
 class ScoreBody(Strict):
     text: str = Field(min_length=1, max_length=MAX_VALUE_CHARS)
     top: int = Field(0, ge=0, le=MAX_LOGPROBS)
+    token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_VALUE_CHARS)  # the text's tokens, as the client cut it
 
 
 class PromptLogprobsBody(Strict):

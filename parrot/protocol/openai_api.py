@@ -84,7 +84,8 @@ class SamplingFields(Lenient):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(max_length=MAX_VALUE_CHARS)
+    # text, a list of texts, or (vLLM's extension, what lm-eval sends by default) token ids or a list of them
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=MAX_VALUE_CHARS)
     # each generated token's log probability, with this many most likely alternatives (0: none);
     # false, which clients send for none, is none
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | bool | None = None
@@ -101,6 +102,12 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> list[str]:
         return [name for name in super().unsupported() if name != "echo"]  # the prompt back, and its logprobs
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class ChatMessageBody(Lenient):

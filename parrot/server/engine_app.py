@@ -58,7 +58,7 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
 
     @app.post("/score", response_model=PromptLogprobsBody, dependencies=engine_only)
     async def score(body: ScoreBody):
-        return PromptLogprobsBody.of(await backend.score_prompt(body.text, body.top))
+        return PromptLogprobsBody.of(await backend.score_prompt(body.text, body.top, body.token_ids))
 
     @app.post("/generate", dependencies=engine_only)
     async def generate(body: GenerateBody):

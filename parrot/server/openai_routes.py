@@ -109,12 +109,19 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         finally:
             manager.close_session(session, tenant)
 
-    async def scored_prompt(request: Request, tenant: str, prompt: str, top: int) -> list[LoggedToken]:
+    def text_of_ids(token_ids: list[int]) -> str:
+        if tokenizer is None:
+            raise UserError("this server has no tokenizer to read token ids with: send the prompt as text")
+        if any(not 0 <= t < tokenizer.vocab_size for t in token_ids):
+            raise UserError(f"a prompt's token ids must be from 0 to {tokenizer.vocab_size - 1}, this model's vocabulary")
+        return tokenizer.decode(token_ids)
+
+    async def scored_prompt(request: Request, tenant: str, prompt: str, top: int, token_ids: list[int] | None) -> list[LoggedToken]:
         """The prompt's tokens with their log probabilities (echo), in a session of the tenant's
         for the while (its limits hold), stopped when the client hangs up."""
         session = manager.create_session(tenant)
         try:
-            return prompt_tokens(await unless_client_gone(request, manager.score_prompt(prompt, top)))
+            return prompt_tokens(await unless_client_gone(request, manager.score_prompt(prompt, top, token_ids)))
         finally:
             manager.close_session(session, tenant)
 
@@ -178,14 +185,17 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, tenant: str = Tenant):
         check_supported(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or not all(prompts):
-            raise UserError("prompt must not be empty (nor hold an empty string)")
-        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
-            raise UserError(f"a completion takes at most {MAX_PROMPTS_PER_REQUEST} prompts, not {len(prompts)}: split the list")
-        if body.stream and len(prompts) > 1:
-            raise UserError(f"a streamed completion takes one prompt, not a list of {len(prompts)}: send one request per prompt")
-        counts = [count(prompt) for prompt in prompts]
+        given = body.prompt_list()
+        if not given or not all(given):
+            raise UserError("prompt must not be empty (nor hold an empty string or list of token ids)")
+        if len(given) > MAX_PROMPTS_PER_REQUEST:
+            raise UserError(f"a completion takes at most {MAX_PROMPTS_PER_REQUEST} prompts, not {len(given)}: split the list")
+        if body.stream and len(given) > 1:
+            raise UserError(f"a streamed completion takes one prompt, not a list of {len(given)}: send one request per prompt")
+        # token ids are generated from as their text (the manager's calls are text), and scored as given
+        ids_given = [p if isinstance(p, list) else None for p in given]
+        prompts = [p if isinstance(p, str) else text_of_ids(p) for p in given]
+        counts = [len(ids) if ids else count(prompt) for ids, prompt in zip(ids_given, prompts)]
         generates = body.max_tokens != 0  # 0: the prompt alone, with echo
         samplings = [within_context(n, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for n in counts] if generates else []
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -193,7 +203,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         # echo: the prompt comes back before the completion, with its own logprobs where asked
         echoed = [prompt if body.echo else "" for prompt in prompts]
         try:
-            echoed_tokens = (await asyncio.gather(*[scored_prompt(request, tenant, p, body.wanted_logprobs()) for p in prompts])
+            echoed_tokens = (await asyncio.gather(*[scored_prompt(request, tenant, p, body.wanted_logprobs(), ids)
+                                                    for p, ids in zip(prompts, ids_given)])
                              if body.echo and wants_logprobs else [[] for _ in prompts])
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
