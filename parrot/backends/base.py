@@ -84,8 +84,17 @@ class EngineBackend(ABC):
         the log probability of each after the first, with the `top` likeliest tokens at each
         position (OpenAI's echo with logprobs); computed apart from any context. The default: an
         engine that computes no logits refuses."""
-        raise UserError(f"engine {self.name} does not report log probabilities of a prompt: ask without echo and logprobs, "
-                        "or serve the model on the built-in engine")
+        raise self._no_logprobs()
+
+    def refuse_logprobs(self, sampling: SamplingParams) -> None:
+        """For a generate of a backend that computes no logits: a request for log probabilities
+        fails with a message instead of an answer without them."""
+        if sampling.logprobs is not None and not self.reports_logprobs:
+            raise self._no_logprobs()
+
+    def _no_logprobs(self) -> UserError:
+        return UserError(f"engine {self.name} computes no logits, so it does not report log probabilities: ask without "
+                         "logprobs (and echo), or serve the model on the built-in engine")
 
     def step_limits(self) -> StepLimits:
         """The step budget, as `stats` reports it; backends whose `stats` costs more than a
@@ -96,14 +105,6 @@ class EngineBackend(ABC):
 
     async def close(self) -> None:
         """Releases what the backend holds; the default holds nothing."""
-
-
-def refuse_logprobs(sampling: SamplingParams, engine: str, kind: str) -> None:
-    """For backends whose engines report no log probabilities: a request for them fails with a
-    message instead of an answer without them."""
-    if sampling.logprobs is not None:
-        raise UserError(f"engine {engine} ({kind}) does not report log probabilities: ask without logprobs, "
-                        "or serve the model on the built-in engine")
 
 
 @asynccontextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from parrot.backends.base import BackendStats, EngineBackend, refuse_logprobs
+from parrot.backends.base import BackendStats, EngineBackend
 from parrot.backends.http_engine import engine_link
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
 from parrot.errors import ContextError, UserError
@@ -38,7 +38,7 @@ class OpenAICompatibleBackend(EngineBackend):
     async def generate(self, context_id, sampling, priority):
         if context_id not in self._contexts:
             raise ContextError(f"unknown context {context_id!r}")
-        refuse_logprobs(sampling, self.name, "an OpenAI-compatible server")
+        self.refuse_logprobs(sampling)
         body = {
             "model": self.model, "prompt": self._contexts[context_id], "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "stream": True,

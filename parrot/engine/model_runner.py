@@ -119,10 +119,8 @@ class ModelRunner:
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs])
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
-        if not asking:
-            return StepResult(sampled, static_plan is not None, scores=scores)
         reported = token_logprobs(logits[asking], [next_tokens[row] for row in asking],
-                                  [sampling_jobs[row].sampling.logprobs for row in asking])
+                                  [sampling_jobs[row].sampling.logprobs for row in asking]) if asking else []
         return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
 
 

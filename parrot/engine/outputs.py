@@ -19,8 +19,8 @@ class TopLogprob:
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """A generated token's log probability and the most likely tokens' at its position, most
-    likely first (as many as the sampling's `logprobs` asked for)."""
+    """A token's log probability and the most likely tokens' at its position, most likely first
+    (as many as were asked for: a sampling's `logprobs`, a scored prompt's `top`)."""
 
     logprob: float
     top: tuple[TopLogprob, ...] = ()

@@ -101,8 +101,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[i
     token, as vLLM and OpenAI report it) and the `alternatives[row]` most likely tokens'."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
-    most = max(alternatives, default=0)
-    top_values, top_ids = (torch.topk(logprobs, most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0]))
+    top_values, top_ids = torch.topk(logprobs, max(alternatives, default=0), dim=-1)  # [B, most]; most may be 0
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
     return [
         TokenLogprobs(chosen[row], tuple(TopLogprob(int(i), v) for i, v in zip(top_ids[row][:n], top_values[row][:n])))

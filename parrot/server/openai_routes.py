@@ -199,11 +199,12 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         generates = body.max_tokens != 0  # 0: the prompt alone, with echo
         samplings = [within_context(n, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for n in counts] if generates else []
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        wants_logprobs = body.wanted_logprobs() is not None
+        top = body.wanted_logprobs()
+        wants_logprobs = top is not None
         # echo: the prompt comes back before the completion, with its own logprobs where asked
         echoed = [prompt if body.echo else "" for prompt in prompts]
         try:
-            echoed_tokens = (await asyncio.gather(*[scored_prompt(request, tenant, p, body.wanted_logprobs(), ids)
+            echoed_tokens = (await asyncio.gather(*[scored_prompt(request, tenant, p, top, ids)
                                                     for p, ids in zip(prompts, ids_given)])
                              if body.echo and wants_logprobs else [[] for _ in prompts])
         except ClientGone:

@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import replace
 
-from parrot.backends.base import BackendStats, EngineBackend, StepLimits, refuse_logprobs
+from parrot.backends.base import BackendStats, EngineBackend, StepLimits
 from parrot.backends.simulated.cost import CostModel
 from parrot.backends.simulated.engine import SimEngine, SimulatedStats
 from parrot.backends.simulated.presets import EngineProfile, parse_engine_spec
@@ -97,7 +97,7 @@ class SimulatedEngineBackend(EngineBackend):
                     self._active -= 1
 
     async def generate(self, context_id, sampling, priority):
-        refuse_logprobs(sampling, self.name, "simulated: it computes no logits")
+        self.refuse_logprobs(sampling)
         ctx = self.tree.get(context_id)
         self._active += 1
         job = None
