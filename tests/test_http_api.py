@@ -306,6 +306,53 @@ def test_openai_sdk_echo_gives_the_prompt_back_with_its_logprobs_as_lm_eval_asks
         client.completions.create(model=MODEL, prompt=[ids[0], 10**9], max_tokens=1)
 
 
+def test_openai_sdk_n_choices_of_completions_and_chats_streamed_or_not(server):
+    """n choices of a prompt, as vLLM gives them: seeded choice j samples with seed + j; greedy
+    ones are all the greedy answer; streams interleave the choices by index."""
+    from openai import BadRequestError, OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    prompt = "Once upon a time"  # under one KV block: every request computes it alike
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+    same = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in same.choices] == [0, 1, 2] and [c.text for c in same.choices] == [greedy] * 3
+
+    hot = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.5, extra_body={"ignore_eos": True})
+    many = client.completions.create(n=4, seed=11, **hot)
+    texts = [c.text for c in many.choices]
+    assert len(set(texts)) > 1  # each choice samples with a seed of its own
+    assert texts[0] == client.completions.create(seed=11, **hot).choices[0].text
+    assert texts[1] == client.completions.create(seed=12, **hot).choices[0].text
+    single = client.completions.create(seed=11, **hot)
+    assert many.usage.completion_tokens == 32 and many.usage.prompt_tokens == single.usage.prompt_tokens
+
+    # a list of prompts, n each, streamed: choice i is prompt i // n's
+    streamed = list(client.completions.create(model=MODEL, prompt=[prompt, "The capital of France is"], max_tokens=5,
+                                              temperature=0, n=2, stream=True, stream_options={"include_usage": True}))
+    whole = client.completions.create(model=MODEL, prompt=[prompt, "The capital of France is"], max_tokens=5, temperature=0, n=2)
+    by_index = {i: "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) for i in range(4)}
+    assert by_index == {c.index: c.text for c in whole.choices}
+    assert by_index[0] == by_index[1] and by_index[2] == by_index[3] and by_index[0] != by_index[2]
+    assert streamed[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert streamed[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert sum(1 for c in streamed if c.choices and c.choices[0].finish_reason) == 4
+
+    messages = [{"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, n=2, logprobs=True)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+    assert len(chat.choices[1].logprobs.content) == chat.usage.completion_tokens // 2
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, n=2, stream=True))
+    for choice in chat.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant" and all(c.delta.role is None for c in mine[1:])
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+
+    with pytest.raises(UnprocessableEntityError, match="less than or equal to 64"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, n=65)
+    with pytest.raises(BadRequestError, match="at most 64 choices .prompts times n., not 2 x 40: split the request"):
+        client.completions.create(model=MODEL, prompt=[prompt, prompt], max_tokens=2, n=40)
+
+
 def test_langchain_chat_openai_invoke(server):
     from langchain_openai import ChatOpenAI
 

@@ -246,3 +246,39 @@ def test_a_cached_prompt_is_scored_in_full_and_leaves_the_cache_as_it_was(cachin
     assert [round(s.logprob, 4) for s in scored] == [round(s.logprob, 4) for s in run(engine.score(ids, top=2))]
     assert caching_engine.stats().cached_blocks == cached_before
     caching_engine.check_integrity()
+
+
+def test_choices_of_one_prompt_prefill_it_once_and_fork_from_it(caching_engine, engine):
+    """n choices of one OpenAI prompt are calls that say they share it: the engine computes the
+    prompt's whole blocks once, where four identical prompts arriving together would each be
+    computed, and the choices come out as without sharing."""
+    from parrot.manager.manager import Manager
+
+    prompt = SYSTEM * 2 + QUESTIONS[2] + "\nAnswer:"
+    prompt_tokens = len(caching_engine.tokenizer.encode(prompt))
+    choices, max_tokens = 4, 6
+
+    async def ask(backend: BuiltinEngineBackend, shared: bool) -> list[str]:
+        manager = Manager([backend])
+        session = manager.create_session()
+        var_ids = [manager.submit_prompt(session, prompt, greedy(max_tokens, ignore_eos=True), prompt_shared=shared)
+                   for _ in range(choices)]
+        try:
+            return await asyncio.gather(*(manager.get_variable(session, v, None) for v in var_ids))
+        finally:
+            manager.close_session(session)
+
+    computed = {}
+    for shared in (True, False):
+        caching_engine.clear_prefix_cache()
+        before = caching_engine.stats().tokens_processed
+        texts = run(ask(BuiltinEngineBackend(caching_engine), shared))
+        computed[shared] = caching_engine.stats().tokens_processed - before
+        assert texts == run(ask(BuiltinEngineBackend(engine), False))
+        assert len(set(texts)) == 1 and texts[0].strip()
+        assert caching_engine.stats().num_contexts == 0
+        caching_engine.check_integrity()
+    block = caching_engine.config.block_size
+    # shared: the prompt once, then each choice its last part-block and its tokens
+    assert computed[True] <= prompt_tokens + choices * (block + max_tokens)
+    assert computed[False] >= choices * (prompt_tokens // block) * block

@@ -280,10 +280,12 @@ class Executor:
                     continue
                 streamed = output.text_so_far
                 if pending_text:
-                    # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other calls
-                    prefix_chars = len(static_prefix(call))
-                    wanted = (self.policy.shares_static_prefixes and not created and prefix_chars < len(pending_text) - len(streamed)
-                              and prefix_chars >= MIN_SHARED_PREFIX_CHARS)
+                    # a prompt without inputs (a raw OpenAI prompt) has no constant part shared by other
+                    # calls, unless other calls have the same prompt; what an output streamed is its own
+                    prompt_chars = len(pending_text) - len(streamed)
+                    prefix_chars = prompt_chars if call.prompt_shared else len(static_prefix(call))
+                    wanted = (self.policy.shares_static_prefixes and not created and prefix_chars >= MIN_SHARED_PREFIX_CHARS
+                              and (call.prompt_shared or prefix_chars < prompt_chars))
                     shared = prefix_chars if wanted else 0
                     filling = True  # a fill cut short by a cancel may have created the context: free it then
                     # the output's generate comes next: an engine may compute the prompt in its steps

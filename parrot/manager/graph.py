@@ -106,6 +106,9 @@ class Call:
     app_order: int = 0  # when the program first asked for it (calls asked for together share it): App-FIFO
     engine: str | None = None
     error: BaseException | None = None
+    # its whole prompt is other calls' prompt too (n choices of one OpenAI prompt): the engine
+    # prefills it once as a prefix and forks each call from it
+    prompt_shared: bool = False
 
     @property
     def input_vars(self) -> list[Variable]:

@@ -227,14 +227,18 @@ class Manager:
             finally:
                 var.listeners.remove(queue)
 
-    def submit_prompt(self, session_id: str, prompt: str, sampling: SamplingParams, tenant: str = "local") -> str:
-        """A one-call app from raw prompt text (the OpenAI API): returns the output variable's id."""
+    def submit_prompt(self, session_id: str, prompt: str, sampling: SamplingParams, tenant: str = "local",
+                      prompt_shared: bool = False) -> str:
+        """A call from raw prompt text (the OpenAI API): returns the output variable's id.
+        prompt_shared: other calls of the session have the same prompt (n choices of it), so it is
+        prefilled once and each call forks from it."""
         graph = self.session(session_id, tenant).graph
         self._check_room(graph, calls=1, variables=1)
         index = len(graph.calls)
         out = graph.add_variable(f"completion-{index}", "completion")
         segments = [TextSegment(prompt), Placeholder("completion", PlaceholderKind.OUTPUT, len(prompt))]
-        graph.add_call(f"{session_id}:prompt-{index}", "completion", segments, {}, {"completion": out.var_id}, {"completion": sampling})
+        call = graph.add_call(f"{session_id}:prompt-{index}", "completion", segments, {}, {"completion": out.var_id}, {"completion": sampling})
+        call.prompt_shared = prompt_shared
         return out.var_id
 
     def check_logprobs_reported(self) -> None:

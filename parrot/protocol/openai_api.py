@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from parrot.engine.sampler import MAX_LOGPROBS, MAX_TOKENS_LIMIT, SamplingParams
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
 
+# choices in one answer: prompts (a completion may take a list) times n
+MAX_CHOICES_PER_REQUEST = 64
+
 
 class Lenient(BaseModel):
     # fields no server acts on (user, metadata, store, ...) and other servers' extensions are
@@ -26,7 +29,7 @@ class SamplingFields(Lenient):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0 keep every token
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES_PER_REQUEST)  # choices per prompt, sampled apart from one prefill
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -62,6 +65,10 @@ class SamplingFields(Lenient):
     def wanted_logprobs(self) -> int | None:
         """How many alternatives each generated token's log probability comes with; None: no log probabilities."""
         return None
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
