@@ -93,6 +93,11 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="divides the logits of tokens already in the prompt or output (default: 1, none; 1.1-1.3 curbs loops)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from each token the output holds (-2 to 2)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="subtracted per time the output holds a token (-2 to 2)")
 
 
 def _make_engine(args):
@@ -112,7 +117,8 @@ def _sampling(args):
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop),
+        seed=args.seed, stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
     )
 
 
@@ -179,6 +185,8 @@ def cmd_bench(args) -> None:
     from parrot.bench.multi_agent import MULTI_AGENT_WORKLOADS
     from parrot.bench.multi_agent import PAPER_SIZES as MULTI_AGENT_PAPER_SIZES
     from parrot.bench.multi_agent_harness import run_multi_agent_bench
+    from parrot.bench.parallel_sampling import PARALLEL_SAMPLING_WORKLOADS
+    from parrot.bench.parallel_sampling_harness import run_parallel_sampling_bench
     from parrot.bench.sharing import PAPER_SIZES as SHARING_PAPER_SIZES
     from parrot.bench.sharing import SHARING_WORKLOADS
     from parrot.bench.sharing_harness import run_sharing_bench
@@ -191,7 +199,7 @@ def cmd_bench(args) -> None:
     # a terminated benchmark still stops the servers it started (its finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     use_engine_flags(bench_engine_flags(args), trace_steps=args.step_trace)
-    own_servers = {**dict.fromkeys(SHARING_WORKLOADS, "one built-in engine per system"),
+    own_servers = {**dict.fromkeys([*SHARING_WORKLOADS, *PARALLEL_SAMPLING_WORKLOADS], "one built-in engine per system"),
                    **{name: f"{c.engines} {'built-in' if c.engine == 'builtin' else 'simulated ' + c.engine} engine"
                             f"{'' if c.engines == 1 else 's'} per policy"
                       for name, (c, _) in {**MIXED_WORKLOADS, **MULTI_AGENT_WORKLOADS}.items()},
@@ -232,6 +240,9 @@ def cmd_bench(args) -> None:
             raise UserError(f"{flag} must be at least 1, not {value}")
     if args.workload in SOAK_WORKLOADS:
         run_soak_bench(args.workload, args.quick, Path(args.out), args.model, Console())
+        return
+    if args.workload in PARALLEL_SAMPLING_WORKLOADS:
+        run_parallel_sampling_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console())
         return
     if args.workload in SHARING_WORKLOADS:
         run_sharing_bench(args.workload, args.quick, Path(args.out), args.model, args.peers, Console(), paper_scale=args.paper_scale)
@@ -313,14 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run one of the paper's workloads on Parrot and its baselines, in one run")
     bench.add_argument("workload", choices=["chain-summary", "chain-summary-bg", "multi-chain", "map-reduce", "shared-prompt", "gpts", "mixed", "mixed-one-engine", "mixed-sim",
-                                            "multi-agent", "multi-agent-sim", "soak"],
+                                            "multi-agent", "multi-agent-sim", "soak", "parallel-sampling"],
                        help="app workloads (chain-summary, chain-summary-bg, multi-chain, map-reduce) compare parrot with request-level "
                             "serving; prefix-sharing workloads (shared-prompt, gpts) compare parrot, parrot without sharing and "
                             "prefix caching alone, each on its own server; mixed (chats beside map-reduce jobs; mixed-one-engine: 128 map calls "
                             "at once on one engine; mixed-sim: the same at the paper's scale on simulated A100 engines) compares the "
                             "scheduling policies parrot, latency-centric and throughput-centric; so does multi-agent (the "
                             "snake-game coding team; multi-agent-sim: the paper's prompt lengths on a simulated A100); soak runs many clients' mixed apps for minutes on two engines and "
-                            "reports errors, latency and what the server holds before and after (nothing may leak)")
+                            "reports errors, latency and what the server holds before and after (nothing may leak); parallel-sampling "
+                            "times n choices of one long prompt as one request with n (prefilled once, forked) against n requests "
+                            "of one choice sent at once (and vLLM's n with --peers)")
     bench.add_argument("--quick", action="store_true", help="a small size for smoke tests (well under a minute)")
     bench.add_argument("--paper-scale", action="store_true",
                        help="the paper's sizes for the app workloads (chunks of 1024 tokens, 50 output tokens; chain-summary "

@@ -96,6 +96,7 @@ def test_a_baseline_policy_adds_a_request_level_baseline_on_a_server_of_its_own(
 def test_the_command_line_offers_every_workload_and_only_those():
     from parrot.bench.mixed import MIXED_WORKLOADS
     from parrot.bench.multi_agent import MULTI_AGENT_WORKLOADS
+    from parrot.bench.parallel_sampling import PARALLEL_SAMPLING_WORKLOADS
     from parrot.bench.sharing import SHARING_WORKLOADS
     from parrot.bench.soak import SOAK_WORKLOADS
     from parrot.cli import build_parser
@@ -103,7 +104,8 @@ def test_the_command_line_offers_every_workload_and_only_those():
     bench = build_parser()._subparsers._group_actions[0].choices["bench"]
     offered = next(a.choices for a in bench._actions if a.dest == "workload")
     # the parser keeps its own list so that `parrot --help` does not import the benchmarks
-    assert set(offered) == {*WORKLOADS, *MIXED_WORKLOADS, *MULTI_AGENT_WORKLOADS, *SHARING_WORKLOADS, *SOAK_WORKLOADS}
+    assert set(offered) == {*WORKLOADS, *MIXED_WORKLOADS, *MULTI_AGENT_WORKLOADS, *SHARING_WORKLOADS, *SOAK_WORKLOADS,
+                            *PARALLEL_SAMPLING_WORKLOADS}
 
 
 def test_bench_hands_its_engine_precision_to_every_server():

@@ -142,6 +142,28 @@ def test_logprobs_are_transformers_log_softmax_of_each_generated_position(engine
     assert all(t.logprobs is None for t in plain)
 
 
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.8), dict(presence_penalty=1.5, frequency_penalty=0.7)])
+def test_penalized_greedy_decoding_is_transformers_argmax_after_the_same_penalties(engine, reference_logits, penalties):
+    """Each step's token is the argmax of transformers' logits at that position after the penalties
+    (CTRL's repetition penalty over the prompt and output; OpenAI's presence and frequency penalties
+    over the output), and they change what greedy decoding gives on a prompt that invites repeats."""
+    ids = engine.tokenizer.encode("one two three one two three one two three one two three")
+    tokens = token_ids(run(fill_and_generate(engine, "penalized", ids, greedy(12, ignore_eos=True, **penalties))))
+    sampling = SamplingParams(**penalties)
+    expected: list[int] = []
+    for _ in range(12):
+        logits = reference_logits(ids + expected)[-1].clone()  # [V]
+        seen = set(ids) | set(expected)
+        for token in seen:
+            value = logits[token]
+            logits[token] = value / sampling.repetition_penalty if value > 0 else value * sampling.repetition_penalty
+        for token in set(expected):
+            logits[token] -= sampling.frequency_penalty * expected.count(token) + sampling.presence_penalty
+        expected.append(int(torch.argmax(logits)))
+    assert tokens == expected
+    assert tokens != token_ids(run(fill_and_generate(engine, "plain", ids, greedy(12, ignore_eos=True))))
+
+
 def test_score_gives_each_prompt_tokens_log_probability_as_transformers_does(engine, reference_logits):
     """A prompt's log probabilities (OpenAI's echo): the same as transformers' for every token after
     the first, whether the prompt fits one step or is computed in chunks beside a generate."""

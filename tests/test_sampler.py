@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from parrot.engine.sampler import (
     SamplingParams,
     StopChecker,
+    TokenHistory,
+    apply_penalties,
     apply_top_k,
     apply_top_p,
     sample_batch,
@@ -250,3 +252,44 @@ def test_token_logprobs_normalise_each_row_and_rank_its_alternatives():
     assert rows[0].logprob == pytest.approx(expected[0, 1].item())
     assert [(t.token_id, round(t.logprob, 5)) for t in rows[0].top] == [(0, round(expected[0, 0].item(), 5)), (2, round(expected[0, 2].item(), 5))]
     assert rows[1].logprob == pytest.approx(expected[1, 2].item()) and rows[1].top == ()
+
+
+def test_penalties_are_checked_and_default_to_none():
+    assert not SamplingParams().penalizes
+    assert SamplingParams(presence_penalty=-0.5).penalizes and SamplingParams(repetition_penalty=1.2).penalizes
+    with pytest.raises(SamplingError, match="frequency_penalty must be from -2 to 2"):
+        SamplingParams(frequency_penalty=2.5)
+    with pytest.raises(SamplingError, match="presence_penalty must be from -2 to 2"):
+        SamplingParams(presence_penalty=-3)
+    with pytest.raises(SamplingError, match="repetition_penalty must be above 0"):
+        SamplingParams(repetition_penalty=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    logits=st.lists(st.floats(-20, 20, allow_nan=False), min_size=8, max_size=8),
+    prompt=st.lists(st.integers(0, 7), max_size=6),
+    output=st.lists(st.integers(0, 7), max_size=10),
+    presence=st.floats(-2, 2), frequency=st.floats(-2, 2), repetition=st.floats(0.5, 3),
+)
+def test_penalties_move_only_the_tokens_seen_and_by_the_rules(logits, prompt, output, presence, frequency, repetition):
+    params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition)
+    before = torch.tensor(logits)
+    after = apply_penalties(before, TokenHistory(prompt, output), params)
+    for token in range(8):
+        value = logits[token]
+        if token in prompt or token in output:  # CTRL: divided where positive, multiplied where negative
+            value = value / repetition if value > 0 else value * repetition
+        count = output.count(token)
+        value -= frequency * count + (presence if count else 0.0)
+        assert after[token].item() == pytest.approx(value, rel=1e-5, abs=1e-4)
+    assert torch.equal(before, torch.tensor(logits))  # the batch's logits are left as they were
+
+
+def test_a_penalized_greedy_row_takes_the_best_token_after_its_penalties():
+    logits = torch.tensor([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0]])
+    plain = SamplingParams()
+    penalized = SamplingParams(frequency_penalty=1.5)
+    history = TokenHistory(prompt_ids=[2], output_ids=[0])  # token 0 once in the output: 5 - 1.5 < 4
+    assert sample_batch(logits, [plain, penalized], [None, None], [None, history]) == [0, 1]
+    assert sample_batch(logits, [SamplingParams(repetition_penalty=2.0)], [None], [TokenHistory([0], [])]) == [1]  # 2.5 < 4

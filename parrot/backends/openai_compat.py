@@ -49,6 +49,13 @@ class OpenAICompatibleBackend(EngineBackend):
             body["seed"] = sampling.seed
         if sampling.ignore_eos:
             body["ignore_eos"] = True  # vLLM's extension; other servers ignore it
+        # sent only where asked: a server that knows no penalties still takes the plain request
+        if sampling.presence_penalty:
+            body["presence_penalty"] = sampling.presence_penalty
+        if sampling.frequency_penalty:
+            body["frequency_penalty"] = sampling.frequency_penalty
+        if sampling.repetition_penalty != 1.0:
+            body["repetition_penalty"] = sampling.repetition_penalty  # vLLM's extension
         self._running += 1
         index = 0
         try:

@@ -12,8 +12,8 @@ from parrot.engine.config import ModelConfig
 from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.outputs import TokenLogprobs
-from parrot.engine.sampler import sample_batch, token_logprobs
-from parrot.engine.scheduler import JobKind, ScheduledChunk, StepPlan
+from parrot.engine.sampler import TokenHistory, sample_batch, token_logprobs
+from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
 if TYPE_CHECKING:
     from parrot.engine.cuda_graphs import DecodeGraphs
@@ -116,12 +116,19 @@ class ModelRunner:
         logits = logits[: len(sampling_jobs)]
         if not sampling_jobs:
             return StepResult({}, static_plan is not None, scores=scores)
-        next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs])
+        histories = [_history(j) if j.sampling.penalizes else None for j in sampling_jobs]
+        next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs], histories)
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
         reported = token_logprobs(logits[asking], [next_tokens[row] for row in asking],
                                   [sampling_jobs[row].sampling.logprobs for row in asking]) if asking else []
         return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
+
+
+def _history(job: Job) -> TokenHistory:
+    """The job's context split into its prompt and the tokens its generate has sampled so far."""
+    ids = job.ctx.token_ids
+    return TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :])
 
 
 def _next_token_positions(chunk: ScheduledChunk) -> range:

@@ -11,6 +11,8 @@ from parrot.errors import SamplingError
 
 MAX_TOKENS_LIMIT = 32768  # tokens one call may ask for; the model's context may allow fewer
 MAX_LOGPROBS = 20  # most likely alternatives reported per generated token (OpenAI's top_logprobs limit)
+MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
+MAX_REPETITION_PENALTY = 10.0
 
 
 def check_logprobs(alternatives: int) -> None:
@@ -31,6 +33,13 @@ class SamplingParams:
     # None: no log probabilities; n >= 0: each generated token's, and those of the n most likely
     # tokens at its position
     logprobs: int | None = None
+    # OpenAI's: subtracted from the logit of every token the output holds, once (presence) or
+    # once per time it holds it (frequency); negative values favour repeats
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # CTRL's (vLLM's and transformers' repetition_penalty): the logit of every token in the prompt
+    # or the output is divided by it where positive, multiplied where negative; 1 changes nothing
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
@@ -45,6 +54,12 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None:
             check_logprobs(self.logprobs)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise SamplingError(f"{name} must be from -{MAX_PENALTY:g} to {MAX_PENALTY:g} (0 disables it), got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise SamplingError(f"repetition_penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g} (1 disables it), "
+                                f"got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -53,6 +68,32 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class TokenHistory:
+    """What a sequence holds before its next token: the penalties' input."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+def apply_penalties(logits: torch.Tensor, history: TokenHistory, params: SamplingParams) -> torch.Tensor:
+    """logits: [V] float32 of one sequence -> the same with its sampling's penalties applied."""
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(history.prompt_ids) | set(history.output_ids)), dtype=torch.int64, device=logits.device)
+        values = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if history.output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(history.output_ids, dtype=torch.int64, device=logits.device), minlength=vocab)[:vocab]
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return logits
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,14 +126,23 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [B, V] -> one token per row; greedy rows share one argmax."""
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 histories: list[TokenHistory | None] | None = None) -> list[int]:
+    """logits: [B, V] -> one token per row; greedy rows without penalties share one argmax.
+    histories: each row's tokens so far, given for the rows whose sampling penalizes."""
     greedy_ids = torch.argmax(logits, dim=-1).tolist()
-    return [
+    histories = histories or [None] * len(params)
+
+    def one(row: int, p: SamplingParams, g: torch.Generator | None, history: TokenHistory | None) -> int:
+        if history is None and p.greedy:
+            return greedy_ids[row]
         # a seeded generator lives on the CPU: its row goes there (one row, not the batch's logits)
-        greedy_ids[row] if p.greedy else sample_token(logits[row] if g is None else logits[row].to(g.device), p, g)
-        for row, (p, g) in enumerate(zip(params, generators))
-    ]
+        row_logits = logits[row] if g is None else logits[row].to(g.device)
+        if history is not None:
+            row_logits = apply_penalties(row_logits.float(), history, p)
+        return int(torch.argmax(row_logits)) if p.greedy else sample_token(row_logits, p, g)
+
+    return [one(row, p, g, h) for row, (p, g, h) in enumerate(zip(params, generators, histories))]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprobs]:

@@ -26,7 +26,8 @@ class Input:
 @dataclass(frozen=True)
 class Output(SamplingParams):
     """Annotation of a parameter the model generates: its sampling settings
-    (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos), checked at once."""
+    (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, presence_penalty,
+    frequency_penalty, repetition_penalty), checked at once."""
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})

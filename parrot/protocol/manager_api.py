@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parrot.engine.sampler import MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.sampler import MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams
 from parrot.frontend.template import MAX_TEMPLATE_CHARS
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
 
@@ -26,18 +26,23 @@ class SamplingBody(Strict):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+            seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
         )
 
     @classmethod
     def of(cls, params: SamplingParams) -> "SamplingBody":
         return cls(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            seed=params.seed, stop=list(params.stop), ignore_eos=params.ignore_eos,
+            seed=params.seed, stop=list(params.stop), ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
         )
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parrot.engine.sampler import MAX_LOGPROBS, MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.sampler import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
 
 # choices in one answer: prompts (a completion may take a list) times n
@@ -35,14 +35,15 @@ class SamplingFields(Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # vLLM's extension
     # OpenAI fields this server does not implement: taken at their neutral values (clients send
     # those), refused otherwise (`unsupported`), since an answer that ignored them would be wrong
     # without saying so
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: dict | None = None
     tools: list | None = None
@@ -60,6 +61,9 @@ class SamplingFields(Lenient):
             stop=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
             logprobs=self.wanted_logprobs(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
         )
 
     def wanted_logprobs(self) -> int | None:
@@ -80,8 +84,6 @@ class SamplingFields(Lenient):
             "echo": bool(self.echo),
             "best_of": self.best_of not in (None, 1),
             "suffix": bool(self.suffix),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
-            "presence_penalty": self.presence_penalty not in (None, 0),
             "logit_bias": bool(self.logit_bias),
             "response_format": self.response_format is not None and self.response_format.get("type", "text") != "text",
             "tools": bool(self.tools) or bool(self.functions),
