@@ -13,6 +13,7 @@ from parrot.frontend.function import Input, Output, native_function, semantic_fu
 from parrot.frontend.http_client import connect
 from parrot.frontend.runtime import Runtime, format_dag
 from parrot.frontend.variable import LATENCY, THROUGHPUT, SemanticVariable
+from parrot.engine.structured import StructuredOutput, StructureKind
 from parrot.errors import UserError
 
 __version__ = "0.1.0"
@@ -30,5 +31,5 @@ def variable(name: str = "var", value=None) -> SemanticVariable:
 
 __all__ = [
     "Input", "Output", "semantic_function", "native_function", "Runtime", "connect", "variable", "format_dag",
-    "SemanticVariable", "LATENCY", "THROUGHPUT", "UserError",
+    "SemanticVariable", "LATENCY", "THROUGHPUT", "UserError", "StructuredOutput", "StructureKind",
 ]

@@ -154,6 +154,26 @@ def echo(text: P.Input, out: P.Output(max_tokens=2)):
     """Repeat {{input:text}}: {{output:out}}"""
 
 
+@P.semantic_function()
+def review(code: P.Input, verdict: P.Output(max_tokens=4, structured=P.StructuredOutput.choice(["approve", "revise"])),
+           notes: P.Output(max_tokens=60, structured=P.StructuredOutput(P.StructureKind.JSON_SCHEMA, '{"type": "object", '
+                           '"properties": {"issue": {"type": "string"}}, "required": ["issue"], "additionalProperties": false}'))):
+    """Review this code: {{input:code}}
+    Verdict: {{output:verdict}}
+    Notes as JSON: {{output:notes}}"""
+
+
+def test_a_program_holds_its_outputs_to_their_structures_on_the_server(server):
+    """Structured outputs of a semantic function travel the session API and the engine wire: the
+    verdict is one of its choices, and the notes parse against their schema."""
+    import json
+
+    with P.connect(server, api_key=KEYS["alice"]):
+        verdict, notes = review("def add(a, b): return a - b")
+        assert verdict.get(timeout=120) in ("approve", "revise")
+        assert isinstance(json.loads(notes.get(timeout=120))["issue"], str)
+
+
 def test_remote_program_is_one_batch_and_server_refusals_reach_get(server):
     with P.connect(server, api_key=KEYS["alice"]):
         seed = P.variable("seed")
@@ -212,8 +232,8 @@ def test_openai_sdk_top_k_usage_of_streams_and_fields_it_cannot_honour(server):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"echo": True})
     with pytest.raises(BadRequestError, match="does not implement logit_bias: leave it out"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, frequency_penalty=0.5, logit_bias={"42": 5})
-    with pytest.raises(BadRequestError, match="response_format"):
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "json_object"})
+    with pytest.raises(BadRequestError, match="response_format type 'yaml' is not one this server takes"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "yaml"})
     # the neutral values many clients send are taken
     neutral = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=False, frequency_penalty=0,
                                              presence_penalty=0, response_format={"type": "text"}, tool_choice="none")
@@ -368,6 +388,45 @@ def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server):
         client.completions.create(presence_penalty=2.5, **ask)
     with pytest.raises(UnprocessableEntityError, match="repetition_penalty"):
         client.completions.create(**{**ask, "extra_body": {"repetition_penalty": 0}})
+
+
+def test_openai_sdk_structured_outputs_parse_as_asked(server):
+    """response_format (json_object, json_schema) and vLLM's structured_outputs and guided_* fields:
+    the text matches, streamed or not; conflicting or broken specs are refused with a 400."""
+    import json
+    import re
+
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    messages = [{"role": "user", "content": "Give me a person with a name and an age."}]
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    person_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0, response_format=person_format)
+    person = json.loads(chat.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and chat.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0, stream=True,
+                                                 response_format=person_format))
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in chunks)) == person
+    anything = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=100, temperature=0.7, seed=2, n=2,
+                                              response_format={"type": "json_object"})
+    # a sampled object may outrun max_tokens (finish_reason length, the text cut short, as in vLLM)
+    assert all(c.message.content.startswith("{") for c in anything.choices)
+    ended = [c for c in anything.choices if c.finish_reason == "stop"]
+    assert ended and all(isinstance(json.loads(c.message.content), dict) for c in ended)
+
+    ask = dict(model=MODEL, prompt="Is Paris in France? Answer:", max_tokens=10, temperature=1.0)
+    assert client.completions.create(**ask, extra_body={"structured_outputs": {"choice": [" yes", " no"]}}).choices[0].text in (" yes", " no")
+    date = client.completions.create(**{**ask, "max_tokens": 20}, extra_body={"guided_regex": r" \d{4}-\d{2}-\d{2}"}).choices[0].text
+    assert re.fullmatch(r" \d{4}-\d{2}-\d{2}", date)
+
+    with pytest.raises(BadRequestError, match="give one structure for the output, not 2"):
+        client.completions.create(**ask, extra_body={"guided_regex": "a", "response_format": {"type": "json_object"}})
+    with pytest.raises(BadRequestError, match="(?s)regex for structured output does not compile"):
+        client.completions.create(**ask, extra_body={"guided_regex": "a(b"})
+    with pytest.raises(BadRequestError, match="json_schema takes .* give its schema"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "json_schema"})
 
 
 def test_langchain_chat_openai_invoke(server):

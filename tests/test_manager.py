@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 import parrot as P
+from parrot.backends.base import LOGPROBS_FEATURE
 from parrot.backends.simulated import CostModel, SimulatedEngineBackend
 from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.sampler import SamplingParams
@@ -569,7 +570,7 @@ def test_a_streamed_piece_carries_only_the_logged_tokens_whose_text_it_completes
 
 def test_logprobs_are_refused_up_front_where_an_engine_computes_no_logits():
     manager = Manager([SimulatedEngineBackend("sim-0", time_scale=0.0)])
-    with pytest.raises(UserError, match="sim-0 compute no logits"):
-        manager.check_logprobs_reported()
+    with pytest.raises(UserError, match="sim-0 compute no logits, so this server cannot give log probabilities"):
+        manager.check_logits_computed(LOGPROBS_FEATURE)
     with pytest.raises(EngineUnavailableError, match="no engine that computes logits"):
         asyncio.run(manager.score_prompt("The capital of France is", 1))

@@ -282,3 +282,30 @@ def test_choices_of_one_prompt_prefill_it_once_and_fork_from_it(caching_engine, 
     # shared: the prompt once, then each choice its last part-block and its tokens
     assert computed[True] <= prompt_tokens + choices * (block + max_tokens)
     assert computed[False] >= choices * (prompt_tokens // block) * block
+
+
+def test_a_request_cancelled_while_prefilling_a_shared_prefix_leaves_it_computed_for_the_others(caching_engine):
+    """The first of n choices starts the prefix's prefill; if it hangs up meanwhile, the prefill
+    still ends in the cache (where it can be evicted), nothing is left holding blocks for good,
+    and the choice waiting behind it forks from it."""
+    caching_engine.clear_prefix_cache()
+    backend = BuiltinEngineBackend(caching_engine)
+    prompt = SYSTEM * 2 + QUESTIONS[1] + "\nAnswer:"
+
+    async def main() -> str:
+        first = asyncio.ensure_future(backend.fill("gone", None, prompt, 1, shared_prefix_chars=len(prompt), then_generate=True))
+        await asyncio.sleep(0)  # it has started the prefix's fill
+        second = asyncio.ensure_future(backend.fill("stays", None, prompt, 1, shared_prefix_chars=len(prompt), then_generate=True))
+        await asyncio.sleep(0)
+        first.cancel()
+        await second
+        try:
+            return "".join([t.text async for t in backend.generate("stays", greedy(4), 1)])
+        finally:
+            await backend.free_context("stays")
+
+    hits_before = caching_engine.prefix_cache.hits_tokens
+    assert run(main()).strip()
+    assert caching_engine.prefix_cache.hits_tokens - hits_before >= 2 * len(SYSTEM) // 8  # the second forked from the prefix
+    assert caching_engine.stats().num_contexts == 0 and caching_engine.stats().cached_prefixes >= 1
+    caching_engine.check_integrity()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from parrot.engine.sampler import (
     SamplingParams,
+    RowConstraints,
     StopChecker,
     TokenHistory,
     apply_penalties,
@@ -291,5 +292,16 @@ def test_a_penalized_greedy_row_takes_the_best_token_after_its_penalties():
     plain = SamplingParams()
     penalized = SamplingParams(frequency_penalty=1.5)
     history = TokenHistory(prompt_ids=[2], output_ids=[0])  # token 0 once in the output: 5 - 1.5 < 4
-    assert sample_batch(logits, [plain, penalized], [None, None], [None, history]) == [0, 1]
-    assert sample_batch(logits, [SamplingParams(repetition_penalty=2.0)], [None], [TokenHistory([0], [])]) == [1]  # 2.5 < 4
+    assert sample_batch(logits, [plain, penalized], [None, None], [None, RowConstraints(history)]) == [0, 1]
+    repeated = RowConstraints(TokenHistory([0], []))
+    assert sample_batch(logits[:1], [SamplingParams(repetition_penalty=2.0)], [None], [repeated]) == [1]  # 2.5 < 4
+
+
+def test_a_grammar_mask_leaves_only_the_tokens_it_allows_greedy_or_sampled():
+    logits = torch.tensor([[5.0, 4.0, 0.0, 3.0]] * 2)
+    allowed = RowConstraints(allowed=torch.tensor([False, False, True, True]))
+    hot = SamplingParams(temperature=2.0)
+    assert sample_batch(logits, [SamplingParams(), SamplingParams()], [None, None], [None, allowed]) == [0, 3]
+    for seed in range(20):
+        token = sample_batch(logits[:1], [hot], [torch.Generator().manual_seed(seed)], [allowed])[0]
+        assert token in (2, 3)

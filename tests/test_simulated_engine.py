@@ -14,6 +14,7 @@ import pytest
 
 from parrot.backends.simulated import PRESETS, CostModel, SimulatedEngineBackend, StepShape, parse_engine_spec
 from parrot.engine.sampler import SamplingParams
+from parrot.engine.structured import StructuredOutput
 from parrot.engine.scheduler import PRIORITY_LATENCY, PRIORITY_NORMAL, PRIORITY_THROUGHPUT
 from parrot.errors import ContextError, KVCacheExhaustedError, UserError
 from parrot.manager.manager import Manager
@@ -338,13 +339,15 @@ def test_steps_shrink_while_a_latency_job_waits_beside_other_work() -> None:
     assert [c.length for c in plan.chunks] == [300]  # a latency prompt whole; the bulk is past the cap
 
 
-def test_a_request_for_logprobs_fails_with_a_message_instead_of_an_answer_without_them() -> None:
+def test_a_request_for_logprobs_or_structure_fails_with_a_message_instead_of_an_answer_without_them() -> None:
     b = sim()
 
     async def main() -> None:
         await b.fill("a", None, "x" * 40, PRIORITY_NORMAL)
-        with pytest.raises(UserError, match="does not report log probabilities: ask without logprobs"):
+        with pytest.raises(UserError, match="cannot give log probabilities .logprobs, echo.: ask without it"):
             [t async for t in b.generate("a", SamplingParams(max_tokens=3, logprobs=2), PRIORITY_NORMAL)]
+        with pytest.raises(UserError, match="cannot give structured output"):
+            [t async for t in b.generate("a", SamplingParams(max_tokens=3, structured=StructuredOutput.json_object()), PRIORITY_NORMAL)]
         await b.free_context("a")
         b.check_integrity()
 

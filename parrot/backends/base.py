@@ -64,7 +64,8 @@ class EngineBackend(ABC):
 
     name: str
     model: str
-    reports_logprobs: bool = True  # computes logits: generate honours sampling.logprobs and score_prompt works
+    # computes logits: generate honours sampling.logprobs and sampling.structured, and score_prompt works
+    reports_logprobs: bool = True
 
     @abstractmethod
     async def fill(self, context_id: str, parent_context_id: str | None, text: str, priority: int, shared_prefix_chars: int = 0,
@@ -84,17 +85,30 @@ class EngineBackend(ABC):
         the log probability of each after the first, with the `top` likeliest tokens at each
         position (OpenAI's echo with logprobs); computed apart from any context. The default: an
         engine that computes no logits refuses."""
-        raise self._no_logprobs()
+        raise self._no_logits(LOGPROBS_FEATURE)
 
-    def refuse_logprobs(self, sampling: SamplingParams) -> None:
-        """For a generate of a backend that computes no logits: a request for log probabilities
-        fails with a message instead of an answer without them."""
-        if sampling.logprobs is not None and not self.reports_logprobs:
-            raise self._no_logprobs()
+    def refuse_logit_work(self, sampling: SamplingParams) -> None:
+        """For a generate of a backend that computes no logits: a request for log probabilities or
+        structured output fails with a message instead of an answer without them."""
+        if not self.reports_logprobs and (feature := logit_feature(sampling)) is not None:
+            raise self._no_logits(feature)
 
-    def _no_logprobs(self) -> UserError:
-        return UserError(f"engine {self.name} computes no logits, so it does not report log probabilities: ask without "
-                         "logprobs (and echo), or serve the model on the built-in engine")
+    def _no_logits(self, feature: str) -> UserError:
+        return UserError(f"engine {self.name} computes no logits, so it cannot give {feature}: ask without it, or serve "
+                         "the model on the built-in engine")
+
+
+LOGPROBS_FEATURE = "log probabilities (logprobs, echo)"
+STRUCTURED_FEATURE = "structured output (response_format, structured_outputs)"
+
+
+def logit_feature(sampling: SamplingParams) -> str | None:
+    """What the sampling asks of an engine's logits beyond sampling from them, if anything."""
+    if sampling.logprobs is not None:
+        return LOGPROBS_FEATURE
+    if sampling.structured is not None:
+        return STRUCTURED_FEATURE
+    return None
 
     def step_limits(self) -> StepLimits:
         """The step budget, as `stats` reports it; backends whose `stats` costs more than a

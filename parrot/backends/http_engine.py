@@ -71,7 +71,10 @@ class HttpEngineBackend(EngineBackend):
 
     async def generate(self, context_id, sampling, priority):
         body = GenerateBody(context_id=context_id, sampling=EngineSamplingBody.of(sampling), priority=priority)
-        async with self._reachable(f"generate of {context_id}"), self._http.stream("POST", "/generate", json=body.model_dump()) as response:
+        # fields at their defaults stay off the wire: an engine from before a sampling field was added
+        # (they refuse fields they do not know) still serves every request that does not use it
+        wire = body.model_dump(exclude_defaults=True)
+        async with self._reachable(f"generate of {context_id}"), self._http.stream("POST", "/generate", json=wire) as response:
             if response.status_code >= 400:
                 await response.aread()
                 self._check(response)

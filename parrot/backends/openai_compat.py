@@ -38,7 +38,7 @@ class OpenAICompatibleBackend(EngineBackend):
     async def generate(self, context_id, sampling, priority):
         if context_id not in self._contexts:
             raise ContextError(f"unknown context {context_id!r}")
-        self.refuse_logprobs(sampling)
+        self.refuse_logit_work(sampling)
         body = {
             "model": self.model, "prompt": self._contexts[context_id], "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "stream": True,

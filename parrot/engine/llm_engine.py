@@ -43,6 +43,7 @@ from parrot.engine.sampler import SamplingParams, StopChecker, check_logprobs
 from parrot.engine.scheduler import PRIORITY_NORMAL, BatchScheduler, Job, JobKind, ScheduledChunk, SchedulerConfig, StepPlan
 from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
+from parrot.engine.structured import GrammarCompiler
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError
 
@@ -131,6 +132,7 @@ class LLMEngine:
         log.info("%s on %s: %s; %d KV blocks of %d tokens", model_dir.name, device, self.precision, num_blocks, config.block_size)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
+        self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.model_config.eos_token_ids[0])
         self.scheduler = BatchScheduler(
             self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step, config.latency_max_tokens_per_step),
             reclaim=self.prefix_cache.evict if self.prefix_cache is not None else None,
@@ -255,6 +257,7 @@ class LLMEngine:
             generator = None
             if sampling.seed is not None:
                 generator = torch.Generator().manual_seed(sampling.seed)
+            grammar = self.grammars.compile(sampling.structured, self.tokenizer.encode) if sampling.structured is not None else None
             channel = _JobChannel(queue=asyncio.Queue())
             job = self.scheduler.submit(
                 JobKind.GENERATE,
@@ -264,6 +267,7 @@ class LLMEngine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer),
                 stop_checker=StopChecker(sampling.stop),
                 generator=generator,
+                grammar=grammar,
             )
             await self._run_job(job, channel)
             try:
@@ -306,6 +310,21 @@ class LLMEngine:
             self.free_context(context_id)
         return [job.scores[position] for position in range(len(token_ids) - 1)]
 
+    async def _fill_prefix(self, prefix_id: str, token_ids: list[int], priority: int) -> None:
+        """Computes a shared prefix's context and caches it; frees it if that fails."""
+        try:
+            await self.fill(prefix_id, None, token_ids, priority)
+        except BaseException:
+            if prefix_id in self.contexts:
+                self.free_context(prefix_id)
+            raise
+        self.prefix_cache.insert(prefix_id)
+
+    def _prefix_fill_done(self, key: tuple[int, ...], task: asyncio.Future) -> None:
+        del self._prefix_fills[key]
+        if not task.cancelled() and task.exception() is not None:  # read here too: its starter may have gone
+            log.info("prefilling a shared prefix of %d tokens failed: %s", len(key), task.exception())
+
     async def _create_from_cache(self, context_id: str, token_ids: list[int], shared_prefix_len: int, priority: int) -> list[int]:
         """Creates a root context from the longest cached prefix; returns the tokens left to fill."""
         cache = self.prefix_cache
@@ -315,17 +334,17 @@ class LLMEngine:
             key = tuple(token_ids[:aligned])
             in_flight = self._prefix_fills.get(key)
             if in_flight is not None:  # another request is prefilling this very prefix
-                await asyncio.shield(in_flight)
+                # its failure is its starter's to report: this request computes what is missing itself
+                await asyncio.wait({in_flight})
             else:
-                self._prefix_fills[key] = done = asyncio.get_running_loop().create_future()
-                try:
-                    prefix_id = cache.new_context_id()
-                    self.contexts.create(prefix_id, match.context_id if match else None, match.num_tokens if match else None)
-                    await self.fill(prefix_id, None, token_ids[match.num_tokens if match else 0 : aligned], priority)
-                    cache.insert(prefix_id)
-                finally:
-                    del self._prefix_fills[key]
-                    done.set_result(None)
+                prefix_id = cache.new_context_id()
+                self.contexts.create(prefix_id, match.context_id if match else None, match.num_tokens if match else None)
+                # the engine's own task, not this caller's: a caller that hangs up (one of n choices
+                # of a prompt, say) leaves the prefix to be computed and cached for the others
+                fill = asyncio.ensure_future(self._fill_prefix(prefix_id, token_ids[match.num_tokens if match else 0 : aligned], priority))
+                self._prefix_fills[key] = fill
+                fill.add_done_callback(lambda task: self._prefix_fill_done(key, task))
+                await asyncio.shield(fill)
             match = cache.longest(token_ids)
         # recorded as the context comes to exist: a fill that fails or is cancelled before leaves nothing
         self._root_prompt[context_id] = len(token_ids)
@@ -559,6 +578,11 @@ class LLMEngine:
         sampling = job.sampling
         job.num_generated += 1
         is_eos = token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self.model_config.eos_token_ids)
+        if job.grammar is not None:
+            # the grammar's end token ends the output even with ignore_eos: nothing more may follow
+            is_eos = is_eos or token == job.grammar.end_token_id
+            if not is_eos:
+                job.grammar.accept(token)
         if is_eos:
             self._emit(job, GeneratedToken(token, job.stop_checker.flush(), FinishReason.STOP, logprobs))
             return
@@ -567,6 +591,8 @@ class LLMEngine:
         if job.stop_checker.stopped:
             self._cut_at_stop(job)
             self._emit(job, GeneratedToken(token, text, FinishReason.STOP, logprobs))
+        elif job.grammar is not None and job.grammar.complete:
+            self._emit(job, GeneratedToken(token, text + job.stop_checker.flush(), FinishReason.STOP, logprobs))
         elif job.num_generated >= sampling.max_tokens or len(job.ctx.token_ids) >= self.model_config.max_position_embeddings:
             self._emit(job, GeneratedToken(token, text + job.stop_checker.flush(), FinishReason.LENGTH, logprobs))
         else:

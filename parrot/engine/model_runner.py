@@ -12,7 +12,7 @@ from parrot.engine.config import ModelConfig
 from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.outputs import TokenLogprobs
-from parrot.engine.sampler import TokenHistory, sample_batch, token_logprobs
+from parrot.engine.sampler import RowConstraints, TokenHistory, sample_batch, token_logprobs
 from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
 if TYPE_CHECKING:
@@ -116,8 +116,8 @@ class ModelRunner:
         logits = logits[: len(sampling_jobs)]
         if not sampling_jobs:
             return StepResult({}, static_plan is not None, scores=scores)
-        histories = [_history(j) if j.sampling.penalizes else None for j in sampling_jobs]
-        next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs], histories)
+        constraints = [_constraints(j) for j in sampling_jobs]
+        next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs], constraints)
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
         reported = token_logprobs(logits[asking], [next_tokens[row] for row in asking],
@@ -125,10 +125,14 @@ class ModelRunner:
         return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
 
 
-def _history(job: Job) -> TokenHistory:
-    """The job's context split into its prompt and the tokens its generate has sampled so far."""
+def _constraints(job: Job) -> RowConstraints | None:
+    """For penalties, the job's context split into its prompt and the tokens its generate has
+    sampled so far; for structured output, the tokens its grammar allows next."""
+    if not job.sampling.penalizes and job.grammar is None:
+        return None
     ids = job.ctx.token_ids
-    return TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :])
+    history = TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :]) if job.sampling.penalizes else None
+    return RowConstraints(history, job.grammar.allowed() if job.grammar is not None else None)
 
 
 def _next_token_positions(chunk: ScheduledChunk) -> range:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from parrot.engine.outputs import TokenLogprobs, TopLogprob
+from parrot.engine.structured import StructuredOutput
 from parrot.errors import SamplingError
 
 MAX_TOKENS_LIMIT = 32768  # tokens one call may ask for; the model's context may allow fewer
@@ -40,6 +41,7 @@ class SamplingParams:
     # CTRL's (vLLM's and transformers' repetition_penalty): the logit of every token in the prompt
     # or the output is divided by it where positive, multiplied where negative; 1 changes nothing
     repetition_penalty: float = 1.0
+    structured: StructuredOutput | None = None  # a JSON schema, regex or grammar the text must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
@@ -86,7 +88,9 @@ def apply_penalties(logits: torch.Tensor, history: TokenHistory, params: Samplin
     """logits: [V] float32 of one sequence -> the same with its sampling's penalties applied."""
     vocab = logits.shape[-1]
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(history.prompt_ids) | set(history.output_ids)), dtype=torch.int64, device=logits.device)
+        # ids past the logits' vocabulary (a tokenizer's added tokens beyond the model's) have no logit to move
+        seen = torch.tensor(sorted(t for t in set(history.prompt_ids) | set(history.output_ids) if t < vocab), dtype=torch.int64,
+                            device=logits.device)
         values = logits[seen]
         logits = logits.clone()
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
@@ -126,23 +130,35 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 histories: list[TokenHistory | None] | None = None) -> list[int]:
-    """logits: [B, V] -> one token per row; greedy rows without penalties share one argmax.
-    histories: each row's tokens so far, given for the rows whose sampling penalizes."""
-    greedy_ids = torch.argmax(logits, dim=-1).tolist()
-    histories = histories or [None] * len(params)
+@dataclass(frozen=True)
+class RowConstraints:
+    """What a row's sampling takes besides its logits: its tokens so far (for penalties) and the
+    tokens its grammar allows next (structured output), each where it applies."""
 
-    def one(row: int, p: SamplingParams, g: torch.Generator | None, history: TokenHistory | None) -> int:
-        if history is None and p.greedy:
+    history: TokenHistory | None = None
+    allowed: torch.Tensor | None = None  # [V] bool
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 constraints: list[RowConstraints | None] | None = None) -> list[int]:
+    """logits: [B, V] -> one token per row; greedy rows without constraints share one argmax."""
+    greedy_ids = torch.argmax(logits, dim=-1).tolist()
+    constraints = constraints or [None] * len(params)
+
+    def one(row: int, p: SamplingParams, g: torch.Generator | None, limits: RowConstraints | None) -> int:
+        if limits is None and p.greedy:
             return greedy_ids[row]
         # a seeded generator lives on the CPU: its row goes there (one row, not the batch's logits)
         row_logits = logits[row] if g is None else logits[row].to(g.device)
-        if history is not None:
-            row_logits = apply_penalties(row_logits.float(), history, p)
+        if limits is not None:
+            row_logits = row_logits.float()
+            if limits.history is not None:
+                row_logits = apply_penalties(row_logits, limits.history, p)
+            if limits.allowed is not None:
+                row_logits = row_logits.masked_fill(~limits.allowed.to(row_logits.device), float("-inf"))
         return int(torch.argmax(row_logits)) if p.greedy else sample_token(row_logits, p, g)
 
-    return [one(row, p, g, h) for row, (p, g, h) in enumerate(zip(params, generators, histories))]
+    return [one(row, p, g, c) for row, (p, g, c) in enumerate(zip(params, generators, constraints))]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprobs]:

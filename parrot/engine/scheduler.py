@@ -21,6 +21,7 @@ from parrot.engine.kv_cache import Context, ContextTable
 from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.step_profile import LatencyStepRules
+from parrot.engine.structured import OutputGrammar
 from parrot.engine.tokenizer import IncrementalDetokenizer
 
 # A job's priority is its objective class's base less its DAG stage depth (App-FIFO: later
@@ -50,6 +51,7 @@ class Job:
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
     generator: torch.Generator | None = None
+    grammar: OutputGrammar | None = None  # structured output: which tokens may come next
     num_generated: int = 0
     preemptions: int = 0
     error: BaseException | None = None

@@ -350,6 +350,8 @@ class Executor:
                 self._output_done(output, text)
                 return
             sampling = replace(sampling, max_tokens=sampling.max_tokens - output.num_tokens)
+            if sampling.structured is not None:  # the new engine's grammar takes in what the output holds
+                sampling = replace(sampling, structured=replace(sampling.structured, resume_text=text))
             if sampling.stop:
                 # the streamed text may end in the start of a stop string (the failed engine held back
                 # only the longest such tail), which the new engine, seeing it as prompt, never checks

@@ -241,12 +241,13 @@ class Manager:
         call.prompt_shared = prompt_shared
         return out.var_id
 
-    def check_logprobs_reported(self) -> None:
-        """Refuses a request for log probabilities up front where an engine it could land on computes none."""
+    def check_logits_computed(self, feature: str) -> None:
+        """Refuses a request for a feature of the logits (log probabilities, structured output) up
+        front where an engine it could land on computes none."""
         lacking = [e.name for e in self.engines if not e.reports_logprobs]
         if lacking:
-            raise UserError(f"engine(s) {', '.join(lacking)} compute no logits, so this server does not report log "
-                            "probabilities: ask without logprobs, or serve the model on built-in engines only")
+            raise UserError(f"engine(s) {', '.join(lacking)} compute no logits, so this server cannot give {feature}: "
+                            "ask without it, or serve the model on built-in engines only")
 
     async def score_prompt(self, text: str, top: int, token_ids: list[int] | None = None) -> PromptLogprobs:
         """The prompt's log probabilities (OpenAI's echo), from the engine with the fewest jobs and

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from parrot.engine.sampler import MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.structured import MAX_SPEC_CHARS, StructuredOutput, StructureKind
 from parrot.frontend.template import MAX_TEMPLATE_CHARS
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
 
@@ -16,6 +17,23 @@ Id = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StructuredBody(Strict):
+    """A JSON schema, regular expression or Lark grammar the output's text must match."""
+
+    kind: Literal["json_schema", "regex", "lark"]
+    spec: str = Field(min_length=1, max_length=MAX_SPEC_CHARS)
+    resume_text: str = Field("", max_length=MAX_VALUE_CHARS)
+
+    def to_structured(self) -> StructuredOutput:
+        return StructuredOutput(StructureKind(self.kind), self.spec, self.resume_text)
+
+    @classmethod
+    def of(cls, structured: StructuredOutput | None) -> "StructuredBody | None":
+        if structured is None:
+            return None
+        return cls(kind=structured.kind.value, spec=structured.spec, resume_text=structured.resume_text)
 
 
 class SamplingBody(Strict):
@@ -29,12 +47,14 @@ class SamplingBody(Strict):
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    structured: StructuredBody | None = None
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            structured=self.structured.to_structured() if self.structured is not None else None,
         )
 
     @classmethod
@@ -43,6 +63,7 @@ class SamplingBody(Strict):
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             seed=params.seed, stop=list(params.stop), ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+            structured=StructuredBody.of(params.structured),
         )
 
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parrot.engine.sampler import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.structured import StructuredOutput, StructureKind
+from parrot.errors import UserError
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
 
 # choices in one answer: prompts (a completion may take a list) times n
 MAX_CHOICES_PER_REQUEST = 64
+
+
+def _json_schema(schema: object) -> StructuredOutput:
+    if not isinstance(schema, dict):
+        raise UserError(f"a JSON schema for structured output is a JSON object, not {type(schema).__name__}")
+    return StructuredOutput(StructureKind.JSON_SCHEMA, json.dumps(schema))
 
 
 class Lenient(BaseModel):
@@ -31,7 +40,8 @@ class SamplingFields(Lenient):
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0 keep every token
     n: int | None = Field(None, ge=1, le=MAX_CHOICES_PER_REQUEST)  # choices per prompt, sampled apart from one prefill
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # choice j of n samples with seed + j: room for every choice within the generator's 64-bit seed
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES_PER_REQUEST)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
@@ -45,7 +55,13 @@ class SamplingFields(Lenient):
     best_of: int | None = None
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: dict | None = None
+    response_format: dict | None = None  # text, json_object, or json_schema with its schema
+    # vLLM's extensions for structured output: one of json (a schema), regex, choice, grammar (Lark)
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
@@ -64,7 +80,47 @@ class SamplingFields(Lenient):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
+            structured=self.structured(),
         )
+
+    def structured(self) -> StructuredOutput | None:
+        """What the text must match, from response_format or vLLM's fields; None: free text."""
+        asked: dict[str, StructuredOutput] = {}
+        if self.response_format is not None and (kind := self.response_format.get("type", "text")) != "text":
+            if kind == "json_object":
+                asked["response_format"] = StructuredOutput.json_object()
+            elif kind == "json_schema":
+                schema = (self.response_format.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise UserError('response_format json_schema takes {"json_schema": {"name": ..., "schema": {...}}}: give its schema')
+                asked["response_format"] = _json_schema(schema)
+            else:
+                raise UserError(f"response_format type {kind!r} is not one this server takes: use text, json_object or json_schema")
+        vllm = dict(self.structured_outputs or {})
+        for field, value in (("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice),
+                             ("grammar", self.guided_grammar)):
+            if value is not None:
+                vllm[field] = value
+        for field, value in vllm.items():
+            if value is None:
+                continue
+            if field == "json":
+                try:
+                    schema = json.loads(value) if isinstance(value, str) else value
+                except ValueError as exc:
+                    raise UserError(f"structured_outputs.json is not JSON: {exc}") from exc
+                asked["structured_outputs.json"] = _json_schema(schema)
+            elif field == "regex":
+                asked["structured_outputs.regex"] = StructuredOutput(StructureKind.REGEX, str(value))
+            elif field == "choice":
+                asked["structured_outputs.choice"] = StructuredOutput.choice([str(option) for option in value])
+            elif field == "grammar":
+                asked["structured_outputs.grammar"] = StructuredOutput(StructureKind.LARK, str(value))
+            else:
+                raise UserError(f"structured_outputs.{field} is not one this server takes: use json, regex, choice or grammar")
+        if len(asked) > 1:
+            raise UserError(f"give one structure for the output, not {len(asked)}: {', '.join(asked)}")
+        return next(iter(asked.values()), None)
 
     def wanted_logprobs(self) -> int | None:
         """How many alternatives each generated token's log probability comes with; None: no log probabilities."""
@@ -85,7 +141,6 @@ class SamplingFields(Lenient):
             "best_of": self.best_of not in (None, 1),
             "suffix": bool(self.suffix),
             "logit_bias": bool(self.logit_bias),
-            "response_format": self.response_format is not None and self.response_format.get("type", "text") != "text",
             "tools": bool(self.tools) or bool(self.functions),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
         }

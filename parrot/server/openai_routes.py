@@ -15,6 +15,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from parrot.backends.base import LOGPROBS_FEATURE, STRUCTURED_FEATURE
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import NotFoundError, UserError
@@ -83,12 +84,14 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         if asked:
             them = "it" if len(asked) == 1 else "them"
             raise UserError(f"this server does not implement {', '.join(asked)}: leave {them} out of the request "
-                            f"(parrot-serve returns the sampled text, its log probabilities where asked, and its usage; "
+                            f"(parrot-serve returns the sampled text, held to a structure and with its log probabilities where asked, and its usage; "
                             f"docs/api.md lists what it takes)")
         if body.wanted_logprobs() is not None:
             if tokenizer is None:
                 raise UserError("this server has no tokenizer to name tokens with: ask without logprobs")
-            manager.check_logprobs_reported()
+            manager.check_logits_computed(LOGPROBS_FEATURE)
+        if body.structured() is not None:
+            manager.check_logits_computed(STRUCTURED_FEATURE)
 
     def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)

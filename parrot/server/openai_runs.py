@@ -158,6 +158,8 @@ def stream_choices(manager: Manager, tenant: str, specs: list[ChoiceSpec], rende
         finally:
             for task in tasks:
                 task.cancel()
+            # each choice's reader leaves its variable's listeners before the session closes
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def events() -> AsyncIterator[bytes]:
         try:

@@ -97,7 +97,7 @@ class SimulatedEngineBackend(EngineBackend):
                     self._active -= 1
 
     async def generate(self, context_id, sampling, priority):
-        self.refuse_logprobs(sampling)
+        self.refuse_logit_work(sampling)
         ctx = self.tree.get(context_id)
         self._active += 1
         job = None
