@@ -574,3 +574,27 @@ def test_logprobs_are_refused_up_front_where_an_engine_computes_no_logits():
         manager.check_logits_computed(LOGPROBS_FEATURE)
     with pytest.raises(EngineUnavailableError, match="no engine that computes logits"):
         asyncio.run(manager.score_prompt("The capital of France is", 1))
+
+
+def test_choices_of_one_prompt_count_its_tokens_once_on_their_engine():
+    """n choices of one prompt fork from one copy of it: the engine's load counts the prompt once
+    (so they do not crowd out other work), and once per choice where they do not say they share it."""
+    prompt = "Summarize the following report. " * 80  # about 640 tokens by the manager's estimate
+
+    async def load_while_running(shared: bool) -> tuple[int, int]:
+        manager = Manager([SimulatedEngineBackend("sim-0", time_scale=0.0)])
+        session = manager.create_session()
+        var_ids = [manager.submit_prompt(session, prompt, SamplingParams(max_tokens=8), prompt_shared=shared) for _ in range(4)]
+        graph = manager.sessions[session].graph
+        for var_id in var_ids:
+            manager.request(session, graph.variable(var_id), None)
+        load = manager.executor.view.load["sim-0"]
+        seen = (load.tokens, load.unfilled_tokens)
+        await asyncio.gather(*(manager.get_variable(session, v, None) for v in var_ids))
+        return seen
+
+    prompt_tokens = len(prompt) // 4
+    shared_tokens, shared_unfilled = asyncio.run(load_while_running(True))
+    apart_tokens, apart_unfilled = asyncio.run(load_while_running(False))
+    assert apart_tokens == 4 * (prompt_tokens + 8) and apart_unfilled == 4 * prompt_tokens
+    assert shared_tokens <= prompt_tokens + 4 * (8 + 32) and shared_unfilled <= prompt_tokens + 3 * 32

@@ -97,6 +97,16 @@ class EngineBackend(ABC):
         return UserError(f"engine {self.name} computes no logits, so it cannot give {feature}: ask without it, or serve "
                          "the model on the built-in engine")
 
+    def step_limits(self) -> StepLimits:
+        """The step budget, as `stats` reports it; backends whose `stats` costs more than a
+        field read answer from their configuration (the manager asks at every placement of
+        throughput work)."""
+        stats = self.stats()
+        return StepLimits(stats.max_tokens_per_step, stats.max_seqs_per_step)
+
+    async def close(self) -> None:
+        """Releases what the backend holds; the default holds nothing."""
+
 
 LOGPROBS_FEATURE = "log probabilities (logprobs, echo)"
 STRUCTURED_FEATURE = "structured output (response_format, structured_outputs)"
@@ -109,16 +119,6 @@ def logit_feature(sampling: SamplingParams) -> str | None:
     if sampling.structured is not None:
         return STRUCTURED_FEATURE
     return None
-
-    def step_limits(self) -> StepLimits:
-        """The step budget, as `stats` reports it; backends whose `stats` costs more than a
-        field read answer from their configuration (the manager asks at every placement of
-        throughput work)."""
-        stats = self.stats()
-        return StepLimits(stats.max_tokens_per_step, stats.max_seqs_per_step)
-
-    async def close(self) -> None:
-        """Releases what the backend holds; the default holds nothing."""
 
 
 @asynccontextmanager
