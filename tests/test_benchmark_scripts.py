@@ -60,3 +60,10 @@ def test_decode_kernel_quick_reports_both_cache_types():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("| float32 |") == 1 and done.stdout.count("| bfloat16 |") == 1
     assert done.stdout.strip().splitlines()[-1].startswith("decode-kernel: float32 KV at")
+
+
+def test_structured_output_quick_decodes_as_many_tokens_with_a_grammar_as_without():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "structured_output.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("structured output: batch 1 ")

@@ -539,7 +539,12 @@ def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server
             "past the context": (http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1000,
                                                                          "messages": [{"role": "user", "content": "word " * 7500}]}),
                                  400, "lower max_tokens to"),
-            "list, streamed": (http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "stream": True}), 400, "one prompt"),
+            "choices, streamed": (http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 40, "stream": True}),
+                                  400, "at most 64 choices"),
+            "schema not an object": (http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "response_format": {
+                "type": "json_schema", "json_schema": ["x"]}}), 400, "give its schema"),
+            "choice not a list": (http.post("/v1/completions", json={"model": MODEL, "prompt": "a",
+                                                                     "structured_outputs": {"choice": 5}}), 400, "list of strings"),
             "empty in a list": (http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", ""]}), 400, "empty"),
             "engine model": (http.post("/api/v1/engines/register", headers={"authorization": f"Bearer {ENGINE_KEY}"},
                                        json={"name": "rogue", "url": "http://127.0.0.1:1", "model": "llama-70b"}), 400, "llama-70b"),

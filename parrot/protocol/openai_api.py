@@ -90,7 +90,8 @@ class SamplingFields(Lenient):
             if kind == "json_object":
                 asked["response_format"] = StructuredOutput.json_object()
             elif kind == "json_schema":
-                schema = (self.response_format.get("json_schema") or {}).get("schema")
+                spec = self.response_format.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
                 if not isinstance(schema, dict):
                     raise UserError('response_format json_schema takes {"json_schema": {"name": ..., "schema": {...}}}: give its schema')
                 asked["response_format"] = _json_schema(schema)
@@ -110,12 +111,15 @@ class SamplingFields(Lenient):
                 except ValueError as exc:
                     raise UserError(f"structured_outputs.json is not JSON: {exc}") from exc
                 asked["structured_outputs.json"] = _json_schema(schema)
-            elif field == "regex":
-                asked["structured_outputs.regex"] = StructuredOutput(StructureKind.REGEX, str(value))
+            elif field in ("regex", "grammar"):
+                if not isinstance(value, str):
+                    raise UserError(f"structured_outputs.{field} is a string, not {type(value).__name__}")
+                kind = StructureKind.REGEX if field == "regex" else StructureKind.LARK
+                asked[f"structured_outputs.{field}"] = StructuredOutput(kind, value)
             elif field == "choice":
-                asked["structured_outputs.choice"] = StructuredOutput.choice([str(option) for option in value])
-            elif field == "grammar":
-                asked["structured_outputs.grammar"] = StructuredOutput(StructureKind.LARK, str(value))
+                if not isinstance(value, list) or not all(isinstance(option, str) for option in value):
+                    raise UserError("structured_outputs.choice is a list of strings, the answers allowed")
+                asked["structured_outputs.choice"] = StructuredOutput.choice(value)
             else:
                 raise UserError(f"structured_outputs.{field} is not one this server takes: use json, regex, choice or grammar")
         if len(asked) > 1:
