@@ -8,7 +8,7 @@ import pytest
 
 from parrot.engine.llm_engine import FinishReason
 from parrot.engine.tokenizer import ChatMessage
-from parrot.errors import ContextError, PromptTooLongError
+from parrot.errors import ContextError, PromptTooLongError, SamplingError
 
 from conftest import PROMPTS, collect, fill_and_generate, finish_of, greedy, run, text_of, token_ids
 
@@ -75,6 +75,25 @@ def test_eos_ends_generation_unless_ignored(engine):
     ignored = run(fill_and_generate(engine, "eos", ids, greedy(len(stopped) + 2, ignore_eos=True)))
     assert token_ids(ignored)[: len(stopped)] == token_ids(stopped)
     assert len(ignored) == len(stopped) + 2 and finish_of(ignored) is FinishReason.LENGTH
+
+
+def test_min_tokens_holds_back_the_end_tokens_until_that_many_are_out(engine, baseline):
+    prompt = engine.tokenizer.apply_chat_template([ChatMessage("user", "What is 2+2? Answer with a number only.")])
+    ids = engine.tokenizer.encode(prompt)
+    eos = set(engine.model_config.eos_token_ids)
+    short = run(fill_and_generate(engine, "min", ids, greedy(24, ignore_eos=False)))
+    held = run(fill_and_generate(engine, "min", ids, greedy(24, ignore_eos=False, min_tokens=len(short) + 3)))
+    assert len(held) >= len(short) + 3 and not any(t.token_id in eos for t in held[: len(short) + 2])
+    assert token_ids(held)[: len(short) - 1] == token_ids(short)[:-1]  # the same text up to where it would have ended
+    # a stop token id is held back as well, and ends the output once min_tokens are out
+    base_ids, tokens = baseline
+    stop_token = token_ids(tokens)[1]
+    out = run(fill_and_generate(engine, "min-stop", base_ids, greedy(MAX_TOKENS, stop_token_ids=(stop_token,), min_tokens=4)))
+    assert len(out) >= 5 and stop_token not in token_ids(out)[:4]
+    with pytest.raises(SamplingError, match="stop token ids must be from 0 to"):
+        run(fill_and_generate(engine, "bad-stop", base_ids, greedy(4, stop_token_ids=(10**7,))))
+    with pytest.raises(SamplingError, match="min_tokens must be an integer from 0 to max_tokens"):
+        greedy(4, min_tokens=5)
 
 
 def test_closing_the_stream_early_stops_the_job(engine):

@@ -373,8 +373,8 @@ def test_openai_sdk_n_choices_of_completions_and_chats_streamed_or_not(server):
         client.completions.create(model=MODEL, prompt=[prompt, prompt], max_tokens=2, n=40)
 
 
-def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server):
-    from openai import OpenAI, UnprocessableEntityError
+def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server, tokenizer):
+    from openai import BadRequestError, OpenAI, UnprocessableEntityError
 
     client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
     prompt = "one two three one two three one two three one two three"
@@ -388,6 +388,17 @@ def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server):
         client.completions.create(presence_penalty=2.5, **ask)
     with pytest.raises(UnprocessableEntityError, match="repetition_penalty"):
         client.completions.create(**{**ask, "extra_body": {"repetition_penalty": 0}})
+
+    # vLLM's stop_token_ids and min_tokens
+    [two] = tokenizer.encode(" two")
+    stopped = client.completions.create(**{**ask, "extra_body": {"stop_token_ids": [two]}}).choices[0]
+    assert stopped.finish_reason == "stop" and plain.startswith(stopped.text) and "two" not in stopped.text
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "What is 2+2? Answer with a number only."}], max_tokens=24, temperature=0)
+    short = client.chat.completions.create(**chat)
+    longer = client.chat.completions.create(**chat, extra_body={"min_tokens": short.usage.completion_tokens + 3})
+    assert longer.usage.completion_tokens >= short.usage.completion_tokens + 3
+    with pytest.raises(BadRequestError, match="min_tokens must be an integer from 0 to max_tokens"):
+        client.chat.completions.create(**chat, extra_body={"min_tokens": 30})
 
 
 def test_openai_sdk_structured_outputs_parse_as_asked(server):

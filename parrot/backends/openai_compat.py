@@ -56,6 +56,10 @@ class OpenAICompatibleBackend(EngineBackend):
             body["frequency_penalty"] = sampling.frequency_penalty
         if sampling.repetition_penalty != 1.0:
             body["repetition_penalty"] = sampling.repetition_penalty  # vLLM's extension
+        if sampling.stop_token_ids:
+            body["stop_token_ids"] = list(sampling.stop_token_ids)  # vLLM's extension
+        if sampling.min_tokens:
+            body["min_tokens"] = sampling.min_tokens  # vLLM's extension
         self._running += 1
         index = 0
         try:

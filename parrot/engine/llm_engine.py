@@ -45,7 +45,7 @@ from parrot.engine.step_profile import LatencyStepRules, StepCost, StepProfile
 from parrot.engine.step_trace import StepRecord, StepTrace
 from parrot.engine.structured import GrammarCompiler
 from parrot.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError
+from parrot.errors import ContextError, KVCacheExhaustedError, PromptTooLongError, SamplingError
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,8 @@ class LLMEngine:
             generator = None
             if sampling.seed is not None:
                 generator = torch.Generator().manual_seed(sampling.seed)
+            if any(not 0 <= t < self.model_config.vocab_size for t in sampling.stop_token_ids):
+                raise SamplingError(f"stop token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
             grammar = self.grammars.compile(sampling.structured, self.tokenizer.encode) if sampling.structured is not None else None
             channel = _JobChannel(queue=asyncio.Queue())
             job = self.scheduler.submit(

@@ -116,7 +116,7 @@ class ModelRunner:
         logits = logits[: len(sampling_jobs)]
         if not sampling_jobs:
             return StepResult({}, static_plan is not None, scores=scores)
-        constraints = [_constraints(j) for j in sampling_jobs]
+        constraints = [_constraints(j, self.model.config.eos_token_ids) for j in sampling_jobs]
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs], constraints)
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
@@ -125,14 +125,18 @@ class ModelRunner:
         return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
 
 
-def _constraints(job: Job) -> RowConstraints | None:
+def _constraints(job: Job, eos_token_ids: tuple[int, ...]) -> RowConstraints | None:
     """For penalties, the job's context split into its prompt and the tokens its generate has
-    sampled so far; for structured output, the tokens its grammar allows next."""
-    if not job.sampling.penalizes and job.grammar is None:
+    sampled so far; for structured output, the tokens its grammar allows next; before
+    min_tokens, the tokens that would end the output."""
+    sampling = job.sampling
+    early = job.num_generated < sampling.min_tokens and job.grammar is None  # a structure's end is its grammar's
+    if not sampling.penalizes and job.grammar is None and not early:
         return None
     ids = job.ctx.token_ids
-    history = TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :]) if job.sampling.penalizes else None
-    return RowConstraints(history, job.grammar.allowed() if job.grammar is not None else None)
+    history = TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :]) if sampling.penalizes else None
+    banned = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else tuple(eos_token_ids)) if early else ()
+    return RowConstraints(history, job.grammar.allowed() if job.grammar is not None else None, banned)
 
 
 def _next_token_positions(chunk: ScheduledChunk) -> range:

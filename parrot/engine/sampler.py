@@ -42,6 +42,9 @@ class SamplingParams:
     # or the output is divided by it where positive, multiplied where negative; 1 changes nothing
     repetition_penalty: float = 1.0
     structured: StructuredOutput | None = None  # a JSON schema, regex or grammar the text must match
+    # vLLM's: neither the end-of-sequence token nor a stop token id is sampled before this many
+    # tokens (stop strings still end the output)
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
@@ -59,6 +62,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise SamplingError(f"{name} must be from -{MAX_PENALTY:g} to {MAX_PENALTY:g} (0 disables it), got {getattr(self, name)}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise SamplingError(f"repetition_penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g} (1 disables it), "
                                 f"got {self.repetition_penalty}")
@@ -137,6 +142,7 @@ class RowConstraints:
 
     history: TokenHistory | None = None
     allowed: torch.Tensor | None = None  # [V] bool
+    banned: tuple[int, ...] = ()  # token ids that may not come next (the end tokens, before min_tokens)
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -156,6 +162,8 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
                 row_logits = apply_penalties(row_logits, limits.history, p)
             if limits.allowed is not None:
                 row_logits = row_logits.masked_fill(~limits.allowed.to(row_logits.device), float("-inf"))
+            if limits.banned:
+                row_logits = row_logits.index_fill(0, torch.tensor(limits.banned, device=row_logits.device), float("-inf"))
         return int(torch.argmax(row_logits)) if p.greedy else sample_token(row_logits, p, g)
 
     return [one(row, p, g, c) for row, (p, g, c) in enumerate(zip(params, generators, constraints))]

@@ -48,6 +48,8 @@ class SamplingBody(Strict):
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     structured: StructuredBody | None = None
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
@@ -55,6 +57,7 @@ class SamplingBody(Strict):
             seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             structured=self.structured.to_structured() if self.structured is not None else None,
+            stop_token_ids=tuple(self.stop_token_ids), min_tokens=self.min_tokens,
         )
 
     @classmethod
@@ -63,7 +66,7 @@ class SamplingBody(Strict):
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             seed=params.seed, stop=list(params.stop), ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
-            structured=StructuredBody.of(params.structured),
+            structured=StructuredBody.of(params.structured), stop_token_ids=list(params.stop_token_ids), min_tokens=params.min_tokens,
         )
 
 

@@ -48,6 +48,10 @@ class SamplingFields(Lenient):
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # vLLM's extension
+    # vLLM's extensions: token ids that end the output (not in its text), and the tokens generated
+    # before the end-of-sequence token or a stop token id may come
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
     # OpenAI fields this server does not implement: taken at their neutral values (clients send
     # those), refused otherwise (`unsupported`), since an answer that ignored them would be wrong
     # without saying so
@@ -81,6 +85,8 @@ class SamplingFields(Lenient):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             structured=self.structured(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            min_tokens=self.min_tokens,
         )
 
     def structured(self) -> StructuredOutput | None:
