@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from parrot.backends.http_engine import uncapped_limits
-from parrot.bench.systems import HEARTBEAT_WAIT_S, RunningServer
+from parrot.bench.systems import RunningServer, engine_metric
 
 SEED = 1234
 TEMPERATURE = 1.0  # sampled choices, as best-of-n and voting use them
@@ -61,18 +61,9 @@ class SamplingMeasurement:
 
 
 def engine_tokens(server: RunningServer) -> int | None:
-    """The tokens the server's engines have computed so far (after their next heartbeat), if it reports them."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    if server.name != "parrot":
-        return None
-    time.sleep(HEARTBEAT_WAIT_S)
-    response = httpx.get(f"{server.url}/metrics", timeout=10)
-    response.raise_for_status()
-    for family in text_string_to_metric_families(response.text):
-        if family.name == "parrot_engine_tokens":  # the client strips a counter's _total
-            return int(sum(sample.value for sample in family.samples if sample.name.endswith("_total")))
-    return None
+    """The tokens the server's engines have computed so far, if it reports them."""
+    values = engine_metric(server, "parrot_engine_tokens")
+    return None if values is None else int(sum(values))
 
 
 async def _sample(client: httpx.AsyncClient, server: RunningServer, prompt: str, n: int, seed: int, max_tokens: int) -> list[str]:

@@ -126,9 +126,9 @@ def start_vllm(model: str, out_dir: Path) -> RunningServer | None:
 HEARTBEAT_WAIT_S = 2.5  # engines report their stats to the manager every 2 s
 
 
-def peak_batch_blocks(server: RunningServer) -> int | None:
-    """The most KV blocks one step's batch used on the server's engines (from its metrics, after the
-    engines' next heartbeat), if the server reports them."""
+def engine_metric(server: RunningServer, family: str) -> list[float] | None:
+    """The values of one of the server's engine metrics (per engine; a counter's totals), read after
+    the engines' next heartbeat; None where the server does not report it."""
     from prometheus_client.parser import text_string_to_metric_families
 
     if server.name != "parrot":
@@ -136,10 +136,16 @@ def peak_batch_blocks(server: RunningServer) -> int | None:
     time.sleep(HEARTBEAT_WAIT_S)
     response = httpx.get(f"{server.url}/metrics", timeout=10)
     response.raise_for_status()
-    for family in text_string_to_metric_families(response.text):
-        if family.name == "parrot_engine_kv_blocks_peak_batch":
-            return int(max((sample.value for sample in family.samples), default=0))
+    for found in text_string_to_metric_families(response.text):
+        if found.name == family:  # the parser names a counter without its _total
+            return [sample.value for sample in found.samples if found.type != "counter" or sample.name.endswith("_total")]
     return None
+
+
+def peak_batch_blocks(server: RunningServer) -> int | None:
+    """The most KV blocks one step's batch used on the server's engines, if the server reports them."""
+    values = engine_metric(server, "parrot_engine_kv_blocks_peak_batch")
+    return None if values is None else int(max(values, default=0))
 
 
 class CompletionClient:
