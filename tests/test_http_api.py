@@ -440,6 +440,73 @@ def test_openai_sdk_structured_outputs_parse_as_asked(server):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "json_schema"})
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_openai_sdk_tool_calls_named_or_required_streamed_or_not(server):
+    """A named function or tool_choice "required" gets a call whose arguments parse against the
+    function's schema; streamed, a named call's arguments add up to the same text; "auto" is
+    refused with a message that says what works."""
+    import json
+
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    ask = dict(model=MODEL, messages=messages, max_tokens=40, temperature=0, tools=[WEATHER, TIME])
+    named = client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [call] = named.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    assert named.choices[0].message.content is None and named.choices[0].finish_reason == "stop" and call.id.startswith("call_")
+    chunks = list(client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                                 stream=True))
+    pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert pieces[0].function.name == "get_weather" and pieces[0].id and all(p.id is None for p in pieces[1:])
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == arguments
+
+    required = client.chat.completions.create(**ask, tool_choice="required")
+    [chosen] = required.choices[0].message.tool_calls
+    assert chosen.function.name in ("get_weather", "get_time") and required.choices[0].finish_reason == "tool_calls"
+    assert isinstance(json.loads(chosen.function.arguments), dict)
+    streamed = list(client.chat.completions.create(**ask, tool_choice="required", stream=True))
+    [whole] = [c.choices[0].delta.tool_calls[0] for c in streamed if c.choices[0].delta.tool_calls]
+    assert (whole.function.name, json.loads(whole.function.arguments)) == (chosen.function.name, json.loads(chosen.function.arguments))
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+    # the call and its result go back into the conversation
+    history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0).choices[0].message.content
+
+    with pytest.raises(BadRequestError, match='tool_choice "auto" .* send tool_choice "required", name the function'):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, tools=[WEATHER])
+    with pytest.raises(BadRequestError, match="names 'get_news', which is not among the tools: get_weather, get_time"):
+        client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_news"}})
+    with pytest.raises(BadRequestError, match="drop response_format"):
+        client.chat.completions.create(**ask, tool_choice="required", response_format={"type": "json_object"})
+
+
+def test_langchain_structured_output_by_function_calling_and_by_json_schema(server):
+    """LangChain's with_structured_output, both ways it asks: a named tool call, and a json_schema
+    response_format; each answer parses into the model class."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        celsius: int
+
+    llm = ChatOpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"], model=MODEL, temperature=0, max_tokens=40)
+    for method in ("function_calling", "json_schema"):
+        answer = llm.with_structured_output(Weather, method=method).invoke("The weather in Paris: 18 degrees. Report it.")
+        assert isinstance(answer, Weather) and isinstance(answer.celsius, int), method
+
+
 def test_langchain_chat_openai_invoke(server):
     from langchain_openai import ChatOpenAI
 

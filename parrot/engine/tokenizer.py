@@ -37,6 +37,8 @@ class Tokenizer:
         )
         self.bos_token = config.get("bos_token") if isinstance(config.get("bos_token"), str) else None
         self.eos_token = config.get("eos_token") if isinstance(config.get("eos_token"), str) else None
+        # a template that renders the tools a chat offers (others never show them to the model)
+        self.template_shows_tools = bool(template) and "tools" in template
 
     @property
     def vocab_size(self) -> int:
@@ -61,13 +63,15 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """tools: the functions a chat offers, in OpenAI's shape, for templates that render them."""
         if self._chat_template is None:
             raise UserError("this model has no chat template; use a plain completion instead")
         try:
             return self._chat_template.render(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )

@@ -11,6 +11,7 @@ from parrot.engine.sampler import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENA
 from parrot.engine.structured import StructuredOutput, StructureKind
 from parrot.errors import UserError
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
+from parrot.protocol.openai_tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta
 
 # choices in one answer: prompts (a completion may take a list) times n
 MAX_CHOICES_PER_REQUEST = 64
@@ -185,17 +186,28 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessageBody(Lenient):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict] = Field(max_length=MAX_VALUE_CHARS)
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = Field(None, max_length=MAX_VALUE_CHARS)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant's earlier calls
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        """What the chat template shows of the message: its text, and an assistant's tool calls as JSON."""
+        if self.content is None:
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if self.tool_calls:
+            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in self.tool_calls]
+            text += ("\n" if text else "") + json.dumps(calls)
+        return text
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=1000)
+    tools: list[Tool] | None = Field(None, max_length=128)  # type: ignore[assignment]
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # type: ignore[assignment]
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None  # each generated token's log probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with this many most likely alternatives
@@ -208,6 +220,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def unsupported(self) -> list[str]:
+        # tools and tool_choice are taken (server/openai_tools.py); the legacy functions are not
+        return [name for name in super().unsupported() if name not in ("tools", "tool_choice")] + (["functions"] if self.functions else [])
 
 
 class Usage(BaseModel):
@@ -244,7 +260,8 @@ class CompletionResponse(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None where the answer is a tool call
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatTopLogprob(BaseModel):
@@ -280,6 +297,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

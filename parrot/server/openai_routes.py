@@ -30,8 +30,9 @@ from parrot.server.auth import KeyStore
 from parrot.server.common import tenant_key_required
 from parrot.server.openai_logprobs import LogprobsWriter, prompt_tokens
 from parrot.server.openai_runs import (
-    CLIENT_CLOSED_REQUEST, ClientGone, answer_choices, choice_specs, stream_choices, unless_client_gone,
+    CLIENT_CLOSED_REQUEST, Answer, ClientGone, answer_choices, choice_specs, stream_choices, unless_client_gone,
 )
+from parrot.server.openai_tools import StreamedPart, ToolCallStream, plan_tools, with_tools_shown
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -172,9 +173,17 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         check_supported(body)
         if tokenizer is None:
             raise UserError("this server has no tokenizer with a chat template; use /v1/completions")
+        tools = plan_tools(body)
+        if tools is not None:
+            manager.check_logits_computed(STRUCTURED_FEATURE)
         messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if tools is not None and not tokenizer.template_shows_tools:
+            messages = with_tools_shown(messages, tools)
+        offered = [tool.model_dump() for tool in body.tools] if tools is not None else None
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=offered)
         sampling = body.sampling(DEFAULT_MAX_TOKENS)
+        if tools is not None:
+            sampling = dataclasses.replace(sampling, structured=tools.structured)
         if body.max_completion_tokens and not body.max_tokens:
             sampling = dataclasses.replace(sampling, max_tokens=body.max_completion_tokens)
         prompt_tokens = count(prompt)
@@ -183,12 +192,23 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()  # choices whose first chunk (the one naming the role) went out
         writers = {s.index: LogprobsWriter(tokenizer) for s in specs} if body.logprobs else {}
+        calls = ToolCallStream(tools) if tools is not None else None
+        held_tokens: dict[int, list[LoggedToken]] = {}  # logged while a tool call's text is held back
 
         def render(index: int, delta: str, reason: str | None, tokens: list[LoggedToken]) -> bytes:
+            part = StreamedPart(content=delta or None)
+            if calls is not None:
+                part = calls.part(index, delta, reason is not None)
+                if part is None:
+                    held_tokens.setdefault(index, []).extend(tokens)
+                    return b""
+                tokens = held_tokens.pop(index, []) + tokens
+                reason = tools.finish_reason if reason == "stop" and part.content is None else reason
             role = None if index in started else "assistant"
             started.add(index)
             logprobs = writers[index].chat(tokens) if writers else None
-            choice = ChatChunkChoice(index=index, delta=ChatDelta(role=role, content=delta or None), finish_reason=reason, logprobs=logprobs)
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(role=role, content=part.content, tool_calls=part.tool_calls),
+                                     finish_reason=reason, logprobs=logprobs)
             chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
             return f"data: {chunk.model_dump_json()}\n\n".encode()
 
@@ -203,9 +223,11 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             answers = await answer_choices(manager, request, tenant, specs)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return ChatCompletionResponse(
-            id=rid, created=created, model=model,
-            choices=[ChatChoice(index=i, message=ChatMessageOut(content=a.text), finish_reason=a.finish_reason,
-                                logprobs=writers[i].chat(a.tokens) if writers else None) for i, a in enumerate(answers)],
-            usage=usage(prompt_tokens, sum(a.completion_tokens for a in answers)),
-        )
+        def choice(index: int, answer: Answer) -> ChatChoice:
+            call = tools.call(answer.text) if tools is not None else None
+            message = ChatMessageOut(content=None, tool_calls=[call]) if call is not None else ChatMessageOut(content=answer.text)
+            return ChatChoice(index=index, message=message, finish_reason=tools.finish_reason if call is not None else answer.finish_reason,
+                              logprobs=writers[index].chat(answer.tokens) if writers else None)
+
+        return ChatCompletionResponse(id=rid, created=created, model=model, choices=[choice(i, a) for i, a in enumerate(answers)],
+                                      usage=usage(prompt_tokens, sum(a.completion_tokens for a in answers)))

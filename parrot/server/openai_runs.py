@@ -115,8 +115,9 @@ async def answer_choices(manager: Manager, request: Request, tenant: str, specs:
         manager.close_session(run.session, tenant)
 
 
-# render(index, delta, finish_reason, tokens) -> one SSE event for choice `index`; tokens: those
-# logged since its last event (where the sampling asked for log probabilities)
+# render(index, delta, finish_reason, tokens) -> one SSE event for choice `index` (empty bytes: none
+# yet, render keeps the piece); tokens: those logged since the last call (where the sampling asked
+# for log probabilities)
 Render = Callable[[int, str, str | None, list[LoggedToken]], bytes]
 _CHOICE_DONE = object()
 
@@ -135,8 +136,10 @@ def stream_choices(manager: Manager, tenant: str, specs: list[ChoiceSpec], rende
             async for piece in manager.stream_published(run.session, var.var_id, OPENAI_OBJECTIVE, tenant):
                 if piece.text:
                     # the tokens whose text this piece completes: one whose text is held back goes with a later one
-                    await queue.put(render(spec.index, piece.text, None, var.token_logprobs[sent : piece.logged_tokens]))
+                    event = render(spec.index, piece.text, None, var.token_logprobs[sent : piece.logged_tokens])
                     sent = max(sent, piece.logged_tokens)
+                    if event:  # empty: render holds the piece back (a tool call sent whole at its end)
+                        await queue.put(event)
             await queue.put(render(spec.index, "", var.finish_reason or "stop", var.token_logprobs[sent:]))
             await queue.put(_CHOICE_DONE)
         except Exception as exc:  # handed to the response, which sends it as the stream's error event

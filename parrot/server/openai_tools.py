@@ -1,0 +1,142 @@
+"""Tool calls in chats: a call the request asks for, its arguments held to the function's schema.
+
+A chat that names a function (tool_choice {"type": "function", "function": {"name": ...}}) or
+asks for some call (tool_choice "required") gets one. Its text is structured output under a
+JSON schema: the function's parameters, or, for "required", an object naming one of the tools
+and its parameters. The answer carries it as tool_calls. tool_choice "auto" (OpenAI's default
+where tools are given) lets the model decide in a format of its own, which would need a parser
+per model family: it is refused with a message that says what works. "none" is a plain chat.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+
+from parrot.engine.structured import StructuredOutput, StructureKind
+from parrot.engine.tokenizer import ChatMessage
+from parrot.errors import UserError
+from parrot.protocol.openai_api import ChatCompletionRequest
+from parrot.protocol.openai_tools import FunctionCall, FunctionCallDelta, NamedToolChoice, ToolCall, ToolCallDelta, ToolFunction
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolMode(Enum):
+    NAMED = "named"  # the request names the function
+    REQUIRED = "required"  # some call, of one of the tools
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    mode: ToolMode
+    tools: dict[str, ToolFunction]  # by name: the one named, or all the request offers
+
+    @property
+    def structured(self) -> StructuredOutput:
+        if self.mode is ToolMode.NAMED:
+            [function] = self.tools.values()
+            return StructuredOutput(StructureKind.JSON_SCHEMA, json.dumps(function.parameters))
+        options = [{"type": "object", "properties": {"name": {"const": name}, "parameters": f.parameters},
+                    "required": ["name", "parameters"], "additionalProperties": False} for name, f in self.tools.items()]
+        return StructuredOutput(StructureKind.JSON_SCHEMA, json.dumps({"anyOf": options}))
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's: "stop" where the request named the function, "tool_calls" where the model chose."""
+        return "stop" if self.mode is ToolMode.NAMED else "tool_calls"
+
+    def call(self, text: str) -> ToolCall | None:
+        """The call an answer's text makes; None where the text is no whole call (max_tokens cut it)."""
+        try:
+            value = json.loads(text)
+            if self.mode is ToolMode.NAMED:
+                [name] = self.tools
+                arguments = text
+            else:
+                name, arguments = value["name"], json.dumps(value["parameters"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
+
+
+def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
+    """The call the chat must make, if it must make one."""
+    choice = body.tool_choice
+    if not body.tools or choice == "none":
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            raise UserError("tool_choice asks for a tool call, but the request offers no tools: send them in tools")
+        return None
+    if choice in (None, "auto"):
+        raise UserError('tool_choice "auto" (the default where tools are given) lets the model decide whether to call one, '
+                        "in a format of its own that this server does not parse: send tool_choice \"required\", name the "
+                        'function ({"type": "function", "function": {"name": ...}}), or send "none"')
+    offered = {tool.function.name: tool.function for tool in body.tools}
+    if len(offered) != len(body.tools):
+        raise UserError("two tools have the same name: name each function once")
+    if body.structured() is not None:
+        raise UserError("a tool call's arguments are held to the function's schema already: drop response_format "
+                        "(or structured_outputs) or tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in offered:
+            raise UserError(f"tool_choice names {choice.function.name!r}, which is not among the tools: {', '.join(offered)}")
+        return ToolPlan(ToolMode.NAMED, {choice.function.name: offered[choice.function.name]})
+    return ToolPlan(ToolMode.REQUIRED, offered)
+
+
+def with_tools_shown(messages: list[ChatMessage], plan: ToolPlan) -> list[ChatMessage]:
+    """The messages with the tools described in the system message, for chat templates that do
+    not render tools themselves: a model asked for a call should know what it calls."""
+    described = json.dumps([{"name": name, "description": f.description or "", "parameters": f.parameters}
+                            for name, f in plan.tools.items()])
+    if plan.mode is ToolMode.NAMED:
+        note = f"You can call these functions. Answer with the arguments of a call to {next(iter(plan.tools))} as JSON.\n{described}"
+    else:
+        note = f'You can call these functions. Answer with a call as JSON: {{"name": ..., "parameters": {{...}}}}.\n{described}'
+
+    if messages and messages[0].role == "system":
+        return [ChatMessage("system", f"{messages[0].content}\n\n{note}"), *messages[1:]]
+    return [ChatMessage("system", note), *messages]
+
+
+@dataclass(frozen=True)
+class StreamedPart:
+    """What one chunk of a streamed choice carries: text, or a piece of its tool call."""
+
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+@dataclass
+class ToolCallStream:
+    """Turns a streamed chat's pieces into tool-call chunks, choice by choice. A named function's
+    arguments stream as they come (the first chunk names the call); a call the model chose is
+    sent whole when its text ends, since its name comes first inside the JSON."""
+
+    plan: ToolPlan
+    _ids: dict[int, str] = field(default_factory=dict)
+    _held: dict[int, str] = field(default_factory=dict)
+
+    def part(self, index: int, text: str, finished: bool) -> StreamedPart | None:
+        """None: nothing to send for this piece yet."""
+        if self.plan.mode is ToolMode.NAMED:
+            first = index not in self._ids
+            call_id = self._ids.setdefault(index, new_call_id())
+            if not text and not first:
+                return StreamedPart()
+            name = next(iter(self.plan.tools)) if first else None
+            return StreamedPart(tool_calls=[ToolCallDelta(id=call_id if first else None, type="function" if first else None,
+                                                          function=FunctionCallDelta(name=name, arguments=text))])
+        self._held[index] = self._held.get(index, "") + text
+        if not finished:
+            return None
+        whole = self._held.pop(index)
+        call = self.plan.call(whole)
+        if call is None:  # cut short by max_tokens: the text as it is
+            return StreamedPart(content=whole or None)
+        return StreamedPart(tool_calls=[ToolCallDelta(id=call.id, type="function",
+                                                      function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments))])
