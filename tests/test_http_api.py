@@ -399,6 +399,8 @@ def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server, toke
     assert longer.usage.completion_tokens >= short.usage.completion_tokens + 3
     with pytest.raises(BadRequestError, match="min_tokens must be an integer from 0 to max_tokens"):
         client.chat.completions.create(**chat, extra_body={"min_tokens": 30})
+    newer = {**chat, "max_tokens": None, "max_completion_tokens": 40}  # the newer name, as the SDK sends for o-series models
+    assert client.chat.completions.create(**newer, extra_body={"min_tokens": 30}).usage.completion_tokens >= 30
 
 
 def test_openai_sdk_structured_outputs_parse_as_asked(server):
@@ -436,6 +438,11 @@ def test_openai_sdk_structured_outputs_parse_as_asked(server):
         client.completions.create(**ask, extra_body={"guided_regex": "a", "response_format": {"type": "json_object"}})
     with pytest.raises(BadRequestError, match="(?s)regex for structured output does not compile"):
         client.completions.create(**ask, extra_body={"guided_regex": "a(b"})
+    with pytest.raises(BadRequestError, match="(?s)regex for structured output does not compile"):  # before a stream begins
+        client.completions.create(**ask, stream=True, extra_body={"guided_regex": "a(b"})
+    # vLLM's options for its backends are taken; json_object as vLLM spells it
+    assert isinstance(json.loads(client.completions.create(**{**ask, "prompt": "A JSON object: ", "max_tokens": 40, "temperature": 0}, extra_body={
+        "structured_outputs": {"json_object": True, "disable_fallback": False}}).choices[0].text), dict)
     with pytest.raises(BadRequestError, match="json_schema takes .* give its schema"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "json_schema"})
 
@@ -477,6 +484,19 @@ def test_openai_sdk_tool_calls_named_or_required_streamed_or_not(server):
     [whole] = [c.choices[0].delta.tool_calls[0] for c in streamed if c.choices[0].delta.tool_calls]
     assert (whole.function.name, json.loads(whole.function.arguments)) == (chosen.function.name, json.loads(chosen.function.arguments))
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    # the SDK's own stream helper puts the pieces back together
+    with client.chat.completions.stream(**ask, tool_choice={"type": "function", "function": {"name": "get_weather"}}) as stream:
+        [helped] = stream.get_final_completion().choices[0].message.tool_calls
+    assert json.loads(helped.function.arguments) == arguments
+    # a function whose schema refers to its own $defs (pydantic's nested models), among others
+    trip = {"type": "function", "function": {"name": "book_trip", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Place"}}, "required": ["to"], "additionalProperties": False,
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                            "additionalProperties": False}}}}}
+    booked = client.chat.completions.create(**{**ask, "tools": [trip, TIME], "messages": [{"role": "user", "content": "Book a trip to Rome."}]},
+                                            tool_choice="required")
+    [booking] = booked.choices[0].message.tool_calls
+    assert booking.function.name in ("book_trip", "get_time") and isinstance(json.loads(booking.function.arguments), dict)
 
     # the call and its result go back into the conversation
     history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},

@@ -132,7 +132,8 @@ class LLMEngine:
         log.info("%s on %s: %s; %d KV blocks of %d tokens", model_dir.name, device, self.precision, num_blocks, config.block_size)
         self.contexts = ContextTable(BlockPool(num_blocks, config.block_size), self.kv.copy_block)
         self.prefix_cache = PrefixCache(self.contexts) if config.prefix_caching else None
-        self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.model_config.eos_token_ids[0])
+        self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.tokenizer.vocab_size,
+                                        self.model_config.eos_token_ids)
         self.scheduler = BatchScheduler(
             self.contexts, SchedulerConfig(config.max_tokens_per_step, config.max_seqs_per_step, config.latency_max_tokens_per_step),
             reclaim=self.prefix_cache.evict if self.prefix_cache is not None else None,
@@ -252,14 +253,17 @@ class LLMEngine:
             ctx = self.contexts.get(context_id)
             if not ctx.token_ids:
                 raise ContextError(f"context {context_id!r} is empty: fill it before generating")
+            # refusals first: a refused request leaves the context as it was
+            if any(not 0 <= t < self.model_config.vocab_size for t in sampling.stop_token_ids):
+                raise SamplingError(f"stop token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
+            grammar = None
+            if sampling.structured is not None:  # a large grammar takes a while to compile: off the event loop
+                grammar = await asyncio.to_thread(self.grammars.compile, sampling.structured, self.tokenizer.encode)
             if ctx.num_pending == 0:
                 ctx.num_computed -= 1  # recompute the last token to get its logits
             generator = None
             if sampling.seed is not None:
                 generator = torch.Generator().manual_seed(sampling.seed)
-            if any(not 0 <= t < self.model_config.vocab_size for t in sampling.stop_token_ids):
-                raise SamplingError(f"stop token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
-            grammar = self.grammars.compile(sampling.structured, self.tokenizer.encode) if sampling.structured is not None else None
             channel = _JobChannel(queue=asyncio.Queue())
             job = self.scheduler.submit(
                 JobKind.GENERATE,
@@ -581,10 +585,15 @@ class LLMEngine:
         job.num_generated += 1
         is_eos = token in sampling.stop_token_ids or (not sampling.ignore_eos and token in self.model_config.eos_token_ids)
         if job.grammar is not None:
-            # the grammar's end token ends the output even with ignore_eos: nothing more may follow
-            is_eos = is_eos or token == job.grammar.end_token_id
-            if not is_eos:
-                job.grammar.accept(token)
+            # an end token the grammar allowed ends the output even with ignore_eos: nothing more may follow
+            is_eos = is_eos or token in job.grammar.end_token_ids
+            try:
+                job.grammar.check()
+                if not is_eos:
+                    job.grammar.accept(token)
+            except SamplingError as exc:  # this output ends with the error; the step's other jobs go on
+                self._finish(job, exc)
+                return
         if is_eos:
             self._emit(job, GeneratedToken(token, job.stop_checker.flush(), FinishReason.STOP, logprobs))
             return

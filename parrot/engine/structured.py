@@ -58,18 +58,30 @@ class OutputGrammar:
     """One output's grammar state: which tokens may come next, and the tokens taken so far."""
 
     matcher: object  # llguidance.LLMatcher
-    vocab_size: int
-    end_token_id: int  # the token that ends the output where the grammar is complete
+    vocab_size: int  # the logits' width
+    end_token_ids: tuple[int, ...]  # the tokens that end the output where the grammar is complete
     _bits: torch.Tensor = field(default_factory=lambda: torch.arange(32, dtype=torch.int32))
 
     def allowed(self) -> torch.Tensor:
         """[V] bool: the tokens that keep the text within the grammar."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # [ceil(V / 32)]
-        return ((words.unsqueeze(-1) >> self._bits) & 1).flatten()[: self.vocab_size].bool()  # [V]
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # [ceil(V' / 32)]
+        bits = ((words.unsqueeze(-1) >> self._bits) & 1).flatten().bool()  # [32 * ceil(V' / 32)]
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)  # logits past the grammar's vocabulary stay out
+        width = min(self.vocab_size, bits.shape[0])
+        allowed[:width] = bits[:width]
+        return allowed  # [V]
 
     def accept(self, token_id: int) -> None:
-        if not self.matcher.consume_token(token_id):
-            raise RuntimeError(f"the grammar refused token {token_id}, which its own mask allowed: {self.matcher.get_error()}")
+        """Raises SamplingError where the grammar cannot go on (its engine's limits, a refused token)."""
+        if not self.matcher.consume_token(token_id) or self.matcher.is_error():
+            raise SamplingError(f"structured output stopped: the grammar engine could not take token {token_id}: "
+                                f"{self.matcher.get_error()}")
+
+    def check(self) -> None:
+        """Raises SamplingError where the grammar engine failed while computing the last mask (its
+        limits): that mask allows only the end, which would end the output as if complete."""
+        if self.matcher.is_error():
+            raise SamplingError(f"structured output stopped: the grammar engine failed: {self.matcher.get_error()}")
 
     @property
     def complete(self) -> bool:
@@ -81,31 +93,58 @@ class GrammarCompiler:
     """Compiles structured-output specs into grammars for one engine's tokenizer and vocabulary.
     The tokenizer llguidance works with is built on first use (about 0.2 s)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, end_token_id: int):
+    def __init__(self, tokenizer_json: str, vocab_size: int, tokenizer_vocab_size: int, end_token_ids: tuple[int, ...]):
+        """vocab_size: the logits' width, which may pass the tokenizer's (padding) or fall short of it."""
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
-        self.end_token_id = end_token_id
+        self._grammar_vocab_size = max(vocab_size, tokenizer_vocab_size)
+        self.end_token_ids = end_token_ids
         self._tokenizer = None
 
-    def compile(self, structured: StructuredOutput, encode) -> OutputGrammar:
-        """encode(text) -> token ids: for the resume text. Raises SamplingError (a user error) for a
-        spec that does not compile."""
+    def _llg_tokenizer(self):
         import llguidance
 
         if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self.end_token_id)
-        try:
-            if structured.kind is StructureKind.JSON_SCHEMA:
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(structured.spec)
-            elif structured.kind is StructureKind.REGEX:
-                grammar = llguidance.LLMatcher.grammar_from_regex(structured.spec)
-            else:
-                grammar = llguidance.LLMatcher.grammar_from_lark(structured.spec)
-            matcher = llguidance.LLMatcher(self._tokenizer, grammar)
-        except ValueError as exc:  # a schema that is not JSON, say
-            raise SamplingError(f"the {structured.kind.value} for structured output does not compile: {exc}") from exc
+            if not self.end_token_ids:
+                raise SamplingError("this model names no end-of-sequence token, which a structured output ends with: "
+                                    "ask without one")
+            # the grammar's vocabulary holds every token the tokenizer knows, and the model's padding past it
+            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self._grammar_vocab_size,
+                                                     eos_token=list(self.end_token_ids))
+        return self._tokenizer
+
+    def compile(self, structured: StructuredOutput, encode) -> OutputGrammar:
+        """encode(text) -> token ids: for the resume text. Raises SamplingError (a user error) for a
+        spec that does not compile. Can take a while for a large grammar: call it off the event loop."""
+        import llguidance
+
+        check_compiles(structured)
+        matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar_of(structured))
         if matcher.is_error():
             raise SamplingError(f"the {structured.kind.value} for structured output does not compile: {matcher.get_error()}")
         if structured.resume_text and not matcher.consume_tokens(encode(structured.resume_text)):
             raise SamplingError(f"the output so far does not match its {structured.kind.value}: {matcher.get_error()}")
-        return OutputGrammar(matcher, self.vocab_size, self.end_token_id)
+        return OutputGrammar(matcher, self.vocab_size, self.end_token_ids)
+
+
+def grammar_of(structured: StructuredOutput) -> str:
+    import llguidance
+
+    try:
+        if structured.kind is StructureKind.JSON_SCHEMA:
+            return llguidance.LLMatcher.grammar_from_json_schema(structured.spec)
+        if structured.kind is StructureKind.REGEX:
+            return llguidance.LLMatcher.grammar_from_regex(structured.spec)
+        return llguidance.LLMatcher.grammar_from_lark(structured.spec)
+    except ValueError as exc:  # a schema that is not JSON, say
+        raise SamplingError(f"the {structured.kind.value} for structured output does not compile: {exc}") from exc
+
+
+def check_compiles(structured: StructuredOutput) -> None:
+    """Raises SamplingError for a spec the grammar engine refuses; needs no model, so a server checks
+    a request's spec before any work (or a stream) starts."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(grammar_of(structured))
+    if error:
+        raise SamplingError(f"the {structured.kind.value} for structured output does not compile: {error}")

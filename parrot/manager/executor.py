@@ -357,7 +357,8 @@ class Executor:
                 output.finish_reason = FinishReason.LENGTH.value
                 self._output_done(output, text)
                 return
-            sampling = replace(sampling, max_tokens=sampling.max_tokens - output.num_tokens)
+            sampling = replace(sampling, max_tokens=sampling.max_tokens - output.num_tokens,
+                               min_tokens=max(0, sampling.min_tokens - output.num_tokens))
             if sampling.structured is not None:  # the new engine's grammar takes in what the output holds
                 sampling = replace(sampling, structured=replace(sampling.structured, resume_text=text))
             if sampling.stop:

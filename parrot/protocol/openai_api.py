@@ -17,6 +17,10 @@ from parrot.protocol.openai_tools import NamedToolChoice, Tool, ToolCall, ToolCa
 MAX_CHOICES_PER_REQUEST = 64
 
 
+# vLLM's structured_outputs options that tune its grammar backends rather than say what the text is
+VLLM_STRUCTURE_OPTIONS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
+
+
 def _json_schema(schema: object) -> StructuredOutput:
     if not isinstance(schema, dict):
         raise UserError(f"a JSON schema for structured output is a JSON object, not {type(schema).__name__}")
@@ -74,7 +78,7 @@ class SamplingFields(Lenient):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=self.asked_max_tokens or default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
@@ -110,9 +114,13 @@ class SamplingFields(Lenient):
             if value is not None:
                 vllm[field] = value
         for field, value in vllm.items():
-            if value is None:
+            if value is None or value is False:
                 continue
-            if field == "json":
+            if field in VLLM_STRUCTURE_OPTIONS:  # how vLLM's backends go about it: nothing to hold the text to
+                continue
+            if field == "json_object":
+                asked["structured_outputs.json_object"] = StructuredOutput.json_object()
+            elif field == "json":
                 try:
                     schema = json.loads(value) if isinstance(value, str) else value
                 except ValueError as exc:
@@ -128,7 +136,8 @@ class SamplingFields(Lenient):
                     raise UserError("structured_outputs.choice is a list of strings, the answers allowed")
                 asked["structured_outputs.choice"] = StructuredOutput.choice(value)
             else:
-                raise UserError(f"structured_outputs.{field} is not one this server takes: use json, regex, choice or grammar")
+                raise UserError(f"structured_outputs.{field} is not one this server takes: use json, json_object, regex, "
+                                "choice or grammar")
         if len(asked) > 1:
             raise UserError(f"give one structure for the output, not {len(asked)}: {', '.join(asked)}")
         return next(iter(asked.values()), None)
@@ -136,6 +145,10 @@ class SamplingFields(Lenient):
     def wanted_logprobs(self) -> int | None:
         """How many alternatives each generated token's log probability comes with; None: no log probabilities."""
         return None
+
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def choices_per_prompt(self) -> int:
@@ -220,6 +233,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_tokens or self.max_completion_tokens  # the newer name, where the older is not given
 
     def unsupported(self) -> list[str]:
         # tools and tool_choice are taken (server/openai_tools.py); the legacy functions are not

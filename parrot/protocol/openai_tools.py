@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
@@ -46,12 +46,21 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class FunctionCallDelta(BaseModel):
+class WithoutNones(BaseModel):
+    """Leaves unset fields out of the JSON, as OpenAI does in streamed tool calls: the openai SDK's
+    stream helper takes a null type in a later piece for a new call of another type."""
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class FunctionCallDelta(WithoutNones):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(WithoutNones):
     """A streamed piece of a tool call: the first names it, the later ones add to its arguments."""
 
     index: int = 0

@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from parrot.backends.base import LOGPROBS_FEATURE, STRUCTURED_FEATURE
 from parrot.engine.sampler import SamplingParams
+from parrot.engine.structured import check_compiles
 from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import NotFoundError, UserError
 from parrot.manager.graph import LoggedToken
@@ -91,8 +92,9 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             if tokenizer is None:
                 raise UserError("this server has no tokenizer to name tokens with: ask without logprobs")
             manager.check_logits_computed(LOGPROBS_FEATURE)
-        if body.structured() is not None:
+        if (structured := body.structured()) is not None:
             manager.check_logits_computed(STRUCTURED_FEATURE)
+            check_compiles(structured)  # a 400 now, not an error event in a stream that began
 
     def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
@@ -176,6 +178,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         tools = plan_tools(body)
         if tools is not None:
             manager.check_logits_computed(STRUCTURED_FEATURE)
+            check_compiles(tools.structured)
         messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
         if tools is not None and not tokenizer.template_shows_tools:
             messages = with_tools_shown(messages, tools)
@@ -184,10 +187,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         sampling = body.sampling(DEFAULT_MAX_TOKENS)
         if tools is not None:
             sampling = dataclasses.replace(sampling, structured=tools.structured)
-        if body.max_completion_tokens and not body.max_tokens:
-            sampling = dataclasses.replace(sampling, max_tokens=body.max_completion_tokens)
         prompt_tokens = count(prompt)
-        sampling = within_context(prompt_tokens, sampling, body.max_tokens is not None or body.max_completion_tokens is not None)
+        sampling = within_context(prompt_tokens, sampling, body.asked_max_tokens is not None)
         specs = choice_specs([prompt], [sampling], body.choices_per_prompt)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         started: set[int] = set()  # choices whose first chunk (the one naming the role) went out

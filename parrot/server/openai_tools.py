@@ -41,9 +41,12 @@ class ToolPlan:
         if self.mode is ToolMode.NAMED:
             [function] = self.tools.values()
             return StructuredOutput(StructureKind.JSON_SCHEMA, json.dumps(function.parameters))
-        options = [{"type": "object", "properties": {"name": {"const": name}, "parameters": f.parameters},
-                    "required": ["name", "parameters"], "additionalProperties": False} for name, f in self.tools.items()]
-        return StructuredOutput(StructureKind.JSON_SCHEMA, json.dumps({"anyOf": options}))
+        # a Lark grammar with each function's schema under its own %json: each keeps its own root,
+        # so that its $refs ("#/$defs/...", as pydantic writes nested models) still resolve
+        rules = [f"call_{i}: {json.dumps(json.dumps({'name': name, 'parameters': 0})[:-2])} params_{i} \"}}\"\n"
+                 f"params_{i}: %json {json.dumps(f.parameters)}" for i, (name, f) in enumerate(self.tools.items())]
+        start = "start: " + " | ".join(f"call_{i}" for i in range(len(self.tools)))
+        return StructuredOutput(StructureKind.LARK, "\n".join([start, *rules]))
 
     @property
     def finish_reason(self) -> str:
