@@ -53,6 +53,14 @@ def test_a_json_object_ends_when_it_closes_and_resumes_after_text_it_already_hol
     assert json.loads(held + text_of(rest))["name"] == "Ada"
 
 
+def test_a_grammar_in_gbnf_is_taken_as_vllm_takes_it(engine):
+    gbnf = 'root ::= answer " (" digit ")"\nanswer ::= "yes" | "no"\ndigit ::= [0-9]'
+    tokens = generate(engine, "Is water wet? Answer: ", greedy(12, structured=StructuredOutput(StructureKind.LARK, gbnf)), "gbnf")
+    assert re.fullmatch(r"(yes|no) \(\d\)", text_of(tokens)) and finish_of(tokens) is FinishReason.STOP
+    with pytest.raises(SamplingError, match="neither Lark .with a start rule. nor GBNF"):
+        generate(engine, "x", greedy(4, structured=StructuredOutput(StructureKind.LARK, "root ::= (")), "bad-gbnf")
+
+
 def test_specs_that_do_not_compile_are_refused_with_the_grammar_engines_message(engine):
     with pytest.raises(SamplingError, match="(?s)regex for structured output does not compile: .*unclosed group"):
         generate(engine, "x", greedy(4, structured=StructuredOutput(StructureKind.REGEX, "a(b")), "bad-regex")

@@ -23,7 +23,7 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any JSON obje
 class StructureKind(Enum):
     JSON_SCHEMA = "json_schema"
     REGEX = "regex"
-    LARK = "lark"  # llguidance's Lark dialect (vLLM's `grammar`)
+    LARK = "lark"  # llguidance's Lark dialect, or GBNF (llama.cpp's, as vLLM's `grammar` takes it), converted
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,13 @@ def grammar_of(structured: StructuredOutput) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(structured.spec)
         if structured.kind is StructureKind.REGEX:
             return llguidance.LLMatcher.grammar_from_regex(structured.spec)
-        return llguidance.LLMatcher.grammar_from_lark(structured.spec)
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+        try:
+            lark = any_to_lark(structured.spec)  # Lark as it is (a `start:` rule); GBNF (`root ::= ...`) converted
+        except GbnfToLarkError as exc:
+            raise SamplingError(f"the grammar for structured output is neither Lark (with a start rule) nor GBNF: {exc}") from exc
+        return llguidance.LLMatcher.grammar_from_lark(lark)
     except ValueError as exc:  # a schema that is not JSON, say
         raise SamplingError(f"the {structured.kind.value} for structured output does not compile: {exc}") from exc
 
