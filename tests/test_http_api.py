@@ -456,8 +456,8 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 def test_openai_sdk_tool_calls_named_or_required_streamed_or_not(server):
     """A named function or tool_choice "required" gets a call whose arguments parse against the
-    function's schema; streamed, a named call's arguments add up to the same text; "auto" is
-    refused with a message that says what works."""
+    function's schema; streamed, a named call's arguments add up to the same text; with "auto"
+    the model calls or answers in words."""
     import json
 
     from openai import BadRequestError, OpenAI
@@ -503,8 +503,22 @@ def test_openai_sdk_tool_calls_named_or_required_streamed_or_not(server):
                {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
     assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0).choices[0].message.content
 
-    with pytest.raises(BadRequestError, match='tool_choice "auto" .* send tool_choice "required", name the function'):
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, tools=[WEATHER])
+    # auto, OpenAI's default where tools are given: a call, or an answer in words that does not start with "{";
+    # streamed, the same either way
+    for question in ("What is the weather in Paris?", "Say hello to me."):
+        auto = dict(model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0, tools=[WEATHER, TIME])
+        answer = client.chat.completions.create(**auto).choices[0]
+        pieces = [c.choices[0] for c in client.chat.completions.create(**auto, stream=True)]
+        if answer.message.tool_calls:
+            [made] = answer.message.tool_calls
+            assert made.function.name in ("get_weather", "get_time") and isinstance(json.loads(made.function.arguments), dict)
+            assert answer.finish_reason == "tool_calls" and pieces[-1].finish_reason == "tool_calls"
+            [sent] = [p.delta.tool_calls[0] for p in pieces if p.delta.tool_calls]
+            assert (sent.function.name, sent.function.arguments) == (made.function.name, made.function.arguments)
+        else:
+            assert answer.message.content and not answer.message.content.startswith("{") and answer.finish_reason != "tool_calls"
+            assert "".join(p.delta.content or "" for p in pieces) == answer.message.content
+            assert not any(p.delta.tool_calls for p in pieces) and pieces[-1].finish_reason == answer.finish_reason
     with pytest.raises(BadRequestError, match="names 'get_news', which is not among the tools: get_weather, get_time"):
         client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_news"}})
     with pytest.raises(BadRequestError, match="drop response_format"):

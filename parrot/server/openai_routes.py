@@ -204,7 +204,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
                     held_tokens.setdefault(index, []).extend(tokens)
                     return b""
                 tokens = held_tokens.pop(index, []) + tokens
-                reason = tools.finish_reason if reason == "stop" and part.content is None else reason
+                reason = tools.finish_reason if reason == "stop" and index in calls.called else reason
             role = None if index in started else "assistant"
             started.add(index)
             logprobs = writers[index].chat(tokens) if writers else None

@@ -2,10 +2,11 @@
 
 A chat that names a function (tool_choice {"type": "function", "function": {"name": ...}}) or
 asks for some call (tool_choice "required") gets one. Its text is structured output under a
-JSON schema: the function's parameters, or, for "required", an object naming one of the tools
-and its parameters. The answer carries it as tool_calls. tool_choice "auto" (OpenAI's default
-where tools are given) lets the model decide in a format of its own, which would need a parser
-per model family: it is refused with a message that says what works. "none" is a plain chat.
+grammar: the function's parameters as JSON, or, for "required", a JSON object naming one of the
+tools and its parameters. The answer carries it as tool_calls. With "auto" (OpenAI's default
+where tools are given) the grammar also takes an answer in words, which must not begin with
+"{": the first character tells a call from text, whatever the model family's own format for
+calls would have been. "none" is a plain chat.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def new_call_id() -> str:
 class ToolMode(Enum):
     NAMED = "named"  # the request names the function
     REQUIRED = "required"  # some call, of one of the tools
+    AUTO = "auto"  # a call, or text that does not start with "{"
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,11 @@ class ToolPlan:
         # so that its $refs ("#/$defs/...", as pydantic writes nested models) still resolve
         rules = [f"call_{i}: {json.dumps(json.dumps({'name': name, 'parameters': 0})[:-2])} params_{i} \"}}\"\n"
                  f"params_{i}: %json {json.dumps(f.parameters)}" for i, (name, f) in enumerate(self.tools.items())]
-        start = "start: " + " | ".join(f"call_{i}" for i in range(len(self.tools)))
-        return StructuredOutput(StructureKind.LARK, "\n".join([start, *rules]))
+        alternatives = [f"call_{i}" for i in range(len(self.tools))]
+        if self.mode is ToolMode.AUTO:  # or an answer in words: its first character tells which
+            alternatives.append("text")
+            rules.append("text: /[^{][\\s\\S]*/")
+        return StructuredOutput(StructureKind.LARK, "\n".join(["start: " + " | ".join(alternatives), *rules]))
 
     @property
     def finish_reason(self) -> str:
@@ -54,7 +59,10 @@ class ToolPlan:
         return "stop" if self.mode is ToolMode.NAMED else "tool_calls"
 
     def call(self, text: str) -> ToolCall | None:
-        """The call an answer's text makes; None where the text is no whole call (max_tokens cut it)."""
+        """The call an answer's text makes; None where the text is no whole call (max_tokens cut it,
+        or, with tool_choice auto, the model answered in words)."""
+        if self.mode is ToolMode.AUTO and not text.startswith("{"):
+            return None
         try:
             value = json.loads(text)
             if self.mode is ToolMode.NAMED:
@@ -74,10 +82,6 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
         if choice == "required" or isinstance(choice, NamedToolChoice):
             raise UserError("tool_choice asks for a tool call, but the request offers no tools: send them in tools")
         return None
-    if choice in (None, "auto"):
-        raise UserError('tool_choice "auto" (the default where tools are given) lets the model decide whether to call one, '
-                        "in a format of its own that this server does not parse: send tool_choice \"required\", name the "
-                        'function ({"type": "function", "function": {"name": ...}}), or send "none"')
     offered = {tool.function.name: tool.function for tool in body.tools}
     if len(offered) != len(body.tools):
         raise UserError("two tools have the same name: name each function once")
@@ -88,7 +92,7 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
         if choice.function.name not in offered:
             raise UserError(f"tool_choice names {choice.function.name!r}, which is not among the tools: {', '.join(offered)}")
         return ToolPlan(ToolMode.NAMED, {choice.function.name: offered[choice.function.name]})
-    return ToolPlan(ToolMode.REQUIRED, offered)
+    return ToolPlan(ToolMode.REQUIRED if choice == "required" else ToolMode.AUTO, offered)
 
 
 def with_tools_shown(messages: list[ChatMessage], plan: ToolPlan) -> list[ChatMessage]:
@@ -98,8 +102,11 @@ def with_tools_shown(messages: list[ChatMessage], plan: ToolPlan) -> list[ChatMe
                             for name, f in plan.tools.items()])
     if plan.mode is ToolMode.NAMED:
         note = f"You can call these functions. Answer with the arguments of a call to {next(iter(plan.tools))} as JSON.\n{described}"
-    else:
+    elif plan.mode is ToolMode.REQUIRED:
         note = f'You can call these functions. Answer with a call as JSON: {{"name": ..., "parameters": {{...}}}}.\n{described}'
+    else:
+        note = (f'You can call these functions. To call one, answer with the call as JSON: {{"name": ..., "parameters": {{...}}}}; '
+                f"otherwise answer in words.\n{described}")
 
     if messages and messages[0].role == "system":
         return [ChatMessage("system", f"{messages[0].content}\n\n{note}"), *messages[1:]]
@@ -121,8 +128,10 @@ class ToolCallStream:
     sent whole when its text ends, since its name comes first inside the JSON."""
 
     plan: ToolPlan
+    called: set[int] = field(default_factory=set)  # choices that sent a call: they finish with the plan's reason
     _ids: dict[int, str] = field(default_factory=dict)
     _held: dict[int, str] = field(default_factory=dict)
+    _in_words: set[int] = field(default_factory=set)  # tool_choice auto: choices that answer in words
 
     def part(self, index: int, text: str, finished: bool) -> StreamedPart | None:
         """None: nothing to send for this piece yet."""
@@ -131,15 +140,22 @@ class ToolCallStream:
             call_id = self._ids.setdefault(index, new_call_id())
             if not text and not first:
                 return StreamedPart()
+            self.called.add(index)
             name = next(iter(self.plan.tools)) if first else None
             return StreamedPart(tool_calls=[ToolCallDelta(id=call_id if first else None, type="function" if first else None,
                                                           function=FunctionCallDelta(name=name, arguments=text))])
-        self._held[index] = self._held.get(index, "") + text
+        if index in self._in_words:
+            return StreamedPart(content=text or None)
+        held = self._held[index] = self._held.get(index, "") + text
+        if self.plan.mode is ToolMode.AUTO and held and not held.startswith("{"):  # words, from here on as they come
+            self._in_words.add(index)
+            del self._held[index]
+            return StreamedPart(content=held)
         if not finished:
             return None
-        whole = self._held.pop(index)
-        call = self.plan.call(whole)
+        call = self.plan.call(self._held.pop(index))
         if call is None:  # cut short by max_tokens: the text as it is
-            return StreamedPart(content=whole or None)
+            return StreamedPart(content=held or None)
+        self.called.add(index)
         return StreamedPart(tool_calls=[ToolCallDelta(id=call.id, type="function",
                                                       function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments))])
