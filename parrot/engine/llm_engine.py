@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -254,7 +254,7 @@ class LLMEngine:
             if not ctx.token_ids:
                 raise ContextError(f"context {context_id!r} is empty: fill it before generating")
             # refusals first: a refused request leaves the context as it was
-            if any(not 0 <= t < self.model_config.vocab_size for t in sampling.stop_token_ids):
+            if not self._in_vocabulary(sampling.stop_token_ids):
                 raise SamplingError(f"stop token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
             grammar = None
             if sampling.structured is not None:  # a large grammar takes a while to compile: off the event loop
@@ -297,7 +297,7 @@ class LLMEngine:
         check_logprobs(top)
         if not token_ids:
             raise ContextError("there is nothing to score: the prompt has no tokens")
-        if any(not 0 <= t < self.model_config.vocab_size for t in token_ids):
+        if not self._in_vocabulary(token_ids):
             raise ContextError(f"token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
         self._check_length(len(token_ids))
         self._check_fits_pool(len(token_ids))
@@ -315,6 +315,9 @@ class LLMEngine:
             self._finish(job, None)
             self.free_context(context_id)
         return [job.scores[position] for position in range(len(token_ids) - 1)]
+
+    def _in_vocabulary(self, token_ids: Iterable[int]) -> bool:
+        return all(0 <= t < self.model_config.vocab_size for t in token_ids)
 
     async def _fill_prefix(self, prefix_id: str, token_ids: list[int], priority: int) -> None:
         """Computes a shared prefix's context and caches it; frees it if that fails."""

@@ -23,8 +23,10 @@ from parrot.errors import EngineUnavailableError, UserError
 from parrot.frontend.template import Placeholder, TextSegment
 from parrot.manager.graph import Call, CallState, LoggedToken, Objective, Variable
 from parrot.manager.objectives import parallel_producers
-from parrot.manager.policy import CHARS_PER_TOKEN, CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy
-from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex, prefix_hashes
+from parrot.manager.policy import (
+    CHARS_PER_TOKEN, CallDemand, ClusterView, EngineLoad, ParrotPolicy, SchedulingPolicy, held_prompt_tokens,
+)
+from parrot.manager.prefix_index import PrefixIndex, prefix_hashes
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,8 @@ class Executor:
             return
         # a choice whose prompt another choice already brought to this engine forks from it: its
         # prompt is neither computed nor held again
-        held = self._held_prompt_tokens(engine, demand) if call.prompt_shared else 0
+        held = min(held_prompt_tokens(self.prefixes.longest_match(demand.prompt_hashes), engine), demand.prompt_tokens) \
+            if call.prompt_shared else 0
         self.prefixes.record(engine.name, demand.prompt_hashes)
         self.view.group_engines.pop(call.call_id, None)  # a consumer that starts ends the task group it named
         self._tokens[call.call_id] = demand.tokens - held
@@ -232,11 +235,6 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._running[call.call_id] = RunningCall(call, engine, task)
-
-    def _held_prompt_tokens(self, engine: EngineBackend, demand: CallDemand) -> int:
-        """The estimated tokens of the call's prompt that the engine holds already."""
-        granules, holders = self.prefixes.longest_match(demand.prompt_hashes)
-        return min(granules * GRANULE_CHARS // CHARS_PER_TOKEN, demand.prompt_tokens) if engine.name in holders else 0
 
     def _count(self, engine_name: str, call: Call, sign: int) -> None:
         tokens = self._tokens[call.call_id] if sign > 0 else self._tokens.pop(call.call_id, 0)

@@ -21,7 +21,7 @@ from parrot.engine.step_profile import LATENCY_SEQS_FLOOR
 from parrot.errors import UserError
 from parrot.manager.graph import Call, Objective
 from parrot.manager.objectives import engine_priority
-from parrot.manager.prefix_index import GRANULE_CHARS, PrefixIndex
+from parrot.manager.prefix_index import PrefixIndex, PrefixMatch
 
 # An engine holding a call's prefix is preferred while its load stays within this
 # many calls of the least loaded engine; past that the prefix is replicated.
@@ -139,6 +139,11 @@ class SchedulingPolicy(ABC):
         return sorted(held, key=lambda c: c.arrival)
 
 
+def held_prompt_tokens(match: PrefixMatch, engine: EngineBackend) -> int:
+    """The estimated tokens of a prompt's matched prefix where the engine holds it, else 0."""
+    return match.chars // CHARS_PER_TOKEN if engine.name in match.holders else 0
+
+
 def _least_loaded(engines: Sequence[EngineBackend], view: ClusterView) -> EngineBackend:
     return min(engines, key=lambda e: view.load[e.name].calls)
 
@@ -164,11 +169,11 @@ class ParrotPolicy(SchedulingPolicy):
             view = replace(view, engines=taking)
         # capacity in KV tokens (less the prefix an engine already holds, which forks share):
         # a task group goes whole to an engine where the whole group fits
-        granules, holders = view.prefixes.longest_match(demand.prompt_hashes)
+        match = view.prefixes.longest_match(demand.prompt_hashes)
+        holders = match.holders
 
         def new_tokens(engine: EngineBackend, calls: int) -> int:
-            held = granules * GRANULE_CHARS // CHARS_PER_TOKEN if engine.name in holders else 0
-            return calls * max(demand.tokens - held, 0)
+            return calls * max(demand.tokens - held_prompt_tokens(match, engine), 0)
 
         candidates = [e for e in view.engines if fits(e, view, new_tokens(e, demand.group_size))]
         candidates = candidates or [e for e in view.engines if fits(e, view, new_tokens(e, 1))] or list(view.engines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 GRANULE_CHARS = 128
 MAX_ENTRIES = 200_000
@@ -26,6 +27,16 @@ def prefix_hashes(text: str, granule: int = GRANULE_CHARS) -> list[bytes]:
     return hashes
 
 
+@dataclass(frozen=True)
+class PrefixMatch:
+    granules: int  # of the prompt, from its start
+    holders: set[str]  # the engines holding them
+
+    @property
+    def chars(self) -> int:
+        return self.granules * GRANULE_CHARS
+
+
 class PrefixIndex:
     def __init__(self, max_entries: int = MAX_ENTRIES):
         self.max_entries = max_entries
@@ -39,13 +50,13 @@ class PrefixIndex:
         while len(self._engines) > self.max_entries:
             self._engines.popitem(last=False)
 
-    def longest_match(self, hashes: list[bytes]) -> tuple[int, set[str]]:
-        """(granules matched, engines holding that many); (0, empty) when none."""
+    def longest_match(self, hashes: list[bytes]) -> PrefixMatch:
+        """The most granules some engines hold, and those engines; none when no engine holds any."""
         for length in range(len(hashes), 0, -1):
             holders = self._engines.get(hashes[length - 1])
             if holders:
-                return length, set(holders)
-        return 0, set()
+                return PrefixMatch(length, set(holders))
+        return PrefixMatch(0, set())
 
     def forget_engine(self, engine: str) -> None:
         for holders in self._engines.values():

@@ -120,7 +120,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         prompts = [p if isinstance(p, str) else text_of_ids(p) for p in given]
         counts = [len(ids) if ids else count(prompt) for ids, prompt in zip(ids_given, prompts)]
         generates = body.max_tokens != 0  # 0: the prompt alone, with echo
-        samplings = [within_context(c, body.sampling(DEFAULT_MAX_TOKENS), body.max_tokens is not None) for c in counts] if generates else []
+        asked = body.sampling(DEFAULT_MAX_TOKENS) if generates else None  # the same for every prompt, but for its room
+        samplings = [within_context(c, asked, body.max_tokens is not None) for c in counts] if generates else []
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         wants_logprobs = body.wanted_logprobs() is not None
         # echo: the prompt comes back before each of its choices, with its own logprobs where asked
@@ -224,6 +225,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             answers = await answer_choices(manager, request, tenant, specs)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
         def choice(index: int, answer: Answer) -> ChatChoice:
             call = tools.call(answer.text) if tools is not None else None
             message = ChatMessageOut(content=None, tool_calls=[call]) if call is not None else ChatMessageOut(content=answer.text)

@@ -11,6 +11,7 @@ calls would have been. "none" is a plain chat.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ class ToolPlan:
     mode: ToolMode
     tools: dict[str, ToolFunction]  # by name: the one named, or all the request offers
 
-    @property
+    @functools.cached_property
     def structured(self) -> StructuredOutput:
+        """The grammar the answer's text is held to (built once: the request checks it, then samples under it)."""
         if self.mode is ToolMode.NAMED:
             [function] = self.tools.values()
             return StructuredOutput(StructureKind.JSON_SCHEMA, json.dumps(function.parameters))
