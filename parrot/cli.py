@@ -98,6 +98,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from each token the output holds (-2 to 2)")
     parser.add_argument("--frequency-penalty", type=float, default=0.0,
                         help="subtracted per time the output holds a token (-2 to 2)")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="with --temperature: only tokens at least this share of the likeliest's probability (0 to 1; default 0, off)")
 
 
 def _make_engine(args):
@@ -118,7 +120,7 @@ def _sampling(args):
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_p=args.min_p,
     )
 
 

@@ -4,6 +4,7 @@ CPU engine (tests marked gpu, skipped without CUDA)."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from parrot.engine.loader import DEFAULT_MODEL
 from parrot.engine.model import LlamaModel
 from parrot.engine.model_runner import KVCacheTensors, prompt_logits
 from parrot.engine.random_weights import random_model
+from parrot.engine.sampler import SamplingParams, TokenHistory, apply_penalties, apply_token_rules
+from parrot.engine.structured import StructuredOutput, StructureKind
 from parrot.errors import UserError
 
-from conftest import PROMPTS, greedy, run
+from conftest import PROMPTS, fill_and_generate, greedy, run, text_of, token_ids
 
 GIB = 2**30
 # the GPU machine has no model package: the GPU suite points this at a directory of its tokenizer and config
@@ -103,6 +106,40 @@ def test_gpu_decode_from_cuda_graphs_equals_eager_decode():
     outputs = [[run(e.complete(p, greedy(16))) for p in PROMPTS] for e in (graphs, eager)]
     assert outputs[0] == outputs[1]
     assert graphs.runner.graphs.replays > replays_at_start
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_sampling_rules_act_on_the_decode_graphs_logits():
+    """Penalties, logit_bias, allowed_token_ids, min_p, logprobs and structured output on the GPU,
+    whose decode steps replay captured graphs: each token the engine chose is the best after the
+    same rules applied to the model's own logits at that position (recomputed by a fresh prefill),
+    and each reported logprob is the model's."""
+    engine = LLMEngine(EngineConfig(model=TOKENIZER_MODEL, random_weights="tiny", kv_memory_gb=0.05, dtype="float32",
+                                    device="cuda", prefix_caching=False))
+    ids = engine.tokenizer.encode("one two three one two three one two three")
+    out = run(engine.complete(ids, greedy(4)))
+    first = engine.tokenizer.encode(out)[0] if out else 0
+
+    def rows(output: list[int]) -> torch.Tensor:
+        """[len(output), V]: the model's logits before each output token (no context is live now)."""
+        return prompt_logits(engine.model, engine.kv, ids + output, engine.device)[len(ids) - 1 : -1].float().cpu()
+
+    cases = [greedy(8, repetition_penalty=1.8), greedy(8, presence_penalty=1.5, frequency_penalty=0.7),
+             greedy(6, logit_bias={first: -100.0, 7: 3.0}), greedy(6, allowed_token_ids=(5, 9, 11, first)),
+             SamplingParams(max_tokens=6, temperature=1.7, seed=3, ignore_eos=True, min_p=1.0, logprobs=2)]
+    for sampling in cases:
+        tokens = run(fill_and_generate(engine, "rules", ids, sampling))
+        output = token_ids(tokens)
+        for row, (logits, token) in enumerate(zip(rows(output), output)):
+            if sampling.logprobs is not None:
+                assert tokens[row].logprobs.logprob == pytest.approx(torch.log_softmax(logits, -1)[token].item(), abs=1e-3)
+            ruled = apply_penalties(apply_token_rules(logits, sampling), TokenHistory(ids, output[:row]), sampling)
+            assert ruled[token] >= ruled.max() - 1e-3, (sampling, row)
+    forced = token_ids(run(fill_and_generate(engine, "forced", ids, greedy(4, logit_bias={42: 100.0}))))
+    assert forced == [42] * 4
+    structured = greedy(40, ignore_eos=False, structured=StructuredOutput(StructureKind.REGEX, "(yes|no)-[0-9]{3}"))
+    assert re.fullmatch("(yes|no)-[0-9]{3}", text_of(run(fill_and_generate(engine, "structured", ids, structured))))
 
 
 def test_serve_hands_engines_their_flags_and_a_split_of_the_gpu():

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from parrot.engine.llm_engine import FinishReason
+from parrot.engine.sampler import SamplingParams
 from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import ContextError, PromptTooLongError, SamplingError
 
@@ -90,10 +91,33 @@ def test_min_tokens_holds_back_the_end_tokens_until_that_many_are_out(engine, ba
     stop_token = token_ids(tokens)[1]
     out = run(fill_and_generate(engine, "min-stop", base_ids, greedy(MAX_TOKENS, stop_token_ids=(stop_token,), min_tokens=4)))
     assert len(out) >= 5 and stop_token not in token_ids(out)[:4]
-    with pytest.raises(SamplingError, match="stop token ids must be from 0 to"):
+    with pytest.raises(SamplingError, match=r"token ids \(stop_token_ids, allowed_token_ids, logit_bias\) must be from 0 to"):
         run(fill_and_generate(engine, "bad-stop", base_ids, greedy(4, stop_token_ids=(10**7,))))
     with pytest.raises(SamplingError, match="min_tokens must be an integer from 0 to max_tokens"):
         greedy(4, min_tokens=5)
+
+
+def test_logit_bias_and_allowed_token_ids_steer_the_tokens_and_min_p_keeps_the_likely(engine, baseline):
+    base_ids, tokens = baseline
+    first, second = token_ids(tokens)[:2]
+    # a bias of -100 bans the greedy first token; +100 on another makes it come every time
+    banned = run(fill_and_generate(engine, "bias-ban", base_ids, greedy(3, logit_bias={first: -100.0})))
+    assert token_ids(banned)[0] != first
+    forced = run(fill_and_generate(engine, "bias-force", base_ids, greedy(3, logit_bias={second: 100.0})))
+    assert token_ids(forced) == [second] * 3
+    # the reported logprob is the model's own: the forced token is far from likely before the bias
+    logged = run(fill_and_generate(engine, "bias-logprobs", base_ids, greedy(1, logit_bias={second: 100.0}, logprobs=0)))
+    assert logged[0].logprobs.logprob < -1.0
+    # only the allowed tokens come, sampled or greedy
+    allowed = (second, second + 1, second + 2)
+    sampled = run(fill_and_generate(engine, "allowed", base_ids, SamplingParams(max_tokens=6, temperature=1.5, seed=3,
+                                                                               ignore_eos=True, allowed_token_ids=allowed)))
+    assert set(token_ids(sampled)) <= set(allowed)
+    # min_p 1.0 keeps only the likeliest token: sampling at any temperature is then greedy
+    hot = SamplingParams(max_tokens=MAX_TOKENS, temperature=2.0, seed=5, ignore_eos=True, min_p=1.0)
+    assert token_ids(run(fill_and_generate(engine, "min-p", base_ids, hot))) == token_ids(tokens)
+    with pytest.raises(SamplingError, match="must be from 0 to"):
+        run(fill_and_generate(engine, "bad-bias", base_ids, greedy(4, logit_bias={10**7: 1.0})))
 
 
 def test_closing_the_stream_early_stops_the_job(engine):

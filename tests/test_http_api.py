@@ -174,6 +174,22 @@ def test_a_program_holds_its_outputs_to_their_structures_on_the_server(server):
         assert isinstance(json.loads(notes.get(timeout=120))["issue"], str)
 
 
+def test_a_program_steers_its_tokens_through_the_session_api(server, tokenizer):
+    """logit_bias and allowed_token_ids of P.Output travel the session API and the engine wire."""
+    [yes] = tokenizer.encode(" yes")
+    [no] = tokenizer.encode(" no")
+
+    @P.semantic_function()
+    def answer(question: P.Input, forced: P.Output(max_tokens=3, logit_bias={yes: 100.0}),
+               picked: P.Output(max_tokens=4, temperature=1.5, seed=1, ignore_eos=True, allowed_token_ids=(yes, no))):
+        """Question: {{input:question}} Answer:{{output:forced}} Again:{{output:picked}}"""
+
+    with P.connect(server, api_key=KEYS["alice"]):
+        forced, picked = answer("Is water wet?")
+        assert forced.get(timeout=60) == " yes" * 3
+        assert set(picked.get(timeout=60).split()) <= {"yes", "no"}
+
+
 def test_remote_program_is_one_batch_and_server_refusals_reach_get(server):
     with P.connect(server, api_key=KEYS["alice"]):
         seed = P.variable("seed")
@@ -230,8 +246,8 @@ def test_openai_sdk_top_k_usage_of_streams_and_fields_it_cannot_honour(server):
 
     with pytest.raises(BadRequestError, match="does not implement echo: leave it out"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"echo": True})
-    with pytest.raises(BadRequestError, match="does not implement logit_bias: leave it out"):
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, frequency_penalty=0.5, logit_bias={"42": 5})
+    with pytest.raises(BadRequestError, match="does not implement suffix: leave it out"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, frequency_penalty=0.5, suffix="end")
     with pytest.raises(BadRequestError, match="response_format type 'yaml' is not one this server takes"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format={"type": "yaml"})
     # the neutral values many clients send are taken
@@ -401,6 +417,38 @@ def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server, toke
         client.chat.completions.create(**chat, extra_body={"min_tokens": 30})
     newer = {**chat, "max_tokens": None, "max_completion_tokens": 40}  # the newer name, as the SDK sends for o-series models
     assert client.chat.completions.create(**newer, extra_body={"min_tokens": 30}).usage.completion_tokens >= 30
+
+
+def test_openai_sdk_logit_bias_allowed_token_ids_and_min_p(server, tokenizer):
+    from openai import BadRequestError, OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    ask = dict(model=MODEL, prompt="one two three one two three one two three", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**ask, logprobs=0).choices[0]
+    first = plain.logprobs.tokens[0]
+    [first_id] = tokenizer.encode(first)
+    [yes] = tokenizer.encode(" yes")
+    # OpenAI's logit_bias: -100 bans a token, +100 makes it come every time
+    assert not client.completions.create(**ask, logit_bias={str(first_id): -100}).choices[0].text.startswith(first)
+    assert client.completions.create(**ask, logit_bias={str(yes): 100}).choices[0].text == " yes" * 4
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=3, temperature=0)
+    assert client.chat.completions.create(**chat, logit_bias={str(yes): 100}).choices[0].message.content == " yes" * 3
+    # vLLM's allowed_token_ids: sampled hot, only they come
+    [no] = tokenizer.encode(" no")
+    hot = client.completions.create(**{**ask, "temperature": 1.5, "seed": 2, "max_tokens": 8,
+                                       "extra_body": {"ignore_eos": True, "allowed_token_ids": [yes, no]}}).choices[0].text
+    assert set(hot.split()) <= {"yes", "no"} and len(hot.split()) == 8
+    # vLLM's min_p: 1.0 keeps the likeliest token alone, so hot sampling answers as greedy does
+    kept = client.completions.create(**{**ask, "temperature": 1.8, "seed": 4, "extra_body": {"ignore_eos": True, "min_p": 1.0}})
+    assert kept.choices[0].text == plain.text
+    with pytest.raises(BadRequestError, match='logit_bias maps token ids, written as strings of digits'):
+        client.completions.create(**ask, logit_bias={"yes": 5})
+    with pytest.raises(BadRequestError, match="biases from -100 to 100"):
+        client.completions.create(**ask, logit_bias={str(yes): 500})
+    with pytest.raises(BadRequestError, match="must be from 0 to"):
+        client.completions.create(**ask, logit_bias={str(10**8): 5})
+    with pytest.raises(UnprocessableEntityError, match="min_p"):
+        client.completions.create(**{**ask, "extra_body": {"min_p": 2}})
 
 
 def test_openai_sdk_structured_outputs_parse_as_asked(server):

@@ -14,7 +14,9 @@ from parrot.engine.sampler import (
     RowConstraints,
     StopChecker,
     TokenHistory,
+    apply_min_p,
     apply_penalties,
+    apply_token_rules,
     apply_top_k,
     apply_top_p,
     sample_batch,
@@ -22,6 +24,7 @@ from parrot.engine.sampler import (
     stop_string_holdback,
     token_logprobs,
 )
+from parrot.engine.structured import StructuredOutput
 from parrot.errors import SamplingError, UserError
 
 NEG_INF = float("-inf")
@@ -285,6 +288,58 @@ def test_penalties_move_only_the_tokens_seen_and_by_the_rules(logits, prompt, ou
         value -= frequency * count + (presence if count else 0.0)
         assert after[token].item() == pytest.approx(value, rel=1e-5, abs=1e-4)
     assert torch.equal(before, torch.tensor(logits))  # the batch's logits are left as they were
+
+
+def test_token_rules_are_checked_and_a_mapping_of_biases_is_taken():
+    assert SamplingParams(logit_bias={"5": 1, 2: -3.5}).logit_bias == ((2, -3.5), (5, 1.0))
+    assert not SamplingParams().shapes_tokens and SamplingParams(allowed_token_ids=[1]).shapes_tokens
+    assert SamplingParams(stop_token_ids=(1,), allowed_token_ids=(2,), logit_bias={3: 1}).token_ids_named == (1, 2, 3)
+    with pytest.raises(SamplingError, match="biases from -100 to 100"):
+        SamplingParams(logit_bias={1: 101})
+    with pytest.raises(SamplingError, match="at most 300 may be biased"):
+        SamplingParams(logit_bias={t: 1.0 for t in range(301)})
+    with pytest.raises(SamplingError, match="min_p must be from 0 to 1"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(SamplingError, match="none may be negative"):
+        SamplingParams(allowed_token_ids=(-1,))
+    with pytest.raises(SamplingError, match="give one of them"):
+        SamplingParams(allowed_token_ids=(1,), structured=StructuredOutput.json_object())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    logits=st.lists(st.floats(-20, 20, allow_nan=False), min_size=8, max_size=8),
+    bias=st.dictionaries(st.integers(0, 7), st.floats(-100, 100), max_size=4),
+    allowed=st.lists(st.integers(0, 7), max_size=4, unique=True),
+)
+def test_token_rules_add_the_biases_and_keep_only_the_allowed(logits, bias, allowed):
+    after = apply_token_rules(torch.tensor(logits), SamplingParams(logit_bias=bias, allowed_token_ids=allowed))
+    for token in range(8):
+        if allowed and token not in allowed:
+            assert after[token].item() == NEG_INF
+        else:
+            assert after[token].item() == pytest.approx(logits[token] + bias.get(token, 0.0), rel=1e-5, abs=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=st.lists(st.floats(-20, 20, allow_nan=False), min_size=8, max_size=8), min_p=st.floats(0.0, 1.0))
+def test_min_p_keeps_the_tokens_at_least_that_share_of_the_likeliest(logits, min_p):
+    before = torch.tensor(logits)
+    probs = torch.softmax(before, dim=-1)
+    kept = torch.isfinite(apply_min_p(before, min_p))
+    assert kept[int(torch.argmax(before))]  # the likeliest always stays
+    for token in range(8):
+        ratio = (probs[token] / probs.max()).item()
+        if not math.isclose(ratio, min_p, rel_tol=1e-4, abs_tol=1e-6):
+            assert bool(kept[token]) == (ratio >= min_p)
+
+
+def test_a_biased_greedy_row_takes_the_best_token_after_its_bias():
+    logits = torch.tensor([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0]])
+    biased = SamplingParams(logit_bias={2: 6.0})
+    assert sample_batch(logits, [SamplingParams(), biased], [None, None]) == [0, 2]
+    only_ends = SamplingParams(allowed_token_ids=(1,), min_tokens=1)  # every allowed token is held back: it comes anyway
+    assert sample_batch(logits[:1], [only_ends], [None], [RowConstraints(banned=(1,))]) == [1]
 
 
 def test_a_penalized_greedy_row_takes_the_best_token_after_its_penalties():

@@ -247,6 +247,21 @@ def test_missing_docstring() -> None:
             pass
 
 
+def test_annotations_may_name_the_defining_functions_locals() -> None:
+    # annotations are text here (from __future__ import annotations): read where the function is defined
+    short = P.Output(max_tokens=3, logit_bias={7: 2.0})
+
+    @P.semantic_function()
+    def reply(question: P.Input, answer: short):
+        """Q: {{input:question}} A: {{output:answer}}"""
+
+    assert reply.output_settings["answer"].sampling() == SamplingParams(max_tokens=3, logit_bias={7: 2.0})
+    with pytest.raises(UserError, match="an annotation names something not defined where the function is: name 'nowhere'"):
+        @P.semantic_function()
+        def lost(answer: nowhere):  # noqa: F821
+            """A: {{output:answer}}"""
+
+
 def test_template_size_limits() -> None:
     too_long = "x" * (MAX_TEMPLATE_CHARS + 1) + "{{output:y}}"
     with pytest.raises(TemplateError, match=f"has {len(too_long)} characters; the limit is {MAX_TEMPLATE_CHARS}"):

@@ -60,6 +60,12 @@ class OpenAICompatibleBackend(EngineBackend):
             body["stop_token_ids"] = list(sampling.stop_token_ids)  # vLLM's extension
         if sampling.min_tokens:
             body["min_tokens"] = sampling.min_tokens  # vLLM's extension
+        if sampling.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+        if sampling.min_p:
+            body["min_p"] = sampling.min_p  # vLLM's extension
+        if sampling.allowed_token_ids:
+            body["allowed_token_ids"] = list(sampling.allowed_token_ids)  # vLLM's extension
         self._running += 1
         index = 0
         try:

@@ -254,8 +254,9 @@ class LLMEngine:
             if not ctx.token_ids:
                 raise ContextError(f"context {context_id!r} is empty: fill it before generating")
             # refusals first: a refused request leaves the context as it was
-            if not self._in_vocabulary(sampling.stop_token_ids):
-                raise SamplingError(f"stop token ids must be from 0 to {self.model_config.vocab_size - 1}, this model's vocabulary")
+            if not self._in_vocabulary(sampling.token_ids_named):
+                raise SamplingError(f"token ids (stop_token_ids, allowed_token_ids, logit_bias) must be from 0 to "
+                                    f"{self.model_config.vocab_size - 1}, this model's vocabulary")
             grammar = None
             if sampling.structured is not None:  # a large grammar takes a while to compile: off the event loop
                 grammar = await asyncio.to_thread(self.grammars.compile, sampling.structured, self.tokenizer.encode)

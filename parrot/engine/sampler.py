@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,9 @@ MAX_TOKENS_LIMIT = 32768  # tokens one call may ask for; the model's context may
 MAX_LOGPROBS = 20  # most likely alternatives reported per generated token (OpenAI's top_logprobs limit)
 MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # as OpenAI bounds a token's bias: -100 bans it, 100 all but forces it
+MAX_BIASED_TOKENS = 300  # OpenAI's limit on the tokens one request biases
+MAX_ALLOWED_TOKENS = 100_000  # allowed_token_ids: more than any vocabulary this engine serves would need
 
 
 def check_logprobs(alternatives: int) -> None:
@@ -45,10 +50,21 @@ class SamplingParams:
     # vLLM's: neither the end-of-sequence token nor a stop token id is sampled before this many
     # tokens (stop strings still end the output)
     min_tokens: int = 0
+    # OpenAI's: added to the named tokens' logits before sampling, as (token id, bias) pairs
+    # (a mapping is taken too); the reported logprobs stay the model's
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's: a token is kept only where its probability is at least min_p times the likeliest's
+    # (after temperature; 0 keeps every token)
+    min_p: float = 0.0
+    # vLLM's: the only tokens that may be sampled (empty: any)
+    allowed_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
             object.__setattr__(self, "stop", (self.stop,))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(token), float(value)) for token, value in bias)))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise SamplingError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {self.max_tokens!r}")
         if self.temperature < 0:
@@ -71,6 +87,25 @@ class SamplingParams:
             raise SamplingError("stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._check_token_rules()
+
+    def _check_token_rules(self) -> None:
+        if len(self.logit_bias) > MAX_BIASED_TOKENS:
+            raise SamplingError(f"logit_bias names {len(self.logit_bias)} tokens; at most {MAX_BIASED_TOKENS} may be biased")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            raise SamplingError("logit_bias names a token twice: give each token one bias")
+        for token, value in self.logit_bias:
+            if token < 0 or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise SamplingError(f"logit_bias maps token ids (>= 0) to biases from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}; "
+                                    f"got {token}: {value:g}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingError(f"min_p must be from 0 to 1 (0 disables it), got {self.min_p}")
+        if len(self.allowed_token_ids) > MAX_ALLOWED_TOKENS:
+            raise SamplingError(f"allowed_token_ids names {len(self.allowed_token_ids)} tokens; at most {MAX_ALLOWED_TOKENS}")
+        if any(token < 0 for token in self.allowed_token_ids):
+            raise SamplingError("allowed_token_ids are token ids: none may be negative")
+        if self.allowed_token_ids and self.structured is not None:
+            raise SamplingError("allowed_token_ids and structured output both say which tokens may come: give one of them")
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +114,16 @@ class SamplingParams:
     @property
     def penalizes(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+
+    @property
+    def shapes_tokens(self) -> bool:
+        """Whether logit_bias or allowed_token_ids move a row's logits before sampling."""
+        return bool(self.logit_bias or self.allowed_token_ids)
+
+    @property
+    def token_ids_named(self) -> tuple[int, ...]:
+        """The token ids the settings name, which must be in the model's vocabulary."""
+        return self.stop_token_ids + self.allowed_token_ids + tuple(token for token, _ in self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -103,6 +148,28 @@ def apply_penalties(logits: torch.Tensor, history: TokenHistory, params: Samplin
         counts = torch.bincount(torch.tensor(history.output_ids, dtype=torch.int64, device=logits.device), minlength=vocab)[:vocab]
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
     return logits
+
+
+def apply_token_rules(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [V] float32 of one sequence -> the same with allowed_token_ids kept alone and
+    logit_bias added (the ids are in the vocabulary: the engine checked them)."""
+    if params.allowed_token_ids:
+        kept = torch.full_like(logits, float("-inf"))
+        ids = torch.tensor(params.allowed_token_ids, dtype=torch.int64, device=logits.device)
+        logits = kept.index_copy(0, ids, logits[ids])
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias], dtype=torch.int64, device=logits.device)
+        biases = torch.tensor([value for _, value in params.logit_bias], dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(0, ids, biases)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """logits: [V]; drops the tokens less likely than min_p times the likeliest."""
+    if min_p <= 0.0:
+        return logits
+    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
+    return logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -130,7 +197,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.greedy:
         return int(torch.argmax(logits))
     scaled = logits / params.temperature
-    scaled = apply_top_p(apply_top_k(scaled, params.top_k), params.top_p)
+    scaled = apply_top_p(apply_top_k(apply_min_p(scaled, params.min_p), params.top_k), params.top_p)
     probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -152,10 +219,12 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     constraints = constraints or [None] * len(params)
 
     def one(row: int, p: SamplingParams, g: torch.Generator | None, limits: RowConstraints | None) -> int:
-        if limits is None and p.greedy:
+        if limits is None and p.greedy and not p.shapes_tokens:
             return greedy_ids[row]
         # a seeded generator lives on the CPU: its row goes there (one row, not the batch's logits)
         row_logits = logits[row] if g is None else logits[row].to(g.device)
+        if p.shapes_tokens:
+            row_logits = apply_token_rules(row_logits.float(), p)
         if limits is not None:
             row_logits = row_logits.float()
             if limits.history is not None:
@@ -163,7 +232,9 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
             if limits.allowed is not None:
                 row_logits = row_logits.masked_fill(~limits.allowed.to(row_logits.device), float("-inf"))
             if limits.banned:
-                row_logits = row_logits.index_fill(0, torch.tensor(limits.banned, device=row_logits.device), float("-inf"))
+                held = row_logits.index_fill(0, torch.tensor(limits.banned, device=row_logits.device), float("-inf"))
+                # where only ending tokens are allowed (allowed_token_ids), the output ends before min_tokens
+                row_logits = held if bool(torch.isfinite(held).any()) else row_logits
         return int(torch.argmax(row_logits)) if p.greedy else sample_token(row_logits, p, g)
 
     return [one(row, p, g, c) for row, (p, g, c) in enumerate(zip(params, generators, constraints))]

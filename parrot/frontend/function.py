@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import threading
 import uuid
 from concurrent.futures import Future
@@ -27,7 +28,8 @@ class Input:
 class Output(SamplingParams):
     """Annotation of a parameter the model generates: its sampling settings
     (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, presence_penalty,
-    frequency_penalty, repetition_penalty), checked at once."""
+    frequency_penalty, repetition_penalty, stop_token_ids, min_tokens, logit_bias, min_p,
+    allowed_token_ids, structured), checked at once."""
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -54,12 +56,19 @@ def _as_variable(client, name: str, value) -> SemanticVariable:
 
 
 class SemanticFunction:
-    def __init__(self, fn, name: str | None = None):
+    def __init__(self, fn, name: str | None = None, scope: dict | None = None):
+        """`scope`: the names visible where the function was defined, for annotations written as
+        text (`from __future__ import annotations`) that name a local, such as a `P.Output(...)`
+        built inside a function."""
         self.name = name or fn.__name__
         self.template = inspect.cleandoc(fn.__doc__ or "")
         if not self.template:
             raise UserError(f"semantic function {self.name} needs a docstring: it is the prompt template")
-        self.signature = inspect.signature(fn, eval_str=True)
+        try:
+            self.signature = inspect.signature(fn, locals=scope, eval_str=True)
+        except NameError as exc:
+            raise UserError(f"semantic function {self.name}: an annotation names something not defined where the "
+                            f"function is: {exc}") from exc
         declared = {p: _kind_of(param.annotation) for p, param in self.signature.parameters.items()}
         segments = check_placeholders(
             parse_template(self.template, self.name), self.template, self.name, {p: k for p, (k, _) in declared.items()}
@@ -98,9 +107,11 @@ class SemanticFunction:
 
 def semantic_function(name: str | None = None):
     """Decorator: the function's docstring is a prompt template with input and output placeholders."""
+    # the decorator's caller is where the function is defined: its locals may name annotations
+    scope = dict(sys._getframe(1).f_locals)
     if callable(name):
-        return SemanticFunction(name)
-    return lambda fn: SemanticFunction(fn, name)
+        return SemanticFunction(name, scope=scope)
+    return lambda fn: SemanticFunction(fn, name, scope)
 
 
 class NativeFunction:

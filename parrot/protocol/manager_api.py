@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parrot.engine.sampler import MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.sampler import (
+    MAX_ALLOWED_TOKENS, MAX_BIASED_TOKENS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams,
+)
 from parrot.engine.structured import MAX_SPEC_CHARS, StructuredOutput, StructureKind
 from parrot.frontend.template import MAX_TEMPLATE_CHARS
 from parrot.manager.spec import CallSpec, InputBinding, OutputBinding
@@ -50,6 +52,9 @@ class SamplingBody(Strict):
     structured: StructuredBody | None = None
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_BIASED_TOKENS)  # token id -> bias
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    allowed_token_ids: list[int] = Field(default_factory=list, max_length=MAX_ALLOWED_TOKENS)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
@@ -57,7 +62,8 @@ class SamplingBody(Strict):
             seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             structured=self.structured.to_structured() if self.structured is not None else None,
-            stop_token_ids=tuple(self.stop_token_ids), min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids), min_tokens=self.min_tokens, logit_bias=self.logit_bias,
+            min_p=self.min_p, allowed_token_ids=tuple(self.allowed_token_ids),
         )
 
     @classmethod
@@ -67,6 +73,7 @@ class SamplingBody(Strict):
             seed=params.seed, stop=list(params.stop), ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
             structured=StructuredBody.of(params.structured), stop_token_ids=list(params.stop_token_ids), min_tokens=params.min_tokens,
+            logit_bias=dict(params.logit_bias), min_p=params.min_p, allowed_token_ids=list(params.allowed_token_ids),
         )
 
 

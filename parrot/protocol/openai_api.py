@@ -7,7 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parrot.engine.sampler import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams
+from parrot.engine.sampler import (
+    MAX_ALLOWED_TOKENS, MAX_BIASED_TOKENS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams,
+)
 from parrot.engine.structured import StructuredOutput, StructureKind
 from parrot.errors import UserError
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
@@ -57,13 +59,16 @@ class SamplingFields(Lenient):
     # before the end-of-sequence token or a stop token id may come
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    # token ids (strings, as JSON keys are) -> a bias from -100 to 100 added to the token's logit
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_BIASED_TOKENS)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's extension
+    allowed_token_ids: list[int] | None = Field(None, max_length=MAX_ALLOWED_TOKENS)  # vLLM's extension
     # OpenAI fields this server does not implement: taken at their neutral values (clients send
     # those), refused otherwise (`unsupported`), since an answer that ignored them would be wrong
     # without saying so
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
     response_format: dict | None = None  # text, json_object, or json_schema with its schema
     # vLLM's extensions for structured output: one of json (a schema), regex, choice, grammar (Lark)
     structured_outputs: dict | None = None
@@ -92,7 +97,19 @@ class SamplingFields(Lenient):
             structured=self.structured(),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             min_tokens=self.min_tokens,
+            logit_bias=self.token_biases(),
+            min_p=self.min_p or 0.0,
+            allowed_token_ids=tuple(self.allowed_token_ids or ()),
         )
+
+    def token_biases(self) -> dict[int, float]:
+        biases = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                biases[int(key)] = value
+            except ValueError:
+                raise UserError(f'logit_bias maps token ids, written as strings of digits ("50256"), to biases; {key!r} is not one') from None
+        return biases
 
     def structured(self) -> StructuredOutput | None:
         """What the text must match, from response_format or vLLM's fields; None: free text."""
@@ -164,7 +181,6 @@ class SamplingFields(Lenient):
             "echo": bool(self.echo),
             "best_of": self.best_of not in (None, 1),
             "suffix": bool(self.suffix),
-            "logit_bias": bool(self.logit_bias),
             "tools": bool(self.tools) or bool(self.functions),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
         }
