@@ -92,7 +92,8 @@ def test_idle_connection_outlives_the_clients_keep_alive(server):
 def test_a_request_without_a_tenant_key_hears_401_whatever_its_body(server):
     """The key is checked before the body: a caller without one learns nothing of the schema."""
     bad_bodies = {"/v1/completions": {"bogus": 1}, "/v1/chat/completions": {"messages": "no"},
-                  "/api/v1/sessions/s/calls": {"call_id": 7}, "/api/v1/sessions/s/batch": []}
+                  "/api/v1/sessions/s/calls": {"call_id": 7}, "/api/v1/sessions/s/batch": [], "/tokenize": {"prompt": 3},
+                  "/detokenize": {"tokens": "x"}}
     for path, body in bad_bodies.items():
         keyless = httpx.post(f"{server}{path}", json=body, timeout=10)
         assert keyless.status_code == 401, (path, keyless.text)
@@ -417,6 +418,32 @@ def test_openai_sdk_penalties_change_greedy_repeats_and_are_bounded(server, toke
         client.chat.completions.create(**chat, extra_body={"min_tokens": 30})
     newer = {**chat, "max_tokens": None, "max_completion_tokens": 40}  # the newer name, as the SDK sends for o-series models
     assert client.chat.completions.create(**newer, extra_body={"min_tokens": 30}).usage.completion_tokens >= 30
+
+
+def test_tokenize_counts_as_completions_and_chats_do_and_detokenize_reverses_it(server, tokenizer):
+    """vLLM's /tokenize and /detokenize: a prompt's count is the usage a completion reports for it,
+    messages count as the chat request does, and the ids read back as the text."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEYS["alice"])
+    post = lambda path, body: httpx.post(f"{server}{path}", json=body, headers=auth("alice"), timeout=30)  # noqa: E731
+    prompt = "The capital of France is"
+    counted = post("/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True}).json()
+    assert counted["tokens"] == tokenizer.encode(prompt) and counted["count"] == len(counted["tokens"])
+    assert "".join(counted["token_strs"]) == prompt and counted["max_model_len"] > 0
+    used = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1).usage.prompt_tokens
+    assert used == counted["count"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    chat_count = post("/tokenize", {"messages": messages})
+    assert chat_count.status_code == 200 and "token_strs" not in chat_count.json()
+    assert chat_count.json()["count"] == client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage.prompt_tokens
+    assert post("/detokenize", {"model": MODEL, "tokens": counted["tokens"]}).json() == {"prompt": prompt}
+    # refusals say what to fix
+    both = post("/tokenize", {"prompt": "a", "messages": messages})
+    assert both.status_code == 422 and "one of them" in both.text
+    assert post("/tokenize", {"model": "other", "prompt": "a"}).status_code == 404
+    bad = post("/detokenize", {"tokens": [10**8]})
+    assert bad.status_code == 400 and "must be from 0 to" in bad.json()["error"]["message"]
 
 
 def test_openai_sdk_logit_bias_allowed_token_ids_and_min_p(server, tokenizer):

@@ -55,3 +55,20 @@ def test_a_named_calls_pieces_name_it_once_and_leave_unset_fields_out():
     assert first.tool_calls[0].model_dump() == {"index": 0, "id": first.tool_calls[0].id, "type": "function",
                                                 "function": {"name": "get_weather", "arguments": '{"city": '}}
     assert second.tool_calls[0].model_dump() == {"index": 0, "function": {"arguments": '"Paris"}'}}
+
+
+def test_earlier_calls_in_the_history_are_shown_as_the_model_is_asked_to_write_them():
+    """An assistant's earlier calls reach the chat template as the JSON a call is asked in, one a line,
+    so that the model sees its own calls in the shape its next one must take."""
+    body = ChatCompletionRequest(model="m", messages=[
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+        {"role": "developer", "content": "Be brief."}])
+    shown = [m.as_chat_message() for m in body.messages]
+    assert [json.loads(line) for line in shown[1].content.splitlines()] == [
+        {"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_weather", "parameters": "not json"}]
+    assert (shown[2].role, shown[2].content) == ("tool", "sunny")
+    assert (shown[3].role, shown[3].content) == ("system", "Be brief.")

@@ -11,6 +11,7 @@ from parrot.engine.sampler import (
     MAX_ALLOWED_TOKENS, MAX_BIASED_TOKENS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOKENS_LIMIT, SamplingParams,
 )
 from parrot.engine.structured import StructuredOutput, StructureKind
+from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import UserError
 from parrot.protocol.manager_api import MAX_VALUE_CHARS
 from parrot.protocol.openai_tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta
@@ -228,8 +229,21 @@ class ChatMessageBody(Lenient):
         else:
             text = "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
         if self.tool_calls:
-            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in self.tool_calls]
-            text += ("\n" if text else "") + json.dumps(calls)
+            # in the shape the model is asked to write a call in (server/openai_tools.py), one a line
+            calls = [json.dumps({"name": c.function.name, "parameters": _arguments(c.function.arguments)}) for c in self.tool_calls]
+            text += ("\n" if text else "") + "\n".join(calls)
+        return text
+
+    def as_chat_message(self) -> ChatMessage:
+        """The message as the chat template takes it (a developer message is a system message)."""
+        return ChatMessage("system" if self.role == "developer" else self.role, self.text())
+
+
+def _arguments(text: str) -> object:
+    """A call's arguments as the JSON they hold; their text where they hold none."""
+    try:
+        return json.loads(text)
+    except ValueError:
         return text
 
 

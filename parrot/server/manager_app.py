@@ -211,6 +211,8 @@ def create_manager_app(
     run_while_up(app, "expire idle sessions", expire_sessions)
 
     from parrot.server.openai_routes import add_openai_routes
+    from parrot.server.tokenize_routes import add_tokenize_routes
 
     add_openai_routes(app, manager, keys, model, tokenizer, max_context)
+    add_tokenize_routes(app, keys, model, tokenizer, max_context)
     return app

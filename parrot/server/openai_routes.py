@@ -18,7 +18,6 @@ from fastapi.responses import Response, StreamingResponse
 from parrot.backends.base import LOGPROBS_FEATURE, STRUCTURED_FEATURE
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.structured import check_compiles
-from parrot.engine.tokenizer import ChatMessage
 from parrot.errors import NotFoundError, UserError
 from parrot.manager.graph import LoggedToken
 from parrot.manager.manager import Manager
@@ -180,7 +179,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         if tools is not None:
             manager.check_logits_computed(STRUCTURED_FEATURE)
             check_compiles(tools.structured)
-        messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+        messages = [m.as_chat_message() for m in body.messages]
         if tools is not None and not tokenizer.template_shows_tools:
             messages = with_tools_shown(messages, tools)
         offered = [tool.model_dump() for tool in body.tools] if tools is not None else None
