@@ -550,6 +550,14 @@ def test_openai_sdk_tool_calls_named_or_required_streamed_or_not(server):
     pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
     assert pieces[0].function.name == "get_weather" and pieces[0].id and all(p.id is None for p in pieces[1:])
     assert json.loads("".join(p.function.arguments or "" for p in pieces)) == arguments
+    # cut short by max_tokens: the call as far as it got, streamed or not, finished by length
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    cut = client.chat.completions.create(**{**ask, "max_tokens": 3}, tool_choice=weather).choices[0]
+    cut_chunks = list(client.chat.completions.create(**{**ask, "max_tokens": 3}, tool_choice=weather, stream=True))
+    cut_pieces = "".join(c.choices[0].delta.tool_calls[0].function.arguments or "" for c in cut_chunks if c.choices[0].delta.tool_calls)
+    assert cut.finish_reason == cut_chunks[-1].choices[0].finish_reason == "length"
+    whole_text = "".join(p.function.arguments or "" for p in pieces)
+    assert cut.message.tool_calls[0].function.arguments == cut_pieces and whole_text.startswith(cut_pieces) and cut_pieces != whole_text
 
     required = client.chat.completions.create(**ask, tool_choice="required")
     [chosen] = required.choices[0].message.tool_calls

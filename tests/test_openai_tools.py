@@ -57,6 +57,15 @@ def test_a_named_calls_pieces_name_it_once_and_leave_unset_fields_out():
     assert second.tool_calls[0].model_dump() == {"index": 0, "function": {"arguments": '"Paris"}'}}
 
 
+def test_a_named_call_cut_by_max_tokens_is_a_call_streamed_or_not_and_finishes_by_length():
+    plan = plan_tools(request(tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    cut = plan.call('{"city": "Par')
+    assert (cut.function.name, cut.function.arguments) == ("get_weather", '{"city": "Par')
+    assert plan.call_finish_reason("length") == "length" and plan.call_finish_reason("stop") == "stop"
+    chosen = plan_tools(request(tool_choice="required"))
+    assert chosen.call('{"name": "get_ti') is None and chosen.call_finish_reason("stop") == "tool_calls"
+
+
 def test_earlier_calls_in_the_history_are_shown_as_the_model_is_asked_to_write_them():
     """An assistant's earlier calls reach the chat template as the JSON a call is asked in, one a line,
     so that the model sees its own calls in the shape its next one must take."""

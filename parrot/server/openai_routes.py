@@ -204,7 +204,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
                     held_tokens.setdefault(index, []).extend(tokens)
                     return b""
                 tokens = held_tokens.pop(index, []) + tokens
-                reason = tools.finish_reason if reason == "stop" and index in calls.called else reason
+                reason = tools.call_finish_reason(reason) if index in calls.called else reason
             role = None if index in started else "assistant"
             started.add(index)
             logprobs = writers[index].chat(tokens) if writers else None
@@ -228,7 +228,8 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
         def choice(index: int, answer: Answer) -> ChatChoice:
             call = tools.call(answer.text) if tools is not None else None
             message = ChatMessageOut(content=None, tool_calls=[call]) if call is not None else ChatMessageOut(content=answer.text)
-            return ChatChoice(index=index, message=message, finish_reason=tools.finish_reason if call is not None else answer.finish_reason,
+            return ChatChoice(index=index, message=message,
+                              finish_reason=tools.call_finish_reason(answer.finish_reason) if call is not None else answer.finish_reason,
                               logprobs=writers[index].chat(answer.tokens) if writers else None)
 
         return ChatCompletionResponse(id=rid, created=created, model=model, choices=[choice(i, a) for i, a in enumerate(answers)],

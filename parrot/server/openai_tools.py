@@ -61,20 +61,25 @@ class ToolPlan:
         return "stop" if self.mode is ToolMode.NAMED else "tool_calls"
 
     def call(self, text: str) -> ToolCall | None:
-        """The call an answer's text makes; None where the text is no whole call (max_tokens cut it,
-        or, with tool_choice auto, the model answered in words)."""
+        """The call an answer's text makes. A named function's call is the text, whole or cut short
+        by max_tokens, as a stream sends it. None where a call the model chose is not whole (its name
+        may be what was cut), or, with tool_choice auto, where the model answered in words."""
+        if self.mode is ToolMode.NAMED:
+            [name] = self.tools
+            return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=text))
         if self.mode is ToolMode.AUTO and not text.startswith("{"):
             return None
         try:
             value = json.loads(text)
-            if self.mode is ToolMode.NAMED:
-                [name] = self.tools
-                arguments = text
-            else:
-                name, arguments = value["name"], json.dumps(value["parameters"])
+            name, arguments = value["name"], json.dumps(value["parameters"])
         except (ValueError, KeyError, TypeError):
             return None
         return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
+
+    def call_finish_reason(self, reason: str | None) -> str | None:
+        """A choice's finish_reason where it made a call: the plan's where the call is whole, "length"
+        where max_tokens cut it."""
+        return self.finish_reason if reason == "stop" else reason
 
 
 def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
