@@ -358,8 +358,11 @@ def test_openai_sdk_n_choices_of_completions_and_chats_streamed_or_not(server):
     many = client.completions.create(n=4, seed=11, **hot)
     texts = [c.text for c in many.choices]
     assert len(set(texts)) > 1  # each choice samples with a seed of its own
-    assert texts[0] == client.completions.create(seed=11, **hot).choices[0].text
-    assert texts[1] == client.completions.create(seed=12, **hot).choices[0].text
+    # choice j samples with seed + j: a request seeded one higher gives the same choices one place
+    # earlier. (Compared with n=4 requests, not single ones: where the CPU multiplies in bf16, a
+    # batch of another size rounds the logits otherwise, and a hot sample may then go another way.)
+    shifted = [c.text for c in client.completions.create(n=4, seed=12, **hot).choices]
+    assert shifted[:3] == texts[1:]
     single = client.completions.create(seed=11, **hot)
     assert many.usage.completion_tokens == 32 and many.usage.prompt_tokens == single.usage.prompt_tokens
 

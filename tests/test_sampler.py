@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from parrot.engine import batch_sampling
+from parrot.engine.batch_sampling import RowConstraints, sample_batch, sample_token
 from parrot.engine.sampler import (
     SamplingParams,
-    RowConstraints,
     StopChecker,
     TokenHistory,
     apply_min_p,
@@ -19,8 +20,6 @@ from parrot.engine.sampler import (
     apply_token_rules,
     apply_top_k,
     apply_top_p,
-    sample_batch,
-    sample_token,
     stop_string_holdback,
     token_logprobs,
 )
@@ -360,3 +359,88 @@ def test_a_grammar_mask_leaves_only_the_tokens_it_allows_greedy_or_sampled():
     for seed in range(20):
         token = sample_batch(logits[:1], [hot], [torch.Generator().manual_seed(seed)], [allowed])[0]
         assert token in (2, 3)
+
+
+# ---- batched sampling: the plain way's distribution without sorting the vocabulary -------
+
+
+def plain_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """[V] -> the probabilities the plain way samples from: min_p, top_k, top_p, each over what the one before left."""
+    return torch.softmax(apply_top_p(apply_top_k(apply_min_p(logits / p.temperature, p.min_p), p.top_k), p.top_p), dim=-1)
+
+
+def dense(choices, vocab: int) -> torch.Tensor:
+    probs = torch.zeros(vocab).index_add(0, choices.ids[0], choices.probs[0])
+    return probs / probs.sum()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    logits=st.lists(st.floats(-12, 12, allow_nan=False).map(lambda v: round(v, 3)), min_size=40, max_size=40, unique=True),
+    temperature=st.floats(0.2, 2.0), top_k=st.sampled_from([0, 1, 3, 10, 39]), top_p=st.sampled_from([1.0, 0.95, 0.6, 0.1]),
+    min_p=st.sampled_from([0.0, 0.01, 0.3]), tiers=st.sampled_from([(256, 4096), (4, 8), (2,)]),
+)
+def test_each_row_samples_from_the_plain_ways_distribution(logits, temperature, top_k, top_p, min_p, tiers):
+    """Whichever way a row's nucleus is found (among the likeliest few, the next tier, or the whole
+    vocabulary sorted), the distribution it samples from is the plain way's."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    row = torch.tensor(logits)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_sampling, "CANDIDATE_TIERS", tiers)
+        [choices] = batch_sampling.row_choices(row.unsqueeze(0), [params])
+    torch.testing.assert_close(dense(choices, 40), plain_distribution(row, params), atol=2e-5, rtol=1e-4)
+
+
+def test_rows_of_a_batch_sample_apart_and_a_seeded_row_whatever_its_neighbours():
+    logits = torch.tensor([[4.0, 3.9, -2.0, 0.0], [0.0, 1.0, 8.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=0.5, top_p=0.5), SamplingParams(temperature=1.0, min_p=0.5)]
+
+    def seeded(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    drawn = [batch_sampling.sample_rows(logits, params, [seeded(s), None, None]) for s in range(200)]
+    assert {d[0] for d in drawn} == {0, 1} and {d[1] for d in drawn} == {2} and {d[2] for d in drawn} == {0, 1, 2, 3}
+    for seed in range(20):  # the seeded row's token does not depend on what else the batch holds
+        alone = batch_sampling.sample_rows(logits[:1], params[:1], [seeded(seed)])
+        beside = batch_sampling.sample_rows(logits.flip(0), params[::-1], [None, None, seeded(seed)])
+        assert alone[0] == beside[2]
+    # a seeded row's draws follow its distribution: token 1 of row 0 about half the time (4.0 against 3.9)
+    ones = sum(batch_sampling.sample_rows(logits[:1], params[:1], [seeded(s)])[0] for s in range(2000))
+    assert 850 < ones < 1100
+
+
+def test_a_race_over_a_head_and_a_tail_draws_each_token_by_its_mass(monkeypatch):
+    """A whole vocabulary's draw picks its head or its tail by their masses, then races within:
+    every token comes about as often as its probability says, and a dropped one never."""
+    monkeypatch.setattr(batch_sampling, "RACE_HEAD", 2)
+    probs = torch.tensor([[0.3, 0.0, 0.1, 0.25, 0.15, 0.2]])
+    ids = torch.arange(6).unsqueeze(0)
+    counts = torch.zeros(6)
+    for seed in range(4000):
+        counts[batch_sampling._race(probs, ids, torch.tensor([seed * 7919])).item()] += 1
+    assert counts[1] == 0
+    torch.testing.assert_close(counts / 4000, probs[0], atol=0.03, rtol=0)
+
+
+def test_counter_based_numbers_are_uniform_and_keyed_by_seed_and_token():
+    seeds = torch.tensor([1, 2, 2**61 + 5])
+    keys = torch.arange(20000).expand(3, 20000)
+    draws = batch_sampling._exponentials(seeds, keys)
+    assert draws.min() > 0 and abs(draws.mean().item() - 1.0) < 0.02  # Exp(1)
+    assert not torch.equal(draws[0], draws[1])
+    # a token's number does not depend on which other tokens are drawn beside it
+    torch.testing.assert_close(batch_sampling._exponentials(seeds[:1], keys[:1, 500:510]), draws[:1, 500:510])
+
+
+def test_a_seeded_draw_survives_rounding_of_the_logits():
+    """Logits that differ by rounding (a batch of another size, bf16 products) draw the same token
+    from the same seed, nearly always: each token races with its own number."""
+    logits = torch.randn(8, 5000, generator=torch.Generator().manual_seed(0)) * 2
+    params = [SamplingParams(temperature=1.5)] * 8
+    same = 0
+    for seed in range(25):
+        noisy = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(100 + seed)) * 1e-3
+        a = batch_sampling.sample_rows(logits, params, [torch.Generator().manual_seed(seed * 8 + r) for r in range(8)])
+        b = batch_sampling.sample_rows(noisy, params, [torch.Generator().manual_seed(seed * 8 + r) for r in range(8)])
+        same += sum(x == y for x, y in zip(a, b))
+    assert same >= 0.97 * 200

@@ -31,7 +31,7 @@ class ParallelSamplingConfig:
     kv_memory_gb: float = 1.0
 
 
-QUICK = ParallelSamplingConfig(prompt_tokens=300, choices=(4,), output_tokens=8, repeats=1, kv_memory_gb=0.5)
+QUICK = ParallelSamplingConfig(prompt_tokens=300, choices=(4,), output_tokens=24, repeats=1, kv_memory_gb=0.5)
 FULL = ParallelSamplingConfig(prompt_tokens=1024, choices=(2, 4, 8, 16), output_tokens=32, repeats=3)
 PARALLEL_SAMPLING_WORKLOADS = ("parallel-sampling",)
 

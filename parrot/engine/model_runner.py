@@ -12,7 +12,8 @@ from parrot.engine.config import ModelConfig
 from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.outputs import TokenLogprobs
-from parrot.engine.sampler import RowConstraints, TokenHistory, sample_batch, token_logprobs
+from parrot.engine.batch_sampling import RowConstraints, sample_batch
+from parrot.engine.sampler import TokenHistory, token_logprobs
 from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
 if TYPE_CHECKING:

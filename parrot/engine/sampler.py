@@ -192,54 +192,6 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [V] float32 for one sequence -> the next token id."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scaled = logits / params.temperature
-    scaled = apply_top_p(apply_top_k(apply_min_p(scaled, params.min_p), params.top_k), params.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@dataclass(frozen=True)
-class RowConstraints:
-    """What a row's sampling takes besides its logits: its tokens so far (for penalties) and the
-    tokens its grammar allows next (structured output), each where it applies."""
-
-    history: TokenHistory | None = None
-    allowed: torch.Tensor | None = None  # [V] bool
-    banned: tuple[int, ...] = ()  # token ids that may not come next (the end tokens, before min_tokens)
-
-
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 constraints: list[RowConstraints | None] | None = None) -> list[int]:
-    """logits: [B, V] -> one token per row; greedy rows without constraints share one argmax."""
-    greedy_ids = torch.argmax(logits, dim=-1).tolist()
-    constraints = constraints or [None] * len(params)
-
-    def one(row: int, p: SamplingParams, g: torch.Generator | None, limits: RowConstraints | None) -> int:
-        if limits is None and p.greedy and not p.shapes_tokens:
-            return greedy_ids[row]
-        # a seeded generator lives on the CPU: its row goes there (one row, not the batch's logits)
-        row_logits = logits[row] if g is None else logits[row].to(g.device)
-        if p.shapes_tokens:
-            row_logits = apply_token_rules(row_logits.float(), p)
-        if limits is not None:
-            row_logits = row_logits.float()
-            if limits.history is not None:
-                row_logits = apply_penalties(row_logits, limits.history, p)
-            if limits.allowed is not None:
-                row_logits = row_logits.masked_fill(~limits.allowed.to(row_logits.device), float("-inf"))
-            if limits.banned:
-                held = row_logits.index_fill(0, torch.tensor(limits.banned, device=row_logits.device), float("-inf"))
-                # where only ending tokens are allowed (allowed_token_ids), the output ends before min_tokens
-                row_logits = held if bool(torch.isfinite(held).any()) else row_logits
-        return int(torch.argmax(row_logits)) if p.greedy else sample_token(row_logits, p, g)
-
-    return [one(row, p, g, c) for row, (p, g, c) in enumerate(zip(params, generators, constraints))]
-
-
 def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprobs]:
     """logits: [B, V], the rows the tokens were sampled from -> each token's log probability under
     the model's distribution (before temperature, top-k and top-p: what the model thinks of the

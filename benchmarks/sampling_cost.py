@@ -1,0 +1,125 @@
+"""What sampling costs a decode: the built-in engine decoding the same tokens greedily, sampled
+the batched way (engine/batch_sampling.py: each row's nucleus among its likeliest tokens, one
+uniform draw a row), and sampled the plain way it replaced (each row's vocabulary sorted for
+top_p, torch.multinomial over all of it), at several batch sizes, in one run.
+
+Each sequence decodes `--tokens` tokens (ignore_eos) from its own prompt, at temperature 0.8 and
+top_p 0.95 (a common chat setting; --top-p 1 for temperature alone). The table gives tokens a
+second and each sampler's time over the greedy time.
+
+    python benchmarks/sampling_cost.py               # batches 1, 8, 32
+    python benchmarks/sampling_cost.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from parrot.engine import batch_sampling
+from parrot.engine.llm_engine import EngineConfig, LLMEngine
+from parrot.engine.sampler import SamplingParams, apply_min_p, apply_top_k, apply_top_p
+
+
+def plain_sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """The sampler before batch_sampling: each row on its own, its vocabulary sorted, drawn by multinomial."""
+    tokens = []
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        scaled = apply_top_p(apply_top_k(apply_min_p(logits[row] / p.temperature, p.min_p), p.top_k), p.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        if generator is not None:
+            probs = probs.to(generator.device)
+        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+    return tokens
+
+
+@contextmanager
+def plain_sampler():
+    batched = batch_sampling.sample_rows
+    batch_sampling.sample_rows = plain_sample_rows
+    try:
+        yield
+    finally:
+        batch_sampling.sample_rows = batched
+
+
+@dataclass(frozen=True)
+class Row:
+    batch: int
+    greedy_tokens_s: float
+    batched_tokens_s: float
+    plain_tokens_s: float
+
+
+async def decode(engine: LLMEngine, batch: int, tokens: int, sampling: SamplingParams, tag: str) -> float:
+    """Seconds for `batch` sequences to decode `tokens` tokens each, side by side."""
+    async def one(i: int) -> int:
+        context = f"{tag}-{i}"
+        await engine.fill(context, None, engine.tokenizer.encode(f"Story {i}: once upon a time, in a town by the sea,"))
+        try:
+            seeded = SamplingParams(max_tokens=tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=i, ignore_eos=True)
+            return len([t async for t in engine.generate(context, seeded)])
+        finally:
+            engine.free_context(context)
+
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(batch)))
+    elapsed = time.perf_counter() - started
+    if counts != [tokens] * batch:
+        raise RuntimeError(f"every sequence should decode {tokens} tokens; they decoded {counts}")
+    return elapsed
+
+
+async def measure(batches: list[int], tokens: int, repeats: int, temperature: float, top_p: float) -> list[Row]:
+    engine = LLMEngine(EngineConfig(kv_memory_gb=0.5))
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=temperature, top_p=top_p)
+    try:
+        await decode(engine, 2, 8, sampled, "warm")
+        rows = []
+        for batch in batches:
+            times: dict[str, list[float]] = {"greedy": [], "batched": [], "plain": []}
+            for repeat in range(repeats):  # alternated, so drift on a noisy machine hits all three
+                times["greedy"].append(await decode(engine, batch, tokens, greedy, f"greedy-{batch}-{repeat}"))
+                times["batched"].append(await decode(engine, batch, tokens, sampled, f"batched-{batch}-{repeat}"))
+                with plain_sampler():
+                    times["plain"].append(await decode(engine, batch, tokens, sampled, f"plain-{batch}-{repeat}"))
+            rate = {name: batch * tokens / min(seconds) for name, seconds in times.items()}
+            rows.append(Row(batch, rate["greedy"], rate["batched"], rate["plain"]))
+        return rows
+    finally:
+        await engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens each sequence decodes (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, the best kept (default 3)")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 4, 16 tokens, one run")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.tokens, args.repeats = [1, 4], 16, 1
+    rows = asyncio.run(measure(args.batches, args.tokens, args.repeats, args.temperature, args.top_p))
+    table = Table(title=f"sampling at temperature {args.temperature}, top_p {args.top_p}: {args.tokens} tokens a sequence "
+                        f"(best of {args.repeats})")
+    for column in ("batch", "greedy tok/s", "batched sampler tok/s", "plain sampler tok/s", "plain slower than batched"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row.batch), f"{row.greedy_tokens_s:.0f}", f"{row.batched_tokens_s:.0f}", f"{row.plain_tokens_s:.0f}",
+                      f"{row.batched_tokens_s / row.plain_tokens_s:.2f}x")
+    Console().print(table)
+    print("sampling: " + ", ".join(f"batch {r.batch}: plain {r.batched_tokens_s / r.plain_tokens_s:.2f}x slower than batched, "
+                                   f"batched {r.greedy_tokens_s / r.batched_tokens_s:.2f}x greedy's time" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
