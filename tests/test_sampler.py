@@ -417,9 +417,10 @@ def test_a_race_over_a_head_and_a_tail_draws_each_token_by_its_mass(monkeypatch)
     ids = torch.arange(6).unsqueeze(0)
     counts = torch.zeros(6)
     for seed in range(4000):
-        counts[batch_sampling._race(probs, ids, torch.tensor([seed * 7919])).item()] += 1
+        for whole in (False, True):
+            counts[batch_sampling._race(batch_sampling.RowChoices(ids, probs, whole), torch.tensor([seed * 7919])).item()] += 1
     assert counts[1] == 0
-    torch.testing.assert_close(counts / 4000, probs[0], atol=0.03, rtol=0)
+    torch.testing.assert_close(counts / 8000, probs[0], atol=0.03, rtol=0)
 
 
 def test_counter_based_numbers_are_uniform_and_keyed_by_seed_and_token():

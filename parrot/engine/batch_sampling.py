@@ -7,9 +7,9 @@ forward pass. Here a row's nucleus is found among its likeliest tokens (one batc
 CANDIDATE_TIERS), which hold it whenever their mass reaches top_p; a row whose nucleus reaches
 past them takes the plain way. A token is then drawn by an exponential race among the kept
 tokens (_race), each token's number keyed by its id and a seed the row draws from its own
-generator where it has one. The distribution
-each row samples from is the plain way's, to rounding (ties at the nucleus' edge may keep
-another of the tied tokens); which token a given seed yields is this module's own.
+generator where it has one. The distribution each row samples from is the plain way's, to
+rounding (ties at the nucleus' edge may keep another of the tied tokens); which token a given
+seed yields is this module's own.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class RowChoices:
 
     ids: torch.Tensor  # [R, C] int64
     probs: torch.Tensor  # [R, C] float32
+    whole_vocabulary: bool = False  # ids are every token in order (ids[r, j] == j)
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -106,7 +107,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     seeds = _row_seeds(generators, logits.device)  # [R]
     tokens = [0] * len(params)
     for rows, choices in _choices(logits, params):
-        picked = _race(choices.probs, choices.ids, seeds[rows])  # [r]
+        picked = _race(choices, seeds[rows])  # [r]
         for row, token in zip(rows.tolist(), choices.ids.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()):
             tokens[row] = token
     return tokens
@@ -137,7 +138,7 @@ def _choices(logits: torch.Tensor, params: list[SamplingParams]) -> list[tuple[t
     whole = torch.nonzero(~restricted).squeeze(1)
     if len(whole):
         ids = torch.arange(vocab, device=device).expand(len(whole), vocab)
-        groups.append((whole, RowChoices(ids, torch.softmax(scaled[whole], dim=-1))))
+        groups.append((whole, RowChoices(ids, torch.softmax(scaled[whole], dim=-1), whole_vocabulary=True)))
     nucleus = torch.nonzero(restricted).squeeze(1)
     if len(nucleus):
         groups.extend(_nucleus(scaled[nucleus], [params[i] for i in nucleus.tolist()], nucleus))
@@ -161,7 +162,8 @@ def _nucleus(scaled: torch.Tensor, params: list[SamplingParams], rows: torch.Ten
     for i in left.tolist():  # a flat distribution: the whole vocabulary sorted
         p = params[i]
         plain = apply_top_p(apply_top_k(scaled[i], p.top_k), p.top_p)
-        groups.append((rows[i : i + 1], RowChoices(torch.arange(vocab, device=scaled.device).unsqueeze(0), torch.softmax(plain, -1).unsqueeze(0))))
+        groups.append((rows[i : i + 1], RowChoices(torch.arange(vocab, device=scaled.device).unsqueeze(0), torch.softmax(plain, -1).unsqueeze(0),
+                                                   whole_vocabulary=True)))
     return groups
 
 
@@ -187,13 +189,14 @@ def _among_likeliest(scaled: torch.Tensor, params: list[SamplingParams], width: 
     return held, RowChoices(ids, probs)
 
 
-def _race(probs: torch.Tensor, ids: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-    """probs: [r, C] unnormalized, ids: [r, C] their token ids, seeds: [r] -> [r] a position of each
-    row drawn in proportion to its mass: the largest probs / Exp(1) (the exponential race). Each
-    token's number comes from the row's seed and the token's id (_exponentials), so logits that
-    differ by rounding (a batch of another size, bf16 products) rarely change the winner, however
-    they reorder the tokens. A row of more than RACE_HEAD tokens first picks between its likeliest
-    RACE_HEAD and the rest, by their masses, so that most draws race a few hundred tokens."""
+def _race(choices: RowChoices, seeds: torch.Tensor) -> torch.Tensor:
+    """seeds: [r] -> [r] a position of each row's choices drawn in proportion to its mass: the
+    largest probs / Exp(1) (the exponential race). Each token's number comes from the row's seed
+    and the token's id alone, so logits that differ by rounding (a batch of another size, bf16
+    products) rarely change the winner, however they reorder the tokens. A row of more than
+    RACE_HEAD tokens first picks between its likeliest RACE_HEAD and the rest, by their masses,
+    so that most draws race a few hundred tokens."""
+    probs, ids = choices.probs, choices.ids
     if probs.shape[1] <= RACE_HEAD:
         return torch.argmax(probs / _exponentials(seeds, ids), dim=-1)
     top_probs, top_positions = torch.topk(probs, RACE_HEAD, dim=-1)  # [r, H]
@@ -208,8 +211,20 @@ def _race(probs: torch.Tensor, ids: torch.Tensor, seeds: torch.Tensor) -> torch.
     outside = torch.nonzero(~in_head).squeeze(1)
     if len(outside):
         tail = probs[outside].scatter(1, top_positions[outside], 0.0)
-        picked[outside] = torch.argmax(tail / _exponentials(seeds[outside], ids[outside]), dim=-1)
+        # a whole vocabulary in order: a generator's numbers, position by position, are keyed by
+        # token id too, and cost a quarter of hashing every id
+        numbers = _vocabulary_exponentials(seeds[outside], tail.shape[1]) if choices.whole_vocabulary \
+            else _exponentials(seeds[outside], ids[outside])
+        picked[outside] = torch.argmax(tail / numbers, dim=-1)
     return picked
+
+
+def _vocabulary_exponentials(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """seeds: [r] -> [r, vocab] Exp(1) numbers from a generator seeded with each row's seed."""
+    numbers = torch.empty(len(seeds), vocab, device=seeds.device)
+    for row, seed in enumerate(seeds.tolist()):
+        numbers[row].exponential_(generator=torch.Generator(device=seeds.device).manual_seed(seed))
+    return numbers
 
 
 # splitmix64's constants, as the signed 64-bit integers torch holds

@@ -14,6 +14,7 @@ from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.batch_sampling import RowConstraints, sample_batch
 from parrot.engine.sampler import TokenHistory, token_logprobs
+from parrot.engine.structured import allowed_masks
 from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
 if TYPE_CHECKING:
@@ -117,7 +118,9 @@ class ModelRunner:
         logits = logits[: len(sampling_jobs)]
         if not sampling_jobs:
             return StepResult({}, static_plan is not None, scores=scores)
-        constraints = [_constraints(j, self.model.config.eos_token_ids) for j in sampling_jobs]
+        structured = [j for j in sampling_jobs if j.grammar is not None]
+        masks = dict(zip(map(id, structured), allowed_masks([j.grammar for j in structured]))) if structured else {}
+        constraints = [_constraints(j, self.model.config.eos_token_ids, masks.get(id(j))) for j in sampling_jobs]
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs], constraints)
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
@@ -126,10 +129,11 @@ class ModelRunner:
         return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
 
 
-def _constraints(job: Job, eos_token_ids: tuple[int, ...]) -> RowConstraints | None:
+def _constraints(job: Job, eos_token_ids: tuple[int, ...], allowed: torch.Tensor | None) -> RowConstraints | None:
     """For penalties, the job's context split into its prompt and the tokens its generate has
-    sampled so far; for structured output, the tokens its grammar allows next; before
-    min_tokens, the tokens that would end the output."""
+    sampled so far; for structured output, the tokens its grammar allows next (`allowed`, [V]
+    bool, computed with the step's other grammars); before min_tokens, the tokens that would end
+    the output."""
     sampling = job.sampling
     early = job.num_generated < sampling.min_tokens and job.grammar is None  # a structure's end is its grammar's
     if not sampling.penalizes and job.grammar is None and not early:
@@ -137,7 +141,7 @@ def _constraints(job: Job, eos_token_ids: tuple[int, ...]) -> RowConstraints | N
     ids = job.ctx.token_ids
     history = TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :]) if sampling.penalizes else None
     banned = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else tuple(eos_token_ids)) if early else ()
-    return RowConstraints(history, job.grammar.allowed() if job.grammar is not None else None, banned)
+    return RowConstraints(history, allowed, banned)
 
 
 def _next_token_positions(chunk: ScheduledChunk) -> range:

@@ -9,7 +9,7 @@ grammar is complete.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -60,16 +60,12 @@ class OutputGrammar:
     matcher: object  # llguidance.LLMatcher
     vocab_size: int  # the logits' width
     end_token_ids: tuple[int, ...]  # the tokens that end the output where the grammar is complete
-    _bits: torch.Tensor = field(default_factory=lambda: torch.arange(32, dtype=torch.int32))
+    grammar_vocab_size: int  # the grammar engine's vocabulary: the tokenizer's, and the model's padding past it
 
     def allowed(self) -> torch.Tensor:
         """[V] bool: the tokens that keep the text within the grammar."""
         words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # [ceil(V' / 32)]
-        bits = ((words.unsqueeze(-1) >> self._bits) & 1).flatten().bool()  # [32 * ceil(V' / 32)]
-        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)  # logits past the grammar's vocabulary stay out
-        width = min(self.vocab_size, bits.shape[0])
-        allowed[:width] = bits[:width]
-        return allowed  # [V]
+        return _unpack(words.unsqueeze(0), self.vocab_size)[0]
 
     def accept(self, token_id: int) -> None:
         """Raises SamplingError where the grammar cannot go on (its engine's limits, a refused token)."""
@@ -87,6 +83,36 @@ class OutputGrammar:
     def complete(self) -> bool:
         """Nothing more may follow: the output ends here."""
         return self.matcher.is_stopped()
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+_executor = None  # llguidance.LLExecutor: its threads fill a step's masks side by side
+
+
+def _unpack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """words: [G, ceil(V' / 32)] int32 bitmasks (token t is bit t % 32 of word t // 32) -> [G, V] bool;
+    logits past the grammar's vocabulary stay out."""
+    bits = ((words.unsqueeze(-1) >> _BITS) & 1).flatten(1).bool()  # [G, 32 * ceil(V' / 32)]
+    allowed = torch.zeros(words.shape[0], vocab_size, dtype=torch.bool)
+    width = min(vocab_size, bits.shape[1])
+    allowed[:, :width] = bits[:, :width]
+    return allowed
+
+
+def allowed_masks(grammars: list[OutputGrammar]) -> torch.Tensor:
+    """[G, V] bool: what OutputGrammar.allowed gives for each of one engine's grammars, computed
+    together: llguidance's executor fills the bitmasks in parallel threads, one tensor op unpacks them."""
+    global _executor
+    import llguidance
+    import llguidance.torch
+
+    if len(grammars) == 1:
+        return grammars[0].allowed().unsqueeze(0)
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    words = llguidance.torch.allocate_token_bitmask(len(grammars), grammars[0].grammar_vocab_size)  # [G, W] int32
+    llguidance.torch.fill_next_token_bitmask_par(_executor, [(g.matcher, row) for row, g in enumerate(grammars)], words)
+    return _unpack(words, grammars[0].vocab_size)
 
 
 class GrammarCompiler:
@@ -124,7 +150,7 @@ class GrammarCompiler:
             raise SamplingError(f"the {structured.kind.value} for structured output does not compile: {matcher.get_error()}")
         if structured.resume_text and not matcher.consume_tokens(encode(structured.resume_text)):
             raise SamplingError(f"the output so far does not match its {structured.kind.value}: {matcher.get_error()}")
-        return OutputGrammar(matcher, self.vocab_size, self.end_token_ids)
+        return OutputGrammar(matcher, self.vocab_size, self.end_token_ids, self._grammar_vocab_size)
 
 
 def grammar_of(structured: StructuredOutput) -> str:
