@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from rich.table import Table
 from parrot.engine import batch_sampling
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams, apply_min_p, apply_top_k, apply_top_p
+from side_by_side import decode_side_by_side
 
 
 def plain_sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -60,21 +60,9 @@ class Row:
 
 async def decode(engine: LLMEngine, batch: int, tokens: int, sampling: SamplingParams, tag: str) -> float:
     """Seconds for `batch` sequences to decode `tokens` tokens each, side by side."""
-    async def one(i: int) -> int:
-        context = f"{tag}-{i}"
-        await engine.fill(context, None, engine.tokenizer.encode(f"Story {i}: once upon a time, in a town by the sea,"))
-        try:
-            seeded = SamplingParams(max_tokens=tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=i, ignore_eos=True)
-            return len([t async for t in engine.generate(context, seeded)])
-        finally:
-            engine.free_context(context)
-
-    started = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(batch)))
-    elapsed = time.perf_counter() - started
-    if counts != [tokens] * batch:
-        raise RuntimeError(f"every sequence should decode {tokens} tokens; they decoded {counts}")
-    return elapsed
+    return await decode_side_by_side(
+        engine, batch, tag, lambda i: f"Story {i}: once upon a time, in a town by the sea,",
+        lambda i: SamplingParams(max_tokens=tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=i, ignore_eos=True))
 
 
 async def measure(batches: list[int], tokens: int, repeats: int, temperature: float, top_p: float) -> list[Row]:

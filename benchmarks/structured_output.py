@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -24,6 +23,7 @@ from rich.table import Table
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.structured import StructuredOutput, StructureKind
+from side_by_side import decode_side_by_side
 
 # an array of many strings: a grammar that stays open for as long as the run decodes
 SCHEMA = json.dumps({"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 200})
@@ -42,21 +42,9 @@ class Row:
 
 async def decode(engine: LLMEngine, batch: int, tokens: int, structured: StructuredOutput | None, tag: str) -> float:
     """Seconds for `batch` sequences to decode `tokens` tokens each, side by side."""
-    async def one(i: int) -> int:
-        context = f"{tag}-{i}"
-        await engine.fill(context, None, engine.tokenizer.encode(f"List {i + 3} words about the sea, as JSON:"))
-        try:
-            sampling = SamplingParams(max_tokens=tokens, temperature=0.8, seed=i, ignore_eos=True, structured=structured)
-            return len([t async for t in engine.generate(context, sampling)])
-        finally:
-            engine.free_context(context)
-
-    started = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(batch)))
-    elapsed = time.perf_counter() - started
-    if counts != [tokens] * batch:
-        raise RuntimeError(f"every sequence should decode {tokens} tokens; they decoded {counts}")
-    return elapsed
+    return await decode_side_by_side(
+        engine, batch, tag, lambda i: f"List {i + 3} words about the sea, as JSON:",
+        lambda i: SamplingParams(max_tokens=tokens, temperature=0.8, seed=i, ignore_eos=True, structured=structured))
 
 
 async def measure(batches: list[int], tokens: int, repeats: int) -> list[Row]:

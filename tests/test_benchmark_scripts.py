@@ -67,3 +67,11 @@ def test_structured_output_quick_decodes_as_many_tokens_with_a_grammar_as_withou
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].startswith("structured output: batch 1 ")
+
+
+def test_sampling_cost_quick_runs_every_sampler_and_sums_up():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling_cost.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("sampling: batch 1: plain ") and "batch 4: plain " in last
