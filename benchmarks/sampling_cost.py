@@ -13,7 +13,6 @@ second and each sampler's time over the greedy time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from rich.table import Table
 from parrot.engine import batch_sampling
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams, apply_min_p, apply_top_k, apply_top_p
-from side_by_side import decode_side_by_side
+from side_by_side import decode_arguments, decode_side_by_side, parse_decode_arguments
 
 
 def plain_sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -86,16 +85,10 @@ async def measure(batches: list[int], tokens: int, repeats: int, temperature: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--tokens", type=int, default=64, help="tokens each sequence decodes (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each, the best kept (default 3)")
+    parser = decode_arguments(__doc__)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 4, 16 tokens, one run")
-    args = parser.parse_args()
-    if args.quick:
-        args.batches, args.tokens, args.repeats = [1, 4], 16, 1
+    args = parse_decode_arguments(parser)
     rows = asyncio.run(measure(args.batches, args.tokens, args.repeats, args.temperature, args.top_p))
     table = Table(title=f"sampling at temperature {args.temperature}, top_p {args.top_p}: {args.tokens} tokens a sequence "
                         f"(best of {args.repeats})")

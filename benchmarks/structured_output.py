@@ -12,7 +12,6 @@ second and the grammar's cost (structured time over free time).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from rich.table import Table
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams
 from parrot.engine.structured import StructuredOutput, StructureKind
-from side_by_side import decode_side_by_side
+from side_by_side import decode_arguments, decode_side_by_side, parse_decode_arguments
 
 # an array of many strings: a grammar that stays open for as long as the run decodes
 SCHEMA = json.dumps({"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 200})
@@ -65,14 +64,8 @@ async def measure(batches: list[int], tokens: int, repeats: int) -> list[Row]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--tokens", type=int, default=64, help="tokens each sequence decodes (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each, the best kept (default 3)")
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 4, 16 tokens, one run")
-    args = parser.parse_args()
-    if args.quick:
-        args.batches, args.tokens, args.repeats = [1, 4], 16, 1
+    parser = decode_arguments(__doc__)
+    args = parse_decode_arguments(parser)
     rows = asyncio.run(measure(args.batches, args.tokens, args.repeats))
     table = Table(title=f"structured output: {args.tokens} tokens a sequence, JSON schema against free text (best of {args.repeats})")
     for column in ("batch", "free tokens/s", "structured tokens/s", "structured slower by"):
