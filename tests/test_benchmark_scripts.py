@@ -12,13 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_engine_throughput_quick_reports_the_engine(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "engine_throughput.py"), "--quick", "--no-transformers", "--threads", "1", "--cpu-bf16", "auto,off",
-         "--vllm-precision", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs benchmarks/<name> from the project root; it must exit 0 (its output's tail says why not)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_engine_throughput_quick_reports_the_engine(tmp_path):
+    run_script("engine_throughput.py", "--quick", "--no-transformers", "--threads", "1", "--cpu-bf16", "auto,off",
+               "--vllm-precision", "--out", str(tmp_path))
     result = json.loads((tmp_path / "engine_throughput.json").read_text())
     assert [s["name"] for s in result["systems"]] == ["parrot", "parrot cpu-bf16=off", "parrot vllm-precision"]
     assert result["vllm_precision"] == {"kv_dtype": "bfloat16", "prompt_attention_dtype": "bfloat16"}
@@ -38,9 +42,7 @@ def test_engine_throughputs_threads_setting_stays_out_of_vllms_server():
 
 
 def test_precision_probe_quick_prints_agreement_with_float32():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_probe.py"), "--quick", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = run_script("precision_probe.py", "--quick", "--threads", "1")
     # the reference agrees with itself and reads the same filled in parts; every setting and prompt has a row
     assert "| float32 throughout | float32, KV cache float32, prompt attention float32 | 2/2 | 100% | 2/2 |" in done.stdout
     assert "| default | " in done.stdout
@@ -48,30 +50,22 @@ def test_precision_probe_quick_prints_agreement_with_float32():
 
 
 def test_prefill_attention_quick_checks_both_forms_agree():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_attention.py"), "--quick", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_script("prefill_attention.py", "--quick", "--repeats", "1", timeout=120)
     assert done.stdout.strip().splitlines()[-1].startswith("prefill-attention: the engine's form")
 
 
 def test_decode_kernel_quick_reports_both_cache_types():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_kernel.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_script("decode_kernel.py", "--quick")
     assert done.stdout.count("| float32 |") == 1 and done.stdout.count("| bfloat16 |") == 1
     assert done.stdout.strip().splitlines()[-1].startswith("decode-kernel: float32 KV at")
 
 
 def test_structured_output_quick_decodes_as_many_tokens_with_a_grammar_as_without():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "structured_output.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_script("structured_output.py", "--quick")
     assert done.stdout.strip().splitlines()[-1].startswith("structured output: batch 1 ")
 
 
 def test_sampling_cost_quick_runs_every_sampler_and_sums_up():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling_cost.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_script("sampling_cost.py", "--quick")
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("sampling: batch 1: plain ") and "batch 4: plain " in last
