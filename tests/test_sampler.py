@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parrot.engine import batch_sampling
-from parrot.engine.batch_sampling import RowConstraints, sample_batch, sample_token
+from parrot.engine.batch_sampling import RowConstraints, sample_batch
 from parrot.engine.sampler import (
     SamplingParams,
     StopChecker,
@@ -27,6 +27,11 @@ from parrot.engine.structured import StructuredOutput
 from parrot.errors import SamplingError, UserError
 
 NEG_INF = float("-inf")
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits: [V] -> one token, as the engine samples a row."""
+    return sample_batch(logits.unsqueeze(0), [params], [generator])[0]
 
 
 # ---- SamplingParams validation ------------------------------------------------
@@ -295,6 +300,8 @@ def test_token_rules_are_checked_and_a_mapping_of_biases_is_taken():
     assert SamplingParams(stop_token_ids=(1,), allowed_token_ids=(2,), logit_bias={3: 1}).token_ids_named == (1, 2, 3)
     with pytest.raises(SamplingError, match="biases from -100 to 100"):
         SamplingParams(logit_bias={1: 101})
+    with pytest.raises(SamplingError, match=r"logit_bias maps token ids, written as strings of digits .*'yes': 1 is not one"):
+        SamplingParams(logit_bias={"yes": 1})
     with pytest.raises(SamplingError, match="at most 300 may be biased"):
         SamplingParams(logit_bias={t: 1.0 for t in range(301)})
     with pytest.raises(SamplingError, match="min_p must be from 0 to 1"):

@@ -68,13 +68,6 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     return tokens
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [V] float32 for one sequence -> the next token id."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    return sample_rows(logits.unsqueeze(0), [params], [generator])[0]
-
-
 def _apply_rules(row_logits: torch.Tensor, p: SamplingParams, limits: RowConstraints | None) -> torch.Tensor:
     """[V] float32 -> the same after the row's token rules, penalties, grammar mask and held-back tokens."""
     if p.shapes_tokens:
@@ -118,7 +111,7 @@ def row_choices(logits: torch.Tensor, params: list[SamplingParams]) -> list[RowC
     out: list[RowChoices | None] = [None] * len(params)
     for rows, choices in _choices(logits, params):
         for i, row in enumerate(rows.tolist()):
-            out[row] = RowChoices(choices.ids[i : i + 1], choices.probs[i : i + 1])
+            out[row] = RowChoices(choices.ids[i : i + 1], choices.probs[i : i + 1], choices.whole_vocabulary)
     return out
 
 

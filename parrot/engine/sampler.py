@@ -62,8 +62,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
             object.__setattr__(self, "stop", (self.stop,))
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
-        object.__setattr__(self, "logit_bias", tuple(sorted((int(token), float(value)) for token, value in bias)))
+        object.__setattr__(self, "logit_bias", _token_biases(self.logit_bias))
         object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise SamplingError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {self.max_tokens!r}")
@@ -124,6 +123,19 @@ class SamplingParams:
     def token_ids_named(self) -> tuple[int, ...]:
         """The token ids the settings name, which must be in the model's vocabulary."""
         return self.stop_token_ids + self.allowed_token_ids + tuple(token for token, _ in self.logit_bias)
+
+
+def _token_biases(bias: Mapping | tuple) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs, from a mapping (whose keys may be strings of
+    digits, as JSON writes them) or from pairs."""
+    pairs = []
+    for token, value in bias.items() if isinstance(bias, Mapping) else bias:
+        try:
+            pairs.append((int(token), float(value)))
+        except (TypeError, ValueError):
+            raise SamplingError(f'logit_bias maps token ids, written as strings of digits ("50256"), to biases; '
+                                f"{token!r}: {value!r} is not one") from None
+    return tuple(sorted(pairs))
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,6 @@ class OutputGrammar:
     end_token_ids: tuple[int, ...]  # the tokens that end the output where the grammar is complete
     grammar_vocab_size: int  # the grammar engine's vocabulary: the tokenizer's, and the model's padding past it
 
-    def allowed(self) -> torch.Tensor:
-        """[V] bool: the tokens that keep the text within the grammar."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # [ceil(V' / 32)]
-        return _unpack(words.unsqueeze(0), self.vocab_size)[0]
-
     def accept(self, token_id: int) -> None:
         """Raises SamplingError where the grammar cannot go on (its engine's limits, a refused token)."""
         if not self.matcher.consume_token(token_id) or self.matcher.is_error():
@@ -100,14 +95,12 @@ def _unpack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def allowed_masks(grammars: list[OutputGrammar]) -> torch.Tensor:
-    """[G, V] bool: what OutputGrammar.allowed gives for each of one engine's grammars, computed
+    """[G, V] bool: the tokens that keep each of one engine's grammars' text within it, computed
     together: llguidance's executor fills the bitmasks in parallel threads, one tensor op unpacks them."""
     global _executor
     import llguidance
     import llguidance.torch
 
-    if len(grammars) == 1:
-        return grammars[0].allowed().unsqueeze(0)
     if _executor is None:
         _executor = llguidance.LLExecutor()
     words = llguidance.torch.allocate_token_bitmask(len(grammars), grammars[0].grammar_vocab_size)  # [G, W] int32

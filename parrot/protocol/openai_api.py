@@ -98,19 +98,10 @@ class SamplingFields(Lenient):
             structured=self.structured(),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             min_tokens=self.min_tokens,
-            logit_bias=self.token_biases(),
+            logit_bias=self.logit_bias or {},
             min_p=self.min_p or 0.0,
             allowed_token_ids=tuple(self.allowed_token_ids or ()),
         )
-
-    def token_biases(self) -> dict[int, float]:
-        biases = {}
-        for key, value in (self.logit_bias or {}).items():
-            try:
-                biases[int(key)] = value
-            except ValueError:
-                raise UserError(f'logit_bias maps token ids, written as strings of digits ("50256"), to biases; {key!r} is not one') from None
-        return biases
 
     def structured(self) -> StructuredOutput | None:
         """What the text must match, from response_format or vLLM's fields; None: free text."""
