@@ -69,3 +69,9 @@ def test_sampling_cost_quick_runs_every_sampler_and_sums_up():
     done = run_script("sampling_cost.py", "--quick")
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("sampling: batch 1: plain ") and "batch 4: plain " in last
+
+
+def test_penalty_cost_quick_checks_both_ways_agree_and_sums_up():
+    done = run_script("penalty_cost.py", "--quick")
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("penalties: batch 1: rebuilt ") and "batch 4: rebuilt " in last

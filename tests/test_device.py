@@ -20,7 +20,8 @@ from parrot.engine.loader import DEFAULT_MODEL
 from parrot.engine.model import LlamaModel
 from parrot.engine.model_runner import KVCacheTensors, prompt_logits
 from parrot.engine.random_weights import random_model
-from parrot.engine.sampler import SamplingParams, TokenHistory, apply_penalties, apply_token_rules
+from parrot.engine.penalties import TokenCounts, apply_penalties
+from parrot.engine.sampler import SamplingParams, apply_token_rules
 from parrot.engine.structured import StructuredOutput, StructureKind
 from parrot.errors import UserError
 
@@ -134,7 +135,7 @@ def test_gpu_sampling_rules_act_on_the_decode_graphs_logits():
         for row, (logits, token) in enumerate(zip(rows(output), output)):
             if sampling.logprobs is not None:
                 assert tokens[row].logprobs.logprob == pytest.approx(torch.log_softmax(logits, -1)[token].item(), abs=1e-3)
-            ruled = apply_penalties(apply_token_rules(logits, sampling), TokenHistory(ids, output[:row]), sampling)
+            ruled = apply_penalties(apply_token_rules(logits, sampling).unsqueeze(0), [TokenCounts.of(ids, output[:row], len(logits))], [sampling])[0]
             assert ruled[token] >= ruled.max() - 1e-3, (sampling, row)
     forced = token_ids(run(fill_and_generate(engine, "forced", ids, greedy(4, logit_bias={42: 100.0}))))
     assert forced == [42] * 4

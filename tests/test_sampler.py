@@ -11,12 +11,11 @@ from hypothesis import strategies as st
 
 from parrot.engine import batch_sampling
 from parrot.engine.batch_sampling import RowConstraints, sample_batch
+from parrot.engine.penalties import TokenCounts, apply_penalties
 from parrot.engine.sampler import (
     SamplingParams,
     StopChecker,
-    TokenHistory,
     apply_min_p,
-    apply_penalties,
     apply_token_rules,
     apply_top_k,
     apply_top_p,
@@ -276,22 +275,48 @@ def test_penalties_are_checked_and_default_to_none():
 @settings(max_examples=60, deadline=None)
 @given(
     logits=st.lists(st.floats(-20, 20, allow_nan=False), min_size=8, max_size=8),
-    prompt=st.lists(st.integers(0, 7), max_size=6),
-    output=st.lists(st.integers(0, 7), max_size=10),
+    prompt=st.lists(st.integers(0, 9), max_size=6),
+    output=st.lists(st.integers(0, 9), max_size=10),
     presence=st.floats(-2, 2), frequency=st.floats(-2, 2), repetition=st.floats(0.5, 3),
 )
 def test_penalties_move_only_the_tokens_seen_and_by_the_rules(logits, prompt, output, presence, frequency, repetition):
+    """Ids 8 and 9 lie past the 8-token vocabulary (a tokenizer's added tokens): they move nothing.
+    The rows around the penalized one keep to their own settings."""
     params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition)
-    before = torch.tensor(logits)
-    after = apply_penalties(before, TokenHistory(prompt, output), params)
+    before = torch.tensor([logits, logits, logits])
+    rows = [TokenCounts.of(output, prompt, 8), TokenCounts.of(prompt, output, 8), TokenCounts.of([], [0, 1], 8)]
+    after = apply_penalties(before, rows, [SamplingParams(), params, SamplingParams(frequency_penalty=0.5)])
     for token in range(8):
         value = logits[token]
         if token in prompt or token in output:  # CTRL: divided where positive, multiplied where negative
             value = value / repetition if value > 0 else value * repetition
         count = output.count(token)
         value -= frequency * count + (presence if count else 0.0)
-        assert after[token].item() == pytest.approx(value, rel=1e-5, abs=1e-4)
-    assert torch.equal(before, torch.tensor(logits))  # the batch's logits are left as they were
+        assert after[1, token].item() == pytest.approx(value, rel=1e-5, abs=1e-4)
+    assert torch.equal(after[0], before[0])
+    assert after[2, 0].item() == pytest.approx(logits[0] - 0.5, abs=1e-4) and torch.equal(after[2, 2:], before[2, 2:])
+    assert torch.equal(before, torch.tensor([logits] * 3))  # the batch's logits are left as they were
+
+
+def counted(counts: TokenCounts) -> tuple[list[int], list[tuple[int, float]]]:
+    """The tokens seen, and the output's tokens with their counts, in id order."""
+    return sorted(counts.seen_ids.tolist()), sorted(zip(counts.output_ids.tolist(), counts.output_counts.tolist()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=st.lists(st.integers(0, 9), max_size=6), steps=st.lists(st.lists(st.integers(0, 9), max_size=3), max_size=5))
+def test_token_counts_kept_a_step_at_a_time_equal_counts_taken_at_once(prompt, steps):
+    """A generate's counts follow its context as tokens come, a few a step; a context whose prompt
+    changed (rebuilt after a fault) is counted anew. Ids 8 and 9 lie past the vocabulary."""
+    counts = TokenCounts.of(prompt, [], 8)
+    ids = list(prompt)
+    for new in steps:
+        ids += new
+        counts = counts.catch_up(ids, len(ids) - len(prompt))
+        output = ids[len(prompt):]
+        assert counted(counts) == (sorted({t for t in ids if t < 8}), sorted((t, float(output.count(t))) for t in set(output) if t < 8))
+    recounted = counts.catch_up([1] + ids, len(ids) - len(prompt))
+    assert counted(recounted) == counted(TokenCounts.of([1] + prompt, ids[len(prompt):], 8))
 
 
 def test_token_rules_are_checked_and_a_mapping_of_biases_is_taken():
@@ -352,9 +377,9 @@ def test_a_penalized_greedy_row_takes_the_best_token_after_its_penalties():
     logits = torch.tensor([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0]])
     plain = SamplingParams()
     penalized = SamplingParams(frequency_penalty=1.5)
-    history = TokenHistory(prompt_ids=[2], output_ids=[0])  # token 0 once in the output: 5 - 1.5 < 4
-    assert sample_batch(logits, [plain, penalized], [None, None], [None, RowConstraints(history)]) == [0, 1]
-    repeated = RowConstraints(TokenHistory([0], []))
+    counts = TokenCounts.of(prompt_ids=[2], output_ids=[0], vocab=3)  # token 0 once in the output: 5 - 1.5 < 4
+    assert sample_batch(logits, [plain, penalized], [None, None], [None, RowConstraints(counts)]) == [0, 1]
+    repeated = RowConstraints(TokenCounts.of([0], [], 3))
     assert sample_batch(logits[:1], [SamplingParams(repetition_penalty=2.0)], [None], [repeated]) == [1]  # 2.5 < 4
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parrot.engine.sampler import SamplingParams, TokenHistory, apply_penalties, apply_token_rules, apply_top_k, apply_top_p
+from parrot.engine.penalties import TokenCounts, apply_penalties
+from parrot.engine.sampler import SamplingParams, apply_token_rules, apply_top_k, apply_top_p
 
 # likeliest tokens a row's nucleus is looked for among, in turn: at temperature 0.7 the first
 # 256 held 90 % of the mass in 98 % of a small model's rows, the first 4096 in all of them
@@ -28,10 +29,10 @@ RACE_HEAD = 256  # tokens a draw over a whole vocabulary races first (most draws
 
 @dataclass(frozen=True)
 class RowConstraints:
-    """What a row's sampling takes besides its logits: its tokens so far (for penalties) and the
+    """What a row's sampling takes besides its logits: its tokens counted (for penalties) and the
     tokens its grammar allows next (structured output), each where it applies."""
 
-    history: TokenHistory | None = None
+    counts: TokenCounts | None = None
     allowed: torch.Tensor | None = None  # [V] bool
     banned: tuple[int, ...] = ()  # token ids that may not come next (the end tokens, before min_tokens)
 
@@ -39,50 +40,52 @@ class RowConstraints:
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                  constraints: list[RowConstraints | None] | None = None) -> list[int]:
     """logits: [B, V] -> one token per row. Greedy rows without rules share one argmax; rows with
-    rules (token rules, penalties, a grammar) have them applied one by one; the rows that sample
-    are drawn together (sample_rows)."""
-    greedy_ids = torch.argmax(logits, dim=-1).tolist()
+    rules (token rules, penalties, a grammar) have them applied together (_apply_rules); the rows
+    that sample are drawn together (sample_rows)."""
+    tokens = torch.argmax(logits, dim=-1).tolist()
     constraints = constraints or [None] * len(params)
-    tokens = list(greedy_ids)
-    sampling_rows: list[int] = []
-    ruled: dict[int, torch.Tensor] = {}  # sampling row -> its logits after its rules
-    for row, (p, limits) in enumerate(zip(params, constraints)):
-        if limits is None and not p.shapes_tokens:
-            if not p.greedy:
-                sampling_rows.append(row)
-            continue
-        row_logits = _apply_rules(logits[row].float(), p, limits)
-        if p.greedy:
-            tokens[row] = int(torch.argmax(row_logits))
-        else:
-            sampling_rows.append(row)
-            ruled[row] = row_logits
+    ruled_rows = [row for row, (p, limits) in enumerate(zip(params, constraints)) if limits is not None or p.shapes_tokens]
+    ruled_position = {row: i for i, row in enumerate(ruled_rows)}
+    if ruled_rows:
+        ruled = _apply_rules(logits[ruled_rows].float(), [params[r] for r in ruled_rows], [constraints[r] for r in ruled_rows])  # [K, V]
+        for row, token in zip(ruled_rows, torch.argmax(ruled, dim=-1).tolist()):
+            if params[row].greedy:
+                tokens[row] = token
+    sampling_rows = [row for row, p in enumerate(params) if not p.greedy]
     if sampling_rows:
         rows_logits = logits[sampling_rows].float()  # [R, V]
         for i, row in enumerate(sampling_rows):
-            if row in ruled:
-                rows_logits[i] = ruled[row]
+            if row in ruled_position:
+                rows_logits[i] = ruled[ruled_position[row]]
         drawn = sample_rows(rows_logits, [params[r] for r in sampling_rows], [generators[r] for r in sampling_rows])
         for row, token in zip(sampling_rows, drawn):
             tokens[row] = token
     return tokens
 
 
-def _apply_rules(row_logits: torch.Tensor, p: SamplingParams, limits: RowConstraints | None) -> torch.Tensor:
-    """[V] float32 -> the same after the row's token rules, penalties, grammar mask and held-back tokens."""
-    if p.shapes_tokens:
-        row_logits = apply_token_rules(row_logits, p)
-    if limits is None:
-        return row_logits
-    if limits.history is not None:
-        row_logits = apply_penalties(row_logits, limits.history, p)
-    if limits.allowed is not None:
-        row_logits = row_logits.masked_fill(~limits.allowed.to(row_logits.device), float("-inf"))
-    if limits.banned:
-        held = row_logits.index_fill(0, torch.tensor(limits.banned, device=row_logits.device), float("-inf"))
-        # where only ending tokens are allowed (allowed_token_ids), the output ends before min_tokens
-        row_logits = held if bool(torch.isfinite(held).any()) else row_logits
-    return row_logits
+def _apply_rules(logits: torch.Tensor, params: list[SamplingParams], constraints: list[RowConstraints | None]) -> torch.Tensor:
+    """logits: [K, V] float32, a copy the rules may change -> the same after each row's token rules,
+    penalties, grammar mask and held-back tokens (penalties and masks applied to all rows at once)."""
+    device = logits.device
+    for i, p in enumerate(params):
+        if p.shapes_tokens:
+            logits[i] = apply_token_rules(logits[i], p)
+    penalized = [i for i, limits in enumerate(constraints) if limits is not None and limits.counts is not None]
+    if penalized:
+        rows = torch.tensor(penalized, device=device)
+        logits[rows] = apply_penalties(logits[rows], [constraints[i].counts for i in penalized], [params[i] for i in penalized])
+    masked = [i for i, limits in enumerate(constraints) if limits is not None and limits.allowed is not None]
+    if masked:
+        rows = torch.tensor(masked, device=device)
+        allowed = torch.stack([constraints[i].allowed for i in masked]).to(device)  # [M, V]
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    for i, limits in enumerate(constraints):
+        if limits is not None and limits.banned:
+            held = logits[i].index_fill(0, torch.tensor(limits.banned, device=device), float("-inf"))
+            # where only ending tokens are allowed (allowed_token_ids), the output ends before min_tokens
+            if bool(torch.isfinite(held).any()):
+                logits[i] = held
+    return logits
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from parrot.engine.device import cpu_zeros_on_huge_pages
 from parrot.engine.model import ForwardBatch, LlamaModel
 from parrot.engine.outputs import TokenLogprobs
 from parrot.engine.batch_sampling import RowConstraints, sample_batch
-from parrot.engine.sampler import TokenHistory, token_logprobs
+from parrot.engine.penalties import TokenCounts
+from parrot.engine.sampler import token_logprobs
 from parrot.engine.structured import allowed_masks
 from parrot.engine.scheduler import Job, JobKind, ScheduledChunk, StepPlan
 
@@ -120,7 +121,7 @@ class ModelRunner:
             return StepResult({}, static_plan is not None, scores=scores)
         structured = [j for j in sampling_jobs if j.grammar is not None]
         masks = dict(zip(map(id, structured), allowed_masks([j.grammar for j in structured]))) if structured else {}
-        constraints = [_constraints(j, self.model.config.eos_token_ids, masks.get(id(j))) for j in sampling_jobs]
+        constraints = [_constraints(j, self.model.config.eos_token_ids, masks.get(id(j)), logits) for j in sampling_jobs]
         next_tokens = sample_batch(logits, [j.sampling for j in sampling_jobs], [j.generator for j in sampling_jobs], constraints)
         sampled = {id(job): token for job, token in zip(sampling_jobs, next_tokens)}
         asking = [row for row, job in enumerate(sampling_jobs) if job.sampling.logprobs is not None]
@@ -129,19 +130,24 @@ class ModelRunner:
         return StepResult(sampled, static_plan is not None, {id(sampling_jobs[row]): r for row, r in zip(asking, reported)}, scores)
 
 
-def _constraints(job: Job, eos_token_ids: tuple[int, ...], allowed: torch.Tensor | None) -> RowConstraints | None:
-    """For penalties, the job's context split into its prompt and the tokens its generate has
-    sampled so far; for structured output, the tokens its grammar allows next (`allowed`, [V]
-    bool, computed with the step's other grammars); before min_tokens, the tokens that would end
-    the output."""
+def _constraints(job: Job, eos_token_ids: tuple[int, ...], allowed: torch.Tensor | None, logits: torch.Tensor) -> RowConstraints | None:
+    """For penalties, the job's tokens counted (its context split into its prompt and the tokens
+    its generate has sampled so far, on the device and vocabulary of `logits` [B, V]); for
+    structured output, the tokens its grammar allows next (`allowed`, [V] bool, computed with the
+    step's other grammars); before min_tokens, the tokens that would end the output."""
     sampling = job.sampling
     early = job.num_generated < sampling.min_tokens and job.grammar is None  # a structure's end is its grammar's
     if not sampling.penalizes and job.grammar is None and not early:
         return None
-    ids = job.ctx.token_ids
-    history = TokenHistory(ids[: len(ids) - job.num_generated], ids[len(ids) - job.num_generated :]) if sampling.penalizes else None
+    if sampling.penalizes:
+        ids = job.ctx.token_ids
+        if job.token_counts is None:
+            prompt_length = len(ids) - job.num_generated
+            job.token_counts = TokenCounts.of(ids[:prompt_length], ids[prompt_length:], logits.shape[-1], logits.device)
+        else:
+            job.token_counts = job.token_counts.catch_up(ids, job.num_generated)
     banned = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else tuple(eos_token_ids)) if early else ()
-    return RowConstraints(history, allowed, banned)
+    return RowConstraints(job.token_counts if sampling.penalizes else None, allowed, banned)
 
 
 def _next_token_positions(chunk: ScheduledChunk) -> range:

@@ -138,30 +138,6 @@ def _token_biases(bias: Mapping | tuple) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-@dataclass(frozen=True)
-class TokenHistory:
-    """What a sequence holds before its next token: the penalties' input."""
-
-    prompt_ids: list[int]
-    output_ids: list[int]
-
-
-def apply_penalties(logits: torch.Tensor, history: TokenHistory, params: SamplingParams) -> torch.Tensor:
-    """logits: [V] float32 of one sequence -> the same with its sampling's penalties applied."""
-    vocab = logits.shape[-1]
-    if params.repetition_penalty != 1.0:
-        # ids past the logits' vocabulary (a tokenizer's added tokens beyond the model's) have no logit to move
-        seen = torch.tensor(sorted(t for t in set(history.prompt_ids) | set(history.output_ids) if t < vocab), dtype=torch.int64,
-                            device=logits.device)
-        values = logits[seen]
-        logits = logits.clone()
-        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if history.output_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(history.output_ids, dtype=torch.int64, device=logits.device), minlength=vocab)[:vocab]
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-    return logits
-
-
 def apply_token_rules(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [V] float32 of one sequence -> the same with allowed_token_ids kept alone and
     logit_bias added (the ids are in the vocabulary: the engine checked them)."""

@@ -19,6 +19,7 @@ import torch
 
 from parrot.engine.kv_cache import Context, ContextTable
 from parrot.engine.outputs import TokenLogprobs
+from parrot.engine.penalties import TokenCounts
 from parrot.engine.sampler import SamplingParams, StopChecker
 from parrot.engine.step_profile import LatencyStepRules
 from parrot.engine.structured import OutputGrammar
@@ -53,6 +54,7 @@ class Job:
     generator: torch.Generator | None = None
     grammar: OutputGrammar | None = None  # structured output: which tokens may come next
     num_generated: int = 0
+    token_counts: TokenCounts | None = None  # penalties' view of its tokens, kept up to date by each step that samples it
     preemptions: int = 0
     error: BaseException | None = None
     # SCORE: the log probabilities of each position's next token and its `score_top` likeliest
