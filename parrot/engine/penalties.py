@@ -85,7 +85,9 @@ def apply_penalties(logits: torch.Tensor, counts: list[TokenCounts], params: lis
 
     def spread(rows: list[int], ids: list[torch.Tensor], values: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows' ids -> their positions in `flat` [N], and the value of the row each came from [N]."""
-        of_row = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor([len(i) for i in ids], device=device))
+        lengths = [len(i) for i in ids]
+        # output_size given: on a GPU, no wait for the lengths to come back
+        of_row = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(lengths, device=device), output_size=sum(lengths))
         return torch.cat(ids) + torch.tensor(rows, device=device)[of_row] * vocab, torch.tensor(values, dtype=logits.dtype, device=device)[of_row]
 
     repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
