@@ -30,4 +30,4 @@ def test_an_engine_server_refuses_other_keys_before_it_reads_the_body():
             assert tenant.status_code == 403 and tenant.json()["error"]["type"] == "permission_error", path
         assert http.get("/stats", headers={"authorization": f"Bearer {TENANT_KEY}"}).status_code == 403
         engine = http.post("/fill", json=bad_fill, headers={"authorization": f"Bearer {ENGINE_KEY}"})
-        assert engine.status_code == 422 and "context_id" in engine.json()["error"]["message"]
+        assert engine.status_code == 400 and "context_id" in engine.json()["error"]["message"]

@@ -97,3 +97,21 @@ def test_model_without_chat_template_says_so(model_dir, tmp_path):
     assert plain.encode("hello") == Tokenizer(model_dir).encode("hello")
     with pytest.raises(UserError, match="chat template"):
         plain.apply_chat_template([ChatMessage("user", "Hi")])
+
+
+@pytest.mark.parametrize("text", MULTILINGUAL)
+def test_logprobs_name_each_tokens_own_bytes_and_offsets_into_the_text(tokenizer, text):
+    """Chat's bytes fields join into the text, where a token holds part of a character; the
+    completions' text offsets count the characters of the text before each token."""
+    from parrot.engine.outputs import TokenLogprobs
+    from parrot.manager.graph import LoggedToken
+    from parrot.server.openai_logprobs import LogprobsWriter
+
+    ids = tokenizer.encode(text)
+    tokens = [LoggedToken(token_id, TokenLogprobs(-1.0)) for token_id in ids]
+    chat = LogprobsWriter(tokenizer).chat(tokens)
+    assert bytes(b for entry in chat.content for b in entry.bytes).decode() == text
+    writer = LogprobsWriter(tokenizer)
+    offsets = writer.completion(tokens[:2]).text_offset + writer.completion(tokens[2:]).text_offset  # as a stream's chunks
+    complete = [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]  # characters whole before token i
+    assert offsets == complete and writer.text_offset == len(text)

@@ -39,6 +39,7 @@ class Tokenizer:
         self.eos_token = config.get("eos_token") if isinstance(config.get("eos_token"), str) else None
         # a template that renders the tools a chat offers (others never show them to the model)
         self.template_shows_tools = bool(template) and "tools" in template
+        self._byte_reader = None  # llguidance's view of the vocabulary, built on first use (about 0.2 s)
 
     @property
     def vocab_size(self) -> int:
@@ -59,6 +60,15 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes. A token may hold part of a UTF-8 character, which decode shows as
+        U+FFFD; llguidance reads the bytes from the vocabulary, whatever its byte encoding."""
+        if self._byte_reader is None:
+            import llguidance
+
+            self._byte_reader = llguidance.LLTokenizer(self.to_json())
+        return self._byte_reader.decode_bytes([token_id])
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -50,7 +50,7 @@ class SamplingFields(Lenient):
     stop: str | list[str] | None = None
     # choice j of n samples with seed + j: room for every choice within the generator's 64-bit seed
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES_PER_REQUEST)
-    stream: bool = False
+    stream: bool | None = False  # null, as some clients send it, is false
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -80,6 +80,14 @@ class SamplingFields(Lenient):
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
+
+    @model_validator(mode="after")
+    def _fields_that_need_another(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only taken with stream: true")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids is empty: list the token ids that may come, or leave it out")
+        return self
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -218,7 +226,12 @@ class ChatMessageBody(Lenient):
         elif isinstance(self.content, str):
             text = self.content
         else:
-            text = "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            others = sorted({str(part.get("type")) for part in self.content if part.get("type") != "text"})
+            if others:
+                # an answer that left them out would be wrong without saying so
+                raise UserError(f"this model reads text only: a {self.role} message's parts of type {', '.join(others)} "
+                                "cannot be taken; send text parts")
+            text = "".join(part.get("text", "") for part in self.content)
         if self.tool_calls:
             # in the shape the model is asked to write a call in (server/openai_tools.py), one a line
             calls = [json.dumps({"name": c.function.name, "parameters": _arguments(c.function.arguments)}) for c in self.tool_calls]

@@ -89,10 +89,16 @@ def install_error_handlers(app: FastAPI, keys: KeyStore, max_body_bytes: int = D
         # without a key still hears about the key first, not about the body
         if keys.authenticate(bearer_key(request)) is None:
             return error_json(401, MISSING_KEY, "authentication_error")
+        content_type = request.headers.get("content-type", "")
+        if request.method in ("POST", "PUT", "PATCH") and content_type and "json" not in content_type:
+            # what `curl -d` sends: the body may be JSON, but it was not sent as JSON
+            return error_json(415, f"the body is read as JSON: send it with 'Content-Type: application/json', not {content_type!r}",
+                              "invalid_request_error")
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
         )
-        return error_json(422, f"invalid request: {problems}", "invalid_request_error")
+        # 400 as OpenAI and vLLM answer it (FastAPI's own is 422), so that clients' BadRequestError catches it
+        return error_json(400, f"invalid request: {problems}", "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

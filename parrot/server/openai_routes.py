@@ -104,6 +104,11 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
     async def models(tenant: str = Tenant):
         return ModelList(data=[ModelCard(id=model)])
 
+    @app.get("/v1/models/{name:path}", response_model=ModelCard)
+    async def one_model(name: str, tenant: str = Tenant):
+        check_model(name)
+        return ModelCard(id=model)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, tenant: str = Tenant):
         check_supported(body)

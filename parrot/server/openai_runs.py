@@ -50,7 +50,11 @@ async def unless_client_gone(request: Request, work: Awaitable[T]) -> T:
             if await request.is_disconnected():
                 raise ClientGone
     finally:
-        task.cancel()
+        if not task.done():
+            task.cancel()
+            # a cancelled gather ends with a CancelledError set as its exception: read it, so that
+            # asyncio does not log it as never retrieved (the work was stopped on purpose)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 @dataclasses.dataclass(frozen=True)
