@@ -277,3 +277,28 @@ def test_a_prompt_filled_for_its_generate_is_not_computed_before_it(engine, base
             engine.free_context("deferred")
 
     run(main())
+
+
+def test_a_fault_after_one_jobs_step_fails_that_job_alone_and_the_engine_goes_on(engine, monkeypatch):
+    """A job whose token cannot be handled (here its stop check raises) ends with the error; the
+    step's other job finishes, and the engine serves the next request: the step loop lives on."""
+    from parrot.engine.sampler import StopChecker
+
+    original = StopChecker.feed
+
+    def feed(self: StopChecker, delta: str) -> str:
+        if self.stops == ("boom",):
+            raise RuntimeError("a fault in this job's stop check")
+        return original(self, delta)
+
+    monkeypatch.setattr(StopChecker, "feed", feed)
+    ids = engine.tokenizer.encode("one two three four")
+
+    async def side_by_side():
+        return await asyncio.gather(fill_and_generate(engine, "faulty", ids, greedy(6, stop=("boom",))),
+                                    fill_and_generate(engine, "healthy", ids, greedy(6)), return_exceptions=True)
+
+    faulty, healthy = run(side_by_side())
+    assert isinstance(faulty, RuntimeError) and "stop check" in str(faulty)
+    assert len(token_ids(healthy)) == 6
+    assert token_ids(run(fill_and_generate(engine, "after", ids, greedy(6)))) == token_ids(healthy)

@@ -477,3 +477,16 @@ def test_a_seeded_draw_survives_rounding_of_the_logits():
         b = batch_sampling.sample_rows(noisy, params, [torch.Generator().manual_seed(seed * 8 + r) for r in range(8)])
         same += sum(x == y for x, y in zip(a, b))
     assert same >= 0.97 * 200
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(stop=(1,)), "stop takes strings"), (dict(stop=1), "stop takes strings"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"), (dict(temperature=1e9), "temperature must be from 0"),
+    (dict(top_k=2.5), "top_k must be an integer"), (dict(seed="abc"), "seed must be an integer"),
+    (dict(structured="json"), "structured takes a StructuredOutput"), (dict(stop_token_ids=[1.5]), "stop_token_ids takes token ids"),
+    (dict(max_tokens=True), "max_tokens must be an integer"), (dict(ignore_eos="yes"), "ignore_eos must be True or False"),
+])
+def test_settings_of_the_wrong_type_are_refused_with_their_name(setting, message):
+    """Past these checks a setting of the wrong type would fail inside the engine's step."""
+    with pytest.raises(SamplingError, match=message):
+        SamplingParams(**setting)

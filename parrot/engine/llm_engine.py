@@ -523,7 +523,17 @@ class LLMEngine:
         if self._wakeup is None or self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.create_task(self._step_loop())
+            self._loop_task.add_done_callback(self._step_loop_ended)
         self._wakeup.set()
+
+    def _step_loop_ended(self, task: asyncio.Task) -> None:
+        """A loop that raised (a fault outside any one job's step) fails the jobs it held, which
+        would otherwise wait for ever; the next job starts a new loop."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the engine's step loop stopped on an error; failing its %d jobs", len(self.scheduler.jobs), exc_info=task.exception())
+        for job in list(self.scheduler.jobs):
+            self._finish(job, task.exception())
 
     async def _step_loop(self) -> None:
         while True:
@@ -567,22 +577,29 @@ class LLMEngine:
 
     def _postprocess(self, plan, result) -> None:
         for chunk in plan.chunks:
-            job = chunk.job
-            if job.ctx.freed or id(job) not in self._channels:
-                continue
-            job.ctx.num_computed = max(job.ctx.num_computed, chunk.start + chunk.length)
-            if job.kind is not JobKind.GENERATE:
-                job.scores.update(result.scores.get(id(job), {}))
-                if job.ctx.num_pending == 0:
-                    self._finish(job, None)
-                continue
-            if chunk.wants_logits and job.ctx.context_id in self._retain_when_sampled:
-                # a prompt filled for its generate is computed now: cached as a plain fill's is
-                self._retain_when_sampled.discard(job.ctx.context_id)
-                self._retain_prompt(job.ctx.context_id, while_running=True, sampled=True)
-            token = result.sampled.get(id(job))
-            if token is not None:
-                self._on_token(job, token, result.logprobs.get(id(job)))
+            try:
+                self._postprocess_chunk(chunk, result)
+            except Exception as exc:  # one job's fault ends that job; the loop and the step's other jobs go on
+                log.exception("after a step, context %s's job failed", chunk.job.ctx.context_id)
+                self._finish(chunk.job, exc)
+
+    def _postprocess_chunk(self, chunk: ScheduledChunk, result) -> None:
+        job = chunk.job
+        if job.ctx.freed or id(job) not in self._channels:
+            return
+        job.ctx.num_computed = max(job.ctx.num_computed, chunk.start + chunk.length)
+        if job.kind is not JobKind.GENERATE:
+            job.scores.update(result.scores.get(id(job), {}))
+            if job.ctx.num_pending == 0:
+                self._finish(job, None)
+            return
+        if chunk.wants_logits and job.ctx.context_id in self._retain_when_sampled:
+            # a prompt filled for its generate is computed now: cached as a plain fill's is
+            self._retain_when_sampled.discard(job.ctx.context_id)
+            self._retain_prompt(job.ctx.context_id, while_running=True, sampled=True)
+        token = result.sampled.get(id(job))
+        if token is not None:
+            self._on_token(job, token, result.logprobs.get(id(job)))
 
     def _on_token(self, job: Job, token: int, logprobs: TokenLogprobs | None = None) -> None:
         sampling = job.sampling

@@ -17,6 +17,7 @@ MAX_LOGPROBS = 20  # most likely alternatives reported per generated token (Open
 MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 100.0  # as OpenAI bounds a token's bias: -100 bans it, 100 all but forces it
+MAX_TEMPERATURE = 100.0  # the session API's bound; the OpenAI API keeps OpenAI's 2
 MAX_BIASED_TOKENS = 300  # OpenAI's limit on the tokens one request biases
 MAX_ALLOWED_TOKENS = 100_000  # allowed_token_ids: more than any vocabulary this engine serves would need
 
@@ -62,12 +63,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not a sequence of one-character stops
             object.__setattr__(self, "stop", (self.stop,))
+        self._check_types()
         object.__setattr__(self, "logit_bias", _token_biases(self.logit_bias))
         object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise SamplingError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise SamplingError(f"temperature must be from 0 (greedy) to {MAX_TEMPERATURE:g}, got {self.temperature}")
         if self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -87,6 +89,35 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._check_token_rules()
+
+    def _check_types(self) -> None:
+        """Settings of the wrong type are refused here, with the setting's name: past this point
+        they would fail inside the engine's step."""
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            if not number(getattr(self, name)):
+                raise SamplingError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        for name in ("max_tokens", "top_k", "min_tokens"):
+            if not integer(getattr(self, name)):
+                raise SamplingError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("seed", "logprobs"):
+            if getattr(self, name) is not None and not integer(getattr(self, name)):
+                raise SamplingError(f"{name} must be an integer or None, got {getattr(self, name)!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise SamplingError(f"stop takes strings (a string or a sequence of them), got {self.stop!r}")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if not isinstance(getattr(self, name), (tuple, list)) or not all(integer(t) for t in getattr(self, name)):
+                raise SamplingError(f"{name} takes token ids (integers), got {getattr(self, name)!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise SamplingError(f"structured takes a StructuredOutput (StructuredOutput.json_object(), StructuredOutput(StructureKind.REGEX, "
+                                f"...), ...), got {self.structured!r}")
 
     def _check_token_rules(self) -> None:
         if len(self.logit_bias) > MAX_BIASED_TOKENS:
