@@ -176,6 +176,20 @@ def test_a_program_holds_its_outputs_to_their_structures_on_the_server(server):
         assert isinstance(json.loads(notes.get(timeout=120))["issue"], str)
 
 
+@P.native_function
+def shout(text: P.Input, loud: P.Output):
+    return text.upper()
+
+
+def test_a_remote_call_that_reads_a_native_functions_output_runs(server):
+    """The native function sets its output from its own thread while the program waits on the
+    call that reads it: the value reaches the server at once, not with the program's next request."""
+    with P.connect(server, api_key=KEYS["alice"]):
+        started = time.monotonic()
+        assert echo(shout("name a colour")).get(timeout=60).strip() != ""
+        assert time.monotonic() - started < 30
+
+
 def test_a_program_steers_its_tokens_through_the_session_api(server, tokenizer):
     """logit_bias and allowed_token_ids of P.Output travel the session API and the engine wire."""
     [yes] = tokenizer.encode(" yes")

@@ -598,3 +598,25 @@ def test_choices_of_one_prompt_count_its_tokens_once_on_their_engine():
     apart_tokens, apart_unfilled = asyncio.run(load_while_running(False))
     assert apart_tokens == 4 * (prompt_tokens + 8) and apart_unfilled == 4 * prompt_tokens
     assert shared_tokens <= prompt_tokens + 4 * (8 + 32) and shared_unfilled <= prompt_tokens + 3 * 32
+
+
+def test_closing_a_nested_runtime_makes_the_outer_one_current_again() -> None:
+    outer = P.Runtime(backends=[RecordingBackend("outer")])
+    try:
+        with P.Runtime(backends=[RecordingBackend("inner")]) as inner:
+            assert describe("2").get() and inner.dag().calls[0].engine == "inner"
+        assert describe("3").get() and outer.dag().calls[0].engine == "outer"
+    finally:
+        outer.close()
+    with pytest.raises(UserError, match="no runtime"):
+        describe("4")
+
+
+def test_an_embedded_runtime_takes_more_calls_than_a_servers_session_may_hold(runtime) -> None:
+    """A server limits each session (4096 calls) for its tenants' sake; the embedded runtime's
+    program is the process's own."""
+    from parrot.manager.manager import SessionLimits
+
+    limit = SessionLimits().max_calls_per_session
+    outputs = [describe(str(i)) for i in range(limit + 1)]
+    assert outputs[-1].get()

@@ -158,6 +158,7 @@ class NativeFunction:
                 raise UserError(f"native function {self.name} returned {len(results)} value(s) for {len(outs)} output(s)")
             for var, value in zip(outs, results):
                 client.set_variable(var.var_id, str(value))
+            client.flush()  # the program may be waiting on a consumer of these values, not on them
             done.set_result(None)
         except BaseException as exc:
             for var in outs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 # process (so threads a program starts, like native functions, see its runtime).
 _current: "Client | None" = None
 _thread_current = threading.local()
+_opened: "list[Client]" = []  # open runtimes, the one made current last at the end
 
 
 def current() -> "Client":
@@ -59,6 +61,9 @@ class Client(ABC):
 
     def make_current(self) -> None:
         global _current
+        if self in _opened:
+            _opened.remove(self)
+        _opened.append(self)
         _current = self
         _thread_current.client = self
 
@@ -83,12 +88,19 @@ class Client(ABC):
     @abstractmethod
     def dag(self) -> Any: ...
 
+    def flush(self) -> None:
+        """Sends what this client holds back to send with a later request (nothing, unless remote)."""
+
     def close(self) -> None:
+        """Ends the session. The runtime made current before this one, if still open, is current again."""
         global _current
+        if self in _opened:
+            _opened.remove(self)
+        previous = _opened[-1] if _opened else None
         if _current is self:
-            _current = None
+            _current = previous
         if getattr(_thread_current, "client", None) is self:
-            _thread_current.client = None
+            _thread_current.client = previous
 
 
 class Runtime(Client):
@@ -100,7 +112,7 @@ class Runtime(Client):
 
     def __init__(self, model: str = "smollm2-135m", engines: int = 1, kv_memory_gb: float = 1.0, backends: list | None = None,
                  policy: str = "parrot"):
-        from parrot.manager.manager import Manager
+        from parrot.manager.manager import Manager, SessionLimits
         from parrot.manager.policy import policy_named
 
         if engines < 1:
@@ -111,7 +123,10 @@ class Runtime(Client):
         self._thread.start()
         if backends is None:
             backends = self._builtin_engines(model, engines, kv_memory_gb)
-        self.manager = Manager(backends, scheduling)
+        # a server's per-session limits keep tenants from exhausting it for each other; here the
+        # program is the process's own (its session keeps every call, for dag())
+        own = SessionLimits(max_calls_per_session=sys.maxsize, max_variables_per_session=sys.maxsize)
+        self.manager = Manager(backends, scheduling, own)
         self.session_id = self.manager.create_session()
         self._closed = False
         self.make_current()
