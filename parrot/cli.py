@@ -8,7 +8,34 @@ import logging
 import sys
 import time
 
-from parrot.errors import UserError
+from parrot.errors import KVCacheExhaustedError, UserError
+
+
+def _bounded(kind, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse type: a number of `kind` from low to high (above low where low_open), refused
+    with the flag's own message otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high):
+            if low is not None and high is not None:
+                where = f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
+            elif low is not None:
+                where = f"{'above' if low_open else 'at least'} {low:g}"
+            else:
+                where = f"at most {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a value {where}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its own messages
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+PORT = _bounded(int, 0, 65535)
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -16,10 +43,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the built-in engine runs (default: cpu); cuda: bf16 weights, the KV pool in GPU memory, "
                              "Triton attention kernels, decode steps from CUDA graphs")
-    parser.add_argument("--kv-memory-gb", type=float, default=None,
+    parser.add_argument("--kv-memory-gb", type=_bounded(float, 0, low_open=True), default=None,
                         help="memory for the KV block pool in GiB (default: 1.0 on the CPU; on a GPU, what "
                              "--gpu-memory-utilization leaves once the weights are loaded)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    parser.add_argument("--gpu-memory-utilization", type=_bounded(float, 0, 1, low_open=True), default=0.9,
                         help="share of the GPU's memory the engine may fill with weights, KV cache and activations (default: 0.9)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly on the GPU (to compare, or debug)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -34,7 +61,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-attention-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="what prompt attention computes in on the CPU (default auto: the model's dtype, float32). bfloat16: "
                              "vLLM's precision, prefill 1.25-1.75x faster on CPUs with AMX; near-tied greedy answers may change")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None,
                         help="CPU threads per engine (default: torch's choice, all cores); with several engines on one machine, cores / engines")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="prefill every prompt in full: no cached prefixes, no static prefixes forked (a baseline)")
@@ -87,11 +114,13 @@ def bench_engine_flags(args) -> list[str]:
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=POSITIVE_INT, default=128, help="tokens to generate at most (default: 128; chat: 256)")
+    parser.add_argument("--temperature", type=_bounded(float, 0), default=0.0, help="0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=_bounded(float, 0, 1, low_open=True), default=1.0,
+                        help="with --temperature: sample among the likeliest tokens that hold this share of the probability (default: 1, all)")
+    parser.add_argument("--top-k", type=_bounded(int, 0), default=0,
+                        help="with --temperature: sample among the k likeliest tokens (default: 0, all)")
+    parser.add_argument("--seed", type=int, default=None, help="with --temperature: the same seed gives the same text (default: none)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="divides the logits of tokens already in the prompt or output (default: 1, none; 1.1-1.3 curbs loops)")
@@ -219,8 +248,6 @@ def cmd_bench(args) -> None:
     if args.step_trace and (args.engine != "builtin" or args.workload in simulated_by_config):
         raise UserError("--step-trace traces built-in engines; simulated engines (--engine sim:PRESET, mixed-sim, "
                         "multi-agent-sim) have no steps to trace")
-    if args.engines is not None and args.engines < 1:
-        raise UserError(f"--engines must be at least 1, not {args.engines}")
     if args.baselines_without_prefix_caching and args.workload != "multi-agent":
         raise UserError("--baselines-without-prefix-caching sets multi-agent's baselines (multi-agent-sim's share no prefix "
                         "already; the other workloads compare other things): drop it")
@@ -234,12 +261,6 @@ def cmd_bench(args) -> None:
     if args.peers and (args.device == "cuda" or args.random_weights):
         raise UserError("--peers runs vLLM's CPU build on --model's real weights, which would not be the model or the device "
                         "the built-in engines measure with --device cuda or --random-weights: drop --peers")
-    if args.background_rate is not None and args.background_rate < 0:
-        raise UserError(f"--background-rate is requests per second, 0 or more, not {args.background_rate}")
-    for flag, value in (("--apps", args.apps), ("--chunks", args.chunks), ("--chunk-tokens", args.chunk_tokens),
-                        ("--output-tokens", args.output_tokens)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, not {value}")
     if args.workload in SOAK_WORKLOADS:
         run_soak_bench(args.workload, args.quick, Path(args.out), args.model, Console())
         return
@@ -287,29 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat, max_tokens=256)
 
     serve = sub.add_parser("serve", help="run a manager (session API + OpenAI API) with N built-in engine processes")
-    serve.add_argument("--engines", type=int, default=1, help="built-in engine processes to start on this machine (default 1; 0: only remote engines)")
+    serve.add_argument("--engines", type=_bounded(int, 0), default=1, help="built-in engine processes to start on this machine (default 1; 0: only remote engines)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=PORT, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--api-keys", default=None, help='JSON file of [{"tenant": ..., "key_sha256": ...}]; also PARROT_API_KEYS="tenant=key,..."')
     serve.add_argument("--openai-backend", action="append", default=[], help="base URL of an OpenAI-compatible server to use as an engine (repeatable)")
     serve.add_argument("--backend-model", default=None, help="model name to send to --openai-backend servers (default: --model)")
     serve.add_argument("--backend-api-key", default=None, help="API key for --openai-backend servers")
-    serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default 8)")
-    serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without heartbeats before an engine is dropped")
-    serve.add_argument("--session-idle-timeout", type=float, default=600.0,
+    serve.add_argument("--max-body-mb", type=POSITIVE_INT, default=8, help="largest request body in MiB (default 8)")
+    serve.add_argument("--heartbeat-timeout", type=_bounded(float, 0, low_open=True), default=10.0, help="seconds without heartbeats before an engine is dropped")
+    serve.add_argument("--session-idle-timeout", type=_bounded(float, 0), default=600.0,
                        help="seconds a session may sit untouched, with nobody waiting on it, before it is closed and its calls "
                             "stopped (default 600; 0: never)")
     serve.add_argument("--ray", action="store_true",
                        help="run the --engines built-in engines as Ray actors across a Ray cluster (pip install 'parrot-serve[ray]'); "
                             "Ray restarts a replica that dies and the manager takes it back")
     serve.add_argument("--address", default=None, help="the Ray cluster to join with --ray (default: RAY_ADDRESS, else a local Ray instance)")
-    serve.add_argument("--max-sessions-per-tenant", type=int, default=256, help="open sessions one tenant may hold (default 256)")
+    serve.add_argument("--max-sessions-per-tenant", type=POSITIVE_INT, default=256, help="open sessions one tenant may hold (default 256)")
     serve.add_argument("--engine", default="builtin", help="builtin (engine processes running the model) or sim:PRESET, a simulated engine for scale experiments (presets: a100-7b, a100-13b, cpu-smollm2)")
     serve.add_argument("--policy", default="parrot", choices=["parrot", "fifo", "latency-centric", "throughput-centric"],
                        help="scheduling policy: parrot uses the apps' DAGs (objectives, task groups, App-FIFO, prefixes); the others "
                             "are baselines without that knowledge: fifo (arrival order), latency-centric (small batches), "
                             "throughput-centric (batches as large as they go). Default parrot")
-    serve.add_argument("--time-scale", type=float, default=1.0, help="simulated engines run this many times real time (default 1)")
+    serve.add_argument("--time-scale", type=_bounded(float, 0, low_open=True), default=1.0, help="simulated engines run this many times real time (default 1)")
     _engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("parrot.server.launch", fromlist=["serve"]).serve(a))
 
@@ -317,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--manager", required=True, help="manager URL, e.g. http://10.0.0.1:8000")
     eng.add_argument("--name", default=None, help="engine name (default host-port)")
     eng.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    eng.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    eng.add_argument("--port", type=PORT, default=0, help="port (default: a free one)")
     eng.add_argument("--public-url", default=None, help="URL the manager should use to reach this engine")
     eng.add_argument("--engine-key", default=None, help="the manager's engine key (or PARROT_ENGINE_KEY)")
     eng.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone (set by parrot serve)")
@@ -345,19 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "lengths for teams of 4-16): for simulated engines "
                             "(--engine sim:a100-13b; app workloads) or a GPU (--device cuda --random-weights llama-7b)")
     bench.add_argument("--out", default="bench-out", help="directory for WORKLOAD.json/.md/.png (default bench-out)")
-    bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--rtt-ms", type=float, default=None, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
+    bench.add_argument("--model", default="smollm2-135m", help="the model every system of the run serves (default smollm2-135m)")
+    bench.add_argument("--rtt-ms", type=_bounded(float, 0), default=None, help="client-server round trip added in the client, as a second setting (default 250; the paper used 200-350)")
     bench.add_argument("--peers", action="store_true", help="include vLLM when installed (bash benchmarks/setup_vllm.sh)")
-    bench.add_argument("--background-rate", type=float, default=None, metavar="REQ_PER_S",
+    bench.add_argument("--background-rate", type=_bounded(float, 0), default=None, metavar="REQ_PER_S",
                        help="background requests per second (Poisson, plain completions of one chunk) beside the apps: "
                             "chain-summary-bg's is 0.5 at full size; the paper's Fig. 12a used 1 to 3.5")
-    bench.add_argument("--apps", type=int, default=None, metavar="N",
+    bench.add_argument("--apps", type=POSITIVE_INT, default=None, metavar="N",
                        help="apps running at once (multi-chain's is 8 at full size, 20 at --paper-scale; the others' 1)")
-    bench.add_argument("--chunks", type=int, default=None, metavar="N",
+    bench.add_argument("--chunks", type=POSITIVE_INT, default=None, metavar="N",
                        help="chunks per document: a chain's steps, or map-reduce's maps")
-    bench.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+    bench.add_argument("--chunk-tokens", type=POSITIVE_INT, default=None, metavar="N",
                        help="tokens per chunk (512 at full size, 1024 at --paper-scale; the paper's Fig. 11 used 512 to 2048)")
-    bench.add_argument("--output-tokens", type=int, default=None, metavar="N",
+    bench.add_argument("--output-tokens", type=POSITIVE_INT, default=None, metavar="N",
                        help="tokens each call generates (ignore_eos; 32 at full size, 50 at --paper-scale; the paper's "
                             "Fig. 11 used 25 to 100)")
     bench.add_argument("--baseline-policy", default=None, choices=["latency-centric", "throughput-centric", "fifo"],
@@ -367,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baselines-without-prefix-caching", action="store_true",
                        help="multi-agent: the baselines' engines cache no prefixes, as the paper's vLLM ran (before automatic "
                             "prefix caching); by default they cache prefix blocks as vLLM does today")
-    bench.add_argument("--repeats", type=int, default=1, help="runs per system and setting; the best is reported")
+    bench.add_argument("--repeats", type=POSITIVE_INT, default=1, help="runs per system and setting; the best is reported")
     bench.add_argument("--engine", default="builtin", help="builtin, or sim:PRESET for simulated engines (a separate, named backend; its rows are labelled simulated)")
-    bench.add_argument("--engines", type=int, default=None,
+    bench.add_argument("--engines", type=POSITIVE_INT, default=None,
                        help="engines behind the server (default 1); for mixed and mixed-sim, behind each policy's server "
                             "(default the workload's size: mixed 2, 1 with --paper-scale; mixed-sim 4, 2 with --quick)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every built-in engine of the run computes (default cpu)")
@@ -393,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except UserError as exc:
+    except (UserError, KVCacheExhaustedError) as exc:  # a pool too small for the prompt: the message says what to raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -128,11 +128,8 @@ def test_quick_run_compares_every_system(workload, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["bench", "gpts", "--rtt-ms", "100"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy"),
     (["bench", "mixed", "--apps", "4"], "--rtt-ms, --background-rate, --apps, --chunks, --chunk-tokens, --output-tokens and --baseline-policy"),
-    (["bench", "multi-chain", "--chunks", "0"], "--chunks must be at least 1, not 0"),
-    (["bench", "chain-summary", "--output-tokens", "0"], "--output-tokens must be at least 1, not 0"),
     (["bench", "multi-agent", "--chunk-tokens", "64"], "--output-tokens and --baseline-policy"),
     (["bench", "multi-agent-sim", "--background-rate", "1"], "1 simulated sim:a100-13b engine per policy"),
-    (["bench", "chain-summary-bg", "--background-rate", "-1"], "--background-rate is requests per second"),
     (["bench", "shared-prompt", "--engines", "2"], "one built-in engine per system"),
     (["bench", "gpts", "--baseline-policy", "latency-centric"], "and --baseline-policy"),
     (["bench", "multi-chain", "--paper-scale"], "use it with --device cuda (or, for the app workloads, --engine sim:PRESET)"),
@@ -146,16 +143,48 @@ def test_quick_run_compares_every_system(workload, tmp_path):
     (["bench", "multi-agent-sim", "--engines", "2"], "1 simulated sim:a100-13b engine per policy"),
     (["bench", "multi-agent-sim", "--baselines-without-prefix-caching"], "multi-agent-sim's share no prefix already"),
     (["bench", "map-reduce", "--baselines-without-prefix-caching"], "--baselines-without-prefix-caching sets multi-agent's"),
-    (["bench", "mixed-sim", "--engines", "0"], "--engines must be at least 1"),
     (["bench", "mixed-one-engine", "--engines", "2"], "drop --engine, --engines,"),
     (["bench", "mixed-sim", "--step-trace"], "simulated engines (--engine sim:PRESET, mixed-sim, multi-agent-sim) have no steps"),
     (["bench", "map-reduce", "--engine", "sim:a100-7b", "--step-trace"], "--step-trace traces built-in engines"),
     (["serve", "--engines", "0", "--step-trace", "unused-folder"], "--engines 0 starts none"),
     (["serve", "--engine", "sim:a100-7b", "--no-shared-attention"], "takes its settings from its preset"),
-    (["serve", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_flags_a_command_would_ignore_are_refused_with_a_message(argv, message, capsys):
     from parrot.cli import main
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "mixed-sim", "--engines", "0"], "--engines: 0 is out of range: give a value at least 1"),
+    (["serve", "--threads", "0"], "--threads: 0 is out of range: give a value at least 1"),
+    (["serve", "--engines", "-1"], "--engines: -1 is out of range: give a value at least 0"),
+    (["serve", "--port", "99999"], "--port: 99999 is out of range: give a value from 0 to 65535"),
+    (["serve", "--heartbeat-timeout", "-1"], "--heartbeat-timeout: -1 is out of range: give a value above 0"),
+    (["serve", "--max-body-mb", "0"], "--max-body-mb: 0 is out of range"),
+    (["bench", "chain-summary", "--repeats", "0"], "--repeats: 0 is out of range"),
+    (["bench", "chain-summary-bg", "--background-rate", "-1"], "--background-rate: -1 is out of range: give a value at least 0"),
+    (["bench", "multi-chain", "--chunks", "0"], "--chunks: 0 is out of range: give a value at least 1"),
+    (["bench", "chain-summary", "--output-tokens", "0"], "--output-tokens: 0 is out of range"),
+    (["bench", "chain-summary", "--rtt-ms", "-5"], "--rtt-ms: -5 is out of range: give a value at least 0"),
+    (["generate", "hi", "--top-p", "0"], "--top-p: 0 is out of range: give a value above 0 and at most 1"),
+    (["generate", "hi", "--kv-memory-gb", "x"], "--kv-memory-gb: 'x' is not a number"),
+])
+def test_flags_out_of_range_are_refused_before_anything_starts(argv, message, capsys):
+    from parrot.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_model_is_named_in_one_line(tmp_path, capsys):
+    from parrot.cli import main
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_text("not a model")
+    assert main(["generate", "hi", "--model", str(junk)]) == 2
+    assert "could not be read as a GGUF model" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "no such file" in capsys.readouterr().err

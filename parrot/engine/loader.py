@@ -74,7 +74,11 @@ def _converted_dir(gguf_path: Path) -> Path:
     if not (target / "config.json").exists():
         log.info("converting %s into %s (once)", gguf_path, target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(gguf_path, target)
+        try:
+            convert_gguf(gguf_path, target)
+        except (ValueError, KeyError) as exc:  # the gguf reader's word for a file that is not GGUF, or lacks a field
+            raise ModelNotFoundError(f"{gguf_path} could not be read as a GGUF model ({exc}): give a GGUF file of a "
+                                     "LLaMA-family model") from exc
     return target
 
 
@@ -85,6 +89,8 @@ def resolve_model_dir(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _converted_dir(path.resolve())
+    if path.suffix == ".gguf" and not path.exists():
+        raise ModelNotFoundError(f"no such file: {path}")
     if path.is_dir():
         # the weights are looked for when loaded: a directory of config and tokenizer alone serves
         # --random-weights (how the GPU benchmarks travel without a checkpoint)
@@ -99,7 +105,12 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def load_config(model_dir: Path) -> ModelConfig:
-    return ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    path = model_dir / "config.json"
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelNotFoundError(f"{path} is not a LLaMA-family model's config ({type(exc).__name__}: {exc}): "
+                                 "it needs hidden_size, num_attention_heads, num_hidden_layers and the like") from exc
 
 
 def load_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -72,7 +72,7 @@ def listening_socket(host: str, port: int | None) -> socket.socket:
         sock.bind((host, port or 0))
     except OSError as exc:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port or 0}: {exc.strerror}; pick another --port") from exc
+        raise UserError(f"cannot listen on {host}:{port or 0}: {exc.strerror}; check --host, or pick another --port") from exc
     return sock
 
 
@@ -140,8 +140,6 @@ def serve(args) -> None:
     from parrot.server.background import run_while_up
     from parrot.server.manager_app import create_manager_app
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, not {args.threads}")
     if args.engine.startswith("sim:") and (args.threads or args.no_prefix_caching or args.no_shared_attention or args.random_weights
                                            or args.step_trace):
         raise UserError("--threads, --no-prefix-caching, --no-shared-attention, --random-weights and --step-trace set built-in "
