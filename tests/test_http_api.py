@@ -145,6 +145,9 @@ def test_remote_run_equals_embedded_run(server):
         dag = remote.dag()
     assert [c.state for c in dag.calls] == ["done", "done"]
     assert {c.objective for c in dag.calls} == {"latency"}
+    remote.close()  # a second close does nothing
+    with pytest.raises(P.UserError, match="this session is closed"):
+        remote.dag()
     with P.Runtime(model=MODEL, kv_memory_gb=0.25):
         embedded_result = snake_program()
     assert remote_result == embedded_result

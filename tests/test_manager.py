@@ -620,3 +620,16 @@ def test_an_embedded_runtime_takes_more_calls_than_a_servers_session_may_hold(ru
     limit = SessionLimits().max_calls_per_session
     outputs = [describe(str(i)) for i in range(limit + 1)]
     assert outputs[-1].get()
+
+
+def test_inputs_take_their_defaults_perf_its_name_and_a_timeout_names_its_variable(runtime) -> None:
+    @P.semantic_function()
+    def ask(answer: P.Output(max_tokens=2), question: P.Input() = "why?"):
+        """Q: {{question}} A: {{answer}}"""
+
+    assert ask().get(perf="throughput")
+    with pytest.raises(UserError, match="perf is P.LATENCY or P.THROUGHPUT"):
+        ask().get(perf="fast")
+    never = P.variable("never")
+    with pytest.raises(TimeoutError, match=f"variable {never.var_id} was not ready within 0.2s"):
+        never.get(timeout=0.2)

@@ -36,7 +36,7 @@ class Output(SamplingParams):
 
 
 def _kind_of(annotation) -> tuple[PlaceholderKind | None, Output | None]:
-    if annotation is Input:
+    if annotation is Input or isinstance(annotation, Input):
         return PlaceholderKind.INPUT, None
     if annotation is Output:
         return PlaceholderKind.OUTPUT, Output()
@@ -83,6 +83,7 @@ class SemanticFunction:
             bound = self.signature.bind_partial(*args, **kwargs)
         except TypeError as exc:
             raise UserError(f"{self.name}: {exc}") from None
+        bound.apply_defaults()  # an input with a default takes it where the call leaves it out
         inputs, outputs = [], []
         for param, kind in self.kinds.items():
             given = bound.arguments.get(param)
@@ -132,6 +133,7 @@ class NativeFunction:
             bound = self.signature.bind_partial(*args, **kwargs)
         except TypeError as exc:
             raise UserError(f"{self.name}: {exc}") from None
+        bound.apply_defaults()
         inputs = {p: _as_variable(client, p, v) for p, v in bound.arguments.items() if p not in self.outputs}
         missing = [p for p in self.signature.parameters if p not in self.outputs and p not in inputs]
         if missing:

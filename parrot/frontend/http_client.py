@@ -48,6 +48,7 @@ class HttpClient(Client):
         self._headers = headers
         self._pending: list[BatchOp] = []
         self._lock = threading.Lock()
+        self._closed = False
         try:
             response = self._http.post("/api/v1/sessions")
         except httpx.HTTPError as exc:
@@ -58,6 +59,8 @@ class HttpClient(Client):
         self.make_current()
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        if self._closed:
+            raise UserError("this session is closed: connect again with P.connect")
         try:
             response = self._http.request(method, self._base + path, **kwargs)
         except httpx.HTTPError as exc:
@@ -66,6 +69,8 @@ class HttpClient(Client):
         return response
 
     def _buffer(self, op: BatchOp) -> None:
+        if self._closed:
+            raise UserError("this session is closed: connect again with P.connect")
         with self._lock:
             self._pending.append(op)
             full = len(self._pending) >= MAX_BUFFERED_OPS
@@ -117,6 +122,8 @@ class HttpClient(Client):
                 raise TimeoutError(f"variable {var_id} was not ready within {timeout}s")
 
     async def aget_variable(self, var_id, perf):
+        if self._closed:
+            raise UserError("this session is closed: connect again with P.connect")
         self.flush()
         async with httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=LONG_POLL_S + 30, transport=self._async_transport) as http:
             while True:
@@ -136,11 +143,14 @@ class HttpClient(Client):
         raise UserError("client_calls is counted on the embedded runtime only")
 
     def close(self) -> None:
+        if self._closed:
+            return
         try:
             self.flush()
             self._send("DELETE", "")
         except ServerError as exc:
             log.warning("closing session %s: %s", self.session_id, exc)
+        self._closed = True
         self._http.close()
         super().close()
 

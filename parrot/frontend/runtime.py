@@ -160,7 +160,14 @@ class Runtime(Client):
         self._run(self._call("submit_call", call_id, spec))
 
     def get_variable(self, var_id, perf, timeout=None):
-        return self._run(self.manager.get_variable(self.session_id, var_id, perf), timeout)
+        if self._closed:
+            raise UserError("this runtime is closed")
+        future = asyncio.run_coroutine_threadsafe(self.manager.get_variable(self.session_id, var_id, perf), self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # stop waiting on the loop too (the work the wait started goes on)
+            raise TimeoutError(f"variable {var_id} was not ready within {timeout}s") from None
 
     async def aget_variable(self, var_id, perf):
         if self._closed:

@@ -6,6 +6,7 @@ import uuid
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from parrot.errors import UserError
 from parrot.manager.spec import Perf
 
 if TYPE_CHECKING:
@@ -28,13 +29,16 @@ class SemanticVariable:
     def set(self, value) -> None:
         self.client.set_variable(self.var_id, str(value))
 
-    def get(self, perf: Perf | None = LATENCY, timeout: float | None = None) -> str:
-        """Blocks until the value is ready; perf tells the server what matters."""
+    def get(self, perf: Perf | str | None = LATENCY, timeout: float | None = None) -> str:
+        """Blocks until the value is ready; perf (P.LATENCY, P.THROUGHPUT or their names) tells the
+        server what matters. Raises TimeoutError after `timeout` seconds."""
+        perf = _perf(perf)
         if self.native_result is not None:
             self.native_result.result(timeout)
         return self.client.get_variable(self.var_id, perf, timeout)
 
-    async def aget(self, perf: Perf | None = LATENCY) -> str:
+    async def aget(self, perf: Perf | str | None = LATENCY) -> str:
+        perf = _perf(perf)
         if self.native_result is not None:
             import asyncio
 
@@ -43,3 +47,12 @@ class SemanticVariable:
 
     def __repr__(self) -> str:
         return f"SemanticVariable({self.name!r}, id={self.var_id})"
+
+
+def _perf(perf: Perf | str | None) -> Perf | None:
+    if perf is None or isinstance(perf, Perf):
+        return perf
+    try:
+        return Perf(str(perf).lower())
+    except ValueError:
+        raise UserError(f"perf is P.LATENCY or P.THROUGHPUT (or None), not {perf!r}") from None
