@@ -19,13 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from parrot.engine import batch_sampling, model_runner
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams
-from side_by_side import decode_arguments, decode_side_by_side, parse_decode_arguments
+from side_by_side import ThreeWays, decode_arguments, decode_side_by_side, parse_decode_arguments, report_three_ways, time_three_ways
 
 PENALTIES = dict(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.3)
 
@@ -72,14 +70,6 @@ def penalties_as_before():
         model_runner.TokenCounts, batch_sampling.apply_penalties = counted, applied
 
 
-@dataclass(frozen=True)
-class Row:
-    batch: int
-    plain_tokens_s: float
-    counted_tokens_s: float
-    rebuilt_tokens_s: float
-
-
 def prompt(i: int, words: int) -> str:
     """About `words` tokens of numbered lines: distinct tokens for repetition_penalty to read."""
     return f"Log {i}:\n" + "\n".join(f"line {n}: value {n * 37 % 1000}" for n in range(words // 8)) + "\nSummary:"
@@ -101,7 +91,7 @@ async def penalized_text(engine: LLMEngine, prompt_tokens: int, tag: str) -> str
         engine.free_context(context)
 
 
-async def measure(batches: list[int], tokens: int, prompt_tokens: int, repeats: int) -> list[Row]:
+async def measure(batches: list[int], tokens: int, prompt_tokens: int, repeats: int) -> list[ThreeWays]:
     engine = LLMEngine(EngineConfig(kv_memory_gb=1.0))
     try:
         counted = await penalized_text(engine, prompt_tokens, "counted")
@@ -110,17 +100,8 @@ async def measure(batches: list[int], tokens: int, prompt_tokens: int, repeats: 
         if counted != rebuilt:
             raise RuntimeError(f"the two ways of penalizing chose different tokens: {counted!r} against {rebuilt!r}")
         await decode(engine, 2, 8, prompt_tokens, True, "warm")
-        rows = []
-        for batch in batches:
-            times: dict[str, list[float]] = {"plain": [], "counted": [], "rebuilt": []}
-            for repeat in range(repeats):  # alternated, so drift on a noisy machine hits all three
-                times["plain"].append(await decode(engine, batch, tokens, prompt_tokens, False, f"plain-{batch}-{repeat}"))
-                times["counted"].append(await decode(engine, batch, tokens, prompt_tokens, True, f"counted-{batch}-{repeat}"))
-                with penalties_as_before():
-                    times["rebuilt"].append(await decode(engine, batch, tokens, prompt_tokens, True, f"rebuilt-{batch}-{repeat}"))
-            rate = {name: batch * tokens / min(seconds) for name, seconds in times.items()}
-            rows.append(Row(batch, rate["plain"], rate["counted"], rate["rebuilt"]))
-        return rows
+        return await time_three_ways(batches, tokens, repeats, lambda batch, way, tag: decode(
+            engine, batch, tokens, prompt_tokens, way != "reference", tag), penalties_as_before)
     finally:
         await engine.close()
 
@@ -132,16 +113,8 @@ def main() -> None:
     if args.quick:
         args.prompt_tokens = 128
     rows = asyncio.run(measure(args.batches, args.tokens, args.prompt_tokens, args.repeats))
-    table = Table(title=f"greedy decode with penalties: {args.tokens} tokens after ~{args.prompt_tokens}-token prompts "
-                        f"(best of {args.repeats})")
-    for column in ("batch", "no penalties tok/s", "counted tok/s", "rebuilt each step tok/s", "rebuilt slower than counted"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(str(row.batch), f"{row.plain_tokens_s:.0f}", f"{row.counted_tokens_s:.0f}", f"{row.rebuilt_tokens_s:.0f}",
-                      f"{row.counted_tokens_s / row.rebuilt_tokens_s:.2f}x")
-    Console().print(table)
-    print("penalties: " + ", ".join(f"batch {r.batch}: rebuilt {r.counted_tokens_s / r.rebuilt_tokens_s:.2f}x slower than counted, "
-                                    f"counted {r.plain_tokens_s / r.counted_tokens_s:.2f}x the unpenalized time" for r in rows))
+    report_three_ways(rows, f"greedy decode with penalties: {args.tokens} tokens after ~{args.prompt_tokens}-token prompts "
+                            f"(best of {args.repeats})", ("unpenalized", "counted", "rebuilt"), "penalties")
 
 
 if __name__ == "__main__":

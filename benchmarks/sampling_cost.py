@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from parrot.engine import batch_sampling
 from parrot.engine.llm_engine import EngineConfig, LLMEngine
 from parrot.engine.sampler import SamplingParams, apply_min_p, apply_top_k, apply_top_p
-from side_by_side import decode_arguments, decode_side_by_side, parse_decode_arguments
+from side_by_side import ThreeWays, decode_arguments, decode_side_by_side, parse_decode_arguments, report_three_ways, time_three_ways
 
 
 def plain_sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -49,14 +46,6 @@ def plain_sampler():
         batch_sampling.sample_rows = batched
 
 
-@dataclass(frozen=True)
-class Row:
-    batch: int
-    greedy_tokens_s: float
-    batched_tokens_s: float
-    plain_tokens_s: float
-
-
 async def decode(engine: LLMEngine, batch: int, tokens: int, sampling: SamplingParams, tag: str) -> float:
     """Seconds for `batch` sequences to decode `tokens` tokens each, side by side."""
     return await decode_side_by_side(
@@ -64,22 +53,13 @@ async def decode(engine: LLMEngine, batch: int, tokens: int, sampling: SamplingP
         lambda i: SamplingParams(max_tokens=tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=i, ignore_eos=True))
 
 
-async def measure(batches: list[int], tokens: int, repeats: int, temperature: float, top_p: float) -> list[Row]:
+async def measure(batches: list[int], tokens: int, repeats: int, temperature: float, top_p: float) -> list[ThreeWays]:
     engine = LLMEngine(EngineConfig(kv_memory_gb=0.5))
     greedy, sampled = SamplingParams(), SamplingParams(temperature=temperature, top_p=top_p)
     try:
         await decode(engine, 2, 8, sampled, "warm")
-        rows = []
-        for batch in batches:
-            times: dict[str, list[float]] = {"greedy": [], "batched": [], "plain": []}
-            for repeat in range(repeats):  # alternated, so drift on a noisy machine hits all three
-                times["greedy"].append(await decode(engine, batch, tokens, greedy, f"greedy-{batch}-{repeat}"))
-                times["batched"].append(await decode(engine, batch, tokens, sampled, f"batched-{batch}-{repeat}"))
-                with plain_sampler():
-                    times["plain"].append(await decode(engine, batch, tokens, sampled, f"plain-{batch}-{repeat}"))
-            rate = {name: batch * tokens / min(seconds) for name, seconds in times.items()}
-            rows.append(Row(batch, rate["greedy"], rate["batched"], rate["plain"]))
-        return rows
+        return await time_three_ways(batches, tokens, repeats, lambda batch, way, tag: decode(
+            engine, batch, tokens, greedy if way == "reference" else sampled, tag), plain_sampler)
     finally:
         await engine.close()
 
@@ -90,16 +70,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     args = parse_decode_arguments(parser)
     rows = asyncio.run(measure(args.batches, args.tokens, args.repeats, args.temperature, args.top_p))
-    table = Table(title=f"sampling at temperature {args.temperature}, top_p {args.top_p}: {args.tokens} tokens a sequence "
-                        f"(best of {args.repeats})")
-    for column in ("batch", "greedy tok/s", "batched sampler tok/s", "plain sampler tok/s", "plain slower than batched"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(str(row.batch), f"{row.greedy_tokens_s:.0f}", f"{row.batched_tokens_s:.0f}", f"{row.plain_tokens_s:.0f}",
-                      f"{row.batched_tokens_s / row.plain_tokens_s:.2f}x")
-    Console().print(table)
-    print("sampling: " + ", ".join(f"batch {r.batch}: plain {r.batched_tokens_s / r.plain_tokens_s:.2f}x slower than batched, "
-                                   f"batched {r.greedy_tokens_s / r.batched_tokens_s:.2f}x greedy's time" for r in rows))
+    report_three_ways(rows, f"sampling at temperature {args.temperature}, top_p {args.top_p}: {args.tokens} tokens a sequence "
+                            f"(best of {args.repeats})", ("greedy", "batched", "plain"), "sampling")
 
 
 if __name__ == "__main__":
