@@ -166,6 +166,9 @@ class NativeFunction:
             for var in outs:
                 try:
                     client.fail_variable(var.var_id, f"native function {self.name} failed: {exc!r}")
+                except UserError as closed:  # the program closed its runtime while this ran: nobody waits on the value
+                    log.info("native function %s ended after its runtime: %s", self.name, closed)
+                    break
                 except Exception:
                     log.exception("could not mark %s as failed", var.name)
             done.set_exception(exc)
