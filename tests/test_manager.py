@@ -633,3 +633,8 @@ def test_inputs_take_their_defaults_perf_its_name_and_a_timeout_names_its_variab
     never = P.variable("never")
     with pytest.raises(TimeoutError, match=f"variable {never.var_id} was not ready within 0.2s"):
         never.get(timeout=0.2)
+
+
+def test_a_misspelt_output_setting_is_named_with_the_closest_one() -> None:
+    with pytest.raises(UserError, match="P.Output has no setting 'max_token': did you mean 'max_tokens'"):
+        P.Output(max_token=10)

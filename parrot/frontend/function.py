@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import sys
@@ -30,6 +31,15 @@ class Output(SamplingParams):
     (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, presence_penalty,
     frequency_penalty, repetition_penalty, stop_token_ids, min_tokens, logit_bias, min_p,
     allowed_token_ids, structured), checked at once."""
+
+    def __new__(cls, *args, **settings):
+        known = [f.name for f in fields(cls)]
+        for name in settings:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise UserError(f"P.Output has no setting {name!r}: {hint}it takes {', '.join(known)}")
+        return super().__new__(cls)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
