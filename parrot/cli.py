@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 import time
 
@@ -19,6 +20,8 @@ def _bounded(kind, low: float | None = None, high: float | None = None, low_open
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         below = low is not None and (value <= low if low_open else value < low)
         if below or (high is not None and value > high):
             if low is not None and high is not None:

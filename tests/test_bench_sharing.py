@@ -170,6 +170,7 @@ def test_flags_a_command_would_ignore_are_refused_with_a_message(argv, message, 
     (["bench", "chain-summary", "--rtt-ms", "-5"], "--rtt-ms: -5 is out of range: give a value at least 0"),
     (["generate", "hi", "--top-p", "0"], "--top-p: 0 is out of range: give a value above 0 and at most 1"),
     (["generate", "hi", "--kv-memory-gb", "x"], "--kv-memory-gb: 'x' is not a number"),
+    (["serve", "--heartbeat-timeout", "nan"], "--heartbeat-timeout: 'nan' is not a finite number"),
 ])
 def test_flags_out_of_range_are_refused_before_anything_starts(argv, message, capsys):
     from parrot.cli import main

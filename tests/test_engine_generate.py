@@ -302,3 +302,24 @@ def test_a_fault_after_one_jobs_step_fails_that_job_alone_and_the_engine_goes_on
     assert isinstance(faulty, RuntimeError) and "stop check" in str(faulty)
     assert len(token_ids(healthy)) == 6
     assert token_ids(run(fill_and_generate(engine, "after", ids, greedy(6)))) == token_ids(healthy)
+
+
+def test_a_fault_outside_any_step_fails_the_jobs_waiting_and_the_next_request_runs(engine, monkeypatch):
+    """The scheduler itself raising once (a fault of no one job) ends the waiting job with the error
+    instead of leaving it to wait for ever."""
+    scheduler = type(engine.scheduler)
+    original = scheduler.schedule
+    faults = iter([RuntimeError("the scheduler fell over")])
+
+    def schedule(self):
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return original(self)
+
+    monkeypatch.setattr(scheduler, "schedule", schedule)
+    ids = engine.tokenizer.encode("one two three four")
+    with pytest.raises(RuntimeError, match="the scheduler fell over"):
+        run(fill_and_generate(engine, "first", ids, greedy(4)))  # the fill's step meets the fault
+    engine.free_context("first")  # its owner frees a context whose fill failed
+    assert len(token_ids(run(fill_and_generate(engine, "second", ids, greedy(4))))) == 4

@@ -628,6 +628,12 @@ def test_inputs_take_their_defaults_perf_its_name_and_a_timeout_names_its_variab
         """Q: {{question}} A: {{answer}}"""
 
     assert ask().get(perf="throughput")
+
+    @P.semantic_function()
+    def reply(question: P.Input, answer: P.Output(max_tokens=2) = None):
+        """Q: {{question}} A: {{answer}}"""
+
+    assert reply("how?").get()  # an output's default is no value to fill
     with pytest.raises(UserError, match="perf is P.LATENCY or P.THROUGHPUT"):
         ask().get(perf="fast")
     never = P.variable("never")

@@ -490,3 +490,12 @@ def test_settings_of_the_wrong_type_are_refused_with_their_name(setting, message
     """Past these checks a setting of the wrong type would fail inside the engine's step."""
     with pytest.raises(SamplingError, match=message):
         SamplingParams(**setting)
+
+
+def test_numbers_and_sequences_of_other_kinds_are_taken_as_pythons():
+    import numpy as np
+
+    p = SamplingParams(top_k=np.int64(5), seed=np.int64(3), temperature=np.float32(0.5), allowed_token_ids=range(5, 8),
+                       stop_token_ids={2}, stop=(s for s in ["a", "b"]), logprobs=True)
+    assert (p.top_k, p.seed, p.temperature, p.allowed_token_ids, p.stop_token_ids, p.stop, p.logprobs) == (5, 3, 0.5, (5, 6, 7), (2,), ("a", "b"), 1)
+    assert type(p.top_k) is int and type(p.temperature) is float

@@ -523,57 +523,56 @@ class LLMEngine:
         if self._wakeup is None or self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.create_task(self._step_loop())
-            self._loop_task.add_done_callback(self._step_loop_ended)
         self._wakeup.set()
-
-    def _step_loop_ended(self, task: asyncio.Task) -> None:
-        """A loop that raised (a fault outside any one job's step) fails the jobs it held, which
-        would otherwise wait for ever; the next job starts a new loop."""
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("the engine's step loop stopped on an error; failing its %d jobs", len(self.scheduler.jobs), exc_info=task.exception())
-        for job in list(self.scheduler.jobs):
-            self._finish(job, task.exception())
 
     async def _step_loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self.scheduler.jobs:
-                plan = self.scheduler.schedule()
-                self._counters.preemptions += len(plan.preempted)
-                if not plan.chunks:
-                    if not plan.failed:
-                        break
-                    # nothing can run: give owners a moment to free contexts, else fail the job in the way
-                    if not await self._freed_in_time(plan.failed):
-                        for job in plan.failed:
-                            self._finish(job, self._exhausted(job))
-                    continue
-                started = time.perf_counter()
-                try:
-                    result = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.runner.run, plan)
-                except Exception as exc:
-                    log.exception("forward step failed for %d jobs", len(plan.chunks))
-                    for chunk in plan.chunks:
-                        self._finish(chunk.job, exc)
-                    continue
-                elapsed = time.perf_counter() - started
-                if self._trace is not None:
-                    self._trace.write(StepRecord.of(plan, started - self._trace_start, elapsed, result.replayed_graph))
-                self._counters.busy += elapsed
-                if not any(chunk.job.kind is JobKind.SCORE for chunk in plan.chunks):
-                    # a scored prompt's logits for every row cost what no other step's tokens do: it
-                    # would skew the fitted cost the latency cap is sized from
-                    self._step_profile.record(plan.num_tokens, elapsed)
-                cost = self._step_profile.cost()
-                if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
-                    self.scheduler.rules = self._latency_rules(cost)
-                self._counters.steps += 1
-                self._counters.tokens += plan.num_tokens
-                batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})
-                self._counters.peak_batch_blocks = max(self._counters.peak_batch_blocks, batch_blocks)
-                self._postprocess(plan, result)
+            try:
+                await self._run_steps()
+            except Exception as exc:  # a fault outside any one job's step: its jobs would otherwise wait for ever
+                log.exception("the engine's step loop failed; failing its %d jobs", len(self.scheduler.jobs))
+                for job in list(self.scheduler.jobs):
+                    self._finish(job, exc)
+
+    async def _run_steps(self) -> None:
+        """Steps until no job is left."""
+        while self.scheduler.jobs:
+            plan = self.scheduler.schedule()
+            self._counters.preemptions += len(plan.preempted)
+            if not plan.chunks:
+                if not plan.failed:
+                    break
+                # nothing can run: give owners a moment to free contexts, else fail the job in the way
+                if not await self._freed_in_time(plan.failed):
+                    for job in plan.failed:
+                        self._finish(job, self._exhausted(job))
+                continue
+            started = time.perf_counter()
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.runner.run, plan)
+            except Exception as exc:
+                log.exception("forward step failed for %d jobs", len(plan.chunks))
+                for chunk in plan.chunks:
+                    self._finish(chunk.job, exc)
+                continue
+            elapsed = time.perf_counter() - started
+            if self._trace is not None:
+                self._trace.write(StepRecord.of(plan, started - self._trace_start, elapsed, result.replayed_graph))
+            self._counters.busy += elapsed
+            if not any(chunk.job.kind is JobKind.SCORE for chunk in plan.chunks):
+                # a scored prompt's logits for every row cost what no other step's tokens do: it
+                # would skew the fitted cost the latency cap is sized from
+                self._step_profile.record(plan.num_tokens, elapsed)
+            cost = self._step_profile.cost()
+            if cost is not None:  # a stretch of same-sized steps leaves the last fitted rule standing
+                self.scheduler.rules = self._latency_rules(cost)
+            self._counters.steps += 1
+            self._counters.tokens += plan.num_tokens
+            batch_blocks = len({block for chunk in plan.chunks for block in chunk.job.ctx.block_table})
+            self._counters.peak_batch_blocks = max(self._counters.peak_batch_blocks, batch_blocks)
+            self._postprocess(plan, result)
 
     def _postprocess(self, plan, result) -> None:
         for chunk in plan.chunks:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -91,30 +92,40 @@ class SamplingParams:
         self._check_token_rules()
 
     def _check_types(self) -> None:
-        """Settings of the wrong type are refused here, with the setting's name: past this point
-        they would fail inside the engine's step."""
-        def number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        def integer(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
+        """Settings of the wrong type are refused here, with the setting's name (past this point they
+        would fail inside the engine's step); numbers of other numeric types (numpy's) and sequences
+        of other kinds (a range, a set) are taken as Python's."""
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
 
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
-            if not number(getattr(self, name)):
-                raise SamplingError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        for name in ("max_tokens", "top_k", "min_tokens"):
-            if not integer(getattr(self, name)):
-                raise SamplingError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("seed", "logprobs"):
-            if getattr(self, name) is not None and not integer(getattr(self, name)):
-                raise SamplingError(f"{name} must be an integer or None, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value!r}")
+            put(name, float(value))
+        for name, optional in (("max_tokens", False), ("top_k", False), ("min_tokens", False), ("seed", True), ("logprobs", True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            # logprobs=True is one alternative, as it always was; other settings take no booleans
+            if (isinstance(value, bool) and name != "logprobs") or not isinstance(value, numbers.Integral):
+                raise SamplingError(f"{name} must be an integer{' or None' if optional else ''}, got {value!r}")
+            put(name, int(value))
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+        if isinstance(self.stop, Mapping) or not isinstance(self.stop, Iterable):
+            raise SamplingError(f"stop takes strings (a string or a sequence of them), got {self.stop!r}")
+        put("stop", tuple(self.stop))
+        if not all(isinstance(s, str) for s in self.stop):
             raise SamplingError(f"stop takes strings (a string or a sequence of them), got {self.stop!r}")
         for name in ("stop_token_ids", "allowed_token_ids"):
-            if not isinstance(getattr(self, name), (tuple, list)) or not all(integer(t) for t in getattr(self, name)):
-                raise SamplingError(f"{name} takes token ids (integers), got {getattr(self, name)!r}")
+            ids = getattr(self, name)
+            if isinstance(ids, (str, Mapping)) or not isinstance(ids, Iterable):
+                raise SamplingError(f"{name} takes token ids (integers), got {ids!r}")
+            ids = tuple(ids)
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+                raise SamplingError(f"{name} takes token ids (integers), got {ids!r}")
+            put(name, tuple(int(t) for t in ids))
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise SamplingError(f"structured takes a StructuredOutput (StructuredOutput.json_object(), StructuredOutput(StructureKind.REGEX, "
                                 f"...), ...), got {self.structured!r}")

@@ -64,6 +64,8 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes. A token may hold part of a UTF-8 character, which decode shows as
         U+FFFD; llguidance reads the bytes from the vocabulary, whatever its byte encoding."""
+        if token_id >= self.vocab_size:  # a model's padding past the tokenizer: no text
+            return b""
         if self._byte_reader is None:
             import llguidance
 

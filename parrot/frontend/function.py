@@ -93,13 +93,15 @@ class SemanticFunction:
             bound = self.signature.bind_partial(*args, **kwargs)
         except TypeError as exc:
             raise UserError(f"{self.name}: {exc}") from None
-        bound.apply_defaults()  # an input with a default takes it where the call leaves it out
         inputs, outputs = [], []
         for param, kind in self.kinds.items():
             given = bound.arguments.get(param)
             if kind is PlaceholderKind.INPUT:
+                default = self.signature.parameters[param].default
                 if param not in bound.arguments:
-                    raise UserError(f"{self.name}: missing input {param!r}")
+                    if default is inspect.Parameter.empty:
+                        raise UserError(f"{self.name}: missing input {param!r}")
+                    given = default  # an input with a default takes it where the call leaves it out
                 inputs.append(InputBinding(param, _as_variable(client, param, given).var_id))
         result: list[SemanticVariable] = []
         for param in self.output_order:
@@ -143,7 +145,9 @@ class NativeFunction:
             bound = self.signature.bind_partial(*args, **kwargs)
         except TypeError as exc:
             raise UserError(f"{self.name}: {exc}") from None
-        bound.apply_defaults()
+        for param, spec in self.signature.parameters.items():  # inputs' defaults, where the call leaves them out
+            if param not in self.outputs and param not in bound.arguments and spec.default is not inspect.Parameter.empty:
+                bound.arguments[param] = spec.default
         inputs = {p: _as_variable(client, p, v) for p, v in bound.arguments.items() if p not in self.outputs}
         missing = [p for p in self.signature.parameters if p not in self.outputs and p not in inputs]
         if missing:

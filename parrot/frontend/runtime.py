@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _current: "Client | None" = None
 _thread_current = threading.local()
 _opened: "list[Client]" = []  # open runtimes, the one made current last at the end
+_opened_lock = threading.Lock()
 
 
 def current() -> "Client":
@@ -61,10 +62,11 @@ class Client(ABC):
 
     def make_current(self) -> None:
         global _current
-        if self in _opened:
-            _opened.remove(self)
-        _opened.append(self)
-        _current = self
+        with _opened_lock:
+            if self in _opened:
+                _opened.remove(self)
+            _opened.append(self)
+            _current = self
         _thread_current.client = self
 
     @abstractmethod
@@ -94,11 +96,12 @@ class Client(ABC):
     def close(self) -> None:
         """Ends the session. The runtime made current before this one, if still open, is current again."""
         global _current
-        if self in _opened:
-            _opened.remove(self)
-        previous = _opened[-1] if _opened else None
-        if _current is self:
-            _current = previous
+        with _opened_lock:
+            if self in _opened:
+                _opened.remove(self)
+            previous = _opened[-1] if _opened else None
+            if _current is self:
+                _current = previous
         if getattr(_thread_current, "client", None) is self:
             _thread_current.client = previous
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import TYPE_CHECKING
 
 from parrot.errors import UserError
@@ -34,7 +36,13 @@ class SemanticVariable:
         server what matters. Raises TimeoutError after `timeout` seconds."""
         perf = _perf(perf)
         if self.native_result is not None:
-            self.native_result.result(timeout)
+            started = time.monotonic()
+            try:
+                self.native_result.result(timeout)
+            except FutureTimeoutError:
+                raise TimeoutError(f"variable {self.var_id} was not ready within {timeout}s") from None
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - started))
         return self.client.get_variable(self.var_id, perf, timeout)
 
     async def aget(self, perf: Perf | str | None = LATENCY) -> str:
