@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,6 +18,9 @@ from parrot.server.auth import KeyStore, Principal
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+DISCONNECT_POLL_S = 1.0  # how often a waiting non-streamed request checks that its client is still there
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up: nobody reads it
+T = TypeVar("T")
 # seconds between an engine's heartbeats to its manager
 HEARTBEAT_S = 2.0
 
@@ -151,3 +157,26 @@ def require(keys: KeyStore, request: Request, engine: bool = False) -> Principal
     if principal.is_engine != engine:
         raise HTTPException(403, "this key is not allowed here" if engine else "engine keys cannot use the session API")
     return principal
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def unless_client_gone(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`; raises ClientGone (and cancels it) when the client hangs up first, so that
+    a request nobody waits for stops generating."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            # a cancelled gather ends with a CancelledError set as its exception: read it, so that
+            # asyncio does not log it as never retrieved (the work was stopped on purpose)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -10,8 +10,8 @@ import os
 import signal
 
 import httpx
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 
 from parrot.backends.builtin import BuiltinEngineBackend
 from parrot.protocol.engine_api import (
@@ -19,7 +19,7 @@ from parrot.protocol.engine_api import (
 )
 from parrot.server.auth import KeyStore
 from parrot.server.background import on_stop, run_while_up, server_app
-from parrot.server.common import HEARTBEAT_S, engine_key_required, install_error_handlers
+from parrot.server.common import CLIENT_CLOSED_REQUEST, HEARTBEAT_S, ClientGone, engine_key_required, install_error_handlers, unless_client_gone
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,11 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
         return {"ok": True}
 
     @app.post("/score", response_model=PromptLogprobsBody, dependencies=engine_only)
-    async def score(body: ScoreBody):
-        return PromptLogprobsBody.of(await backend.score_prompt(body.text, body.top, body.token_ids))
+    async def score(body: ScoreBody, request: Request):
+        try:  # a manager whose client hung up drops the request: the scoring stops with it
+            return PromptLogprobsBody.of(await unless_client_gone(request, backend.score_prompt(body.text, body.top, body.token_ids)))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.post("/generate", dependencies=engine_only)
     async def generate(body: GenerateBody):

@@ -27,11 +27,9 @@ from parrot.protocol.openai_api import (
     ModelList, SamplingFields, Usage,
 )
 from parrot.server.auth import KeyStore
-from parrot.server.common import tenant_key_required
+from parrot.server.common import CLIENT_CLOSED_REQUEST, ClientGone, tenant_key_required, unless_client_gone
 from parrot.server.openai_logprobs import LogprobsWriter, prompt_tokens
-from parrot.server.openai_runs import (
-    CLIENT_CLOSED_REQUEST, Answer, ClientGone, answer_choices, choice_specs, stream_choices, unless_client_gone,
-)
+from parrot.server.openai_runs import Answer, answer_choices, choice_specs, stream_choices
 from parrot.server.openai_tools import StreamedPart, ToolCallStream, plan_tools, with_tools_shown
 
 DEFAULT_MAX_TOKENS = 256

@@ -12,9 +12,8 @@ import asyncio
 import dataclasses
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -23,38 +22,13 @@ from parrot.engine.sampler import SamplingParams
 from parrot.errors import UserError
 from parrot.manager.graph import LoggedToken, Variable
 from parrot.manager.manager import Manager
+from parrot.server.common import unless_client_gone
 
 # A plain OpenAI request says nothing of its app, so it declares no objective: it runs at the
 # engines' normal class, as request-level serving runs everything. Latency-critical treatment
 # (small steps beside other work, placement on lightly loaded engines) is for what an app
 # declares with get(perf=LATENCY); if every request claimed it, none would get it.
 OPENAI_OBJECTIVE = None
-DISCONNECT_POLL_S = 1.0  # how often a waiting non-streamed request checks that its client is still there
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up: nobody reads it
-T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client hung up before its answer was ready."""
-
-
-async def unless_client_gone(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`; raises ClientGone (and cancels it) when the client hangs up first, so that
-    a request nobody waits for stops generating."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone
-    finally:
-        if not task.done():
-            task.cancel()
-            # a cancelled gather ends with a CancelledError set as its exception: read it, so that
-            # asyncio does not log it as never retrieved (the work was stopped on purpose)
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 @dataclasses.dataclass(frozen=True)
