@@ -13,6 +13,10 @@ class NotFoundError(UserError):
     """An id that does not name anything this caller may see."""
 
 
+class ConflictError(UserError):
+    """The request clashes with what the server holds (HTTP 409): a name taken, say."""
+
+
 class ModelNotFoundError(UserError):
     """A model name or path that does not resolve to a loadable model."""
 

@@ -6,6 +6,7 @@ clients are P.connect, the openai SDK, LangChain and plain httpx.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import math
 import os
@@ -19,6 +20,7 @@ import pytest
 
 import parrot as P
 from parrot.backends.openai_compat import OpenAICompatibleBackend
+from parrot.engine.sampler import SamplingParams
 from parrot.server.launch import free_port
 
 ENGINE_KEY = "test-engine-key"
@@ -788,7 +790,24 @@ def test_bad_payloads_get_4xx_with_a_message_and_the_server_keeps_serving(server
 
 
 def test_openai_compatible_server_as_engine_backend(server):
-    """Our own OpenAI endpoint stands in for vLLM/SGLang/llama.cpp: contexts kept as text."""
+    """Our own OpenAI endpoint stands in for vLLM/SGLang/llama.cpp: contexts kept as text. Its
+    stream's last event, which only says why the answer ended, is no token (usage would count
+    one too many); a server nobody answers at is an engine gone, not an internal error."""
+    from parrot.engine.llm_engine import FinishReason
+    from parrot.errors import EngineUnavailableError
+
+    async def pieces(url: str) -> list:
+        remote = OpenAICompatibleBackend("oa-count", url, MODEL, api_key=KEYS["bob"])
+        try:
+            await remote.fill("c", None, "The capital of France is", 0)
+            return [t async for t in remote.generate("c", SamplingParams(max_tokens=6, ignore_eos=True), 0)]
+        finally:
+            await remote.close()
+
+    counted = asyncio.run(pieces(server))
+    assert len(counted) == 6 and counted[-1].finish_reason is FinishReason.LENGTH
+    with pytest.raises(EngineUnavailableError, match="oa-count"):
+        asyncio.run(pieces("http://127.0.0.1:9"))
     backend = OpenAICompatibleBackend("oa-0", server, MODEL, api_key=KEYS["bob"])
     with P.Runtime(backends=[backend]) as runtime:
         answer = write_code("a calculator").get()
@@ -874,3 +893,22 @@ def test_a_client_that_hangs_up_before_its_answer_stops_its_generation(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/completions", headers=auth("alice"), json=body, timeout=httpx.Timeout(60, read=3))
     assert_engine_goes_idle(server, "the abandoned request's call still runs")
+
+
+def test_a_second_engine_under_a_live_engines_name_is_refused(server):
+    """It would take the live engine's place while the live one heartbeats for it: every call
+    would go to the newcomer, and none anywhere once it died."""
+    body = {"name": "engine-0", "url": "http://127.0.0.1:1", "model": MODEL}
+    refused = httpx.post(f"{server}/api/v1/engines/register", headers={"authorization": f"Bearer {ENGINE_KEY}"}, json=body, timeout=10)
+    assert refused.status_code == 409 and "give this engine another --name" in refused.json()["error"]["message"]
+    ok = httpx.post(f"{server}/v1/completions", headers=auth("alice"), timeout=60,
+                    json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200
+
+
+def test_an_engine_whose_key_the_manager_refuses_stops_with_a_message(server):
+    """Trying again would never succeed: it exits (code 2) and says which key to give."""
+    engine = subprocess.run([sys.executable, "-m", "parrot.cli", "engine", "--manager", server, "--engine-key", "not-the-key",
+                             "--kv-memory-gb", "0.05"], capture_output=True, text=True, timeout=180)
+    assert engine.returncode == 2, engine.stderr[-2000:]
+    assert "refused this engine's key" in engine.stderr and "PARROT_ENGINE_KEY" in engine.stderr

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 
-from parrot.backends.base import BackendStats, EngineBackend
+import httpx
+
+from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
 from parrot.backends.http_engine import engine_link
 from parrot.engine.llm_engine import FinishReason, GeneratedToken
 from parrot.errors import ContextError, UserError
@@ -67,36 +69,56 @@ class OpenAICompatibleBackend(EngineBackend):
         if sampling.allowed_token_ids:
             body["allowed_token_ids"] = list(sampling.allowed_token_ids)  # vLLM's extension
         self._running += 1
-        index = 0
         try:
-            async with self._http.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise (UserError if response.status_code < 500 else RuntimeError)(
-                        f"{self.name}: completion failed with {response.status_code}: {response.text[:300]}"
-                    )
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise RuntimeError(f"{self.name}: {event['error']}")
-                    choice = event["choices"][0]
-                    text = choice.get("text") or ""
-                    reason = choice.get("finish_reason")
-                    self._contexts[context_id] += text
-                    self._tokens += 1
-                    finish = (FinishReason.LENGTH if reason == "length" else FinishReason.STOP) if reason else None
-                    yield GeneratedToken(index, text, finish)
-                    index += 1
-                    if finish is not None:
-                        return
+            async for token in self._stream(context_id, body):
+                yield token
         finally:
             self._running -= 1
-        yield GeneratedToken(index, "", FinishReason.STOP)
+
+    async def _stream(self, context_id: str, body: dict):
+        """The completion's pieces, one GeneratedToken each (a piece may hold several tokens). A last
+        event that only says why the answer ended closes the piece before it rather than counting as
+        one more: the server's own usage counts no such token."""
+        held: GeneratedToken | None = None
+        pieces = 0
+        # refused, reset, closed mid-stream: the server is gone (its calls run again elsewhere, or 503)
+        async with engine_gone_on((httpx.TransportError,), f"{self.name} at {self._http.base_url}", f"generate of {context_id}"), \
+                self._http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise (UserError if response.status_code < 500 else RuntimeError)(
+                    f"{self.name}: completion failed with {response.status_code}: {response.text[:300]}"
+                )
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise RuntimeError(f"{self.name}: {event['error']}")
+                choice = event["choices"][0]
+                text = choice.get("text") or ""
+                reason = choice.get("finish_reason")
+                finish = (FinishReason.LENGTH if reason == "length" else FinishReason.STOP) if reason else None
+                self._contexts[context_id] += text
+                if held is not None and not text and finish is not None:
+                    yield GeneratedToken(held.token_id, held.text, finish)
+                    return
+                if held is not None:
+                    yield held
+                self._tokens += 1
+                held = GeneratedToken(pieces, text, finish)
+                pieces += 1
+                if finish is not None:
+                    yield held
+                    return
+        if held is not None:
+            yield GeneratedToken(held.token_id, held.text, held.finish_reason or FinishReason.STOP)
+        else:
+            yield GeneratedToken(0, "", FinishReason.STOP)
+
 
     async def free_context(self, context_id):
         if self._contexts.pop(context_id, None) is None:

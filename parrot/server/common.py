@@ -74,7 +74,7 @@ def _responder(status: int, kind: str):
 
 
 def install_error_handlers(app: FastAPI, keys: KeyStore, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-    from parrot.errors import NotFoundError
+    from parrot.errors import ConflictError, NotFoundError
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
@@ -82,6 +82,7 @@ def install_error_handlers(app: FastAPI, keys: KeyStore, max_body_bytes: int = D
     statuses: dict[type[Exception], tuple[int, str]] = {
         UserError: (400, "invalid_request_error"),
         NotFoundError: (404, "not_found_error"),
+        ConflictError: (409, "conflict_error"),
         LimitExceededError: (429, "rate_limit_error"),
         EngineUnavailableError: (503, "service_unavailable_error"),
     }

@@ -39,6 +39,9 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
                       public_url: str | None = None, engine_key: str | None = None, heartbeat_s: float = HEARTBEAT_S,
                       parent_pid: int | None = None) -> FastAPI:
     app = server_app(title="parrot-serve engine", description="Primitives of one built-in engine.")
+    app.state.refusal = None  # set where the manager refuses this engine: why it stopped
+    # how the engine stops itself (its launcher sets the server's own way, so that it can say why after)
+    app.state.request_stop = lambda: os.kill(os.getpid(), signal.SIGTERM)
     install_error_handlers(app, keys)
     engine_only = [engine_key_required(keys)]
 
@@ -89,17 +92,19 @@ def create_engine_app(backend: BuiltinEngineBackend, keys: KeyStore, manager_url
 
     if manager_url is not None:
         run_while_up(app, "register and heartbeat",
-                     lambda: _keep_registered(backend, manager_url, public_url, engine_key, heartbeat_s, parent_pid))
+                     lambda: _keep_registered(app, backend, manager_url, public_url, engine_key, heartbeat_s, parent_pid))
     on_stop(app, backend.close)
 
     return app
 
 
-async def _keep_registered(backend, manager_url: str, public_url: str, engine_key: str, period: float, parent_pid: int | None) -> None:
+async def _keep_registered(app: FastAPI, backend, manager_url: str, public_url: str, engine_key: str, period: float,
+                           parent_pid: int | None) -> None:
     """Registers, then heartbeats; registers again whenever the manager forgot us.
 
     An engine started by `parrot serve` stops when that process is gone, so a
-    killed manager never leaves engine processes behind.
+    killed manager never leaves engine processes behind. A manager that refuses the engine key
+    stops the engine too (app.state.refusal says why): trying again would never succeed.
     """
     headers = {"authorization": f"Bearer {engine_key}"}
     registered = False
@@ -113,6 +118,12 @@ async def _keep_registered(backend, manager_url: str, public_url: str, engine_ke
                 if not registered:
                     registration = EngineRegister(name=backend.name, url=public_url, model=backend.model, stats=_stats_body(backend))
                     response = await http.post("/api/v1/engines/register", json=registration.model_dump())
+                    if response.status_code in (401, 403):
+                        app.state.refusal = (f"the manager at {manager_url} refused this engine's key ({response.status_code}): "
+                                             "give it the manager's engine key (PARROT_ENGINE_KEY or --engine-key)")
+                        log.error("%s; stopping", app.state.refusal)
+                        app.state.request_stop()
+                        return
                     if response.status_code >= 400:
                         log.error("the manager refused registration: %s", response.text)
                     registered = response.status_code < 400

@@ -29,9 +29,15 @@ GRACE_WITHOUT_ENGINES_S = 5
 KEEP_ALIVE_S = 75
 
 
+# seconds a stopping server (SIGTERM, Ctrl-C) gives open requests to finish: a long-poll may
+# wait 300 s, and uvicorn alone would wait for it
+GRACEFUL_SHUTDOWN_S = 10
+
+
 def uvicorn_config(app, **options) -> uvicorn.Config:
     """How every parrot server (manager, engine) runs under uvicorn."""
-    return uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S, **options)
+    return uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                          **options)
 
 
 def gpu_count() -> int:
@@ -153,6 +159,9 @@ def serve(args) -> None:
 
         resolve_device(engine_settings.device)  # engines on this machine: refuse --device cuda here, not in each of them
     engine_key = os.environ.get("PARROT_ENGINE_KEY") or secrets.token_urlsafe(24)
+    if args.engines == 0 and not args.openai_backend and "PARROT_ENGINE_KEY" not in os.environ and not args.engine.startswith("sim:"):
+        # engines started elsewhere (`parrot engine`) need the key to register: without it none ever could
+        print(f"No PARROT_ENGINE_KEY set; for this run, engines register with key:\n  {engine_key}", flush=True)
     keys = KeyStore.load(args.api_keys, engine_key=engine_key)
     if keys.empty:
         key = secrets.token_urlsafe(24)
@@ -277,4 +286,8 @@ def engine(args) -> None:
                             parent_pid=args.parent_pid)
     print(f"parrot engine {name} on {public_url}, registering with {args.manager}", flush=True)
     raise_open_file_limit()
-    serve_app(app, sock)
+    server = uvicorn.Server(uvicorn_config(app))
+    app.state.request_stop = lambda: setattr(server, "should_exit", True)
+    serve_app(app, sock, server)
+    if app.state.refusal is not None:
+        raise UserError(app.state.refusal)

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Query, Response
 from sse_starlette.sse import EventSourceResponse
 
 from parrot.backends.http_engine import HttpEngineBackend
-from parrot.errors import UserError
+from parrot.errors import ConflictError, UserError
 from parrot.manager.manager import Manager
 from parrot.manager.spec import Perf
 from parrot.protocol.engine_api import EngineRegister, Heartbeat
@@ -164,6 +164,14 @@ def create_manager_app(
             from parrot.errors import UserError
 
             raise UserError(f"this manager serves model {model!r}; engine {body.name!r} serves {body.model!r}")
+        current = next((e for e in manager.engines if e.name == body.name), None)
+        heard = liveness.last_seen.get(body.name)
+        if current is not None and getattr(current, "url", body.url) != body.url.rstrip("/") and heard is not None \
+                and time.monotonic() - heard < liveness.timeout_s:
+            # a restarted engine registers again under its name; a second engine under a live one's
+            # name would take its place while the first goes on heartbeating for it
+            raise ConflictError(f"an engine named {body.name!r} serves at {current.url} (heard from "
+                                f"{time.monotonic() - heard:.0f}s ago): give this engine another --name")
         old = manager.remove_engine(body.name)
         if old is not None:
             await old.close()
