@@ -912,3 +912,15 @@ def test_an_engine_whose_key_the_manager_refuses_stops_with_a_message(server):
                              "--kv-memory-gb", "0.05"], capture_output=True, text=True, timeout=180)
     assert engine.returncode == 2, engine.stderr[-2000:]
     assert "refused this engine's key" in engine.stderr and "PARROT_ENGINE_KEY" in engine.stderr
+
+
+def test_a_fill_past_what_an_engine_takes_is_the_callers_error():
+    """A template around an input near its limit: a 400 that says to shorten the inputs, not a 500
+    from the engine wire's own limit."""
+    from parrot.backends.http_engine import HttpEngineBackend
+    from parrot.errors import PromptTooLongError
+    from parrot.protocol.manager_api import MAX_VALUE_CHARS
+
+    backend = HttpEngineBackend("e", "http://127.0.0.1:9", MODEL, ENGINE_KEY)
+    with pytest.raises(PromptTooLongError, match="shorten the inputs"):
+        asyncio.run(backend.fill("c", None, "x" * (MAX_VALUE_CHARS + 1), 0))

@@ -7,8 +7,9 @@ import json
 import httpx
 
 from parrot.backends.base import BackendStats, EngineBackend, engine_gone_on
-from parrot.errors import EngineUnavailableError, UserError
+from parrot.errors import EngineUnavailableError, PromptTooLongError, UserError
 from parrot.protocol import error_message
+from parrot.protocol.manager_api import MAX_VALUE_CHARS
 from parrot.protocol.engine_api import (
     EngineSamplingBody, EngineStatsBody, FillBody, FreeBody, GenerateBody, PromptLogprobsBody, ScoreBody, TokenEvent,
 )
@@ -63,6 +64,9 @@ class HttpEngineBackend(EngineBackend):
         return engine_gone_on((httpx.TransportError,), f"{self.name} at {self.url}", what)
 
     async def fill(self, context_id, parent_context_id, text, priority, shared_prefix_chars=0, then_generate=False):
+        if len(text) > MAX_VALUE_CHARS:  # a template around a value near its limit: far past any context in any case
+            raise PromptTooLongError(f"the prompt to fill holds {len(text)} characters, more than an engine takes at once "
+                                     f"({MAX_VALUE_CHARS}) and far past the model's context: shorten the inputs")
         body = FillBody(context_id=context_id, parent_context_id=parent_context_id, text=text, priority=priority,
                         shared_prefix_chars=shared_prefix_chars, then_generate=then_generate)
         async with self._reachable(f"fill of {context_id}"):
