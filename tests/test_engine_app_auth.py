@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import httpx
+import pytest
 
 from parrot.server.auth import KeyStore
 from parrot.server.engine_app import create_engine_app
@@ -31,3 +32,22 @@ def test_an_engine_server_refuses_other_keys_before_it_reads_the_body():
         assert http.get("/stats", headers={"authorization": f"Bearer {TENANT_KEY}"}).status_code == 403
         engine = http.post("/fill", json=bad_fill, headers={"authorization": f"Bearer {ENGINE_KEY}"})
         assert engine.status_code == 400 and "context_id" in engine.json()["error"]["message"]
+
+
+def test_a_key_file_that_names_no_usable_key_is_refused_with_what_to_write(tmp_path):
+    import hashlib
+    import json
+
+    from parrot.errors import UserError
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(UserError, match="lists no API keys"):
+        KeyStore.load(str(empty), env={})
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([{"tenant": "alice", "key_sha256": "abc"}]))
+    with pytest.raises(UserError, match="'abc' is no key_sha256: give the 64 hex digits"):
+        KeyStore.load(str(short), env={})
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"tenant": "alice", "key_sha256": hashlib.sha256(b"k1").hexdigest().upper()}]))
+    assert KeyStore.load(str(good), env={}).authenticate("k1").tenant == "alice"

@@ -295,3 +295,24 @@ def test_a_token_whose_text_a_dead_engine_held_back_is_generated_again() -> None
         assert output.num_tokens == TOKENS
 
     asyncio.run(main())
+
+
+def test_a_stream_whose_only_engine_dies_ends_with_the_error_type_a_plain_request_would_get() -> None:
+    """Plain, the request gets 503 (service_unavailable_error); streamed, its error event says the same."""
+    import json
+
+    import httpx
+
+    from parrot.server.auth import KeyStore
+    from parrot.server.manager_app import create_manager_app
+
+    from loopback import serve_on_loopback
+
+    keys = KeyStore.load(env={"PARROT_API_KEYS": "alice=k1"}, engine_key="engine-key")
+    app = create_manager_app(Manager([DyingBackend("sim-dying", die_after=1)]), keys, "simulated")
+    body = {"model": "simulated", "prompt": "Count with me: one two three", "max_tokens": 6, "stream": True}
+    with serve_on_loopback(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"authorization": "Bearer k1"}, timeout=30) as response:
+            events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    errors = [e["error"] for e in events if "error" in e]
+    assert errors and errors[-1]["type"] == "service_unavailable_error", events

@@ -11,11 +11,14 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from parrot.errors import UserError
+
+SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 
 def hash_key(key: str) -> str:
@@ -44,6 +47,13 @@ class KeyStore:
                     hashes[str(entry["key_sha256"]).lower()] = str(entry["tenant"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"cannot read API keys from {path}: {exc}; expected a JSON list of {{\"tenant\", \"key_sha256\"}}") from exc
+            if not hashes:
+                # a file given and empty would otherwise fall back to a key made up for the run
+                raise UserError(f"{path} lists no API keys: add {{\"tenant\", \"key_sha256\"}} entries, or leave --api-keys out")
+            malformed = [digest for digest in hashes if not SHA256_HEX.fullmatch(digest)]
+            if malformed:
+                raise UserError(f"{path}: {malformed[0]!r} is no key_sha256: give the 64 hex digits of the key's SHA-256 "
+                                "(python -c \"import hashlib; print(hashlib.sha256(b'KEY').hexdigest())\")")
         for pair in filter(None, (p.strip() for p in env.get("PARROT_API_KEYS", "").split(","))):
             tenant, sep, key = pair.partition("=")
             if not sep or not tenant or not key:

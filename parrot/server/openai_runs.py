@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from parrot.engine.sampler import SamplingParams
-from parrot.errors import UserError
+from parrot.errors import EngineUnavailableError, UserError
 from parrot.manager.graph import LoggedToken, Variable
 from parrot.manager.manager import Manager
 from parrot.server.common import unless_client_gone
@@ -153,7 +153,9 @@ def stream_choices(manager: Manager, tenant: str, specs: list[ChoiceSpec], rende
                 yield usage_event(sum(v.num_tokens for v in run.variables))
             yield b"data: [DONE]\n\n"
         except Exception as exc:
-            kind = "invalid_request_error" if isinstance(exc, UserError) else "server_error"
+            # the types a plain request's status would carry (400, 503, 500)
+            kind = "invalid_request_error" if isinstance(exc, UserError) else \
+                "service_unavailable_error" if isinstance(exc, EngineUnavailableError) else "server_error"
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind}})}\n\n".encode()
         finally:
             manager.close_session(run.session, tenant)
