@@ -36,11 +36,11 @@ class RebuiltHistory:
     output_ids: list[int]
 
     @classmethod
-    def of(cls, prompt_ids: list[int], output_ids: list[int], vocab: int, device: torch.device) -> RebuiltHistory:
-        return cls(prompt_ids, output_ids)
+    def of_context(cls, token_ids: list[int], num_generated: int, vocab: int, device: torch.device) -> RebuiltHistory:
+        return cls(token_ids[: len(token_ids) - num_generated], token_ids[len(token_ids) - num_generated :])
 
     def catch_up(self, token_ids: list[int], num_generated: int) -> RebuiltHistory:
-        return RebuiltHistory(token_ids[: len(token_ids) - num_generated], token_ids[len(token_ids) - num_generated :])
+        return RebuiltHistory.of_context(token_ids, num_generated, 0, torch.device("cpu"))
 
 
 def penalties_row_by_row(logits: torch.Tensor, histories: list[RebuiltHistory], params: list[SamplingParams]) -> torch.Tensor:

@@ -141,11 +141,8 @@ def _constraints(job: Job, eos_token_ids: tuple[int, ...], allowed: torch.Tensor
         return None
     if sampling.penalizes:
         ids = job.ctx.token_ids
-        if job.token_counts is None:
-            prompt_length = len(ids) - job.num_generated
-            job.token_counts = TokenCounts.of(ids[:prompt_length], ids[prompt_length:], logits.shape[-1], logits.device)
-        else:
-            job.token_counts = job.token_counts.catch_up(ids, job.num_generated)
+        job.token_counts = job.token_counts.catch_up(ids, job.num_generated) if job.token_counts is not None \
+            else TokenCounts.of_context(ids, job.num_generated, logits.shape[-1], logits.device)
     banned = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else tuple(eos_token_ids)) if early else ()
     return RowConstraints(job.token_counts if sampling.penalizes else None, allowed, banned)
 

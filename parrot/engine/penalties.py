@@ -44,12 +44,18 @@ class TokenCounts:
         counts._add(output_ids)
         return counts
 
+    @classmethod
+    def of_context(cls, token_ids: list[int], num_generated: int, vocab: int, device: torch.device | str = "cpu") -> TokenCounts:
+        """The counts of a context holding token_ids, of which the last num_generated are output."""
+        prompt_length = len(token_ids) - num_generated
+        return cls.of(token_ids[:prompt_length], token_ids[prompt_length:], vocab, device)
+
     def catch_up(self, token_ids: list[int], num_generated: int) -> TokenCounts:
         """These counts for a context now holding token_ids, of which the last num_generated are
         output: the outputs not yet counted are added (a context rebuilt otherwise is counted anew)."""
         prompt_length = len(token_ids) - num_generated
         if prompt_length != self.prompt_length or num_generated < self.counted:
-            return TokenCounts.of(token_ids[:prompt_length], token_ids[prompt_length:], self.vocab, self.device)
+            return TokenCounts.of_context(token_ids, num_generated, self.vocab, self.device)
         self._add(token_ids[prompt_length + self.counted :])
         return self
 
@@ -83,22 +89,28 @@ def apply_penalties(logits: torch.Tensor, counts: list[TokenCounts], params: lis
     flat = logits.view(-1)  # [R * V]
     vocab, device = logits.shape[1], logits.device
 
-    def spread(rows: list[int], ids: list[torch.Tensor], values: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' ids -> their positions in `flat` [N], and the value of the row each came from [N]."""
+    def spread(rows: list[int], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' ids -> their positions in `flat` [N], and which of `rows` each came from [N]."""
         lengths = [len(i) for i in ids]
         # output_size given: on a GPU, no wait for the lengths to come back
         of_row = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(lengths, device=device), output_size=sum(lengths))
-        return torch.cat(ids) + torch.tensor(rows, device=device)[of_row] * vocab, torch.tensor(values, dtype=logits.dtype, device=device)[of_row]
+        return torch.cat(ids) + torch.tensor(rows, device=device)[of_row] * vocab, of_row
+
+    def per_id(values: list[float], of_row: torch.Tensor) -> torch.Tensor:
+        """One value a row -> the value of the row each id came from [N]."""
+        return torch.tensor(values, dtype=logits.dtype, device=device)[of_row]
 
     repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeated:
-        where, penalty = spread(repeated, [counts[i].seen_ids for i in repeated], [params[i].repetition_penalty for i in repeated])
+        where, of_row = spread(repeated, [counts[i].seen_ids for i in repeated])
+        penalty = per_id([params[i].repetition_penalty for i in repeated], of_row)
         values = flat[where]
         flat[where] = torch.where(values > 0, values / penalty, values * penalty)
     counted = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
     if counted:
-        where, frequency = spread(counted, [counts[i].output_ids for i in counted], [params[i].frequency_penalty for i in counted])
-        _, presence = spread(counted, [counts[i].output_ids for i in counted], [params[i].presence_penalty for i in counted])
+        where, of_row = spread(counted, [counts[i].output_ids for i in counted])
+        frequency = per_id([params[i].frequency_penalty for i in counted], of_row)
+        presence = per_id([params[i].presence_penalty for i in counted], of_row)
         occurrences = torch.cat([counts[i].output_counts for i in counted])  # [N]
         flat.index_add_(0, where, -(frequency * occurrences + presence))
     return logits

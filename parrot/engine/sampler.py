@@ -66,8 +66,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         self._check_types()
         object.__setattr__(self, "logit_bias", _token_biases(self.logit_bias))
-        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
-        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise SamplingError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {self.max_tokens!r}")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise SamplingError(f"temperature must be from 0 (greedy) to {MAX_TEMPERATURE:g}, got {self.temperature}")
@@ -80,15 +79,13 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise SamplingError(f"{name} must be from -{MAX_PENALTY:g} to {MAX_PENALTY:g} (0 disables it), got {getattr(self, name)}")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= self.max_tokens:
             raise SamplingError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise SamplingError(f"repetition_penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g} (1 disables it), "
                                 f"got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must not be empty")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._check_token_rules()
 
     def _check_types(self) -> None:

@@ -58,9 +58,12 @@ class HttpClient(Client):
         self._base = f"/api/v1/sessions/{self.session_id}"
         self.make_current()
 
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _check_open(self) -> None:
         if self._closed:
             raise UserError("this session is closed: connect again with P.connect")
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        self._check_open()
         try:
             response = self._http.request(method, self._base + path, **kwargs)
         except httpx.HTTPError as exc:
@@ -69,8 +72,7 @@ class HttpClient(Client):
         return response
 
     def _buffer(self, op: BatchOp) -> None:
-        if self._closed:
-            raise UserError("this session is closed: connect again with P.connect")
+        self._check_open()
         with self._lock:
             self._pending.append(op)
             full = len(self._pending) >= MAX_BUFFERED_OPS
@@ -122,8 +124,7 @@ class HttpClient(Client):
                 raise TimeoutError(f"variable {var_id} was not ready within {timeout}s")
 
     async def aget_variable(self, var_id, perf):
-        if self._closed:
-            raise UserError("this session is closed: connect again with P.connect")
+        self._check_open()
         self.flush()
         async with httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=LONG_POLL_S + 30, transport=self._async_transport) as http:
             while True:

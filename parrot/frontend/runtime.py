@@ -145,7 +145,12 @@ class Runtime(Client):
         if self._closed:
             coro.close()
             raise UserError("this runtime is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # stop it on the loop too: nobody waits for it now
+            raise
 
     async def _call(self, method: str, *args):
         return getattr(self.manager, method)(self.session_id, *args)
@@ -163,13 +168,9 @@ class Runtime(Client):
         self._run(self._call("submit_call", call_id, spec))
 
     def get_variable(self, var_id, perf, timeout=None):
-        if self._closed:
-            raise UserError("this runtime is closed")
-        future = asyncio.run_coroutine_threadsafe(self.manager.get_variable(self.session_id, var_id, perf), self._loop)
-        try:
-            return future.result(timeout)
+        try:  # a wait that times out stops waiting on the loop too (the work the wait started goes on)
+            return self._run(self.manager.get_variable(self.session_id, var_id, perf), timeout)
         except TimeoutError:
-            future.cancel()  # stop waiting on the loop too (the work the wait started goes on)
             raise TimeoutError(f"variable {var_id} was not ready within {timeout}s") from None
 
     async def aget_variable(self, var_id, perf):

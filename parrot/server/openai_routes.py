@@ -35,12 +35,14 @@ from parrot.server.openai_tools import StreamedPart, ToolCallStream, plan_tools,
 DEFAULT_MAX_TOKENS = 256
 
 
+def check_model_served(name: str, model: str) -> None:
+    """A request's model name against the one model this server serves."""
+    if name != model:
+        raise NotFoundError(f"model {name!r} is not served here; this server serves {model!r}")
+
+
 def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str, tokenizer, max_context: int | None = None) -> None:
     """max_context: the model's context in tokens, when known; prompt + max_tokens past it is refused up front."""
-
-    def check_model(name: str) -> None:
-        if name != model:
-            raise NotFoundError(f"model {name!r} is not served here; this server serves {model!r}")
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text)) if tokenizer is not None else len(text.split())
@@ -78,7 +80,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
             manager.close_session(session, tenant)
 
     def check_supported(body: SamplingFields) -> None:
-        check_model(body.model)
+        check_model_served(body.model, model)
         asked = body.unsupported()
         if asked:
             them = "it" if len(asked) == 1 else "them"
@@ -104,7 +106,7 @@ def add_openai_routes(app: FastAPI, manager: Manager, keys: KeyStore, model: str
 
     @app.get("/v1/models/{name:path}", response_model=ModelCard)
     async def one_model(name: str, tenant: str = Tenant):
-        check_model(name)
+        check_model_served(name, model)
         return ModelCard(id=model)
 
     @app.post("/v1/completions")

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from parrot.errors import NotFoundError, UserError
+from parrot.errors import UserError
 from parrot.protocol.tokenize_api import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from parrot.server.auth import KeyStore
 from parrot.server.common import tenant_key_required
+from parrot.server.openai_routes import check_model_served
 
 
 def add_tokenize_routes(app: FastAPI, keys: KeyStore, model: str, tokenizer, max_context: int | None) -> None:
     Tenant = tenant_key_required(keys)
 
     def usable(name: str | None):
-        if name is not None and name != model:
-            raise NotFoundError(f"model {name!r} is not served here; this server serves {model!r}")
+        if name is not None:
+            check_model_served(name, model)
         if tokenizer is None:
             raise UserError("this server has no tokenizer: its engines count tokens their own way")
         return tokenizer
